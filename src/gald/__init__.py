@@ -1,0 +1,40 @@
+"""gald: Global Aggregation then Local Distribution (Li et al., BMVC 2019) as PyTorch layers.
+
+Public API::
+
+    gald.LocalDistribution   the LD gate
+    gald.GALD                GA at half resolution, then LD, around any context module
+    gald.GALDHead, gald.AuxHead
+    gald.create_ga, gald.list_ga
+    gald.ga                  the global-aggregation zoo
+    gald.ops.ld_modulate     the fused modulation op
+    gald.losses.OhemCrossEntropy
+    gald.convert             the authors' checkpoint conversion
+"""
+
+from . import convert, ga, losses, ops
+from ._capabilities import capabilities_of
+from ._version import __version__
+from .block import GALD
+from .head import AuxHead, GALDHead
+from .ld import LocalDistribution
+from .losses import OhemCrossEntropy
+from .registry import create_ga, get_ga_class, list_ga, register_ga
+
+__all__ = [
+    "GALD",
+    "AuxHead",
+    "GALDHead",
+    "LocalDistribution",
+    "OhemCrossEntropy",
+    "__version__",
+    "capabilities_of",
+    "convert",
+    "create_ga",
+    "ga",
+    "get_ga_class",
+    "list_ga",
+    "losses",
+    "ops",
+    "register_ga",
+]

@@ -1,0 +1,60 @@
+"""Input checks shared by every public layer.
+
+Every check raises ``TypeError`` (wrong type or dtype) or ``ValueError`` (wrong shape) with a
+message naming the argument, what was expected and what was received. The checks only read
+Python-level shape metadata, so they trace cleanly under ``torch.compile`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_feature(
+    x: object,
+    channels: int | None,
+    *,
+    name: str = "x",
+    min_hw: int = 1,
+    who: str = "",
+) -> torch.Tensor:
+    """Check that ``x`` is a floating (B, C, H, W) tensor with ``channels`` channels.
+
+    ``min_hw`` is the smallest height and width the caller can process; smaller inputs raise a
+    ``ValueError`` that names it.
+    """
+    prefix = f"{who}: " if who else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.ndim != 4:
+        raise ValueError(
+            f"{prefix}{name} must be 4-D (B, C, H, W), got {x.ndim}-D with shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{prefix}{name} must have a floating dtype, got {x.dtype}")
+    if channels is not None and x.shape[1] != channels:
+        raise ValueError(
+            f"{prefix}{name} must have {channels} channels (B, {channels}, H, W), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if min_hw > 1 and (x.shape[-2] < min_hw or x.shape[-1] < min_hw):
+        raise ValueError(
+            f"{prefix}{name} is too small: height and width must be >= {min_hw} for this "
+            f"configuration (use padding=1 to accept any size), got shape {tuple(x.shape)}"
+        )
+    return x
+
+
+def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> None:
+    if value % divisor != 0:
+        raise ValueError(
+            f"{name}={value} must be divisible by {divisor_name}={divisor}"
+        )

@@ -1,0 +1,1 @@
+"""Benchmarks behind ``python -m gald.bench`` (timing helpers and the per-topic tables)."""

@@ -1,0 +1,164 @@
+"""Segmentation heads: the GALD head and the authors' deep-supervision (auxiliary) head.
+
+Reference: the ``GALDHead`` and ``dsn`` of github.com/lxtGH/GALD-DGCNet (``GALDNet``),
+restated with the hard-coded 512 removed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._capabilities import Capabilities
+from ._validate import check_feature, check_positive_int
+from .block import GALD
+
+LayerFactory = Callable[..., nn.Module]
+
+
+def _conv_norm_act(
+    in_channels: int, out_channels: int, norm_layer: LayerFactory, *, bias: bool = False
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+        norm_layer(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _check_dropout(dropout: float) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    return float(dropout)
+
+
+class GALDHead(Capabilities, nn.Module):
+    r"""GALD segmentation head on a backbone feature.
+
+    ``conva`` (3x3 conv -> norm -> ReLU) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
+    ReLU) -> concat with the input -> ``bottleneck`` (3x3 conv -> norm -> ReLU) -> Dropout2d ->
+    ``cls`` (1x1 conv with bias). Unlike the authors' head, ``channels`` may be anything.
+
+    Args:
+        in_channels: channels of the backbone feature (2048 for a ResNet-50/101 layer4).
+        num_classes: number of output classes.
+        channels: inner width of the head.
+        ga_module: the GA inside the GALD block (see :class:`~gald.GALD`).
+        ga_kwargs: keyword arguments of the GA.
+        padding: padding of the GALD ``down`` conv and LD convs (``0`` = the authors' code).
+        dropout: Dropout2d probability before the classifier (the authors use none).
+        norm_layer: normalisation factory for every BatchNorm of the head (e.g.
+            ``nn.SyncBatchNorm``).
+        **gald_kwargs: further :class:`~gald.GALD` arguments (``offset``, ``final_act``, ...).
+
+    Shape:
+        - Input: :math:`(B, C_{in}, H, W)`
+        - Output: :math:`(B, \text{num\_classes}, H, W)`
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        channels: int = 512,
+        ga_module: str | type[nn.Module] | nn.Module = "cgnl",
+        ga_kwargs: dict[str, Any] | None = None,
+        padding: int = 1,
+        dropout: float = 0.0,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+        **gald_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.channels = check_positive_int(channels, "channels")
+        dropout = _check_dropout(dropout)
+        self.conva = _conv_norm_act(in_channels, channels, norm_layer)
+        self.gald = GALD(
+            channels,
+            ga_module,
+            ga_kwargs=ga_kwargs,
+            padding=padding,
+            norm_layer=norm_layer,
+            **gald_kwargs,
+        )
+        self.convb = _conv_norm_act(channels, channels, norm_layer)
+        self.bottleneck = _conv_norm_act(in_channels + channels, channels, norm_layer)
+        self.dropout = nn.Dropout2d(dropout)
+        self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
+        self.min_size = self.gald.min_size
+
+    @classmethod
+    def official(
+        cls, in_channels: int = 2048, num_classes: int = 19, channels: int = 512
+    ) -> GALDHead:
+        """The authors' configuration: padding 0 in ``down`` and the LD, CGNL with 8 groups and
+        ``C/2`` inner channels, ``final_act=True``, offset 2, no dropout.
+
+        Load the released weights with :func:`gald.convert.official_to_gald`.
+        """
+        return cls(
+            in_channels,
+            num_classes,
+            channels=channels,
+            ga_module="cgnl",
+            ga_kwargs={"groups": 8, "use_scale": False},
+            padding=0,
+            dropout=0.0,
+            offset=2.0,
+            final_act=True,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature(x, self.in_channels, min_hw=self.min_size, who=type(self).__name__)
+        y = self.convb(self.gald(self.conva(x)))
+        y = self.bottleneck(torch.cat([x, y], dim=1))
+        return self.cls(self.dropout(y))
+
+
+class AuxHead(Capabilities, nn.Module):
+    r"""The authors' deep-supervision head (``dsn``), usually on ResNet layer3.
+
+    3x3 conv (with bias) -> BatchNorm -> ReLU -> Dropout2d -> 1x1 conv (with bias). Train it with
+    plain cross-entropy weighted 0.4 next to the main loss.
+
+    Args:
+        in_channels: channels of the feature (1024 for ResNet layer3).
+        num_classes: number of output classes.
+        channels: inner width.
+        dropout: Dropout2d probability.
+        norm_layer: normalisation factory.
+
+    Shape:
+        - Input: :math:`(B, C_{in}, H, W)`
+        - Output: :math:`(B, \text{num\_classes}, H, W)`
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        channels: int = 512,
+        dropout: float = 0.1,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.channels = check_positive_int(channels, "channels")
+        self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
+        self.norm = norm_layer(channels)
+        self.act = nn.ReLU(inplace=True)
+        self.dropout = nn.Dropout2d(_check_dropout(dropout))
+        self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature(x, self.in_channels, who=type(self).__name__)
+        return self.cls(self.dropout(self.act(self.norm(self.conv(x)))))

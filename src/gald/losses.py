@@ -1,0 +1,130 @@
+"""Losses of the GALD training recipe.
+
+The poly learning-rate decay of the recipe is PyTorch's own
+``torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=T, power=0.9)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["OhemCrossEntropy"]
+
+
+class OhemCrossEntropy(nn.Module):
+    r"""Cross-entropy with online hard-example mining, as in the authors' training code.
+
+    Among the valid pixels (``target != ignore_index``) let :math:`p` be the softmax probability
+    of the target class. If fewer than ``min_kept`` pixels are valid there is no mining (plain
+    cross-entropy over the valid pixels). Otherwise the threshold is ``thresh``, raised to the
+    ``min_kept``-th smallest :math:`p` when that is larger, and the loss is the cross-entropy
+    averaged (class-weighted as ``F.cross_entropy`` does) over the valid pixels with
+    :math:`p \le` threshold.
+
+    Nothing is sorted: :math:`p` comes from one log-softmax gather, the ``min_kept``-th value from
+    ``kthvalue``, and the loss reuses the same log-probabilities. The computation has no
+    data-dependent Python branch, so it compiles without graph breaks.
+
+    Deviation: when no pixel is kept (for instance an all-ignore crop) the loss is ``0`` (still
+    attached to the graph) rather than the ``NaN`` of ``F.cross_entropy``.
+
+    Args:
+        ignore_index: label of pixels that do not count.
+        thresh: probability threshold (0.7 in the recipe).
+        min_kept: minimum number of pixels kept (100 000 in the recipe).
+        weight: optional per-class weight, shape ``(num_classes,)``.
+
+    Shape:
+        - logits: :math:`(B, K, H, W)`, at label resolution (upsample first).
+        - target: :math:`(B, H, W)`, integer labels in ``[0, K)`` or ``ignore_index``.
+        - output: scalar.
+    """
+
+    def __init__(
+        self,
+        ignore_index: int = 255,
+        thresh: float = 0.7,
+        min_kept: int = 100_000,
+        weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        if isinstance(thresh, bool) or not isinstance(thresh, (int, float)):
+            raise TypeError(f"thresh must be a float, got {type(thresh).__name__}")
+        if not 0.0 <= thresh <= 1.0:
+            raise ValueError(f"thresh must be in [0, 1], got {thresh}")
+        if isinstance(min_kept, bool) or not isinstance(min_kept, int):
+            raise TypeError(f"min_kept must be an int, got {type(min_kept).__name__}")
+        if min_kept < 0:
+            raise ValueError(f"min_kept must be >= 0, got {min_kept}")
+        if weight is not None:
+            if not isinstance(weight, torch.Tensor):
+                raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")
+            if weight.ndim != 1 or not weight.is_floating_point():
+                raise ValueError(
+                    f"weight must be a 1-D floating tensor (num_classes,), got shape "
+                    f"{tuple(weight.shape)} and dtype {weight.dtype}"
+                )
+        self.ignore_index = ignore_index
+        self.thresh = float(thresh)
+        self.min_kept = min_kept
+        self.weight: torch.Tensor | None
+        self.register_buffer("weight", weight)
+
+    def extra_repr(self) -> str:
+        return f"ignore_index={self.ignore_index}, thresh={self.thresh}, min_kept={self.min_kept}"
+
+    def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError("logits and target must be tensors")
+        if logits.ndim != 4:
+            raise ValueError(
+                f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}"
+            )
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
+        if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+            raise TypeError(f"target must hold integer labels, got {target.dtype}")
+        expected = (logits.shape[0], *logits.shape[2:])
+        if tuple(target.shape) != tuple(expected):
+            raise ValueError(
+                f"target must have shape (B, H, W) = {tuple(expected)} to match logits "
+                f"{tuple(logits.shape)}, got {tuple(target.shape)} (upsample the logits to the "
+                "label size first)"
+            )
+        if self.weight is not None and self.weight.shape[0] != logits.shape[1]:
+            raise ValueError(
+                f"weight must have {logits.shape[1]} entries (one per class), got "
+                f"{self.weight.shape[0]}"
+            )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self._check(logits, target)
+        target = target.long()
+        valid = target != self.ignore_index
+        safe_target = torch.where(valid, target, torch.zeros_like(target))
+        logp = F.log_softmax(logits.float(), dim=1)
+        logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (B, H, W)
+        numel = logp_t.numel()
+        k = min(self.min_kept, numel)
+        threshold = torch.tensor(self.thresh, dtype=logp_t.dtype, device=logp_t.device)
+        if k > 0 and self.min_kept <= numel:
+            # Invalid pixels get a probability of 2, above every real one: when fewer than
+            # min_kept pixels are valid, the k-th smallest is 2 and every valid pixel is kept,
+            # which is exactly the "no mining" branch of the rule.
+            prob = torch.where(valid, logp_t.detach().exp(), torch.full_like(logp_t, 2.0))
+            kth = prob.reshape(-1).kthvalue(k).values
+            threshold = torch.maximum(threshold, kth)
+        elif self.min_kept > numel:
+            threshold = torch.full_like(threshold, 2.0)  # fewer valid pixels than min_kept
+        kept = valid & (logp_t.detach().exp() <= threshold)
+        if self.weight is not None:
+            w = self.weight.to(logp_t.dtype)[safe_target] * kept
+        else:
+            w = kept.to(logp_t.dtype)
+        denom = w.sum()
+        loss = -(logp_t * w).sum() / denom.clamp_min(torch.finfo(logp_t.dtype).tiny)
+        return loss.to(logits.dtype)
