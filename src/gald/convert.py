@@ -18,7 +18,7 @@ __all__ = ["load_official", "official_to_gald"]
 _BACKBONE = re.compile(r"^(conv1|bn1|layer[1-4])\.")
 
 # (pattern on the authors' key, replacement giving the GALDHead key); the first match wins.
-_HEAD_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+_HEAD_RULES: tuple[tuple[re.Pattern[str], str | None], ...] = tuple(
     (re.compile(p), r)
     for p, r in (
         (r"^head\.conva\.([01])\.(.+)$", r"conva.\1.\2"),

@@ -106,8 +106,11 @@ class OhemCrossEntropy(nn.Module):
         target = target.long()
         valid = target != self.ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target))
-        logp = F.log_softmax(logits.float(), dim=1)
+        # half-precision logits are upcast: the softmax and the sums run in fp32 at least
+        work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        logp = F.log_softmax(work, dim=1)
         logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (B, H, W)
+        prob = logp_t.detach().exp()
         numel = logp_t.numel()
         k = min(self.min_kept, numel)
         threshold = torch.tensor(self.thresh, dtype=logp_t.dtype, device=logp_t.device)
@@ -115,12 +118,12 @@ class OhemCrossEntropy(nn.Module):
             # Invalid pixels get a probability of 2, above every real one: when fewer than
             # min_kept pixels are valid, the k-th smallest is 2 and every valid pixel is kept,
             # which is exactly the "no mining" branch of the rule.
-            prob = torch.where(valid, logp_t.detach().exp(), torch.full_like(logp_t, 2.0))
-            kth = prob.reshape(-1).kthvalue(k).values
+            prob_all = torch.where(valid, prob, torch.full_like(prob, 2.0))
+            kth = prob_all.reshape(-1).kthvalue(k).values
             threshold = torch.maximum(threshold, kth)
         elif self.min_kept > numel:
             threshold = torch.full_like(threshold, 2.0)  # fewer valid pixels than min_kept
-        kept = valid & (logp_t.detach().exp() <= threshold)
+        kept = valid & (prob <= threshold)
         if self.weight is not None:
             w = self.weight.to(logp_t.dtype)[safe_target] * kept
         else:

@@ -12,7 +12,7 @@ from ._timing import format_table, median_ms
 
 def run(shape: tuple[int, int, int, int], repeats: int, seed: int = 0) -> dict[str, Any]:
     torch.manual_seed(seed)
-    b, c, h, w = shape
+    c = shape[1]
     x = torch.randn(shape)
     results: dict[str, Any] = {"shape": list(shape), "repeats": repeats, "rows": []}
     timings: dict[str, dict[str, float]] = {}

@@ -1,0 +1,133 @@
+"""A slow, explicit restatement of the authors' GALD-Net head semantics (lxtGH/GALD-DGCNet).
+
+Written from the documented behaviour, not copied: parameter names follow the authors' state
+dict (``head.conva``, ``head.a2block.{down,long_relation,local_attention}``, ``head.convb``,
+``head.bottleneck``, ``dsn``) so that their checkpoints load here with ``strict=True``. Every
+operation is spelled out the slow way (per-group Python loops, explicit sums, separate
+upsample and sigmoid, the double residual written as two additions).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _dw(c: int) -> nn.Conv2d:
+    # depthwise 3x3, stride 2, *no padding*, bias on: the authors' quirk
+    return nn.Conv2d(c, c, 3, stride=2, padding=0, groups=c, bias=True)
+
+
+class RefCGNL(nn.Module):
+    def __init__(self, c: int, inner: int, groups: int) -> None:
+        super().__init__()
+        self.groups = groups
+        self.t = nn.Conv2d(c, inner, 1, bias=False)
+        self.p = nn.Conv2d(c, inner, 1, bias=False)
+        self.g = nn.Conv2d(c, inner, 1, bias=False)
+        self.z = nn.Conv2d(inner, c, 1, groups=groups, bias=False)
+        self.gn = nn.GroupNorm(groups, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, p, g = self.t(x), self.p(x), self.g(x)
+        width = t.shape[1] // self.groups
+        pieces = []
+        for k in range(self.groups):
+            sl = slice(k * width, (k + 1) * width)
+            out_k = torch.empty_like(t[:, sl])
+            for b in range(x.shape[0]):
+                scalar = (p[b, sl] * g[b, sl]).sum()  # sum over (c, h, w) of the group
+                out_k[b] = scalar * t[b, sl]
+            pieces.append(out_k)
+        y = torch.cat(pieces, dim=1)
+        return self.gn(self.z(y)) + x
+
+
+class RefLocalAtten(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.dconv1 = nn.Sequential(_dw(c), nn.BatchNorm2d(c), nn.ReLU())
+        self.dconv2 = nn.Sequential(_dw(c), nn.BatchNorm2d(c), nn.ReLU())
+        self.dconv3 = nn.Sequential(_dw(c), nn.BatchNorm2d(c), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = self.dconv3(self.dconv2(self.dconv1(x)))
+        up = F.interpolate(low, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        mask = torch.sigmoid(up)
+        return x + x * mask
+
+
+class RefGALDBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.down = nn.Sequential(_dw(c), nn.BatchNorm2d(c), nn.ReLU())
+        self.long_relation = RefCGNL(c, c // 2, groups=8)
+        self.local_attention = RefLocalAtten(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.long_relation(self.down(x))
+        y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return self.local_attention(y) + y
+
+
+class RefHead(nn.Module):
+    def __init__(self, inplanes: int, interplanes: int, num_classes: int) -> None:
+        super().__init__()
+        self.conva = nn.Sequential(
+            nn.Conv2d(inplanes, interplanes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(interplanes),
+            nn.ReLU(),
+        )
+        self.a2block = RefGALDBlock(interplanes)
+        self.convb = nn.Sequential(
+            nn.Conv2d(interplanes, interplanes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(interplanes),
+            nn.ReLU(),
+        )
+        self.bottleneck = nn.Sequential(
+            nn.Conv2d(inplanes + interplanes, interplanes, 3, padding=1, bias=False),
+            nn.BatchNorm2d(interplanes),
+            nn.ReLU(),
+            nn.Conv2d(interplanes, num_classes, 1, bias=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.convb(self.a2block(self.conva(x)))
+        return self.bottleneck(torch.cat([x, y], dim=1))
+
+
+class RefNet(nn.Module):
+    """Head + dsn of GALD-Net, with a stand-in backbone so backbone keys exist in the state dict."""
+
+    def __init__(self, inplanes: int, interplanes: int, num_classes: int, dsn_in: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.layer4 = nn.Conv2d(4, 4, 1)
+        self.head = RefHead(inplanes, interplanes, num_classes)
+        self.dsn = nn.Sequential(
+            nn.Conv2d(dsn_in, interplanes, 3, padding=1),
+            nn.BatchNorm2d(interplanes),
+            nn.ReLU(),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(interplanes, num_classes, 1, bias=True),
+        )
+
+
+def randomise_(module: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """Random weights *and* random BN/GN statistics: fresh norms are the identity and hide bugs."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.Conv2d, nn.Conv1d)):
+                m.weight.normal_(0.0, 0.3, generator=generator)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.3, generator=generator)
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.uniform_(0.5, 1.5, generator=generator)
+                    m.bias.normal_(0.0, 0.3, generator=generator)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                    m.running_mean.normal_(0.0, 0.3, generator=generator)
+                    m.running_var.uniform_(0.5, 2.0, generator=generator)
+    return module

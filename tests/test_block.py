@@ -1,0 +1,141 @@
+"""GALD block: composition semantics, GA resolution rules, ablation switches, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import gald
+
+
+def _randomise(m: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm)):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.5)
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+class Scale(nn.Module):
+    """A trivially checkable GA: multiplies by a learnable scalar."""
+
+    def __init__(self, channels: int, factor: float = 3.0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.factor = nn.Parameter(torch.tensor(factor))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("downsample", [True, False])
+@pytest.mark.parametrize("ld", [True, False])
+def test_composition(padding: int, downsample: bool, ld: bool) -> None:
+    block = _randomise(
+        gald.GALD(8, "cgnl", ga_kwargs={"groups": 2}, padding=padding, downsample=downsample, ld=ld)
+    ).double().eval()
+    x = torch.randn(2, 8, 17, 19, dtype=torch.float64)
+    if downsample:
+        conv, bn = block.down[0], block.down[1]
+        d = torch.relu(bn(F.conv2d(x, conv.weight, conv.bias, stride=2, padding=padding, groups=8)))
+        y = F.interpolate(block.ga(d), size=(17, 19), mode="bilinear", align_corners=True)
+    else:
+        y = block.ga(x)
+    expected = y * (2.0 + block.ld.mask(y)) if ld else y
+    torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_offset_two_is_authors_double_residual() -> None:
+    block = _randomise(gald.GALD(8, "cgnl", ga_kwargs={"groups": 2})).eval()
+    x = torch.randn(1, 8, 16, 16)
+    ga_only = gald.GALD(8, "cgnl", ga_kwargs={"groups": 2}, ld=False).eval()
+    ga_only.load_state_dict(block.state_dict(), strict=False)
+    y = ga_only(x)
+    ld = block.ld
+    authors = (y + y * ld.mask(y)) + y  # LocalAttenModule(y) + y
+    torch.testing.assert_close(block(x), authors, rtol=1e-5, atol=1e-6)
+
+
+def test_ga_module_forms() -> None:
+    by_name = gald.GALD(8, "cgnl", ga_kwargs={"groups": 4})
+    assert isinstance(by_name.ga, gald.ga.CGNL) and by_name.ga.groups == 4
+    by_class = gald.GALD(8, gald.ga.CGNL, ga_kwargs={"groups": 2})
+    assert isinstance(by_class.ga, gald.ga.CGNL) and by_class.ga.groups == 2
+    inst = Scale(8)
+    by_instance = gald.GALD(8, inst)
+    assert by_instance.ga is inst
+    custom = gald.GALD(8, Scale, ga_kwargs={"factor": 0.5}, downsample=False, ld=False)
+    x = torch.randn(1, 8, 5, 5)
+    torch.testing.assert_close(custom(x), 0.5 * x)
+
+
+def test_ga_module_errors() -> None:
+    with pytest.raises(ValueError, match="unknown GA module 'nope'"):
+        gald.GALD(8, "nope")
+    with pytest.raises(TypeError, match="ga_module must be"):
+        gald.GALD(8, 3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="ga_kwargs must be empty"):
+        gald.GALD(8, Scale(8), ga_kwargs={"factor": 1.0})
+    with pytest.raises(TypeError, match="ga_kwargs must be a dict"):
+        gald.GALD(8, "cgnl", ga_kwargs=[1])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="given with ld=False"):
+        gald.GALD(16, "cgnl", ld=False, final_act=False)
+
+
+@given(b=st.integers(0, 3), h=st.integers(1, 40), w=st.integers(1, 40))
+def test_shape_property(b: int, h: int, w: int) -> None:
+    block = gald.GALD(16, "cgnl").eval()
+    x = torch.randn(b, 16, h, w)
+    assert block(x).shape == x.shape
+
+
+@given(h=st.integers(5, 24), w=st.integers(5, 24))
+def test_gradients_reach_every_parameter(h: int, w: int) -> None:
+    block = gald.GALD(8, "cgnl", ga_kwargs={"groups": 2}, final_act=False).train()
+    x = torch.randn(2, 8, h, w, requires_grad=True)
+    block(x).square().sum().backward()
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_gradcheck() -> None:
+    block = _randomise(gald.GALD(4, "cgnl", ga_kwargs={"groups": 2}, final_act=False)).double().eval()
+    x = torch.randn(1, 4, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(block, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_padding0_minimum() -> None:
+    block = gald.GALD(16, "cgnl", padding=0).eval()
+    assert block.min_size == 15
+    assert block(torch.randn(1, 16, 15, 15)).shape == (1, 16, 15, 15)
+    with pytest.raises(ValueError, match=r"GALD: x is too small.*>= 15"):
+        block(torch.randn(1, 16, 15, 14))
+    ga_only = gald.GALD(16, "cgnl", padding=0, ld=False)
+    assert ga_only.min_size == 3
+
+
+def test_bad_input() -> None:
+    block = gald.GALD(16, "cgnl")
+    with pytest.raises(ValueError, match=r"GALD: x must have 16 channels"):
+        block(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"4-D"):
+        block(torch.randn(16, 8, 8))
+    with pytest.raises(TypeError, match="floating"):
+        block(torch.zeros(1, 16, 8, 8, dtype=torch.int32))
+
+
+def test_nan_propagates() -> None:
+    block = gald.GALD(16, "cgnl").eval()
+    x = torch.randn(1, 16, 12, 12)
+    x[..., 0, 0] = float("nan")
+    y = block(x)
+    assert y.shape == x.shape and torch.isnan(y).any()

@@ -1,0 +1,171 @@
+"""LocalDistribution: semantics against an explicit restatement, size rules, mask range, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import gald
+from gald.ld import strided_min_size
+
+
+def _randomise(m: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.5)
+                mod.running_mean.normal_(0, 0.5)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m
+
+
+def _slow_ld(ld: gald.LocalDistribution, x: torch.Tensor) -> torch.Tensor:
+    """The formula written out stage by stage."""
+    y = x
+    for i, stage in enumerate(ld.branch):
+        conv, norm = stage[0], stage[1]
+        y = F.conv2d(y, conv.weight, conv.bias, stride=2, padding=ld.padding, groups=ld.channels)
+        y = norm(y)
+        if i < ld.num_stages - 1 or ld.final_act:
+            y = torch.relu(y)
+    up = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
+    return x * (ld.offset + torch.sigmoid(up))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+@pytest.mark.parametrize("offset", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("final_act", [True, False])
+@pytest.mark.parametrize("train", [False, True])
+def test_matches_formula(padding: int, offset: float, final_act: bool, train: bool) -> None:
+    ld = _randomise(
+        gald.LocalDistribution(6, padding=padding, offset=offset, final_act=final_act)
+    ).double()
+    ld.train(train)
+    x = torch.randn(2, 6, 17, 21, dtype=torch.float64)
+    torch.testing.assert_close(ld(x), _slow_ld(ld, x), rtol=1e-10, atol=1e-12)
+
+
+def test_mask_range_quirk() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 33, 33)
+    ld = _randomise(gald.LocalDistribution(8, final_act=True)).eval()
+    m = ld.mask(x)
+    assert m.min() >= 0.5 and m.max() < 1.0
+    free = _randomise(gald.LocalDistribution(8, final_act=False)).eval()
+    free.load_state_dict(ld.state_dict())
+    m2 = free.mask(x)
+    assert m2.min() < 0.5, "final_act=False must free the lower half of the range"
+    assert 0.0 < m2.min() and m2.max() < 1.0
+
+
+def test_offset_zero_is_pure_gate() -> None:
+    ld = _randomise(gald.LocalDistribution(4, offset=0.0)).eval()
+    x = torch.randn(1, 4, 9, 9)
+    torch.testing.assert_close(ld(x), x * ld.mask(x))
+
+
+@pytest.mark.parametrize(
+    ("stages", "k", "p", "expected"), [(3, 3, 0, 15), (3, 3, 1, 1), (1, 3, 0, 3), (2, 5, 0, 13), (2, 5, 1, 7)]
+)
+def test_min_size(stages: int, k: int, p: int, expected: int) -> None:
+    assert strided_min_size(stages, k, p) == expected
+    # the minimum works, one less does not
+    conv = nn.Sequential(*[nn.Conv2d(1, 1, k, stride=2, padding=p) for _ in range(stages)])
+    conv(torch.zeros(1, 1, expected, expected))
+    if expected > 1:
+        with pytest.raises(RuntimeError):
+            conv(torch.zeros(1, 1, expected - 1, expected - 1))
+
+
+def test_padding0_too_small_raises_named_minimum() -> None:
+    ld = gald.LocalDistribution(4, padding=0).eval()  # train-mode BN needs B*h*w > 1 at the last stage
+    assert ld(torch.randn(1, 4, 15, 15)).shape == (1, 4, 15, 15)
+    with pytest.raises(ValueError, match=r">= 15"):
+        ld(torch.randn(1, 4, 14, 40))
+    with pytest.raises(ValueError, match=r">= 15.*\(1, 4, 40, 3\)"):
+        ld(torch.randn(1, 4, 40, 3))
+
+
+@given(
+    b=st.integers(0, 3),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    c=st.sampled_from([1, 3, 8]),
+    final_act=st.booleans(),
+)
+def test_shape_property(b: int, h: int, w: int, c: int, final_act: bool) -> None:
+    ld = gald.LocalDistribution(c, final_act=final_act).eval()
+    x = torch.randn(b, c, h, w)
+    y = ld(x)
+    assert y.shape == x.shape and y.dtype == x.dtype
+
+
+@given(h=st.integers(2, 20), w=st.integers(2, 20))
+def test_gradients_reach_every_parameter(h: int, w: int) -> None:
+    ld = gald.LocalDistribution(3, final_act=False).train()
+    x = torch.randn(2, 3, h, w, requires_grad=True)
+    ld(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for name, p in ld.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in ld.parameters())
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_gradcheck(padding: int) -> None:
+    ld = _randomise(gald.LocalDistribution(2, padding=padding, final_act=False)).double().eval()
+    x = torch.randn(1, 2, 15, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ld, (x,), eps=1e-6, atol=1e-5)
+
+
+def test_nan_in_nan_out() -> None:
+    ld = gald.LocalDistribution(2).eval()
+    x = torch.randn(1, 2, 8, 8)
+    x[0, 0, 3, 3] = math.nan
+    y = ld(x)
+    assert torch.isnan(y[0, 0, 3, 3])
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    ("x", "exc", "pattern"),
+    [
+        (torch.randn(2, 4, 8), ValueError, r"x must be 4-D \(B, C, H, W\), got 3-D"),
+        (torch.randn(2, 5, 8, 8), ValueError, r"x must have 4 channels.*got shape \(2, 5, 8, 8\)"),
+        (torch.ones(2, 4, 8, 8, dtype=torch.int64), TypeError, r"floating dtype, got torch.int64"),
+        ("not a tensor", TypeError, r"x must be a torch.Tensor, got str"),
+    ],
+)
+def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        gald.LocalDistribution(4)(x)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"channels": 0}, ValueError, "channels must be >= 1"),
+        ({"channels": 2.0}, TypeError, "channels must be an int"),
+        ({"channels": 4, "num_stages": 0}, ValueError, "num_stages must be >= 1"),
+        ({"channels": 4, "padding": -1}, ValueError, "padding must be >= 0"),
+        ({"channels": 4, "offset": "1"}, TypeError, "offset must be a float"),
+    ],
+)
+def test_bad_constructor(kwargs: dict, exc: type[Exception], pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        gald.LocalDistribution(**kwargs)
+
+
+def test_norm_and_act_injection() -> None:
+    ld = gald.LocalDistribution(4, norm_layer=lambda c: nn.GroupNorm(2, c), act_layer=nn.GELU)
+    assert isinstance(ld.branch[0][1], nn.GroupNorm)
+    assert isinstance(ld.branch[0][2], nn.GELU)
+    assert ld(torch.randn(1, 4, 9, 9)).shape == (1, 4, 9, 9)
