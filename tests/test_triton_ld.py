@@ -1,0 +1,359 @@
+"""The Triton kernels of the fused LD op, run by Triton's interpreter on CPU tensors.
+
+How the interpreter is switched on: ``@triton.jit`` reads ``TRITON_INTERPRET`` when it
+*decorates* a kernel, i.e. when the module defining the kernel is imported, not when triton
+itself is imported or when the kernel is launched. Setting the variable at the top of this file
+is therefore not enough: another test module (or ``gald.ops``) may already have imported
+``gald.ops._triton_ld`` with compiled-GPU kernels, and a ``conftest.py`` setting would leak
+into every other module (on a CUDA runner it would silently turn the real kernels into slow
+interpreted ones). Instead the ``kernels`` fixture sets the variable only while it executes a
+*fresh copy* of ``_triton_ld.py`` under a private module name (inside the ``gald.ops`` package,
+so its relative imports resolve); the copy's kernels are ``InterpretedFunction``s, whatever
+was imported before, and the process environment is restored right after. The interpreter
+does not read the variable again at launch time.
+
+Every check compares against a slow reference written here with plain ops
+(``F.interpolate`` + ``torch.sigmoid`` + autograd), at small shapes: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gald.ops import _triton_ld
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_FILE = Path(_triton_ld.__file__)
+
+# (B, C, H, W, h, w): odd and non-square sizes, H or W equal to 1, logits of 1x1, logits larger
+# than x (h > H: the interpolation then downsamples), several row and column tiles.
+SHAPES = [
+    (1, 2, 5, 7, 2, 3),
+    (1, 2, 1, 7, 2, 3),
+    (1, 2, 5, 1, 3, 2),
+    (1, 1, 1, 1, 3, 3),
+    (2, 2, 5, 7, 1, 1),
+    (1, 2, 3, 4, 6, 9),
+    (1, 1, 3, 2, 40, 50),
+    (1, 1, 40, 70, 7, 9),
+]
+
+
+@pytest.fixture(scope="module")
+def kernels() -> ModuleType:
+    pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+    spec = importlib.util.spec_from_file_location("gald.ops._triton_ld_interpreted", KERNEL_FILE)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        spec.loader.exec_module(module)
+    return module
+
+
+def reference(x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool):
+    mask = torch.sigmoid(
+        F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=align_corners)
+    )
+    return x * (offset + mask)
+
+
+def reference_grads(x, logits, g, offset, align_corners):
+    xr = x.detach().clone().requires_grad_()
+    lr = logits.detach().clone().requires_grad_()
+    out = reference(xr, lr, offset, align_corners)
+    gx, gl = torch.autograd.grad(out, (xr, lr), g)
+    return out.detach(), gx, gl
+
+
+def random_inputs(shape, dtype, seed=0):
+    b, c, H, W, h, w = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    logits = (2 * torch.randn(b, c, h, w, generator=gen, dtype=torch.float64)).to(dtype)
+    g = torch.randn(b, c, H, W, generator=gen, dtype=torch.float64).to(dtype)
+    return x, logits, g
+
+
+def tol(dtype):
+    if dtype == torch.float64:
+        return {"rtol": 1e-12, "atol": 1e-12}
+    return {"rtol": 1e-5, "atol": 1e-5}
+
+
+def test_kernels_run_in_the_interpreter(kernels):
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(kernels._ld_fwd_kernel, InterpretedFunction)
+    assert isinstance(kernels._ld_bwd_kernel, InterpretedFunction)
+    assert kernels.TRITON_AVAILABLE
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("align_corners", [True, False], ids=["ac", "noac"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_and_backward_match_reference(kernels, shape, align_corners, dtype):
+    for seed, offset in enumerate((0.0, 1.0, 2.0)):
+        x, logits, g = random_inputs(shape, dtype, seed)
+        want, want_gx, want_gl = reference_grads(x, logits, g, offset, align_corners)
+
+        out = kernels.ld_modulate_fwd_triton(x, logits, offset, align_corners)
+        gx, gl = kernels.ld_modulate_bwd_triton(g, x, logits, offset, align_corners, True, True)
+
+        assert out.dtype == gx.dtype == gl.dtype == dtype
+        torch.testing.assert_close(out, want, **tol(dtype))
+        torch.testing.assert_close(gx, want_gx, **tol(dtype))
+        torch.testing.assert_close(gl, want_gl, **tol(dtype))
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 5, 7, 2, 3), (1, 1, 40, 70, 7, 9)])
+def test_backward_flags_select_the_gradients(kernels, shape):
+    x, logits, g = random_inputs(shape, torch.float64)
+    both = kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+    only_x = kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, False)
+    only_l = kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, False, True)
+    assert only_x[1] is None
+    assert only_l[0] is None
+    assert kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, False, False) == (None, None)
+    # grad_x alone runs through the forward kernel applied to g; the same values either way
+    torch.testing.assert_close(only_x[0], both[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(only_l[1], both[1], rtol=0, atol=0)
+
+
+def test_offset_is_exact_in_fp64(kernels):
+    # an offset that fp32 cannot represent must not be rounded for fp64 inputs
+    x, logits, g = random_inputs((1, 2, 5, 7, 2, 3), torch.float64)
+    offset = 0.1
+    want, want_gx, _ = reference_grads(x, logits, g, offset, True)
+    out = kernels.ld_modulate_fwd_triton(x, logits, offset, True)
+    gx, _ = kernels.ld_modulate_bwd_triton(g, x, logits, offset, True, True, False)
+    torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(gx, want_gx, rtol=1e-14, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 2, 5, 7, 2, 3), (1, 1, 40, 70, 7, 9)])
+def test_half_precision_computes_in_fp32(kernels, shape, dtype):
+    # The kernel computes in fp32 and rounds once, so it lies within half an ulp of the fp32
+    # reference evaluated on the same (already rounded) inputs. Triton's interpreter (3.x)
+    # converts fp32 to bf16 by truncation where the GPU rounds to nearest: allow a full ulp there.
+    x, logits, g = random_inputs(shape, dtype)
+    want, want_gx, want_gl = reference_grads(x.float(), logits.float(), g.float(), 1.0, False)
+    out = kernels.ld_modulate_fwd_triton(x, logits, 1.0, False)
+    gx, gl = kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, False, True, True)
+    assert out.dtype == gx.dtype == gl.dtype == dtype
+    rounding = torch.finfo(dtype).eps / (1 if dtype == torch.bfloat16 else 2)  # relative bound
+    for got, ref in ((out, want), (gx, want_gx), (gl, want_gl)):
+        err = (got.float() - ref).abs()
+        assert bool((err <= rounding * ref.abs() * 1.01 + 1e-6 * ref.abs().max()).all())
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    b=st.integers(1, 2),
+    c=st.integers(1, 2),
+    H=st.integers(1, 20),
+    W=st.integers(1, 20),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    align_corners=st.booleans(),
+    offset=st.sampled_from([0.0, 1.0, 2.0, -0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes_match_reference(kernels, b, c, H, W, h, w, align_corners, offset, seed):
+    x, logits, g = random_inputs((b, c, H, W, h, w), torch.float64, seed)
+    want, want_gx, want_gl = reference_grads(x, logits, g, offset, align_corners)
+    out = kernels.ld_modulate_fwd_triton(x, logits, offset, align_corners)
+    gx, gl = kernels.ld_modulate_bwd_triton(g, x, logits, offset, align_corners, True, True)
+    torch.testing.assert_close(out, want, **tol(torch.float64))
+    torch.testing.assert_close(gx, want_gx, **tol(torch.float64))
+    torch.testing.assert_close(gl, want_gl, **tol(torch.float64))
+
+
+def test_empty_batch(kernels):
+    x, logits, g = random_inputs((0, 2, 5, 7, 2, 3), torch.float32)
+    assert kernels.ld_modulate_fwd_triton(x, logits, 1.0, True).shape == x.shape
+    gx, gl = kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+    assert gx.shape == x.shape
+    assert gl.shape == logits.shape
+
+
+# --- ahead-of-time compilation for a CUDA target (no GPU needed) -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "align_corners"),
+    [(torch.float32, True), (torch.bfloat16, False), (torch.float64, False)],
+    ids=["fp32", "bf16", "fp64"],
+)
+def test_kernels_compile_for_cuda(dtype, align_corners):
+    # The interpreter does not lower anything; this runs the real pipeline (Triton IR -> PTX ->
+    # ptxas cubin for sm_90) so GPU-only compile errors show up on CPU CI too.
+    triton = pytest.importorskip("triton", reason="triton is not installed")
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from triton.runtime.jit import JITFunction
+    except ImportError as exc:
+        pytest.skip(f"this triton has no ahead-of-time compile API: {exc}")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton ships no ptxas")
+    if not isinstance(_triton_ld._ld_fwd_kernel, JITFunction):
+        pytest.skip("gald.ops._triton_ld was imported with TRITON_INTERPRET=1")
+
+    ty = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float64: "fp64"}
+    data = "*" + ty[dtype]
+    acc = "*fp64" if dtype == torch.float64 else "*fp32"
+    cdt = _triton_ld._compute_dtype(dtype)
+    block_h, block_w, win_h, win_w = _triton_ld._bwd_tiles(97, 97, 11, 11, align_corners)
+    cases = [
+        (_triton_ld._ld_fwd_kernel, {"BLOCK_H": 16, "BLOCK_W": 128}),
+        (
+            _triton_ld._ld_bwd_kernel,
+            {"NEED_X_GRAD": True, "BLOCK_H": block_h, "BLOCK_W": block_w, "WIN_H": win_h, "WIN_W": win_w},
+        ),
+    ]
+    for kernel, consts in cases:
+        consts = {"ALIGN_CORNERS": align_corners, "CDT": cdt, **consts}
+        signature = {}
+        for p in kernel.params:
+            if p.is_constexpr:
+                signature[p.name] = "constexpr"
+            elif p.name.endswith("_ptr"):
+                signature[p.name] = acc if p.name in ("off_ptr", "gl_ptr") else data
+            else:
+                signature[p.name] = "i32"
+        assert set(consts) == {n for n, t in signature.items() if t == "constexpr"}
+        compiled = triton.compile(
+            ASTSource(kernel, signature, consts),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": _triton_ld._NUM_WARPS, "enable_fp_fusion": True},
+        )
+        assert len(compiled.asm["cubin"]) > 0
+
+
+# --- host-side index math (no kernel launch) -------------------------------------------------
+
+
+def neighbours(in_size: int, out_size: int, align_corners: bool):
+    """PyTorch's bilinear source neighbours, restated in fp32 as the kernel computes them."""
+    d = torch.arange(out_size, dtype=torch.float32)
+    if align_corners:
+        scale = torch.tensor(in_size - 1, dtype=torch.float32) / max(out_size - 1, 1)
+        src = scale * d
+    else:
+        scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+        src = (scale * (d + 0.5) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = i0 + (i0 < in_size - 1).long()
+    lam = (src - i0).clamp(0, 1)
+    return i0, i1, lam
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    in_size=st.integers(1, 80),
+    out_size=st.integers(1, 160),
+    align_corners=st.booleans(),
+)
+def test_index_convention_is_pytorchs(in_size, out_size, align_corners):
+    # The interpolation matrix built from the stated convention equals F.interpolate applied
+    # to the one-hot basis of the input (a column of the matrix per basis vector).
+    i0, i1, lam = neighbours(in_size, out_size, align_corners)
+    rows = torch.arange(out_size)
+    mat = torch.zeros(out_size, in_size)
+    mat.index_put_((rows, i0), 1 - lam, accumulate=True)
+    mat.index_put_((rows, i1), lam, accumulate=True)
+    basis = torch.eye(in_size).reshape(1, in_size, in_size, 1)  # in_size maps of (in_size, 1)
+    up = F.interpolate(basis, size=(out_size, 1), mode="bilinear", align_corners=align_corners)
+    torch.testing.assert_close(mat, up[0, :, :, 0].T, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    H=st.integers(1, 300),
+    W=st.integers(1, 300),
+    h=st.integers(1, 300),
+    w=st.integers(1, 300),
+    align_corners=st.booleans(),
+)
+def test_backward_window_covers_every_tile(H, W, h, w, align_corners):
+    # Each backward tile adds into a (WIN_H, WIN_W) window starting at its first row's/column's
+    # lower neighbour; every neighbour of the tile must fall inside it.
+    block_h, block_w, win_h, win_w = _triton_ld._bwd_tiles(H, W, h, w, align_corners)
+    for block, win, in_size, out_size in ((block_h, win_h, h, H), (block_w, win_w, w, W)):
+        assert block >= 16
+        assert win >= 16
+        assert win & (win - 1) == 0
+        i0, i1, _ = neighbours(in_size, out_size, align_corners)
+        for start in range(0, out_size, block):
+            lo = int(i0[start : start + block].min())
+            hi = int(i1[start : start + block].max())
+            assert hi - lo < win, (start, lo, hi, win)
+
+
+# --- validation (no kernel launch) --------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(1, 2, 5, 7)
+    logits = torch.randn(1, 2, 2, 3)
+    fwd, bwd = _triton_ld.ld_modulate_fwd_triton, _triton_ld.ld_modulate_bwd_triton
+    with pytest.raises(TypeError, match="logits must have the dtype of x"):
+        fwd(x, logits.double(), 1.0, True)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        fwd(x.long(), logits, 1.0, True)
+    with pytest.raises(ValueError, match=r"logits must be \(B, C, h, w\) with the \(B, C\) of x"):
+        fwd(x, torch.randn(1, 3, 2, 3), 1.0, True)
+    with pytest.raises(ValueError, match="x must be a contiguous NCHW tensor"):
+        fwd(x.transpose(-1, -2), logits, 1.0, True)
+    with pytest.raises(ValueError, match="x must be 4-D"):
+        fwd(x[0], logits, 1.0, True)
+    with pytest.raises(TypeError, match=r"logits must be a torch\.Tensor, got list"):
+        fwd(x, [1.0], 1.0, True)
+    with pytest.raises(ValueError, match=r"grad_out must have the shape of x \(1, 2, 5, 7\)"):
+        bwd(torch.randn(1, 2, 5, 6), x, logits, 1.0, True, True, True)
+    with pytest.raises(TypeError, match="grad_out must have the dtype of x"):
+        bwd(torch.randn(1, 2, 5, 7).double(), x, logits, 1.0, True, True, True)
+
+
+def test_missing_triton_raises_a_clear_error(monkeypatch):
+    monkeypatch.setattr(_triton_ld, "TRITON_AVAILABLE", False)
+    x, logits, g = random_inputs((1, 2, 5, 7, 2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match=r"ld_modulate_fwd_triton: triton is not installed"):
+        _triton_ld.ld_modulate_fwd_triton(x, logits, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"ld_modulate_bwd_triton: triton is not installed"):
+        _triton_ld.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+
+
+# --- the CUDA benchmark script's no-GPU path -------------------------------------------------------
+
+
+def test_cuda_benchmark_exits_cleanly_without_a_gpu(monkeypatch, capsys, tmp_path):
+    spec = importlib.util.spec_from_file_location("ld_cuda_bench", REPO / "benchmarks" / "ld_cuda.py")
+    assert spec is not None
+    assert spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out_json = tmp_path / "ld_cuda.json"
+    assert bench.main(["--json", str(out_json), "--dtypes", "fp32,bf16"]) == 0
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not out_json.exists()
+    # the logits size it benchmarks at is what 3 unpadded k=3 stride-2 stages produce
+    for side in (15, 16, 97, 129, 257):
+        t = torch.zeros(1, 1, side, side)
+        for _ in range(3):
+            t = F.conv2d(t, torch.zeros(1, 1, 3, 3), stride=2)
+        assert bench.ld_branch_size(side) == t.shape[-1]
+    with pytest.raises(SystemExit):
+        bench.main(["--dtypes", "fp8"])
