@@ -1,0 +1,164 @@
+"""Atrous spatial pyramid pooling (DeepLabv3 ASPP) at output stride 8.
+
+Reference: L.-C. Chen, G. Papandreou, F. Schroff, H. Adam, "Rethinking Atrous Convolution for
+Semantic Image Segmentation", arXiv 1706.05587, 2017; configured as the ``ASPPModule`` of the
+GALD authors' operators (rates 12, 24, 36, 256 inner channels, Dropout2d 0.1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._capabilities import Capabilities
+from .._validate import check_feature, check_positive_int
+from ..ld import LayerFactory
+from ..registry import register_ga
+
+
+def _conv_norm_act(
+    in_channels: int,
+    out_channels: int,
+    *,
+    kernel_size: int,
+    dilation: int,
+    norm_layer: LayerFactory | None,
+    act_layer: LayerFactory,
+) -> nn.Sequential:
+    padding = dilation * (kernel_size - 1) // 2
+    layers: list[nn.Module] = [
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=padding,
+            dilation=dilation,
+            bias=norm_layer is None,
+        )
+    ]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    layers.append(act_layer())
+    return nn.Sequential(*layers)
+
+
+@register_ga("aspp")
+class ASPP(Capabilities, nn.Module):
+    r"""Atrous spatial pyramid pooling: parallel atrous convs and image pooling, fused.
+
+    With ``D = inner_channels``, five branches each give ``D`` channels:
+
+    .. math::
+        B_0 = \mathrm{act}(\mathrm{norm}(W_0 * x)), \qquad
+        B_r = \mathrm{act}(\mathrm{norm}(W_r *_{r} x))\ \ (r \in \mathrm{rates}), \qquad
+        B_p = \mathrm{Expand}_{H \times W}\big(\mathrm{act}(\mathrm{pnorm}(W_p \,\bar{x}))\big),
+
+    where ``W_0`` and ``W_p`` are 1x1 convs, ``*_r`` a 3x3 conv with dilation and padding ``r``,
+    and :math:`\bar{x}` the global average of ``x``. Then
+
+    .. math::
+        \mathrm{out} = \mathrm{Dropout2d}\big(\mathrm{act}(\mathrm{norm}(W_f * [B_0, B_r, \dots, B_p]))\big)
+
+    with ``W_f`` a 1x1 conv ``(2 + len(rates)) D -> C``. The output is the fused map (no
+    residual), as in DeepLabv3.
+
+    Image-pooling branch: DeepLabv3 puts BatchNorm after its 1x1 conv, but that norm sees a
+    1x1 map and fails in train mode at batch 1. The default here is **no norm** on that branch
+    (its conv has a bias); pass ``pool_norm_layer=nn.BatchNorm2d`` to reproduce the original
+    (train batch >= 2 then). Upsampling a 1x1 map bilinearly is a broadcast, so it is done by
+    ``expand``. In train mode the other ``BatchNorm2d`` layers need ``B * H * W >= 2``.
+
+    When a rate is at least the feature side, its 3x3 conv only ever sees zero padding off the
+    centre and acts as a 1x1 conv (as in every ASPP).
+
+    Complexity (per image, ``N = H * W``): time ``O(N C D (1 + 9 len(rates)) + N C (2 + len(rates)) D)``;
+    extra memory ``O(N D (2 + len(rates)))`` for the concatenated branches. No ``N^2`` term.
+
+    Args:
+        channels: input and output channels ``C``.
+        rates: dilation rates of the 3x3 branches (output stride 8: ``(12, 24, 36)``).
+        inner_channels: channels ``D`` of every branch.
+        dropout: ``Dropout2d`` probability on the output, in ``[0, 1)``.
+        norm_layer: norm factory of the conv branches and of the fusion, called as
+            ``norm_layer(channels)``.
+        act_layer: activation factory, called as ``act_layer()``.
+        pool_norm_layer: optional norm of the image-pooling branch; ``None`` (default) for none.
+
+    Shape:
+        - Input: :math:`(B, C, H, W)`
+        - Output: :math:`(B, C, H, W)`
+
+    Example:
+        >>> layer = ASPP(64, inner_channels=32)
+        >>> layer(torch.randn(1, 64, 9, 7)).shape
+        torch.Size([1, 64, 9, 7])
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        rates: Sequence[int] = (12, 24, 36),
+        inner_channels: int = 256,
+        dropout: float = 0.1,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: LayerFactory = nn.ReLU,
+        pool_norm_layer: LayerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int(channels, "channels")
+        if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence):
+            raise TypeError(f"rates must be a sequence of ints, got {type(rates).__name__}")
+        self.rates = tuple(check_positive_int(r, "rates[]") for r in rates)
+        self.inner_channels = check_positive_int(inner_channels, "inner_channels")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.dropout = float(dropout)
+        inner = self.inner_channels
+        self.branch_1x1 = _conv_norm_act(
+            channels, inner, kernel_size=1, dilation=1, norm_layer=norm_layer, act_layer=act_layer
+        )
+        self.branches_atrous = nn.ModuleList(
+            _conv_norm_act(
+                channels,
+                inner,
+                kernel_size=3,
+                dilation=rate,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+            )
+            for rate in self.rates
+        )
+        self.branch_pool = _conv_norm_act(
+            channels,
+            inner,
+            kernel_size=1,
+            dilation=1,
+            norm_layer=pool_norm_layer,
+            act_layer=act_layer,
+        )
+        self.fuse = nn.Sequential(
+            nn.Conv2d((2 + len(self.rates)) * inner, channels, 1, bias=False),
+            norm_layer(channels),
+            act_layer(),
+            nn.Dropout2d(self.dropout),
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, rates={self.rates}, "
+            f"inner_channels={self.inner_channels}, dropout={self.dropout}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_feature(x, self.channels, who=type(self).__name__)
+        b, _, h, w = x.shape
+        pooled = self.branch_pool(x.mean(dim=(2, 3), keepdim=True))
+        feats = [self.branch_1x1(x)]
+        feats.extend(branch(x) for branch in self.branches_atrous)
+        feats.append(pooled.expand(b, self.inner_channels, h, w))
+        return self.fuse(torch.cat(feats, dim=1))

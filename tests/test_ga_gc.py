@@ -1,0 +1,172 @@
+"""GlobalContext: equality with a per-sample explicit reference, structure, gradients, shapes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gald
+from gald.ga import GlobalContext
+
+VARIANTS = [("att", "add"), ("att", "mul"), ("avg", "add"), ("avg", "mul")]
+
+
+def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-zero weights everywhere, the zero-initialised last conv included."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return layer
+
+
+def reference(layer: GlobalContext, x: torch.Tensor) -> torch.Tensor:
+    """Per sample: explicit softmax over positions, weighted sum, bottleneck, fusion."""
+    b, c, h, w = x.shape
+    conv1, ln, _, conv2 = layer.transform
+    out = torch.empty_like(x)
+    for n in range(b):
+        feats = x[n].reshape(c, h * w)  # (C, N)
+        if layer.pooling == "att":
+            logits = layer.conv_mask.weight.reshape(c) @ feats + layer.conv_mask.bias
+            e = torch.exp(logits - logits.max())
+            alpha = e / e.sum()
+            context = feats @ alpha
+        else:
+            context = feats.sum(dim=1) / (h * w)
+        t = conv1.weight[:, :, 0, 0] @ context + conv1.bias
+        t = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + ln.eps)
+        t = torch.relu(t * ln.weight.reshape(-1) + ln.bias.reshape(-1))
+        t = conv2.weight[:, :, 0, 0] @ t + conv2.bias
+        if layer.fusion == "add":
+            out[n] = x[n] + t[:, None, None]
+        else:
+            out[n] = x[n] * torch.sigmoid(t)[:, None, None]
+    return out
+
+
+@pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
+def test_matches_reference(pooling: str, fusion: str) -> None:
+    torch.manual_seed(0)
+    layer = randomise(GlobalContext(16, pooling=pooling, fusion=fusion))
+    x = torch.randn(3, 16, 5, 7)
+    expected = reference(copy.deepcopy(layer).double(), x.double())
+    assert not torch.allclose(expected, x.double(), atol=1e-3)
+    for training in (False, True):  # no batch statistics: both modes agree
+        torch.testing.assert_close(layer.train(training)(x), expected.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
+def test_spatial_permutation_equivariance(pooling: str, fusion: str) -> None:
+    torch.manual_seed(1)
+    layer = randomise(GlobalContext(8, pooling=pooling, fusion=fusion))
+    x = torch.randn(2, 8, 4, 5)
+    perm = torch.randperm(20)
+
+    def permute(t: torch.Tensor) -> torch.Tensor:
+        return t.flatten(2)[..., perm].reshape(t.shape)
+
+    torch.testing.assert_close(layer(permute(x)), permute(layer(x)), rtol=1e-5, atol=1e-5)
+
+
+def test_one_context_for_every_position() -> None:
+    """Query-independent: ``out - x`` (add) and ``out / x`` (mul) are constant over positions."""
+    torch.manual_seed(2)
+    x = torch.randn(2, 8, 4, 5)
+    add = randomise(GlobalContext(8, fusion="add"))(x) - x
+    torch.testing.assert_close(add, add[..., :1, :1].expand_as(add), rtol=1e-5, atol=1e-5)
+    gate = randomise(GlobalContext(8, fusion="mul"))(x) / x
+    torch.testing.assert_close(gate, gate[..., :1, :1].expand_as(gate), rtol=1e-4, atol=1e-5)
+
+
+def test_initialisation() -> None:
+    """Last conv zero: ``add`` is the identity, ``mul`` halves the input (sigmoid(0))."""
+    x = torch.randn(2, 16, 5, 4)
+    torch.testing.assert_close(GlobalContext(16)(x), x, rtol=0, atol=0)
+    half = torch.sigmoid(torch.zeros(()))
+    torch.testing.assert_close(GlobalContext(16, fusion="mul")(x), x * half)
+
+
+@pytest.mark.parametrize(("pooling", "fusion"), [("att", "add"), ("avg", "mul")])
+def test_gradcheck(pooling: str, fusion: str) -> None:
+    torch.manual_seed(3)
+    layer = randomise(GlobalContext(8, pooling=pooling, fusion=fusion)).double()
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "needle"),
+    [
+        ({"channels": 0}, ValueError, "channels"),
+        ({"channels": 8, "ratio": 0.0}, ValueError, "ratio"),
+        ({"channels": 8, "ratio": "1/4"}, TypeError, "ratio"),
+        ({"channels": 8, "ratio": 1 / 16}, ValueError, "ratio"),
+        ({"channels": 8, "pooling": "max"}, ValueError, "pooling"),
+        ({"channels": 8, "pooling": None}, TypeError, "pooling"),
+        ({"channels": 8, "fusion": "channel_add"}, ValueError, "fusion"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs: dict, error: type, needle: str) -> None:
+    channels = kwargs.pop("channels")
+    with pytest.raises(error, match=needle):
+        GlobalContext(channels, **kwargs)
+
+
+def test_bad_inputs_name_the_problem() -> None:
+    with pytest.raises(ValueError, match=r"8 channels.*\(1, 6, 2, 2\)"):
+        GlobalContext(8)(torch.randn(1, 6, 2, 2))
+
+
+def test_injectable_norm_and_activation() -> None:
+    layer = GlobalContext(8, norm_layer=lambda c: nn.GroupNorm(1, c), act_layer=nn.GELU)
+    assert isinstance(layer.transform[1], nn.GroupNorm)
+    assert isinstance(layer.transform[2], nn.GELU)
+    assert layer(torch.randn(1, 8, 3, 3)).shape == (1, 8, 3, 3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    b=st.integers(0, 3),
+    h=st.integers(1, 12),
+    w=st.integers(1, 12),
+    variant=st.sampled_from(VARIANTS),
+    training=st.booleans(),
+)
+def test_shape_preserved(b: int, h: int, w: int, variant: tuple[str, str], training: bool) -> None:
+    pooling, fusion = variant
+    layer = randomise(GlobalContext(8, pooling=pooling, fusion=fusion)).train(training)
+    out = layer(torch.randn(b, 8, h, w))
+    assert out.shape == (b, 8, h, w)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
+def test_bf16_autocast_close_to_fp32(pooling: str, fusion: str) -> None:
+    """Tolerance: max |bf16 - fp32| <= 5e-2 * max |fp32 output - x|."""
+    torch.manual_seed(4)
+    layer = randomise(GlobalContext(16, pooling=pooling, fusion=fusion))
+    x = torch.randn(2, 16, 9, 7)
+    expected = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - expected).abs().max() <= 5e-2 * (expected - x).abs().max()
+
+
+def test_no_tensor_on_the_default_device() -> None:
+    layer = GlobalContext(8).to("meta")
+    out = layer(torch.empty(2, 8, 5, 3, device="meta"))
+    assert out.device.type == "meta"
+    assert out.shape == (2, 8, 5, 3)
+
+
+def test_registry_and_gald() -> None:
+    assert isinstance(gald.create_ga("gc", 16, pooling="avg"), GlobalContext)
+    block = gald.GALD(16, ga_module="gc").eval()
+    assert block(torch.randn(2, 16, 9, 11)).shape == (2, 16, 9, 11)
