@@ -10,9 +10,10 @@ Public API::
     gald.ops.ld_modulate     the fused modulation op
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
+    gald.deploy              capability checks, ONNX export and verification
 """
 
-from . import convert, ga, losses, ops
+from . import convert, deploy, ga, losses, ops
 from ._capabilities import capabilities_of
 from ._version import __version__
 from .block import GALD
@@ -31,6 +32,7 @@ __all__ = [
     "capabilities_of",
     "convert",
     "create_ga",
+    "deploy",
     "ga",
     "get_ga_class",
     "list_ga",
