@@ -17,6 +17,5 @@ settings.load_profile("gald")
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed() -> None:
     torch.manual_seed(0)
-    yield

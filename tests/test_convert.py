@@ -6,9 +6,8 @@ import pytest
 import torch
 
 import gald
-from gald.convert import load_official, official_to_gald
-
 from _official_reference import RefNet, randomise_
+from gald.convert import load_official, official_to_gald
 
 IN, INTER, CLASSES, DSN_IN = 32, 16, 5, 24
 
