@@ -6,21 +6,13 @@ for Semantic Segmentation", ICCV 2019 / TPAMI 2020 (arXiv 1811.11721).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 
+from .._amp import autocast_off
 from .._capabilities import Capabilities
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
-
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Disable autocast for ``device_type`` if it is active (a no-op, and no graph node, if not)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -101,7 +93,7 @@ class CrissCrossAttention(Capabilities, nn.Module):
         q = _at_least_fp32(self.query(x))
         k = _at_least_fp32(self.key(x))
         v = _at_least_fp32(self.value(x))
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             # column logits (B, H, W, H): position (h, w) against (h', w) for every h'
             col = torch.einsum("bchw,bckw->bhwk", q, k)
             rows = torch.arange(h, device=x.device)

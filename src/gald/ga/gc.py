@@ -6,12 +6,12 @@ Squeeze-Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
 
 from __future__ import annotations
 
-import contextlib
 from typing import Final
 
 import torch
 from torch import nn
 
+from .._amp import autocast_off
 from .._capabilities import Capabilities
 from .._validate import check_feature, check_positive_int
 from ..ld import LayerFactory
@@ -20,12 +20,6 @@ from ..registry import register_ga
 POOLINGS: Final = ("att", "avg")
 FUSIONS: Final = ("add", "mul")
 
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Disable autocast for ``device_type`` if it is active (a no-op, and no graph node, if not)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def channel_layer_norm(channels: int) -> nn.Module:
@@ -133,7 +127,7 @@ class GlobalContext(Capabilities, nn.Module):
             return x.mean(dim=(2, 3), keepdim=True)
         logits = self.conv_mask(x).reshape(b, 1, h * w)
         wide = torch.promote_types(x.dtype, torch.float32)
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             weights = torch.softmax(logits.to(wide), dim=-1)  # (B, 1, N)
             context = torch.matmul(x.reshape(b, c, h * w).to(wide), weights.transpose(1, 2))
         return context.reshape(b, c, 1, 1).to(x.dtype)

@@ -7,7 +7,6 @@ Reference: X. Wang, R. Girshick, A. Gupta, K. He, "Non-local Neural Networks", C
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Final
 
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .._amp import autocast_off
 from .._capabilities import Capabilities
 from .._validate import check_feature, check_positive_int
 from ..ld import LayerFactory
@@ -23,12 +23,6 @@ from ..registry import register_ga
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
-
-def _autocast_off(device_type: str) -> contextlib.AbstractContextManager:
-    """Disable autocast for ``device_type`` if it is active (a no-op, and no graph node, if not)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def _tokens(t: torch.Tensor, b: int, d: int, n: int) -> torch.Tensor:
@@ -221,7 +215,7 @@ class NonLocal2d(Capabilities, nn.Module):
         q = _tokens(q_map, b, d, n)  # (B, N, d)
         k = _tokens(k_map, b, d, nk)  # (B, Nk, d)
 
-        with _autocast_off(x.device.type):
+        with autocast_off(x.device.type):
             if self.mode in ("embedded_gaussian", "gaussian"):
                 scale = 1.0 / math.sqrt(d) if self.use_scale else 1.0
                 # The fused CPU kernel needs values as wide as queries: pad g with zero
