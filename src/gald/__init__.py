@@ -8,6 +8,7 @@ Public API::
     gald.create_ga, gald.list_ga
     gald.ga                  the global-aggregation zoo
     gald.ops.ld_modulate     the fused modulation op
+    gald.fuse                fold eval-mode BatchNorms of the LD and downsample for inference
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
     gald.deploy              capability checks, ONNX export and verification
@@ -17,6 +18,7 @@ from . import convert, deploy, ga, losses, ops
 from ._capabilities import capabilities_of
 from ._version import __version__
 from .block import GALD
+from .fuse import fuse
 from .head import AuxHead, GALDHead
 from .ld import LocalDistribution
 from .losses import OhemCrossEntropy
@@ -33,6 +35,7 @@ __all__ = [
     "convert",
     "create_ga",
     "deploy",
+    "fuse",
     "ga",
     "get_ga_class",
     "list_ga",

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capabilities import Capabilities
+from ._capabilities import Capabilities, derive_capabilities
 from ._validate import check_feature, check_positive_int
-from .ld import LocalDistribution, depthwise_stage, strided_min_size
+from .ld import LocalDistribution, depthwise_stage, run_depthwise_chain, strided_min_size
 from .registry import create_ga
 
 
@@ -41,7 +41,9 @@ class GALD(Capabilities, nn.Module):
         \mathrm{out} = y \odot (\mathrm{offset} + M(y)),
 
     with ``down`` a depthwise 3x3 stride-2 conv -> BN -> ReLU and ``M`` the
-    :class:`~gald.LocalDistribution` mask. ``offset=2`` is the authors' ``GALDBlock``
+    :class:`~gald.LocalDistribution` mask. On CPU (eager, float32) the ``down`` conv runs in
+    channels_last like the LD branch, and the GA receives the memory format of the input;
+    :func:`gald.fuse` folds the ``down`` and LD BatchNorms for inference. ``offset=2`` is the authors' ``GALDBlock``
     (``LD(y) + y = 2y + y * M``). With ``downsample=False`` the GA runs at the input resolution;
     with ``ld=False`` the output is ``y`` (the GA-only ablation baseline).
 
@@ -98,6 +100,8 @@ class GALD(Capabilities, nn.Module):
         elif ld_kwargs:
             raise ValueError(f"LD arguments {sorted(ld_kwargs)} given with ld=False")
         self.min_size = min_size
+        # the block supports a deployment path only when its GA and its LD do
+        derive_capabilities(self, self.ga, *([self.ld] if self.ld is not None else []))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, padding={self.padding}, min_size={self.min_size}"
@@ -105,7 +109,11 @@ class GALD(Capabilities, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
         if self.down is not None:
-            y = self.ga(self.down(x))
+            # on eager CPU the depthwise conv runs in channels_last; the GA gets the layout of x
+            d = run_depthwise_chain(x, [self.down])
+            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+            d = d.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+            y = self.ga(d)
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         else:
             y = self.ga(x)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._capabilities import Capabilities
+from ._capabilities import Capabilities, derive_capabilities
 from ._validate import check_feature, check_positive_int
 from .block import GALD
 
@@ -93,6 +93,7 @@ class GALDHead(Capabilities, nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
         self.min_size = self.gald.min_size
+        derive_capabilities(self, self.gald)  # the GA's flags, through the block
 
     @classmethod
     def official(

@@ -1,0 +1,163 @@
+"""gald.fuse: BatchNorm folding of the LD branch and the GALD ``down`` stage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import gald
+from gald.fuse import fuse, fuse_conv_bn
+
+
+def _randomise(m: nn.Module, seed: int = 0) -> nn.Module:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                n = mod.num_features
+                mod.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                mod.bias.copy_(torch.randn(n, generator=gen))
+                mod.running_mean.copy_(torch.randn(n, generator=gen))
+                mod.running_var.copy_(torch.rand(n, generator=gen) + 0.3)
+    return m
+
+
+def _count(m: nn.Module, kind: type) -> int:
+    return sum(isinstance(s, kind) for s in m.modules())
+
+
+def _slow_conv_bn(x, conv, bn):
+    """conv then an eval BatchNorm, written out."""
+    y = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return (y - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None]
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    channels=st.integers(1, 6),
+    num_stages=st.integers(1, 3),
+    padding=st.integers(0, 1),
+    final_act=st.booleans(),
+    offset=st.sampled_from([0.0, 1.0, 2.0]),
+    cl=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_fused_ld_equals_unfused(channels, num_stages, padding, final_act, offset, cl, seed):
+    ld = gald.LocalDistribution(
+        channels, num_stages=num_stages, padding=padding, final_act=final_act, offset=offset
+    )
+    ld = _randomise(ld, seed).eval()
+    fused = fuse(ld)
+    assert _count(fused, nn.BatchNorm2d) == 0
+    assert _count(ld, nn.BatchNorm2d) == num_stages  # a copy: the original is untouched
+    side = max(ld.min_size, 9)
+    x = torch.randn(2, channels, side + 3, side, generator=torch.Generator().manual_seed(seed))
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ld(x), rtol=1e-5, atol=1e-6)
+
+
+def test_fuse_conv_bn_matches_written_out_formula():
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4)
+    bn = _randomise(nn.BatchNorm2d(4), 3).eval()
+    x = torch.randn(2, 4, 9, 8)
+    with torch.no_grad():
+        want = _slow_conv_bn(x, conv, bn)
+        fuse_conv_bn(conv, bn)
+        torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_without_bias_gets_one():
+    conv = nn.Conv2d(3, 3, 3, groups=3, bias=False)
+    bn = _randomise(nn.BatchNorm2d(3), 1).eval()
+    x = torch.randn(1, 3, 6, 6)
+    with torch.no_grad():
+        want = bn(conv(x))
+        fuse_conv_bn(conv, bn)
+        assert conv.bias is not None
+        torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gald_and_head_equal_unfused():
+    torch.manual_seed(0)
+    for model, x in [
+        (gald.GALD(8, "cgnl", ga_kwargs={"groups": 2}), torch.randn(2, 8, 21, 17)),
+        (gald.GALDHead(6, 3, channels=8, ga_kwargs={"groups": 2}), torch.randn(2, 6, 19, 19)),
+    ]:
+        model = _randomise(model).eval()
+        fused = fuse(model)
+        gald_blocks = [m for m in fused.modules() if isinstance(m, gald.GALD)]
+        assert gald_blocks
+        for block in gald_blocks:
+            assert isinstance(block.down[1], nn.Identity)
+            assert block.ld is not None
+            assert all(isinstance(stage[1], nn.Identity) for stage in block.ld.branch)
+        with torch.no_grad():
+            torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inplace_folds_the_given_module_and_keeps_other_norms():
+    block = _randomise(gald.GALD(8, "cgnl", ga_kwargs={"groups": 2})).eval()
+    before = _count(block, nn.BatchNorm2d)
+    out = fuse(block, inplace=True)
+    assert out is block
+    assert _count(block, nn.BatchNorm2d) == before - 4  # down + three LD stages
+    assert _count(block, nn.GroupNorm) == 1  # the GA's own norm is not touched
+
+
+def test_training_mode_batchnorm_is_left_alone():
+    ld = _randomise(gald.LocalDistribution(4))  # train mode
+    fused = fuse(ld)
+    assert _count(fused, nn.BatchNorm2d) == 3
+    x = torch.randn(2, 4, 16, 16)
+    torch.testing.assert_close(fused(x), copy.deepcopy(ld)(x))
+
+
+def test_fuse_ignores_modules_without_ld():
+    seq = nn.Sequential(nn.Conv2d(3, 3, 3, groups=3), nn.BatchNorm2d(3)).eval()
+    fused = fuse(seq)
+    assert isinstance(fused[1], nn.BatchNorm2d)
+
+
+def test_fused_module_trains_without_norms():
+    fused = fuse(_randomise(gald.LocalDistribution(3)).eval())
+    fused.train()
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    fused(x).sum().backward()
+    assert x.grad is not None
+    assert all(p.grad is not None for p in fused.parameters())
+
+
+@pytest.mark.parametrize(
+    ("conv", "bn", "exc", "pattern"),
+    [
+        (nn.Linear(2, 2), nn.BatchNorm2d(2), TypeError, r"conv must be an nn.Conv2d, got Linear"),
+        (nn.Conv2d(2, 2, 1), nn.ReLU(), TypeError, r"bn must be a BatchNorm module, got ReLU"),
+        (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), ValueError, r"eval mode.*training=True"),
+        (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(3).eval(), ValueError, r"3 features.*=2"),
+        (
+            nn.Conv2d(2, 2, 1),
+            nn.BatchNorm2d(2, track_running_stats=False).eval(),
+            ValueError,
+            r"track_running_stats=False",
+        ),
+    ],
+)
+def test_fuse_conv_bn_errors(conv, bn, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        fuse_conv_bn(conv, bn)
+
+
+def test_fuse_argument_errors():
+    with pytest.raises(TypeError, match=r"module must be an nn.Module, got int"):
+        fuse(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"inplace must be a bool, got int"):
+        fuse(nn.Identity(), inplace=1)  # type: ignore[arg-type]
