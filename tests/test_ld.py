@@ -169,3 +169,15 @@ def test_norm_and_act_injection() -> None:
     assert isinstance(ld.branch[0][1], nn.GroupNorm)
     assert isinstance(ld.branch[0][2], nn.GELU)
     assert ld(torch.randn(1, 4, 9, 9)).shape == (1, 4, 9, 9)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_parameter_gradients_have_parameter_layout(channels_last: bool) -> None:
+    # DDP's gradient buckets expect each gradient in its parameter's strides
+    ld = gald.LocalDistribution(16).train()
+    x = torch.randn(2, 16, 33, 33)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ld(x.requires_grad_(True)).sum().backward()
+    for name, p in ld.named_parameters():
+        assert p.grad is not None and p.grad.stride() == p.stride(), name

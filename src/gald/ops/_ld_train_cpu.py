@@ -79,6 +79,12 @@ def _conv1_backward(
     return (rx if need[0] else None), (rw if need[1] else None), (rb if need[2] else None)
 
 
+def _like_param(g: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
+    if g is None or g.stride() == param.stride():
+        return g
+    return torch.empty_like(param).copy_(g)
+
+
 class _LDTrainCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offset, conv, rest, n_conv_params, *params):  # type: ignore[override]
@@ -114,7 +120,11 @@ class _LDTrainCPU(torch.autograd.Function):
         if gz is not None:
             gx, gw, gb = _conv1_backward(gz, x, ctx.conv, (need_x, need_conv[0], need_conv[1]), gx)
         g_conv = [gw, gb][:k]
-        return (gx, None, None, None, None, *g_conv, *g_rest)
+        # Convs replayed on channels_last activations give weight gradients with channels_last
+        # strides; return every gradient in its parameter's layout (DDP's gradient buckets
+        # expect it and warn otherwise).
+        grads = [_like_param(g, q) for g, q in zip([*g_conv, *g_rest], ctx.params)]
+        return (gx, None, None, None, None, *grads)
 
 
 def ld_train_cpu(
