@@ -13,15 +13,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..block import GALD
 from ..registry import create_ga, list_ga
 from ._timing import format_table, median_ms, saved_bytes
 
 
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # torch's flop registry has the CUDA attention kernels but not the fused CPU one, which
+    # would otherwise count as zero and hide the O(N^2) cost of NonLocal2d and DANet's PAM.
+    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
+
+
+_CUSTOM_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+}
+
+
 def _flops(model: nn.Module, x: torch.Tensor) -> int:
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
     with counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
