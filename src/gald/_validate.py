@@ -7,6 +7,8 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -51,6 +53,22 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_probability(value: object, name: str) -> float:
+    """A float in [0, 1) (a dropout probability)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value}")
+    return float(value)
+
+
+def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
+    """A list or tuple of ints >= 1, returned as a tuple (a string is not accepted)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+    return tuple(check_positive_int(v, f"{name}[]") for v in value)
 
 
 def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> None:

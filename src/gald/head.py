@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._capabilities import Capabilities, derive_capabilities
-from ._validate import check_feature, check_positive_int
+from ._validate import check_feature, check_positive_int, check_probability
 from .block import GALD
 
 LayerFactory = Callable[..., nn.Module]
@@ -27,14 +27,6 @@ def _conv_norm_act(
         norm_layer(out_channels),
         nn.ReLU(inplace=True),
     )
-
-
-def _check_dropout(dropout: float) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    return float(dropout)
 
 
 class GALDHead(Capabilities, nn.Module):
@@ -78,7 +70,7 @@ class GALDHead(Capabilities, nn.Module):
         self.in_channels = check_positive_int(in_channels, "in_channels")
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.channels = check_positive_int(channels, "channels")
-        dropout = _check_dropout(dropout)
+        dropout = check_probability(dropout, "dropout")
         self.conva = _conv_norm_act(in_channels, channels, norm_layer)
         self.gald = GALD(
             channels,
@@ -157,7 +149,7 @@ class AuxHead(Capabilities, nn.Module):
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
         self.norm = norm_layer(channels)
         self.act = nn.ReLU(inplace=True)
-        self.dropout = nn.Dropout2d(_check_dropout(dropout))
+        self.dropout = nn.Dropout2d(check_probability(dropout, "dropout"))
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

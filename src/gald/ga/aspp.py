@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from .._capabilities import Capabilities
-from .._validate import check_feature, check_positive_int
+from .._validate import (
+    check_feature,
+    check_positive_int,
+    check_positive_int_sequence,
+    check_probability,
+)
 from ..ld import LayerFactory
 from ..registry import register_ga
 
@@ -109,15 +114,9 @@ class ASPP(Capabilities, nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
-        if isinstance(rates, (str, bytes)) or not isinstance(rates, Sequence):
-            raise TypeError(f"rates must be a sequence of ints, got {type(rates).__name__}")
-        self.rates = tuple(check_positive_int(r, "rates[]") for r in rates)
+        self.rates = check_positive_int_sequence(rates, "rates")
         self.inner_channels = check_positive_int(inner_channels, "inner_channels")
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-            raise TypeError(f"dropout must be a float, got {type(dropout).__name__}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.dropout = float(dropout)
+        self.dropout = check_probability(dropout, "dropout")
         inner = self.inner_channels
         self.branch_1x1 = _conv_norm_act(
             channels, inner, kernel_size=1, dilation=1, norm_layer=norm_layer, act_layer=act_layer

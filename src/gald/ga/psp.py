@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._capabilities import Capabilities
-from .._validate import check_feature, check_positive_int
+from .._validate import check_feature, check_positive_int, check_positive_int_sequence
 from ..ld import LayerFactory
 from ..registry import register_ga
 
@@ -104,11 +104,9 @@ class PyramidPooling(Capabilities, nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
-        if isinstance(bins, (str, bytes)) or not isinstance(bins, Sequence):
-            raise TypeError(f"bins must be a sequence of ints, got {type(bins).__name__}")
-        if len(bins) == 0:
+        self.bins = check_positive_int_sequence(bins, "bins")
+        if len(self.bins) == 0:
             raise ValueError("bins must not be empty, got ()")
-        self.bins = tuple(check_positive_int(b, "bins[]") for b in bins)
         if len(set(self.bins)) != len(self.bins):
             raise ValueError(f"bins must be distinct, got {self.bins}")
         if channels // len(self.bins) < 1:
