@@ -80,6 +80,33 @@ def slab_forward(
     return out
 
 
+def _backward_cl(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``convolution_backward`` of a depthwise conv, run in channels_last; ``need[2]`` asks for
+    the bias gradient."""
+    n = weight.shape[0]
+    return torch.ops.aten.convolution_backward(
+        grad.contiguous(memory_format=torch.channels_last),
+        x.contiguous(memory_format=torch.channels_last),
+        weight,
+        [n] if need[2] else None,
+        stride,
+        padding,
+        dilation,
+        False,
+        [0, 0],
+        n,
+        list(need),
+    )
+
+
 def slab_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -107,21 +134,14 @@ def slab_backward(
     step = _slab(x)
     for c0 in range(0, x.shape[1], step):
         c1 = min(c0 + step, x.shape[1])
-        n = c1 - c0
-        xs = x[:, c0:c1].contiguous(memory_format=torch.channels_last)
-        gs = grad[:, c0:c1].contiguous(memory_format=torch.channels_last)
-        rx, rw, rb = torch.ops.aten.convolution_backward(
-            gs,
-            xs,
+        rx, rw, rb = _backward_cl(
+            grad[:, c0:c1],
+            x[:, c0:c1],
             weight[c0:c1],
-            [n] if has_bias else None,
             stride,
             padding,
             dilation,
-            False,
-            [0, 0],
-            n,
-            [need_x, need_w, need_b],
+            (need_x, need_w, need_b),
         )
         if gx is not None:
             if grad_x_into is not None:
@@ -157,14 +177,46 @@ def is_nchw(x: torch.Tensor) -> bool:
     return x.is_contiguous() and not x.is_contiguous(memory_format=torch.channels_last)
 
 
+def depthwise_forward(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(x)`` computed in channels_last without an autograd node of its own: slab by slab
+    for an NCHW-contiguous ``x``, as a whole otherwise. The output is channels_last."""
+    stride, padding, dilation = conv_config(conv)
+    if is_nchw(x):
+        return slab_forward(x, conv.weight, conv.bias, stride, padding, dilation)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    return F.conv2d(xc, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+
+
+def depthwise_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    need: tuple[bool, bool, bool],
+    grad_x_into: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :func:`depthwise_forward` w.r.t. (x, weight, bias), ``None`` where not
+    needed; with ``grad_x_into`` the input gradient is added into it and returned."""
+    stride, padding, dilation = conv_config(conv)
+    has_bias = conv.bias is not None
+    if is_nchw(x):
+        return slab_backward(
+            grad, x, conv.weight, has_bias, stride, padding, dilation, need, grad_x_into
+        )
+    need = (need[0], need[1], need[2] and has_bias)
+    rx, rw, rb = _backward_cl(grad, x, conv.weight, stride, padding, dilation, need)
+    if need[0] and grad_x_into is not None:
+        grad_x_into.add_(rx)
+        rx = grad_x_into
+    return (rx if need[0] else None), (rw if need[1] else None), (rb if need[2] else None)
+
+
 def depthwise_conv_cl(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     """``conv(x)`` for a depthwise ``conv``, computed in channels_last; the output is channels_last.
 
     An NCHW-contiguous ``x`` goes slab by slab (see the module docstring); any other ``x`` is
     converted as a whole (a no-op when it is channels_last already).
     """
-    stride, padding, dilation = conv_config(conv)
     if is_nchw(x):
+        stride, padding, dilation = conv_config(conv)
         return _SlabDepthwise.apply(x, conv.weight, conv.bias, stride, padding, dilation)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(xc, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
+    return depthwise_forward(x, conv)

@@ -28,55 +28,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from . import _ld_torch
-from ._depthwise_cl import conv_config, is_nchw, slab_backward, slab_forward
+from ._depthwise_cl import depthwise_backward, depthwise_forward
 from ._replay import chain_parameters, replay_backward, run_chain
-
-
-def _conv1_forward(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    stride, padding, dilation = conv_config(conv)
-    if is_nchw(x):
-        return slab_forward(x, conv.weight, conv.bias, stride, padding, dilation)
-    xc = x.contiguous(memory_format=torch.channels_last)
-    return F.conv2d(xc, conv.weight, conv.bias, stride, padding, dilation, conv.groups)
-
-
-def _conv1_backward(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    conv: nn.Conv2d,
-    need: tuple[bool, bool, bool],
-    grad_x_into: torch.Tensor | None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    stride, padding, dilation = conv_config(conv)
-    has_bias = conv.bias is not None
-    if is_nchw(x):
-        return slab_backward(
-            grad, x, conv.weight, has_bias, stride, padding, dilation, need, grad_x_into
-        )
-    xc = x.contiguous(memory_format=torch.channels_last)
-    n = conv.weight.shape[0]
-    rx, rw, rb = torch.ops.aten.convolution_backward(
-        grad.contiguous(memory_format=torch.channels_last),
-        xc,
-        conv.weight,
-        [n] if has_bias else None,
-        stride,
-        padding,
-        dilation,
-        False,
-        [0, 0],
-        conv.groups,
-        [need[0], need[1], need[2] and has_bias],
-    )
-    if need[0] and grad_x_into is not None:
-        grad_x_into.add_(rx)
-        rx = grad_x_into
-    return (rx if need[0] else None), (rw if need[1] else None), (rb if need[2] else None)
 
 
 def _like_param(g: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | None:
@@ -88,7 +45,7 @@ def _like_param(g: torch.Tensor | None, param: torch.Tensor) -> torch.Tensor | N
 class _LDTrainCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, offset, conv, rest, n_conv_params, *params):  # type: ignore[override]
-        z = _conv1_forward(x, conv)
+        z = depthwise_forward(x, conv)
         logits = run_chain(rest, z, owns_input=False)
         out = _ld_torch.forward(x, logits, offset, True)
         ctx.save_for_backward(x, z, logits)
@@ -118,7 +75,9 @@ class _LDTrainCPU(torch.autograd.Function):
             gz, g_rest = replay_backward(z, ctx.rest, ctx.params[k:], gl, need_z, need_rest)
         gw = gb = None
         if gz is not None:
-            gx, gw, gb = _conv1_backward(gz, x, ctx.conv, (need_x, need_conv[0], need_conv[1]), gx)
+            gx, gw, gb = depthwise_backward(
+                gz, x, ctx.conv, (need_x, need_conv[0], need_conv[1]), gx
+            )
         g_conv = [gw, gb][:k]
         # Convs replayed on channels_last activations give weight gradients with channels_last
         # strides; return every gradient in its parameter's layout (DDP's gradient buckets
