@@ -96,35 +96,24 @@ def _require_triton() -> ModuleType:
     return mod
 
 
-@torch.library.custom_op("gald::ld_modulate", mutates_args=())
-def _ld_modulate_op(
-    x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
-) -> torch.Tensor:
-    _check_impl_in_op(impl)
-    with _no_autocast(x):
-        return _forward_impl(x, logits, offset, align_corners, impl)
-
-
 def _no_autocast(x: torch.Tensor) -> torch.autocast:
     """The kernels pick their own precision: an enclosing autocast region must not recast the
     matmuls inside them (a custom op runs with the caller's autocast state)."""
     return torch.autocast(x.device.type, enabled=False)
 
 
-def _forward_impl(
+@torch.library.custom_op("gald::ld_modulate", mutates_args=())
+def _ld_modulate_op(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
-    if impl == "triton":
-        kern = _require_triton()
-        res = kern.ld_modulate_fwd_triton(
-            x.contiguous(), logits.contiguous(), float(offset), bool(align_corners)
-        )
-        out = torch.empty_like(x)
-        if out.is_contiguous() and res.is_contiguous():
-            return res
-        out.copy_(res)
-        return out
-    return _ld_torch.forward(x, logits, float(offset), bool(align_corners))
+    _check_impl_in_op(impl)
+    with _no_autocast(x):
+        if impl == "triton":
+            res = _require_triton().ld_modulate_fwd_triton(
+                x.contiguous(), logits.contiguous(), float(offset), bool(align_corners)
+            )
+            return _like_or_empty(res, x, True)
+        return _ld_torch.forward(x, logits, float(offset), bool(align_corners))
 
 
 @_ld_modulate_op.register_fake
@@ -145,46 +134,32 @@ def _ld_modulate_backward_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
     with _no_autocast(x):
-        return _backward_impl(grad, x, logits, offset, align_corners, impl, need_x, need_logits)
-
-
-def _backward_impl(
-    grad: torch.Tensor,
-    x: torch.Tensor,
-    logits: torch.Tensor,
-    offset: float,
-    align_corners: bool,
-    impl: str,
-    need_x: bool,
-    need_logits: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if impl == "triton":
-        kern = _require_triton()
-        gx, gl = kern.ld_modulate_bwd_triton(
-            grad.contiguous(),
-            x.contiguous(),
-            logits.contiguous(),
-            float(offset),
-            bool(align_corners),
-            bool(need_x),
-            bool(need_logits),
-        )
-    else:
-        gx, gl = _ld_torch.backward(
-            grad, x, logits, float(offset), bool(align_corners), need_x, need_logits
-        )
+        if impl == "triton":
+            gx, gl = _require_triton().ld_modulate_bwd_triton(
+                grad.contiguous(),
+                x.contiguous(),
+                logits.contiguous(),
+                float(offset),
+                bool(align_corners),
+                bool(need_x),
+                bool(need_logits),
+            )
+        else:
+            gx, gl = _ld_torch.backward(
+                grad, x, logits, float(offset), bool(align_corners), need_x, need_logits
+            )
     return _like_or_empty(gx, x, need_x), _like_or_empty(gl, logits, need_logits)
 
 
 def _like_or_empty(g: torch.Tensor | None, ref: torch.Tensor, needed: bool) -> torch.Tensor:
-    """``g`` with the strides of ``empty_like(ref)`` (what the fake kernel promises)."""
+    """``g`` with the strides of ``empty_like(ref)`` (what the fake kernel promises); copied
+    only when its layout or dtype differs."""
     if not needed or g is None:
         return ref.new_empty(0)
-    target = torch.empty_like(ref)
-    if g.stride() == target.stride() and g.dtype == ref.dtype:
+    # the strides empty_like would give, read off a meta tensor (no allocation)
+    if g.stride() == torch.empty_like(ref, device="meta").stride() and g.dtype == ref.dtype:
         return g
-    target.copy_(g)
-    return target
+    return torch.empty_like(ref).copy_(g)
 
 
 @_ld_modulate_backward_op.register_fake
