@@ -8,19 +8,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import gald
+from _helpers import randomise
 from gald.ga import CrissCrossAttention
-
-
-def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    """Random non-zero weights everywhere, gamma included (it starts at zero)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return layer
 
 
 def reference_pass(layer: CrissCrossAttention, x: torch.Tensor) -> torch.Tensor:

@@ -11,18 +11,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+from _helpers import randomise
 from gald.ga import GlobalContext
 
 VARIANTS = [("att", "add"), ("att", "mul"), ("avg", "add"), ("avg", "mul")]
-
-
-def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    """Random non-zero weights everywhere, the zero-initialised last conv included."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    return layer
 
 
 def reference(layer: GlobalContext, x: torch.Tensor) -> torch.Tensor:

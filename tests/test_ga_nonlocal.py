@@ -12,23 +12,10 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+from _helpers import randomise
 from gald.ga import NonLocal2d
 
 MODES = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
-
-
-def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    """Random non-zero weights everywhere (the zero-initialised norm included) and random stats."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for name, buf in layer.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-    return layer
 
 
 def subsample_reference(t: torch.Tensor) -> torch.Tensor:

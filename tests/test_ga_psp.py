@@ -13,21 +13,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+from _helpers import randomise
 from gald.ga import PyramidPooling
 from gald.ga.psp import adaptive_avg_pool
-
-
-def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-        for name, buf in layer.named_buffers():
-            if name.endswith("running_mean"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
-            elif name.endswith("running_var"):
-                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
-    return layer
 
 
 def pool_reference(x: torch.Tensor, bins: int) -> torch.Tensor:

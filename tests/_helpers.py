@@ -1,0 +1,21 @@
+"""Helpers shared by the per-layer GA tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
+    """Random non-zero weights everywhere (zero-initialised gates and norms included) and random
+    BatchNorm statistics, so that comparisons with a reference are not vacuous."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        for name, buf in layer.named_buffers():
+            if name.endswith("running_mean"):
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
+            elif name.endswith("running_var"):
+                buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
+    return layer
