@@ -11,11 +11,10 @@ Public API::
     gald.fuse                fold eval-mode BatchNorms of the LD and downsample for inference
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
-    gald.deploy              capability checks, ONNX export and verification
+    gald.deploy              ONNX export and verification
 """
 
 from . import convert, deploy, ga, losses, ops
-from ._capabilities import capabilities_of
 from ._version import __version__
 from .block import GALD
 from .fuse import fuse
@@ -31,7 +30,6 @@ __all__ = [
     "LocalDistribution",
     "OhemCrossEntropy",
     "__version__",
-    "capabilities_of",
     "convert",
     "create_ga",
     "deploy",

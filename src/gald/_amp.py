@@ -1,4 +1,4 @@
-"""Autocast helpers: run numerically sensitive regions (attention logits, softmax) in fp32."""
+"""Mixed precision: the one place that decides which dtype a sensitive region computes in."""
 
 from __future__ import annotations
 
@@ -6,11 +6,23 @@ import contextlib
 
 import torch
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (fp16, bf16), the dtype itself otherwise.
+
+    Every layer computes its numerically sensitive parts (attention logits and softmax, sums
+    over many positions, the LD mask) in this dtype and rounds once at the end.
+    """
+    return torch.float32 if dtype in _HALF else dtype
+
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     """Disable autocast for ``device_type`` if it is active (a no-op, and no graph node, if not).
 
-    Inside the region, cast the operands to fp32 yourself and cast the result back after.
+    Inside the region, cast the operands with :func:`compute_dtype` yourself and cast the
+    result back after.
     """
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capabilities import Capabilities, derive_capabilities
+from ._layers import depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
-from .ld import LocalDistribution, depthwise_stage, run_depthwise_chain, strided_min_size
+from .ld import LocalDistribution, run_depthwise_chain
 from .registry import create_ga
 
 
@@ -33,7 +33,7 @@ def _build_ga(ga_module: str | type[nn.Module] | nn.Module, channels: int, ga_kw
     )
 
 
-class GALD(Capabilities, nn.Module):
+class GALD(nn.Module):
     r"""Global Aggregation then Local Distribution around any context module.
 
     .. math::
@@ -101,7 +101,6 @@ class GALD(Capabilities, nn.Module):
             raise ValueError(f"LD arguments {sorted(ld_kwargs)} given with ld=False")
         self.min_size = min_size
         # the block supports a deployment path only when its GA and its LD do
-        derive_capabilities(self, self.ga, *([self.ld] if self.ld is not None else []))
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, padding={self.padding}, min_size={self.min_size}"

@@ -6,17 +6,14 @@ restated with the hard-coded 512 removed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._capabilities import Capabilities, derive_capabilities
+from ._layers import LayerFactory
 from ._validate import check_feature, check_positive_int, check_probability
 from .block import GALD
-
-LayerFactory = Callable[..., nn.Module]
 
 
 def _conv_norm_act(
@@ -29,7 +26,7 @@ def _conv_norm_act(
     )
 
 
-class GALDHead(Capabilities, nn.Module):
+class GALDHead(nn.Module):
     r"""GALD segmentation head on a backbone feature.
 
     ``conva`` (3x3 conv -> norm -> ReLU) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
@@ -85,7 +82,6 @@ class GALDHead(Capabilities, nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
         self.min_size = self.gald.min_size
-        derive_capabilities(self, self.gald)  # the GA's flags, through the block
 
     @classmethod
     def official(
@@ -115,7 +111,7 @@ class GALDHead(Capabilities, nn.Module):
         return self.cls(self.dropout(y))
 
 
-class AuxHead(Capabilities, nn.Module):
+class AuxHead(nn.Module):
     r"""The authors' deep-supervision head (``dsn``), usually on ResNet layer3.
 
     3x3 conv (with bias) -> BatchNorm -> ReLU -> Dropout2d -> 1x1 conv (with bias). Train it with

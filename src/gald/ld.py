@@ -7,49 +7,18 @@ github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._capabilities import Capabilities
+from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
 from .ops import ld_modulate
 from .ops._depthwise_cl import depthwise_conv_cl, is_depthwise
 from .ops._ld_train_cpu import ld_train_cpu
 from .ops._replay import replayable, run_chain
-
-LayerFactory = Callable[..., nn.Module]
-
-
-def strided_min_size(num_stages: int, kernel_size: int, padding: int, stride: int = 2) -> int:
-    """Smallest side a chain of ``num_stages`` strided convs accepts (each output side >= 1)."""
-    size = 1
-    for _ in range(num_stages):
-        # the smallest s with floor((s + 2p - k) / stride) + 1 >= size
-        size = max(1, stride * (size - 1) + kernel_size - 2 * padding)
-    return size
-
-
-def depthwise_stage(
-    channels: int,
-    *,
-    kernel_size: int,
-    padding: int,
-    norm_layer: LayerFactory,
-    act_layer: LayerFactory | None,
-) -> nn.Sequential:
-    """Depthwise ``kernel_size`` stride-2 conv (with bias, as the authors) -> norm -> act."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(
-            channels, channels, kernel_size, stride=2, padding=padding, groups=channels, bias=True
-        ),
-        norm_layer(channels),
-    ]
-    if act_layer is not None:
-        layers.append(act_layer())
-    return nn.Sequential(*layers)
 
 
 def _autocast_on() -> bool:
@@ -131,7 +100,7 @@ def run_depthwise_chain(x: torch.Tensor, stages: Iterable[nn.Module]) -> torch.T
     return z
 
 
-class LocalDistribution(Capabilities, nn.Module):
+class LocalDistribution(nn.Module):
     r"""Local Distribution: ``x * (offset + M)`` with a per-channel, per-position mask ``M``.
 
     The mask branch is ``num_stages`` x [depthwise stride-2 conv -> norm -> act]; its low-resolution

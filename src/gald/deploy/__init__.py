@@ -1,13 +1,11 @@
-"""Deployment helpers: capability checks, guarded compile/export, ONNX export and the table.
+"""Deployment helpers: ONNX export to standard operators, checked with onnxruntime.
 
-Every public layer declares which deployment paths it supports (class attributes, see
-:class:`gald._capabilities.Capabilities`). These helpers refuse a path that any layer inside the
-model does not declare, with a ``NotImplementedError`` naming the layer, the path and the reason,
-so nothing is compiled or exported silently wrong. ``python -m gald.deploy`` prints the
-capability table of ``docs/deploy.md``.
+``torch.compile`` and ``torch.export`` need no helper: every gald layer compiles with
+``fullgraph=True`` and exports as it is (the deployment tests check each layer; see the
+deployment guide). ONNX export gets one, because a file is only useful once it is known to hold
+standard operators only and to agree with eager PyTorch.
 """
 
-from ._checks import PATHS, check_supported, compile_module, export_program
 from ._onnx import (
     DEFAULT_OPSET,
     MIN_OPSET,
@@ -16,22 +14,12 @@ from ._onnx import (
     onnx_custom_domains,
     verify_onnx,
 )
-from ._table import TABLE_END, TABLE_START, capability_rows, capability_table, update_markdown
 
 __all__ = [
     "DEFAULT_OPSET",
     "MIN_OPSET",
-    "PATHS",
     "STANDARD_DOMAINS",
-    "TABLE_END",
-    "TABLE_START",
-    "capability_rows",
-    "capability_table",
-    "check_supported",
-    "compile_module",
     "export_onnx",
-    "export_program",
     "onnx_custom_domains",
-    "update_markdown",
     "verify_onnx",
 ]

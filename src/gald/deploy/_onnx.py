@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from .._validate import check_feature, check_positive_int
-from ._checks import _check_module, check_supported
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -26,7 +25,7 @@ __all__ = [
 ]
 
 MIN_OPSET = 17
-"""Lowest ONNX opset accepted (the issue's bar; LayerNormalization is an opset-17 operator)."""
+"""Lowest ONNX opset accepted (LayerNormalization is an opset-17 operator)."""
 
 DEFAULT_OPSET = 18
 """The opset the dynamo exporter builds natively; asking it for 17 adds a version conversion
@@ -36,6 +35,12 @@ STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 """Operator domains of the standard ONNX operator set; anything else is a custom op."""
 
 _AXIS_NAMES = {0: "batch", 2: "height", 3: "width"}
+
+
+def _check_module(module: object, who: str) -> nn.Module:
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"{who}: module must be a torch.nn.Module, got {type(module).__name__}")
+    return module
 
 
 def _import(name: str) -> Any:
@@ -109,9 +114,7 @@ def export_onnx(
 ) -> Path:
     """Export ``module`` (in eval mode) to an ONNX file of standard operators only.
 
-    The layers' capability flags are checked first: a model containing a layer that declares
-    ``supports_onnx=False`` (or ``onnx_dynamic_hw=False`` while ``dynamic_hw=True``) raises
-    ``NotImplementedError`` naming the layer and the reason. After export the file is checked:
+    After export the file is checked:
     standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
     ``RuntimeError``. Nothing is exported silently wrong.
 
@@ -143,22 +146,17 @@ def export_onnx(
             "export_onnx: module must be in eval mode (call module.eval() first); ONNX graphs are "
             "exported for inference, with BatchNorm running statistics"
         )
-    check_supported(module, "onnx")
     b, _, h, w = example_input.shape
-    if dynamic_batch:
-        check_supported(module, "onnx_dynamic_batch")
-        if b < 2:
-            raise ValueError(
-                "export_onnx: example_input must have batch >= 2 with dynamic_batch=True "
-                f"(torch.export specialises size-1 axes), got shape {tuple(example_input.shape)}"
-            )
-    if dynamic_hw:
-        check_supported(module, "onnx_dynamic_hw")
-        if h < 2 or w < 2:
-            raise ValueError(
-                "export_onnx: example_input must have height and width >= 2 with "
-                f"dynamic_hw=True, got shape {tuple(example_input.shape)}"
-            )
+    if dynamic_batch and b < 2:
+        raise ValueError(
+            "export_onnx: example_input must have batch >= 2 with dynamic_batch=True "
+            f"(torch.export specialises size-1 axes), got shape {tuple(example_input.shape)}"
+        )
+    if dynamic_hw and (h < 2 or w < 2):
+        raise ValueError(
+            "export_onnx: example_input must have height and width >= 2 with "
+            f"dynamic_hw=True, got shape {tuple(example_input.shape)}"
+        )
     onnx = _import("onnx")
     path = Path(path)
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}

@@ -12,14 +12,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._layers import LayerFactory
 from .._validate import (
     check_feature,
     check_positive_int,
     check_positive_int_sequence,
     check_probability,
 )
-from ..ld import LayerFactory
 from ..registry import register_ga
 
 
@@ -50,7 +49,7 @@ def _conv_norm_act(
 
 
 @register_ga("aspp")
-class ASPP(Capabilities, nn.Module):
+class ASPP(nn.Module):
     r"""Atrous spatial pyramid pooling: parallel atrous convs and image pooling, fused.
 
     With ``D = inner_channels``, five branches each give ``D`` channels:

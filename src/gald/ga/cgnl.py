@@ -12,13 +12,12 @@ import math
 import torch
 from torch import nn
 
-from .._capabilities import Capabilities
 from .._validate import check_divisible, check_feature, check_positive_int
 from ..registry import register_ga
 
 
 @register_ga("cgnl")
-class CGNL(Capabilities, nn.Module):
+class CGNL(nn.Module):
     r"""Compact generalized non-local block (dot-product kernel, grouped).
 
     With :math:`\theta, \phi, g` 1x1 convs ``C -> C'`` (no bias) split into ``G`` channel groups,

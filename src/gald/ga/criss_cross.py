@@ -9,18 +9,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._amp import autocast_off
-from .._capabilities import Capabilities
+from .._amp import autocast_off, compute_dtype
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 @register_ga("criss_cross")
-class CrissCrossAttention(Capabilities, nn.Module):
+class CrissCrossAttention(nn.Module):
     r"""Criss-cross attention applied ``recurrence`` times with shared weights (RCCA).
 
     For a position :math:`u = (h, w)` let :math:`\Omega_u` be the ``H + W - 1`` positions of its
@@ -90,9 +85,11 @@ class CrissCrossAttention(Capabilities, nn.Module):
 
     def _cca(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
-        q = _at_least_fp32(self.query(x))
-        k = _at_least_fp32(self.key(x))
-        v = _at_least_fp32(self.value(x))
+        q = self.query(x)
+        cdt = compute_dtype(torch.promote_types(q.dtype, torch.float32))
+        q = q.to(cdt)
+        k = self.key(x).to(cdt)
+        v = self.value(x).to(cdt)
         with autocast_off(x.device.type):
             # column logits (B, H, W, H): position (h, w) against (h', w) for every h'
             col = torch.einsum("bchw,bckw->bhwk", q, k)

@@ -13,16 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._amp import compute_dtype
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
 
 _BRANCHES = ("pam", "cam")
-
-
-def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the half types (logits and softmax never run in 16 bits), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class _PositionAttention(nn.Module):
@@ -50,7 +45,7 @@ class _PositionAttention(nn.Module):
             # leaves every q.k unchanged and spares the N x N affinity the math fallback stores.
             q = F.pad(q, (0, pad))
             k = F.pad(k, (0, pad))
-        dtype = _softmax_dtype(v.dtype)
+        dtype = compute_dtype(v.dtype)
         # fused kernels also need a unit stride in the head dimension
         q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -68,7 +63,7 @@ class _ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        dtype = _softmax_dtype(x.dtype)
+        dtype = compute_dtype(x.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             feats = x.reshape(b, c, h * w).to(dtype)
             energy = torch.matmul(feats, feats.transpose(1, 2))  # (B, C, C)
@@ -79,7 +74,7 @@ class _ChannelAttention(nn.Module):
 
 
 @register_ga("danet")
-class DualAttention(Capabilities, nn.Module):
+class DualAttention(nn.Module):
     r"""DANet's position and channel attention as one residual layer.
 
     With :math:`X \in \mathbb{R}^{C \times N}` (``N = H * W``), ``Q, K`` 1x1 convs ``C -> C'``

@@ -8,23 +8,16 @@ documented semantics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._amp import compute_dtype
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
-
-LayerFactory = Callable[..., nn.Module]
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the half types (graph products and softmax never run in 16 bits), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -91,7 +84,7 @@ class _SpatialGCN(nn.Module):
         k = self.node_k(x).reshape(b, c2, n)
         v = self.node_v(x).reshape(b, c2, n)
         q = self.node_q(x).reshape(b, c2, n)
-        dtype = _accumulate_dtype(k.dtype)
+        dtype = compute_dtype(k.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             attn = torch.softmax(torch.matmul(q.to(dtype), v.to(dtype).transpose(1, 2)), dim=-1)
             y = torch.matmul(attn.transpose(1, 2), k.to(dtype))  # (B, C2, N)
@@ -100,7 +93,7 @@ class _SpatialGCN(nn.Module):
 
 
 @register_ga("dualgcn")
-class DualGCN(Capabilities, nn.Module):
+class DualGCN(nn.Module):
     r"""Dual graph convolution (DGCNet): coordinate-space and feature-space graphs, fused.
 
     *Coordinate space.* ``L`` = 3 x [depthwise 3x3 conv, stride 2, padding 1, no bias -> norm]
@@ -157,7 +150,6 @@ class DualGCN(Capabilities, nn.Module):
         torch.Size([1, 64, 9, 7])
     """
 
-    min_train_batch = 2
 
     def __init__(
         self,
@@ -229,7 +221,7 @@ class DualGCN(Capabilities, nn.Module):
         # feature space: project N pixels onto C/r nodes with 2C/r states
         states = _norm_2d(self.bn_phi, self.phi(x)).reshape(b, self.num_state, n)
         nodes = _norm_2d(self.bn_theta, self.theta(x)).reshape(b, self.num_node, n)
-        dtype = _accumulate_dtype(states.dtype)
+        dtype = compute_dtype(states.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             z_idt = torch.matmul(states.to(dtype), nodes.to(dtype).transpose(1, 2))  # (B, 2C/r, C/r)
         z_idt = z_idt.to(states.dtype)

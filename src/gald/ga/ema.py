@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,11 +17,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._amp import compute_dtype
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
-
-LayerFactory = Callable[..., nn.Module]
 
 _EPS = 1e-6  # the authors' epsilon, both in the responsibilities and in the L2 norm
 
@@ -38,13 +36,8 @@ def _em_step(flat: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.
     return z, _l2norm(torch.matmul(flat, resp), dim=1)
 
 
-def _em_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the half types (the EM iterations never run in 16 bits), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 @register_ga("ema")
-class EMA(Capabilities, nn.Module):
+class EMA(nn.Module):
     r"""Expectation-maximization attention: reconstruct the feature from ``K`` learned bases.
 
     With :math:`X = W_1 x + b_1 \in \mathbb{R}^{C \times N}` (1x1 conv) and bases
@@ -108,7 +101,6 @@ class EMA(Capabilities, nn.Module):
         torch.Size([2, 64, 9, 7])
     """
 
-    min_train_batch = 2
     bases: torch.Tensor
 
     def __init__(
@@ -161,7 +153,7 @@ class EMA(Capabilities, nn.Module):
         check_feature(x, self.channels, who=type(self).__name__)
         feats = self.conv1(x)
         b, c, h, w = feats.shape
-        dtype = _em_dtype(feats.dtype)
+        dtype = compute_dtype(feats.dtype)
         grad_ctx = contextlib.nullcontext() if self.em_grad else torch.no_grad()
         with torch.autocast(device_type=x.device.type, enabled=False):
             flat = feats.reshape(b, c, h * w).to(dtype)  # (B, C, N)

@@ -12,9 +12,8 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off
-from .._capabilities import Capabilities
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
-from ..ld import LayerFactory
 from ..registry import register_ga
 
 POOLINGS: Final = ("att", "avg")
@@ -28,7 +27,7 @@ def channel_layer_norm(channels: int) -> nn.Module:
 
 
 @register_ga("gc")
-class GlobalContext(Capabilities, nn.Module):
+class GlobalContext(nn.Module):
     r"""Global context block: one attention-pooled context vector, transformed and fused.
 
     With ``W_k`` a 1x1 conv ``C -> 1`` and ``C_r = int(C * ratio)``:

@@ -7,21 +7,13 @@ its documented semantics, with the output norm zero-initialised as its comment i
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._amp import compute_dtype
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
-
-LayerFactory = Callable[..., nn.Module]
-
-
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for the half types (the sum over N never runs in 16 bits), else ``dtype``."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 class _GraphConv(nn.Module):
@@ -39,7 +31,7 @@ class _GraphConv(nn.Module):
 
 
 @register_ga("glore")
-class GloRe(Capabilities, nn.Module):
+class GloRe(nn.Module):
     r"""Global reasoning unit: project pixels onto graph nodes, run a GCN, project back.
 
     With ``S`` (``num_state``) and ``K`` (``num_node``) 1x1 convs (with bias) of the input,
@@ -85,7 +77,6 @@ class GloRe(Capabilities, nn.Module):
         torch.Size([2, 64, 9, 7])
     """
 
-    min_train_batch = 2
 
     def __init__(
         self,
@@ -133,7 +124,7 @@ class GloRe(Capabilities, nn.Module):
         n = h * w
         states = self.conv_state(x).reshape(b, self.num_state, n)
         proj = self.conv_proj(x).reshape(b, self.num_node, n)
-        dtype = _accumulate_dtype(states.dtype)
+        dtype = compute_dtype(states.dtype)
         with torch.autocast(device_type=x.device.type, enabled=False):
             v = torch.matmul(states.to(dtype), proj.to(dtype).transpose(1, 2))  # (B, S, K)
             if self.normalize:

@@ -16,9 +16,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off
-from .._capabilities import Capabilities
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
-from ..ld import LayerFactory
 from ..registry import register_ga
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -41,7 +40,7 @@ def _concat_rows(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Ten
 
 
 @register_ga("nonlocal")
-class NonLocal2d(Capabilities, nn.Module):
+class NonLocal2d(nn.Module):
     r"""Non-local block: every position attends to every (optionally subsampled) position.
 
     With :math:`\theta, \phi, g` 1x1 convs ``C -> C'`` (``C' = C // reduction``), keys and values

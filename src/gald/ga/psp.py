@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._capabilities import Capabilities
+from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int, check_positive_int_sequence
-from ..ld import LayerFactory
 from ..registry import register_ga
 
 
@@ -46,7 +45,7 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
 
 
 @register_ga("psp")
-class PyramidPooling(Capabilities, nn.Module):
+class PyramidPooling(nn.Module):
     r"""Pyramid pooling: context pooled at several grid sizes, upsampled and fused with ``x``.
 
     For every bin count ``b`` in ``bins`` (``C_b = C // len(bins)``):

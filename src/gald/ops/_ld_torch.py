@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .._amp import compute_dtype
 from . import _alloc
 from ._interp import interp_matrix
 
@@ -29,11 +30,6 @@ from ._interp import interp_matrix
 # (and the thread synchronisation of every op), small enough that the mask chunk and the x and
 # output chunks it meets stay in cache. Tuned on the 2-core CI machine.
 CPU_CHUNK_ELEMS = 1 << 18
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types, the dtype itself otherwise."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def _chunk_elems(device: torch.device) -> int:

@@ -26,6 +26,7 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
+from .._amp import compute_dtype
 from .._validate import check_feature
 from . import _ld_torch
 
@@ -68,7 +69,7 @@ def ld_modulate_reference(
     Half-precision inputs are upsampled and passed through the sigmoid in float32, like the
     fused paths; the product is rounded once to the dtype of ``x``.
     """
-    cdt = _ld_torch.compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     mask = torch.sigmoid(
         F.interpolate(
             logits.to(cdt), size=x.shape[-2:], mode="bilinear", align_corners=align_corners
