@@ -14,7 +14,7 @@ from torch import nn
 
 from ._layers import depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
-from .ld import LocalDistribution, run_depthwise_chain
+from .ld import LocalDistribution
 from .registry import create_ga
 
 
@@ -108,11 +108,7 @@ class GALD(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
         if self.down is not None:
-            # on eager CPU the depthwise conv runs in channels_last; the GA gets the layout of x
-            d = run_depthwise_chain(x, [self.down])
-            cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-            d = d.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-            y = self.ga(d)
+            y = self.ga(self.down(x))
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         else:
             y = self.ga(x)
