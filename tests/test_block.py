@@ -85,7 +85,7 @@ def test_ga_module_errors() -> None:
         gald.GALD(8, 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="ga_kwargs must be empty"):
         gald.GALD(8, Scale(8), ga_kwargs={"factor": 1.0})
-    with pytest.raises(TypeError, match="ga_kwargs must be a dict"):
+    with pytest.raises(TypeError, match="ga_kwargs must be a mapping"):
         gald.GALD(8, "cgnl", ga_kwargs=[1])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="given with ld=False"):
         gald.GALD(16, "cgnl", ld=False, final_act=False)

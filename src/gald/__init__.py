@@ -8,20 +8,22 @@ Public API::
     gald.create_ga, gald.list_ga
     gald.ga                  the global-aggregation zoo
     gald.ops.ld_modulate     the fused modulation op
+    gald.ld_statistics       gate statistics of every LD in a model
     gald.fuse                fold eval-mode BatchNorms of the LD and downsample for inference
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
     gald.deploy              ONNX export and verification
 """
 
-from . import convert, deploy, ga, losses, ops
+from . import convert, deploy, ga, losses, models, ops
+from ._fuse import fuse, fuse_conv_bn
 from ._version import __version__
+from ._wrap import wrap
 from .block import GALD
-from .fuse import fuse
 from .head import AuxHead, GALDHead
 from .ld import LocalDistribution
 from .losses import OhemCrossEntropy
-from .registry import create_ga, get_ga_class, list_ga, register_ga
+from .registry import create_ga, get_ga_class, list_ga, register_ga, registered, unregister_ga
 
 __all__ = [
     "GALD",
@@ -34,10 +36,16 @@ __all__ = [
     "create_ga",
     "deploy",
     "fuse",
+    "fuse_conv_bn",
     "ga",
     "get_ga_class",
+    "ld_statistics",
     "list_ga",
     "losses",
+    "models",
     "ops",
     "register_ga",
+    "registered",
+    "unregister_ga",
+    "wrap",
 ]

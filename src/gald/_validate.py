@@ -7,6 +7,7 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -47,12 +48,23 @@ def check_feature(
     return x
 
 
+def check_int(value: object, name: str) -> int:
+    """``value`` as a Python int: anything with ``__index__`` (numpy and torch integers too),
+    but not a bool and not a float."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+
+
 def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+    """An int (see :func:`check_int`) that is at least ``minimum``."""
+    result = check_int(value, name)
+    if result < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {result}")
+    return result
 
 
 def check_probability(value: object, name: str) -> float:

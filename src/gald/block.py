@@ -6,31 +6,173 @@ Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDBlock``.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import depthwise_stage, strided_min_size
+from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
 from .ld import LocalDistribution
-from .registry import create_ga
+from .registry import get_ga_class
+
+__all__ = ["GALD", "infer_out_channels"]
+
+INITS = ("default", "identity")
+IMPLS = ("auto", "triton", "torch")
+
+# sides tried by the dry run that infers a module's output width (small, but large enough for
+# the pyramid bins and dilations of common context modules to run)
+_PROBE_SIDES = (16, 33, 65)
 
 
-def _build_ga(ga_module: str | type[nn.Module] | nn.Module, channels: int, ga_kwargs: dict) -> nn.Module:
+def _accepts(cls: type, name: str) -> bool:
+    """Whether ``cls(...)`` takes a keyword argument ``name``."""
+    try:
+        params = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _label(module: nn.Module) -> str:
+    return type(module).__name__
+
+
+def infer_out_channels(module: nn.Module, in_channels: int) -> int:
+    """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
+
+    Read from an ``out_channels`` attribute when the module has one (every width-changing gald
+    layer does); otherwise found by a dry run: the module runs once in eval mode, without
+    gradients, on a small zero input on the device and dtype of its parameters (sides 16, then
+    33 and 65 if a smaller input is refused). The module's training flag is restored and, in
+    eval mode, no BatchNorm statistic or other buffer changes.
+
+    Raises:
+        ValueError: the module refuses every probe input or does not return a 4-D tensor;
+            the message names the module's class and says to pass ``out_channels``.
+    """
+    declared = getattr(module, "out_channels", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    ref: torch.Tensor | None = next(iter(module.parameters()), None)
+    if ref is None:
+        ref = next(iter(module.buffers()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    if device.type == "meta":
+        raise ValueError(
+            f"cannot infer the output channels of {_label(module)} on the meta device; "
+            "pass out_channels explicitly"
+        )
+    was_training = module.training
+    errors: list[str] = []
+    try:
+        module.eval()
+        with torch.no_grad():
+            for side in _PROBE_SIDES:
+                probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
+                try:
+                    out = module(probe)
+                except Exception as exc:  # the module refuses this probe: try the next size
+                    errors.append(f"{side}x{side}: {type(exc).__name__}: {exc}")
+                    continue
+                if not isinstance(out, torch.Tensor) or out.ndim != 4:
+                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ValueError(
+                        f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
+                        f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
+                    )
+                return int(out.shape[1])
+    finally:
+        module.train(was_training)
+    raise ValueError(
+        f"cannot infer the output channels of {_label(module)} from a dry run with "
+        f"in_channels={in_channels} ({'; '.join(errors)}); pass out_channels (and check "
+        "in_channels)"
+    )
+
+
+def _smallest_width(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int = 1024) -> int:
+    """The smallest ``channels`` that ``cls(channels, **kwargs)`` accepts (0 if none <= limit);
+    the candidates are built on the meta device, so the search allocates nothing."""
+    with torch.device("meta"):
+        for c in range(1, limit + 1):
+            try:
+                cls(c, **kwargs)
+            except (ValueError, TypeError):
+                continue
+            return c
+    return 0
+
+
+def _build_ga(
+    ga_module: str | type[nn.Module] | nn.Module,
+    in_channels: int,
+    out_channels: int | None,
+    ga_kwargs: Mapping[str, Any],
+    norm_layer: LayerFactory,
+    act_layer: LayerFactory,
+) -> tuple[nn.Module, int]:
+    """The GA module and its output width."""
     if isinstance(ga_module, nn.Module):
         if ga_kwargs:
-            raise ValueError("ga_kwargs must be empty when ga_module is an nn.Module instance")
-        return ga_module
+            raise ValueError(
+                "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
+                f"already), got keys {sorted(ga_kwargs)}"
+            )
+        if out_channels is None:
+            return ga_module, infer_out_channels(ga_module, in_channels)
+        try:
+            found = infer_out_channels(ga_module, in_channels)
+        except ValueError:  # cannot be checked now; the forward checks every call
+            return ga_module, out_channels
+        if found != out_channels:
+            raise ValueError(
+                f"out_channels={out_channels} does not match the wrapped "
+                f"{_label(ga_module)}, which returns {found} channels for in_channels="
+                f"{in_channels}"
+            )
+        return ga_module, out_channels
     if isinstance(ga_module, str):
-        return create_ga(ga_module, channels, **ga_kwargs)
-    if isinstance(ga_module, type) and issubclass(ga_module, nn.Module):
-        return ga_module(channels, **ga_kwargs)
-    raise TypeError(
-        "ga_module must be a registry name (str), an nn.Module subclass or an nn.Module "
-        f"instance, got {type(ga_module).__name__}"
-    )
+        cls = get_ga_class(ga_module)
+    elif isinstance(ga_module, type) and issubclass(ga_module, nn.Module):
+        cls = ga_module
+    else:
+        raise TypeError(
+            "ga_module must be a registry name (str), an nn.Module subclass or an nn.Module "
+            f"instance, got {type(ga_module).__name__}"
+        )
+    kwargs = dict(ga_kwargs)
+    name = getattr(cls, "ga_name", cls.__name__)
+    # the block's norm and activation reach every GA that builds norms or activations
+    for key, value in (("norm_layer", norm_layer), ("act_layer", act_layer)):
+        if key not in kwargs and _accepts(cls, key):
+            kwargs[key] = value
+    if out_channels is not None and out_channels != in_channels:
+        if not _accepts(cls, "out_channels"):
+            raise ValueError(
+                f"out_channels={out_channels} differs from in_channels={in_channels}, but the GA "
+                f"{name!r} ({cls.__name__}) keeps the width: it has no out_channels argument"
+            )
+        kwargs["out_channels"] = out_channels
+    try:
+        ga = cls(in_channels, **kwargs)
+    except (ValueError, TypeError) as exc:
+        smallest = _smallest_width(cls, kwargs)
+        hint = f"; the smallest in_channels it accepts is {smallest}" if smallest else ""
+        raise type(exc)(
+            f"GALD: the GA {name!r} cannot be built with in_channels={in_channels} and "
+            f"ga_kwargs={dict(ga_kwargs)}{hint} ({exc})"
+        ) from exc
+    if out_channels is None:
+        out_channels = getattr(ga, "out_channels", in_channels)
+        if not isinstance(out_channels, int):  # a user's layer with another attribute type
+            out_channels = in_channels
+    return ga, out_channels
 
 
 class GALD(nn.Module):
@@ -40,78 +182,194 @@ class GALD(nn.Module):
         y = \mathrm{Up}\big(\mathrm{GA}(\mathrm{down}(x)),\, H \times W\big), \qquad
         \mathrm{out} = y \odot (\mathrm{offset} + M(y)),
 
-    with ``down`` a depthwise 3x3 stride-2 conv -> BN -> ReLU and ``M`` the
-    :class:`~gald.LocalDistribution` mask. On CPU (eager, float32) the ``down`` conv runs in
-    channels_last like the LD branch, and the GA receives the memory format of the input;
-    :func:`gald.fuse` folds the ``down`` and LD BatchNorms for inference. ``offset=2`` is the authors' ``GALDBlock``
-    (``LD(y) + y = 2y + y * M``). With ``downsample=False`` the GA runs at the input resolution;
-    with ``ld=False`` the output is ``y`` (the GA-only ablation baseline).
+    with ``down`` a depthwise 3x3 stride-2 conv -> norm -> act on ``in_channels`` and ``M`` the
+    :class:`~gald.LocalDistribution` mask on ``out_channels``; ``Up`` is bilinear with
+    ``align_corners=True``. ``offset=2`` is the authors' ``GALDBlock`` (``LD(y) + y = 2y + y M``).
+    With ``downsample=False`` the GA runs at the input resolution; with ``ld=False`` the output is
+    ``y`` (the GA-only ablation baseline).
+
+    The GA may change the width (``in_channels -> out_channels``), as the context modules of
+    real heads do (torchvision's and smp's ASPP 2048 -> 256). For a registry name or a class,
+    ``out_channels`` is passed to the GA; for a module instance it is inferred when omitted
+    (see :func:`infer_out_channels`).
+
+    ``init="identity"`` is for wrapping a *trained* context module (fine-tuning a pretrained
+    segmentation model): the block then computes exactly the wrapped module's function at
+    initialisation and learns the LD from there,
+
+    .. math::
+        \mathrm{out} = y + \alpha \odot \big(y \odot (\mathrm{offset} + M(y)) - y\big),
+        \qquad y = \mathrm{GA}(x),
+
+    with a per-channel ``alpha`` initialised to zero (``torch.lerp``). The GA then runs at the
+    resolution it was trained at (``downsample`` must be ``False``; a stride-2 conv cannot start
+    as the identity). For training from scratch, as in the paper, keep ``init="default"``.
 
     Args:
-        channels: input and output channels ``C``.
+        in_channels: channels ``C_in`` of the input.
         ga_module: a registry name (see :func:`gald.list_ga`), an ``nn.Module`` class built as
-            ``cls(channels, **ga_kwargs)``, or a ready ``nn.Module`` mapping (B, C, h, w) to
-            (B, C, h, w).
-        ga_kwargs: keyword arguments for the GA constructor.
+            ``cls(in_channels, **ga_kwargs)``, or a ready ``nn.Module``.
+        out_channels: channels of the GA output and of the block (default: inferred, see above).
+        ga_kwargs: keyword arguments for the GA constructor (any mapping).
         downsample: run the GA on a 2x-downsampled copy and upsample its output.
         ld: apply the local distribution.
-        offset: the LD offset.
+        offset: the LD offset (default 2.0, the authors' block).
         padding: padding of the ``down`` conv and of every LD conv (``0`` = the authors' code).
-        **ld_kwargs: further :class:`~gald.LocalDistribution` arguments (``num_stages``,
-            ``kernel_size``, ``final_act``, ``norm_layer``, ``act_layer``); ``norm_layer`` and
-            ``act_layer`` also build ``down``.
+        num_stages: LD branch stages (default 3).
+        kernel_size: LD conv kernel (default 3).
+        final_act: activation after the last LD stage (default ``True``, as the authors).
+        norm_layer: normalisation factory for ``down``, the LD and every GA that builds norms
+            (``nn.SyncBatchNorm`` for multi-GPU training); passed to a GA whose constructor has
+            a ``norm_layer`` argument, unless ``ga_kwargs`` sets it.
+        act_layer: activation factory, passed on in the same way.
+        init: ``"default"`` or ``"identity"`` (see above).
+        impl: LD kernel choice, ``"auto"``, ``"triton"`` or ``"torch"`` (see
+            :class:`~gald.LocalDistribution`).
+
+    ``num_stages``, ``kernel_size``, ``final_act`` and ``offset`` configure the LD; giving one
+    with ``ld=False`` is a ``ValueError``.
 
     Shape:
-        - Input: :math:`(B, C, H, W)`
-        - Output: :math:`(B, C, H, W)`
+        - Input: :math:`(B, C_{in}, H, W)`
+        - Output: :math:`(B, C_{out}, H, W)`
     """
 
     def __init__(
         self,
-        channels: int,
+        in_channels: int,
         ga_module: str | type[nn.Module] | nn.Module = "cgnl",
         *,
-        ga_kwargs: dict[str, Any] | None = None,
-        downsample: bool = True,
+        out_channels: int | None = None,
+        ga_kwargs: Mapping[str, Any] | None = None,
+        downsample: bool | None = None,
         ld: bool = True,
-        offset: float = 2.0,
+        offset: float | None = None,
         padding: int = 1,
-        **ld_kwargs: Any,
+        num_stages: int | None = None,
+        kernel_size: int | None = None,
+        final_act: bool | None = None,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: LayerFactory = nn.ReLU,
+        init: str = "default",
+        impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        self.in_channels = check_positive_int(in_channels, "in_channels")
+        if out_channels is not None:
+            out_channels = check_positive_int(out_channels, "out_channels")
         self.padding = check_positive_int(padding, "padding", minimum=0)
-        if ga_kwargs is not None and not isinstance(ga_kwargs, dict):
-            raise TypeError(f"ga_kwargs must be a dict or None, got {type(ga_kwargs).__name__}")
-        self.ga = _build_ga(ga_module, channels, dict(ga_kwargs or {}))
-        norm_layer = ld_kwargs.get("norm_layer", nn.BatchNorm2d)
-        act_layer = ld_kwargs.get("act_layer", nn.ReLU)
-        self.down: nn.Module | None = None
-        min_size = 1
-        if downsample:
-            self.down = depthwise_stage(
-                channels, kernel_size=3, padding=padding, norm_layer=norm_layer, act_layer=act_layer
+        if ga_kwargs is not None and not isinstance(ga_kwargs, Mapping):
+            raise TypeError(
+                f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}"
             )
-            min_size = strided_min_size(1, 3, padding)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not callable(norm_layer) or not callable(act_layer):
+            raise TypeError("norm_layer and act_layer must be callables that build a module")
+        if downsample is None:
+            downsample = init == "default"
+        elif downsample and init == "identity":
+            raise ValueError(
+                "downsample=True cannot start as the identity: init='identity' runs the GA at "
+                "the input resolution; pass downsample=False (or leave it unset)"
+            )
+        if init == "identity" and not ld:
+            raise ValueError("init='identity' blends the LD in from zero; it needs ld=True")
+        ld_args = {"num_stages": num_stages, "kernel_size": kernel_size, "final_act": final_act}
+        given = sorted(k for k, v in {**ld_args, "offset": offset}.items() if v is not None)
+        if not ld and given:
+            raise ValueError(f"LD arguments {given} given with ld=False")
+        self.downsample = bool(downsample)
+        self.init = init
+        self.impl = impl
+        self.ga, self.out_channels = _build_ga(
+            ga_module,
+            self.in_channels,
+            out_channels,
+            ga_kwargs or {},
+            norm_layer,
+            act_layer,
+        )
+        self.down: nn.Sequential | None = None
+        min_size = 1
+        if self.downsample:
+            self.down = depthwise_stage(
+                self.in_channels,
+                kernel_size=3,
+                padding=self.padding,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+            )
+            min_size = strided_min_size(1, 3, self.padding)
+        self.offset = 2.0 if offset is None else offset
         self.ld: LocalDistribution | None = None
+        self.alpha: nn.Parameter | None = None
         if ld:
-            self.ld = LocalDistribution(channels, offset=offset, padding=padding, **ld_kwargs)
+            extra: dict[str, Any] = {k: v for k, v in ld_args.items() if v is not None}
+            if impl != "auto":
+                extra["impl"] = impl
+            self.ld = LocalDistribution(
+                self.out_channels,
+                offset=self.offset,
+                padding=self.padding,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                **extra,
+            )
             min_size = max(min_size, self.ld.min_size)
-        elif ld_kwargs:
-            raise ValueError(f"LD arguments {sorted(ld_kwargs)} given with ld=False")
+            if init == "identity":
+                self.alpha = nn.Parameter(torch.zeros(self.out_channels))
         self.min_size = min_size
-        # the block supports a deployment path only when its GA and its LD do
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, padding={self.padding}, min_size={self.min_size}"
+        parts = [
+            f"in_channels={self.in_channels}",
+            f"out_channels={self.out_channels}",
+            f"downsample={self.downsample}",
+            f"ld={self.ld is not None}",
+        ]
+        if self.ld is not None:
+            parts.append(f"offset={self.offset}")
+        parts += [f"padding={self.padding}", f"init={self.init!r}", f"min_size={self.min_size}"]
+        if self.impl != "auto":
+            parts.append(f"impl={self.impl!r}")
+        return ", ".join(parts)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the LD branch in backward instead of keeping its activations (timm's
+        convention; see :meth:`gald.LocalDistribution.set_grad_checkpointing`)."""
+        if self.ld is not None:
+            self.ld.set_grad_checkpointing(enable)
+
+    def _check_ga_output(self, y: torch.Tensor, expected_hw: tuple[int, ...]) -> None:
+        if (
+            not isinstance(y, torch.Tensor)
+            or y.ndim != 4
+            or y.shape[1] != self.out_channels
+            or tuple(y.shape[-2:]) != expected_hw
+        ):
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(
+                f"GALD: the wrapped GA {_label(self.ga)} must return (B, {self.out_channels}, "
+                f"{expected_hw[0]}, {expected_hw[1]}) (out_channels={self.out_channels}), got "
+                f"{got}"
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
+        check_feature(x, self.in_channels, min_hw=self.min_size, who=type(self).__name__)
         if self.down is not None:
-            y = self.ga(self.down(x))
+            d = self.down(x)
+            y = self.ga(d)
+            self._check_ga_output(y, tuple(d.shape[-2:]))
             y = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=True)
         else:
             y = self.ga(x)
-        if self.ld is not None:
-            y = self.ld(y)
-        return y
+            self._check_ga_output(y, tuple(x.shape[-2:]))
+        if self.ld is None:
+            return y
+        out = self.ld(y)
+        if self.alpha is not None:
+            out = torch.lerp(y, out, self.alpha.view(1, -1, 1, 1).to(y.dtype))
+        return out

@@ -6,6 +6,7 @@ restated with the hard-coded 512 removed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -17,21 +18,26 @@ from .block import GALD
 
 
 def _conv_norm_act(
-    in_channels: int, out_channels: int, norm_layer: LayerFactory, *, bias: bool = False
+    in_channels: int, out_channels: int, norm_layer: LayerFactory, act_layer: LayerFactory
 ) -> nn.Sequential:
+    """3x3 conv (no bias) -> norm -> act."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=bias),
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
         norm_layer(out_channels),
-        nn.ReLU(inplace=True),
+        act_layer(),
     )
 
 
 class GALDHead(nn.Module):
     r"""GALD segmentation head on a backbone feature.
 
-    ``conva`` (3x3 conv -> norm -> ReLU) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
-    ReLU) -> concat with the input -> ``bottleneck`` (3x3 conv -> norm -> ReLU) -> Dropout2d ->
+    ``conva`` (3x3 conv -> norm -> act) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
+    act) -> concat with the input -> ``bottleneck`` (3x3 conv -> norm -> act) -> Dropout2d ->
     ``cls`` (1x1 conv with bias). Unlike the authors' head, ``channels`` may be anything.
+
+    ``norm_layer`` and ``act_layer`` reach every layer of the head: its convs, the GALD ``down``
+    stage, the LD and the GA (``norm_layer=nn.SyncBatchNorm`` leaves no ``BatchNorm2d``
+    anywhere inside). ``ld=False`` (through ``gald_kwargs``) gives the GA-only ablation.
 
     Args:
         in_channels: channels of the backbone feature (2048 for a ResNet-50/101 layer4).
@@ -41,9 +47,12 @@ class GALDHead(nn.Module):
         ga_kwargs: keyword arguments of the GA.
         padding: padding of the GALD ``down`` conv and LD convs (``0`` = the authors' code).
         dropout: Dropout2d probability before the classifier (the authors use none).
-        norm_layer: normalisation factory for every BatchNorm of the head (e.g.
-            ``nn.SyncBatchNorm``).
-        **gald_kwargs: further :class:`~gald.GALD` arguments (``offset``, ``final_act``, ...).
+        norm_layer: normalisation factory for every norm of the head, its GALD block and its GA
+            (e.g. ``nn.SyncBatchNorm``).
+        act_layer: activation factory, likewise (``nn.ReLU`` builds ``ReLU()``; pass
+            ``functools.partial(nn.ReLU, inplace=True)`` to save memory).
+        **gald_kwargs: further :class:`~gald.GALD` arguments (``ld``, ``offset``,
+            ``final_act``, ``downsample``, ``impl``, ...).
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`
@@ -57,10 +66,11 @@ class GALDHead(nn.Module):
         *,
         channels: int = 512,
         ga_module: str | type[nn.Module] | nn.Module = "cgnl",
-        ga_kwargs: dict[str, Any] | None = None,
+        ga_kwargs: Mapping[str, Any] | None = None,
         padding: int = 1,
         dropout: float = 0.0,
         norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: LayerFactory = nn.ReLU,
         **gald_kwargs: Any,
     ) -> None:
         super().__init__()
@@ -68,17 +78,27 @@ class GALDHead(nn.Module):
         self.num_classes = check_positive_int(num_classes, "num_classes")
         self.channels = check_positive_int(channels, "channels")
         dropout = check_probability(dropout, "dropout")
-        self.conva = _conv_norm_act(in_channels, channels, norm_layer)
+        if "out_channels" in gald_kwargs:
+            raise ValueError(
+                "GALDHead keeps the GALD block at `channels`; out_channels is not a head argument"
+            )
+        self.conva = _conv_norm_act(in_channels, channels, norm_layer, act_layer)
         self.gald = GALD(
             channels,
             ga_module,
             ga_kwargs=ga_kwargs,
             padding=padding,
             norm_layer=norm_layer,
+            act_layer=act_layer,
             **gald_kwargs,
         )
-        self.convb = _conv_norm_act(channels, channels, norm_layer)
-        self.bottleneck = _conv_norm_act(in_channels + channels, channels, norm_layer)
+        if self.gald.out_channels != channels:
+            raise ValueError(
+                f"the GA of a GALDHead must keep the width channels={channels}, got a GA "
+                f"returning {self.gald.out_channels} channels"
+            )
+        self.convb = _conv_norm_act(channels, channels, norm_layer, act_layer)
+        self.bottleneck = _conv_norm_act(in_channels + channels, channels, norm_layer, act_layer)
         self.dropout = nn.Dropout2d(dropout)
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
         self.min_size = self.gald.min_size
@@ -104,6 +124,16 @@ class GALDHead(nn.Module):
             final_act=True,
         )
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"channels={self.channels}, min_size={self.min_size}"
+        )
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the LD branch in backward (see :meth:`gald.GALD.set_grad_checkpointing`)."""
+        self.gald.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.in_channels, min_hw=self.min_size, who=type(self).__name__)
         y = self.convb(self.gald(self.conva(x)))
@@ -114,7 +144,7 @@ class GALDHead(nn.Module):
 class AuxHead(nn.Module):
     r"""The authors' deep-supervision head (``dsn``), usually on ResNet layer3.
 
-    3x3 conv (with bias) -> BatchNorm -> ReLU -> Dropout2d -> 1x1 conv (with bias). Train it with
+    3x3 conv (with bias) -> norm -> act -> Dropout2d -> 1x1 conv (with bias). Train it with
     plain cross-entropy weighted 0.4 next to the main loss.
 
     Args:
@@ -123,6 +153,7 @@ class AuxHead(nn.Module):
         channels: inner width.
         dropout: Dropout2d probability.
         norm_layer: normalisation factory.
+        act_layer: activation factory.
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`
@@ -137,6 +168,7 @@ class AuxHead(nn.Module):
         channels: int = 512,
         dropout: float = 0.1,
         norm_layer: LayerFactory = nn.BatchNorm2d,
+        act_layer: LayerFactory = nn.ReLU,
     ) -> None:
         super().__init__()
         self.in_channels = check_positive_int(in_channels, "in_channels")
@@ -144,7 +176,7 @@ class AuxHead(nn.Module):
         self.channels = check_positive_int(channels, "channels")
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
         self.norm = norm_layer(channels)
-        self.act = nn.ReLU(inplace=True)
+        self.act = act_layer()
         self.dropout = nn.Dropout2d(check_probability(dropout, "dropout"))
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
 

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._validate import check_int, check_positive_int
+
 __all__ = ["OhemCrossEntropy"]
 
 
@@ -30,11 +32,15 @@ class OhemCrossEntropy(nn.Module):
     Deviation: when no pixel is kept (for instance an all-ignore crop) the loss is ``0`` (still
     attached to the graph) rather than the ``NaN`` of ``F.cross_entropy``.
 
+    Every argument is keyword-only (``OhemCrossEntropy(255, 0.7)`` is a ``TypeError``): the
+    positional order of ``nn.CrossEntropyLoss`` starts with ``weight``, and a silent mix-up of
+    ``ignore_index`` with ``weight`` is worse than a word more.
+
     Args:
+        weight: optional per-class weight, shape ``(num_classes,)``.
         ignore_index: label of pixels that do not count.
         thresh: probability threshold (0.7 in the recipe).
         min_kept: minimum number of pixels kept (100 000 in the recipe).
-        weight: optional per-class weight, shape ``(num_classes,)``.
 
     Shape:
         - logits: :math:`(B, K, H, W)`, at label resolution (upsample first).
@@ -44,22 +50,19 @@ class OhemCrossEntropy(nn.Module):
 
     def __init__(
         self,
+        *,
+        weight: torch.Tensor | None = None,
         ignore_index: int = 255,
         thresh: float = 0.7,
         min_kept: int = 100_000,
-        weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        ignore_index = check_int(ignore_index, "ignore_index")
         if isinstance(thresh, bool) or not isinstance(thresh, (int, float)):
             raise TypeError(f"thresh must be a float, got {type(thresh).__name__}")
         if not 0.0 <= thresh <= 1.0:
             raise ValueError(f"thresh must be in [0, 1], got {thresh}")
-        if isinstance(min_kept, bool) or not isinstance(min_kept, int):
-            raise TypeError(f"min_kept must be an int, got {type(min_kept).__name__}")
-        if min_kept < 0:
-            raise ValueError(f"min_kept must be >= 0, got {min_kept}")
+        min_kept = check_positive_int(min_kept, "min_kept", minimum=0)
         if weight is not None:
             if not isinstance(weight, torch.Tensor):
                 raise TypeError(f"weight must be a Tensor or None, got {type(weight).__name__}")

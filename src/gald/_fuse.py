@@ -1,17 +1,16 @@
 r"""BatchNorm folding for inference: ``gald.fuse(module)``.
 
-Every eval-mode BatchNorm that directly follows a depthwise conv of a
-:class:`~gald.LocalDistribution` branch or of the :class:`~gald.GALD` ``down`` stage is folded
-into that conv and replaced by ``nn.Identity``:
+Every eval-mode BatchNorm that directly follows a conv inside an ``nn.Sequential`` (the
+:class:`~gald.LocalDistribution` branch, the :class:`~gald.GALD` ``down`` stage, the heads and
+most context modules) is folded into that conv and replaced by ``nn.Identity``:
 
 .. math::
     W' = W \cdot \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
     b' = (b - \mu) \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
 The fold is computed in float64 and cast back to the conv's dtype, so the fused module matches
-the unfused one to rounding. BatchNorms in training mode, or without running statistics, are
-left untouched (they do not compute a fixed affine map). The fused module is meant for
-inference: putting it back in training mode does not bring the BatchNorms back.
+the unfused one to rounding. BatchNorms without running statistics are left untouched (they do
+not compute a fixed affine map).
 
 Time O(C k^2) per folded pair, once.
 """
@@ -23,9 +22,6 @@ import copy
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-
-from .block import GALD
-from .ld import LocalDistribution
 
 __all__ = ["fuse", "fuse_conv_bn"]
 
@@ -70,32 +66,53 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> None:
             conv.bias.copy_(new_b)
 
 
-def _fold_stage(stage: nn.Module) -> int:
-    """Fold ``stage[1]`` into ``stage[0]`` for a ``[conv, eval BatchNorm, ...]`` stage."""
-    if not isinstance(stage, nn.Sequential) or len(stage) < 2:
-        return 0
-    conv, bn = stage[0], stage[1]
-    if not (isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels):
-        return 0
-    if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
-        return 0
-    fuse_conv_bn(conv, bn)
-    stage[1] = nn.Identity()
-    return 1
+def _shared_convs(module: nn.Module) -> set[int]:
+    """ids of the convs that appear more than once in ``module`` (folding one would change the
+    other use)."""
+    seen: dict[int, int] = {}
+    for _, sub in module.named_modules(remove_duplicate=False):
+        if isinstance(sub, nn.Conv2d):
+            seen[id(sub)] = seen.get(id(sub), 0) + 1
+    return {k for k, n in seen.items() if n > 1}
+
+
+def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
+    """Fold every eval-mode BatchNorm that directly follows a Conv2d of matching width."""
+    folded = 0
+    for i in range(len(seq) - 1):
+        conv, bn = seq[i], seq[i + 1]
+        if not isinstance(conv, nn.Conv2d) or id(conv) in shared:
+            continue
+        if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
+            continue
+        if bn.num_features != conv.out_channels:
+            continue
+        fuse_conv_bn(conv, bn)
+        seq[i + 1] = nn.Identity()
+        folded += 1
+    return folded
 
 
 def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold the BatchNorms of every LD branch and GALD ``down`` stage into their convs.
+    """Fold, for inference, every eval-mode BatchNorm that directly follows a ``Conv2d`` inside
+    an ``nn.Sequential``: the LD branches, the GALD ``down`` stages, the heads' conv blocks and
+    the conv -> BN pairs of a wrapped context module (torchvision's and smp's ASPP, PSP blocks).
+
+    Inside an ``nn.Sequential`` a conv's output reaches only the next layer, so the fold is
+    exact; a conv used at two places in the model is left alone.
 
     Args:
-        module: any module; every :class:`~gald.LocalDistribution` and :class:`~gald.GALD`
-            inside it (itself included) is fused. Put it in eval mode first: training-mode
-            BatchNorms are not folded.
+        module: any module, in eval mode (``module.eval()``).
         inplace: fold in ``module`` itself instead of a deep copy.
 
     Returns:
         The fused module (a copy unless ``inplace``). Its outputs equal the unfused module's in
-        eval mode to rounding.
+        eval mode to rounding. It is meant for inference: putting it back in training mode does
+        not bring the BatchNorms back.
+
+    Raises:
+        ValueError: ``module`` is in training mode (its BatchNorms normalise with batch
+            statistics and cannot be folded).
 
     Shape:
         Unchanged: the fused module takes and returns what ``module`` does.
@@ -104,11 +121,15 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if module.training:
+        raise ValueError(
+            f"fuse: module ({type(module).__name__}) must be in eval mode (call module.eval() "
+            "first); a training-mode BatchNorm normalises with batch statistics and cannot be "
+            "folded into a conv"
+        )
     target = module if inplace else copy.deepcopy(module)
+    shared = _shared_convs(target)
     for sub in list(target.modules()):
-        if isinstance(sub, LocalDistribution):
-            for stage in sub.branch:
-                _fold_stage(stage)
-        elif isinstance(sub, GALD) and sub.down is not None:
-            _fold_stage(sub.down)
+        if isinstance(sub, nn.Sequential):
+            _fold_sequential(sub, shared)
     return target

@@ -1,0 +1,116 @@
+"""Model surgery: ``gald.wrap(model, "classifier.0")`` puts a GALD block around a submodule."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from ._validate import check_positive_int
+from .block import GALD
+
+__all__ = ["wrap"]
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, target) of the dotted path ``name`` inside ``model``."""
+    parts = name.split(".")
+    if not name or any(not p for p in parts):
+        raise ValueError(f"name must be a dotted path like 'decoder.aspp', got {name!r}")
+    parent: nn.Module = model
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth]) or "the model"
+        children = dict(parent.named_children())
+        if part not in children:
+            if hasattr(parent, part):
+                raise ValueError(
+                    f"{'.'.join(parts[: depth + 1])!r} leads to a "
+                    f"{type(getattr(parent, part)).__name__}, not an nn.Module"
+                )
+            raise KeyError(
+                f"{name!r}: {where} ({type(parent).__name__}) has no submodule {part!r}; its "
+                f"submodules are {sorted(children)}"
+            )
+        if depth == len(parts) - 1:
+            return parent, part, children[part]
+        parent = children[part]
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _infer_in_channels(module: nn.Module) -> int:
+    declared = getattr(module, "in_channels", None)
+    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+        return declared
+    for sub in module.modules():
+        if isinstance(sub, nn.Conv2d):
+            return sub.in_channels
+    raise ValueError(
+        f"cannot infer the input channels of {type(module).__name__} (it has no in_channels "
+        "attribute and no Conv2d); pass in_channels"
+    )
+
+
+def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: Any) -> M:
+    """Replace the submodule at the dotted path ``name`` by a :class:`~gald.GALD` around it.
+
+    The channels are inferred: ``in_channels`` from the module's ``in_channels`` attribute or
+    its first ``Conv2d``, ``out_channels`` as :class:`~gald.GALD` does for a module instance (an
+    ``out_channels`` attribute, else a dry run). The new block takes the device, dtype and
+    training mode of the module it wraps. Paths use attribute names and ``nn.Sequential`` /
+    ``nn.ModuleList`` indices alike (``"classifier.0"``, ``"decoder.aspp"``).
+
+    To fine-tune a pretrained model, pass ``init="identity"``: the wrapped model then computes
+    exactly what it computed before (see :class:`~gald.GALD`).
+
+    Args:
+        model: the model, modified in place.
+        name: dotted path of the context module to wrap.
+        in_channels: channels of the module's input, when they cannot be inferred.
+        **gald_kwargs: further :class:`~gald.GALD` arguments (``out_channels``, ``init``,
+            ``offset``, ``norm_layer``, ...).
+
+    Returns:
+        ``model`` itself. If anything fails, ``model`` is left unchanged.
+
+    Raises:
+        KeyError: no submodule at ``name``.
+        ValueError: ``name`` is malformed or leads to something that is not an ``nn.Module``,
+            or the channels cannot be inferred or do not match the module.
+
+    Example:
+        >>> import torch, gald
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(32, 16, 1))
+        >>> gald.wrap(model, "1")[1].out_channels
+        16
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if "ga_module" in gald_kwargs:
+        raise TypeError("wrap takes the GA from the model; do not pass ga_module")
+    parent, attr, target = _resolve(model, name)
+    if isinstance(target, GALD):
+        raise ValueError(f"{name!r} is already a GALD block")
+    if in_channels is None:
+        in_channels = _infer_in_channels(target)
+    else:
+        in_channels = check_positive_int(in_channels, "in_channels")
+    block = GALD(in_channels, target, **gald_kwargs)
+    ref = next(iter(target.parameters()), None)
+    if ref is not None:
+        dtype = ref.dtype if ref.is_floating_point() else None
+        # the new down / LD / alpha modules join the wrapped module's device and dtype
+        for child_name, child in block.named_children():
+            if child_name != "ga":
+                child.to(device=ref.device, dtype=dtype)
+        if block.alpha is not None:
+            with torch.no_grad():
+                block.alpha.data = block.alpha.data.to(device=ref.device, dtype=dtype)
+    block.train(target.training)
+    setattr(parent, attr, block)
+    return model

@@ -1,0 +1,203 @@
+"""Wrapping real-shaped context modules: width-changing GA, gald.wrap, identity init, fuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import _standins as si
+import gald
+from _helpers import randomise
+
+
+def _small_deeplab() -> si.SegModel:
+    """torchvision-shaped DeepLabV3 with a narrow head (ASPP 64 -> 32 with a pooling branch)."""
+    head = nn.Sequential(si.ASPP(64, (2, 4, 6), out_channels=32), *si._cbr(32, 32),
+                         nn.Conv2d(32, 5, 1))
+    return si.SegModel(si.TinyBackbone(c3=32, c4=64, width=8), head, None)
+
+
+def test_wrap_aspp_in_sequential_index_path() -> None:
+    model = _small_deeplab()
+    aspp = model.classifier[0]
+    assert gald.wrap(model, "classifier.0") is model
+    block = model.classifier[0]
+    assert isinstance(block, gald.GALD) and block.ga is aspp
+    assert (block.in_channels, block.out_channels) == (64, 32)
+    x = torch.randn(2, 3, 32, 32)
+    model.train()
+    out = model(x)["out"]
+    out.square().mean().backward()
+    assert out.shape == (2, 5, 32, 32)
+    for name, p in block.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(x[:1])["out"]).all()
+
+
+def test_wrap_psp_attribute_path_128_to_256() -> None:
+    model = si.PSPNet("resnet34", classes=3)
+    psp = model.decoder.psp
+    gald.wrap(model, "decoder.psp", ga_kwargs=None)
+    block = model.decoder.psp
+    assert block.ga is psp and (block.in_channels, block.out_channels) == (128, 256)
+    model.train()
+    model(torch.randn(2, 3, 48, 48)).sum().backward()
+    assert block.ld is not None and block.ld.branch[0][0].weight.grad is not None
+
+
+def test_gald_width_changing_registry_ga() -> None:
+    block = gald.GALD(24, "aspp", out_channels=16, ga_kwargs={"rates": (1, 2), "inner_channels": 8})
+    assert block.ga.out_channels == 16 and block.out_channels == 16
+    y = block.eval()(torch.randn(1, 24, 18, 18))
+    assert y.shape == (1, 16, 18, 18)
+
+
+@given(cin=st.integers(1, 24), cout=st.integers(1, 24), downsample=st.booleans())
+def test_width_property(cin: int, cout: int, downsample: bool) -> None:
+    ga = nn.Conv2d(cin, cout, 1)
+    block = gald.GALD(cin, ga, downsample=downsample).eval()
+    assert block.out_channels == cout
+    x = torch.randn(2, cin, 9, 7)
+    assert block(x).shape == (2, cout, 9, 7)
+
+
+def test_identity_init_equals_original() -> None:
+    model = randomise(_small_deeplab()).eval()
+    x = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        before = model(x)["out"]
+    gald.wrap(model, "classifier.0", init="identity")
+    block = model.classifier[0]
+    assert block.down is None and block.alpha is not None
+    with torch.no_grad():
+        after = model(x)["out"]
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_identity_init_learns_the_ld() -> None:
+    block = gald.GALD(8, nn.Conv2d(8, 8, 3, padding=1), init="identity").train()
+    opt = torch.optim.SGD(block.parameters(), lr=0.1)
+    x = torch.randn(2, 8, 12, 12)
+    target = torch.randn(2, 8, 12, 12)
+    for _ in range(2):
+        opt.zero_grad()
+        (block(x) - target).square().mean().backward()
+        opt.step()
+    assert block.alpha is not None and block.alpha.abs().sum() > 0
+    # once alpha moved, the LD branch receives gradients
+    opt.zero_grad()
+    (block(x) - target).square().mean().backward()
+    assert block.ld is not None and block.ld.branch[0][0].weight.grad.abs().sum() > 0
+
+
+def test_fuse_folds_every_batchnorm_of_a_wrapped_model() -> None:
+    model = randomise(_small_deeplab())
+    gald.wrap(model, "classifier.0")
+    model = randomise(model).double().eval()
+    fused = gald.fuse(model)
+    left = [n for n, m in fused.classifier.named_modules() if isinstance(m, _BatchNorm)]
+    assert left == []
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x)["out"], model(x)["out"], rtol=1e-9, atol=1e-9)
+
+
+def test_fuse_refuses_training_mode() -> None:
+    with pytest.raises(ValueError, match="eval mode"):
+        gald.fuse(gald.GALD(16, "psp").train())
+
+
+def test_failed_wrap_leaves_model_unchanged() -> None:
+    model = _small_deeplab()
+    before = copy.deepcopy(model.state_dict())
+    tree = [n for n, _ in model.named_modules()]
+    with pytest.raises(ValueError, match="out_channels"):
+        gald.wrap(model, "classifier.0", out_channels=17)
+    with pytest.raises(KeyError, match="no submodule 'nope'"):
+        gald.wrap(model, "classifier.nope")
+    with pytest.raises(KeyError, match="has no submodule '9'"):
+        gald.wrap(model, "classifier.9")
+    assert [n for n, _ in model.named_modules()] == tree
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class _NoChannels(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1, keepdim=True).expand(-1, 7, -1, -1)
+
+
+class _Crashes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_errors_name_argument_expected_and_received() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _NoChannels())
+    with pytest.raises(ValueError, match="input channels of _NoChannels.*pass in_channels"):
+        gald.wrap(model, "1")
+    gald.wrap(model, "1", in_channels=8)  # the dry run finds 7 output channels
+    assert model[1].out_channels == 7
+    with pytest.raises(ValueError, match="output channels of _Crashes.*pass out_channels"):
+        gald.GALD(8, _Crashes())
+    with pytest.raises(ValueError, match="leads to a Parameter, not an nn.Module"):
+        gald.wrap(nn.BatchNorm2d(3), "weight")
+    with pytest.raises(ValueError, match="dotted path"):
+        gald.wrap(model, "a..b")
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        gald.wrap("model", "a")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="already a GALD"):
+        gald.wrap(model, "1")
+    with pytest.raises(ValueError, match="in_channels must be >= 1, got 0"):
+        gald.GALD(0, "psp")
+    with pytest.raises(ValueError, match="out_channels must be >= 1, got -2"):
+        gald.GALD(8, "psp", out_channels=-2)
+    with pytest.raises(ValueError, match="'gc'.*has no out_channels"):
+        gald.GALD(8, "gc", out_channels=4)
+
+
+def test_wrong_width_at_forward_names_the_module() -> None:
+    conv = nn.Conv2d(8, 8, 1)
+    block = gald.GALD(8, conv, out_channels=8)
+    block.ga = nn.Conv2d(8, 5, 1)  # edited after construction
+    with pytest.raises(ValueError, match=r"GA Conv2d must return \(B, 8, 4, 4\).*got \(1, 5, 4, 4\)"):
+        block(torch.randn(1, 8, 8, 8))
+
+
+def test_default_ga_width_error_names_user_argument() -> None:
+    with pytest.raises(ValueError, match=r"in_channels=40.*smallest in_channels it accepts is 16"):
+        gald.GALD(40)
+
+
+def test_ld_false_with_norm_layer_and_head_ablation() -> None:
+    block = gald.GALD(16, "psp", ld=False, norm_layer=nn.SyncBatchNorm)
+    assert block.ld is None
+    head = gald.GALDHead(32, 4, channels=16, ga_module="psp", ld=False).eval()
+    assert head.gald.ld is None and head(torch.randn(1, 32, 9, 9)).shape == (1, 4, 9, 9)
+    with pytest.raises(ValueError, match=r"LD arguments \['final_act'\] given with ld=False"):
+        gald.GALD(16, "psp", ld=False, final_act=False)
+
+
+@pytest.mark.parametrize("ga", gald.list_ga())
+def test_syncbn_reaches_every_layer(ga: str) -> None:
+    head = gald.GALDHead(32, 3, channels=32, ga_module=ga, norm_layer=nn.SyncBatchNorm)
+    plain = [n for n, m in head.named_modules() if type(m) is nn.BatchNorm2d]
+    assert plain == []
+    assert any(isinstance(m, nn.SyncBatchNorm) for m in head.gald.modules())
+
+
+def test_act_layer_reaches_down_ld_and_head() -> None:
+    head = gald.GALDHead(16, 3, channels=16, ga_module="psp", act_layer=nn.GELU)
+    acts = {type(m) for m in head.modules() if isinstance(m, (nn.ReLU, nn.GELU))}
+    assert acts == {nn.GELU}
