@@ -47,5 +47,7 @@ __all__ = [
     "register_ga",
     "registered",
     "unregister_ga",
+    "registered",
+    "unregister_ga",
     "wrap",
 ]

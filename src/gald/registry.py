@@ -1,24 +1,52 @@
 """Registry of global-aggregation (GA) layers, in the manner of timm's ``create_attn``.
 
 Every GA layer takes ``channels`` as its first argument and maps (B, C, H, W) to (B, C, H, W).
+:func:`create_ga` builds one from a registry name, a class or a ready instance;
+:func:`registered` adds a layer for the duration of a ``with`` block (a test, say) and then puts
+the registry back exactly as it was.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from torch import nn
+
+from ._validate import check_positive_int
 
 _GA_REGISTRY: dict[str, type[nn.Module]] = {}
 
 T = TypeVar("T", bound=type[nn.Module])
 
+_MISSING = object()
+
+
+def _check_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+    if not name:
+        raise ValueError("name must be a non-empty str, got ''")
+    return name
+
+
+def _check_class(cls: object, what: str = "cls") -> type[nn.Module]:
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"{what} must be an nn.Module subclass, got {cls!r}")
+    return cls
+
 
 def register_ga(name: str) -> Callable[[T], T]:
-    """Class decorator that registers a GA layer under ``name``."""
+    """Class decorator that registers a GA layer under ``name``.
+
+    Registering a second class under a taken name raises ``ValueError``; use
+    :func:`unregister_ga` first, or :func:`registered` for a temporary registration.
+    """
+    _check_name(name)
 
     def wrap(cls: T) -> T:
+        _check_class(cls)
         if name in _GA_REGISTRY and _GA_REGISTRY[name] is not cls:
             raise ValueError(f"GA name {name!r} is already registered to {_GA_REGISTRY[name]}")
         _GA_REGISTRY[name] = cls
@@ -26,6 +54,73 @@ def register_ga(name: str) -> Callable[[T], T]:
         return cls
 
     return wrap
+
+
+def unregister_ga(name: str) -> type[nn.Module]:
+    """Remove ``name`` from the registry and return the class it pointed to.
+
+    Raises ``ValueError`` for a name that is not registered.
+    """
+    _ensure_loaded()
+    _check_name(name)
+    if name not in _GA_REGISTRY:
+        raise ValueError(f"unknown GA module {name!r}; expected one of {sorted(_GA_REGISTRY)}")
+    cls = _GA_REGISTRY.pop(name)
+    if cls.__dict__.get("ga_name") == name:
+        del cls.ga_name  # type: ignore[attr-defined]
+    return cls
+
+
+@contextmanager
+def registered(
+    name: str, cls: type[nn.Module], *, replace: bool = False
+) -> Iterator[type[nn.Module]]:
+    """Register ``cls`` under ``name`` for the duration of a ``with`` block.
+
+    On exit, normal or by exception, the registry and the ``ga_name`` attribute of ``cls`` are
+    restored exactly: names registered inside the block are removed again and a replaced entry
+    comes back.
+
+    A name that is already registered to another class raises ``ValueError`` unless
+    ``replace=True``, which shadows the existing entry inside the block only. Registering a class
+    under the name it already has is allowed and leaves it registered afterwards.
+
+    Example:
+        >>> import gald
+        >>> from torch import nn
+        >>> class MyGA(nn.Identity):
+        ...     def __init__(self, channels: int) -> None:
+        ...         super().__init__()
+        >>> with gald.registered("my_ga", MyGA):
+        ...     layer = gald.create_ga("my_ga", 16)
+        >>> "my_ga" in gald.list_ga()
+        False
+    """
+    _check_name(name)
+    _check_class(cls)
+    if not isinstance(replace, bool):
+        raise TypeError(f"replace must be a bool, got {type(replace).__name__}")
+    _ensure_loaded()  # built-ins must not appear for the first time inside the block
+    existing = _GA_REGISTRY.get(name)
+    if existing is not None and existing is not cls and not replace:
+        raise ValueError(
+            f"GA name {name!r} is already registered to {existing}; pass replace=True to shadow "
+            "it inside the block"
+        )
+    snapshot = dict(_GA_REGISTRY)
+    old_ga_name = cls.__dict__.get("ga_name", _MISSING)
+    _GA_REGISTRY[name] = cls
+    cls.ga_name = name  # type: ignore[attr-defined]
+    try:
+        yield cls
+    finally:
+        _GA_REGISTRY.clear()
+        _GA_REGISTRY.update(snapshot)
+        if old_ga_name is _MISSING:
+            if "ga_name" in cls.__dict__:
+                del cls.ga_name  # type: ignore[attr-defined]
+        else:
+            cls.ga_name = old_ga_name  # type: ignore[attr-defined]
 
 
 def _ensure_loaded() -> None:
@@ -52,11 +147,43 @@ def get_ga_class(name: str) -> type[nn.Module]:
         ) from None
 
 
-def create_ga(name: str, channels: int, **kwargs: Any) -> nn.Module:
-    """Build the GA layer registered under ``name`` with ``channels`` input/output channels.
+def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: Any) -> nn.Module:
+    """Build a GA layer with ``channels`` input channels.
+
+    Args:
+        ga: a registry name (see :func:`list_ga`), an ``nn.Module`` class built as
+            ``ga(channels, **kwargs)``, or a ready ``nn.Module`` instance, returned as it is
+            (``kwargs`` must then be empty; an instance with an int ``in_channels``, or else
+            ``channels``, attribute must agree with ``channels``).
+        channels: input channels ``C``.
+        **kwargs: constructor arguments; any mapping unpacks here (``**cfg``).
 
     Example:
         >>> import gald
         >>> layer = gald.create_ga("cgnl", 64, groups=4)
     """
-    return get_ga_class(name)(channels, **kwargs)
+    channels = check_positive_int(channels, "channels")
+    if isinstance(ga, nn.Module):
+        if kwargs:
+            raise ValueError(
+                "kwargs must be empty when ga is an nn.Module instance (it is already built), "
+                f"got {sorted(kwargs)}"
+            )
+        for attr in ("in_channels", "channels"):
+            declared = getattr(ga, attr, None)
+            if isinstance(declared, int) and not isinstance(declared, bool):
+                if declared != channels:
+                    raise ValueError(
+                        f"ga is a {type(ga).__name__} instance with {attr}={declared}, "
+                        f"expected {attr}={channels} (the channels argument)"
+                    )
+                break
+        return ga
+    if isinstance(ga, str):
+        return get_ga_class(ga)(channels, **kwargs)
+    if isinstance(ga, type) and issubclass(ga, nn.Module):
+        return ga(channels, **kwargs)
+    raise TypeError(
+        "ga must be a registry name (str), an nn.Module subclass or an nn.Module instance, "
+        f"got {type(ga).__name__} {ga!r}"
+    )

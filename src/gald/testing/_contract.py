@@ -1,0 +1,644 @@
+"""The GA layer contract as a reusable check: :func:`check_ga` and :func:`check_gald`."""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import torch
+from torch import nn
+from torch.autograd.gradcheck import GradcheckError
+
+from .._validate import check_positive_int
+
+Factory = type[nn.Module] | Callable[[int], nn.Module]
+
+PROPERTIES = (
+    "shapes",
+    "gradients",
+    "batch_independence",
+    "gradcheck",
+    "autocast",
+    "memory_format",
+    "compile",
+    "state_dict",
+    "device",
+)
+
+
+def randomize_(module: nn.Module, *, seed: int = 0, scale: float = 0.2) -> nn.Module:
+    """Move every floating parameter of ``module`` away from its initial value and give every
+    layer that tracks running statistics (``running_mean`` / ``running_var`` buffers, as
+    BatchNorm does) random ones, in place; returns ``module``.
+
+    Zero-initialised gates (``gamma = 0``) and fresh norms (the identity in eval mode) would make
+    most comparisons vacuous: a gated branch that is switched off cannot mix samples, receive
+    gradients or differ between memory formats. The noise is additive, ``scale * N(0, 1)``, drawn
+    from a generator seeded with ``seed``.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                p.add_((noise * scale).to(device=p.device, dtype=p.dtype))
+        for mod in module.modules():
+            mean = getattr(mod, "running_mean", None)
+            var = getattr(mod, "running_var", None)
+            if isinstance(mean, torch.Tensor) and isinstance(var, torch.Tensor):
+                m = torch.randn(mean.shape, generator=gen, dtype=torch.float64) * scale
+                v = torch.rand(var.shape, generator=gen, dtype=torch.float64) + 0.5
+                mean.copy_(m.to(mean.dtype))
+                var.copy_(v.to(var.dtype))
+    return module
+
+
+def declared_min_size(module: nn.Module) -> tuple[int, int]:
+    """The smallest (height, width) ``module`` accepts: its ``min_size`` attribute (an int for
+    both sides or an ``(h, w)`` pair), ``(1, 1)`` when it has none."""
+    return _as_hw(getattr(module, "min_size", 1), f"{type(module).__name__}.min_size")
+
+
+def _as_hw(value: object, name: str) -> tuple[int, int]:
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or an (h, w) pair, got {value!r}")
+        h, w = value
+        return check_positive_int(h, name), check_positive_int(w, name)
+    side = check_positive_int(value, name)
+    return side, side
+
+
+def _fail(prop: str, shape: object, measured: str, detail: str = "") -> NoReturn:
+    where = "construction" if shape is None else f"input shape {tuple(shape)}"  # type: ignore[arg-type]
+    lines = [f"{prop}: {where}: {measured}"]
+    if detail and detail.strip() != _first_line(detail):
+        lines.append(detail.strip())
+    lines.append(f"(pass {prop}=False to check_ga to skip this property)")
+    raise AssertionError("\n".join(lines))
+
+
+@dataclass
+class _Context:
+    factory: Callable[[int], nn.Module]
+    channels: int
+    out_channels: int
+    min_hw: tuple[int, int]
+    train_batch: int
+    seed: int
+    randomize: bool
+    atol: float
+    rtol: float
+    autocast_dtypes: tuple[torch.dtype, ...]
+    autocast_tol: float
+
+    def build(self) -> nn.Module:
+        module = self.factory(self.channels)
+        if not isinstance(module, nn.Module):
+            raise TypeError(
+                f"factory must return an nn.Module, got {type(module).__name__} from {self.factory!r}"
+            )
+        return module
+
+    def prepared(self) -> nn.Module:
+        module = self.build()
+        if self.randomize:
+            randomize_(module, seed=self.seed)
+        return module
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The smallest map, two thin ones and a generic one."""
+        h, w = self.min_hw
+        return [(h, w), (h, w + 3), (h + 4, w + 1)]
+
+    def typical(self) -> tuple[int, int]:
+        h, w = self.min_hw
+        return h + 4, w + 3
+
+    def input(
+        self, b: int, hw: tuple[int, int], *, dtype: torch.dtype = torch.float32, seed: int = 0
+    ) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + seed)
+        return torch.randn(b, self.channels, *hw, generator=gen, dtype=dtype)
+
+    def expected(self, x: torch.Tensor) -> tuple[int, ...]:
+        return (x.shape[0], self.out_channels, x.shape[2], x.shape[3])
+
+    def tolerance(self, ref: torch.Tensor) -> float:
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        return self.atol + self.rtol * scale
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+@contextmanager
+def _forward_errors(prop: str, x: torch.Tensor, what: str = "forward") -> Iterator[None]:
+    try:
+        yield
+    except AssertionError:
+        raise
+    except Exception as err:
+        _fail(prop, x.shape, f"{what} raised {_describe(err)}", str(err))
+        raise  # unreachable; _fail raises
+
+
+def _check_output(prop: str, x: torch.Tensor, y: object, ctx: _Context) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor):
+        _fail(prop, x.shape, f"output is a {type(y).__name__}, expected a torch.Tensor")
+    if tuple(y.shape) != ctx.expected(x):
+        _fail(prop, x.shape, f"output shape {tuple(y.shape)}, expected {ctx.expected(x)}")
+    if y.dtype != x.dtype:
+        _fail(prop, x.shape, f"output dtype {y.dtype}, expected the input dtype {x.dtype}")
+    if y.device != x.device:
+        _fail(prop, x.shape, f"output device {y.device}, expected the input device {x.device}")
+    return y
+
+
+def _check_shapes(ctx: _Context) -> None:
+    module = ctx.build().eval()
+    for b in (0, 1, 2):
+        for hw in ctx.sizes():
+            x = ctx.input(b, hw)
+            with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward"):
+                y = module(x)
+            _check_output("shapes", x, y, ctx)
+    module.train()
+    for hw in ctx.sizes():
+        x = ctx.input(ctx.train_batch, hw)
+        with _forward_errors("shapes", x, "train-mode forward"):
+            y = module(x)
+        _check_output("shapes", x, y, ctx)
+
+
+def _check_gradients(ctx: _Context) -> None:
+    module = ctx.prepared().train()
+    x = ctx.input(ctx.train_batch, ctx.typical()).requires_grad_()
+    with _forward_errors("gradients", x, "train-mode forward and backward"):
+        y = _check_output("gradients", x, module(x), ctx)
+        weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(ctx.seed + 1))
+        (y * weight).sum().backward()
+    if not torch.isfinite(y).all():
+        bad = int((~torch.isfinite(y)).sum())
+        _fail("gradients", x.shape, f"{bad} non-finite output values in train mode")
+    if x.grad is None:
+        _fail("gradients", x.shape, "the input received no gradient (grad is None)")
+    if not torch.isfinite(x.grad).all():
+        _fail(
+            "gradients",
+            x.shape,
+            f"{int((~torch.isfinite(x.grad)).sum())} non-finite input gradient values",
+        )
+    if not x.grad.abs().sum() > 0:
+        _fail("gradients", x.shape, "the input gradient is exactly zero everywhere")
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.grad is None:
+            _fail(
+                "gradients",
+                x.shape,
+                f"parameter {name!r} {tuple(p.shape)} received no gradient (grad is None)",
+                "Every parameter with requires_grad=True must take part in the train-mode forward; "
+                "freeze it (requires_grad_(False)) or register it as a buffer if it is not learned.",
+            )
+        if not torch.isfinite(p.grad).all():
+            _fail(
+                "gradients",
+                x.shape,
+                f"parameter {name!r} has {int((~torch.isfinite(p.grad)).sum())} non-finite gradient values",
+            )
+
+
+def _gradcheck_error_summary(message: str) -> str:
+    idx = re.search(r"with respect to input (\d+)", message)
+    which = ""
+    if idx is not None:
+        which = (
+            " with respect to the input"
+            if idx.group(1) == "0"
+            else " with respect to the parameters"
+        )
+    diff = re.search(r"max per-element difference \(slow mode\) is:?\s*([0-9.eE+-]+)", message)
+    measured = (
+        f"max per-element difference {diff.group(1).rstrip('.')}" if diff else _first_line(message)
+    )
+    return f"numerical and analytical float64 Jacobians disagree{which}: {measured}"
+
+
+def _first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else ""
+
+
+def _check_gradcheck(ctx: _Context) -> None:
+    module = copy.deepcopy(ctx.prepared()).double().eval()
+    h, w = ctx.min_hw
+    x = ctx.input(2, (h + 1, w + 2), dtype=torch.float64).requires_grad_()
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    # one flat vector for all parameters: fast-mode gradcheck costs the same for any count
+    flat = (
+        torch.cat([p.reshape(-1) for p in params.values()])
+        if params
+        else torch.zeros(0, dtype=torch.float64)
+    )
+    flat.requires_grad_()
+    sizes = [p.numel() for p in params.values()]
+
+    def fn(inp: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
+        chunks = torch.split(vec, sizes) if sizes else ()
+        new = {n: c.view_as(p) for (n, p), c in zip(params.items(), chunks)}
+        return torch.func.functional_call(module, new, (inp,))
+
+    inputs = (x, flat) if params else (x,)
+    call = fn if params else (lambda inp: module(inp))
+    try:
+        torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=ctx.atol, rtol=1e-3, fast_mode=True)
+    except GradcheckError as err:
+        _fail("gradcheck", x.shape, _gradcheck_error_summary(str(err)), str(err))
+    except Exception as err:
+        _fail("gradcheck", x.shape, f"float64 forward/backward raised {_describe(err)}", str(err))
+
+
+def _check_batch_independence(ctx: _Context) -> None:
+    module = ctx.prepared().eval()
+    x = ctx.input(3, ctx.typical())
+    x2 = x.clone()
+    x2[1] = ctx.input(1, ctx.typical(), seed=1)[0] * 3
+    with torch.no_grad(), _forward_errors("batch_independence", x, "eval-mode forward"):
+        y = _check_output("batch_independence", x, module(x), ctx)
+        y2 = _check_output("batch_independence", x, module(x2), ctx)
+    tol = ctx.tolerance(y)
+    for i in (0, 2):
+        diff = _max_diff(y2[i], y[i])
+        if not diff <= tol:
+            _fail(
+                "batch_independence",
+                x.shape,
+                f"changing sample 1 changed sample {i}'s eval-mode output by {diff:.3g} "
+                f"(max abs; tolerance {tol:.3g})",
+                "In eval mode each sample's output must depend on that sample only.",
+            )
+    own = _max_diff(y2[1], y[1])
+    if not own > tol:
+        _fail(
+            "batch_independence",
+            x.shape,
+            f"changing sample 1 changed its own output by only {own:.3g} (tolerance {tol:.3g})",
+            "The output does not depend on the input, so independence cannot be told apart from "
+            "a constant (check that the module is not switched off by a zero gate).",
+        )
+
+
+def _check_autocast(ctx: _Context) -> None:
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    device_type = x.device.type
+    with torch.no_grad():
+        ref = module(x)
+        for dtype in ctx.autocast_dtypes:
+            with (
+                _forward_errors("autocast", x, f"forward under {dtype} autocast"),
+                torch.autocast(device_type, dtype=dtype),
+            ):
+                out = module(x)
+            if not isinstance(out, torch.Tensor) or tuple(out.shape) != ctx.expected(x):
+                shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                _fail(
+                    "autocast",
+                    x.shape,
+                    f"{dtype} autocast output {shape}, expected {ctx.expected(x)}",
+                )
+            if not torch.isfinite(out).all():
+                bad = int((~torch.isfinite(out)).sum())
+                _fail("autocast", x.shape, f"{bad} non-finite output values under {dtype} autocast")
+            diff = _max_diff(out.float(), ref)
+            scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+            tol = ctx.autocast_tol * scale
+            if not diff <= tol:
+                _fail(
+                    "autocast",
+                    x.shape,
+                    f"{dtype} autocast output differs from float32 by {diff:.3g} (max abs; "
+                    f"tolerance {tol:.3g})",
+                )
+
+
+def _non_contiguous(x: torch.Tensor) -> torch.Tensor:
+    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
+    view = wide[..., ::2]
+    view.copy_(x)
+    return view
+
+
+def _check_memory_format(ctx: _Context) -> None:
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    with torch.no_grad(), _forward_errors("memory_format", x, "contiguous forward"):
+        ref = module(x)
+    tol = ctx.tolerance(ref)
+    for label, variant in (
+        ("channels_last", x.contiguous(memory_format=torch.channels_last)),
+        ("non-contiguous", _non_contiguous(x)),
+    ):
+        with torch.no_grad(), _forward_errors("memory_format", x, f"{label} forward"):
+            out = _check_output("memory_format", x, module(variant), ctx)
+        diff = _max_diff(out, ref)
+        if not diff <= tol:
+            _fail(
+                "memory_format",
+                x.shape,
+                f"{label} input gives an output {diff:.3g} away from the contiguous one "
+                f"(max abs; tolerance {tol:.3g})",
+            )
+
+
+def _check_compile(ctx: _Context) -> None:
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    with torch.no_grad():
+        ref = module(x)
+        torch.compiler.reset()
+        compiled = torch.compile(module, fullgraph=True, backend="eager")
+        with _forward_errors("compile", x, 'torch.compile(fullgraph=True, backend="eager")'):
+            out = compiled(x)
+        torch.compiler.reset()
+    _check_output("compile", x, out, ctx)
+    diff = _max_diff(out, ref)
+    tol = ctx.tolerance(ref)
+    if not diff <= tol:
+        _fail(
+            "compile",
+            x.shape,
+            f"compiled output differs from eager by {diff:.3g} (max abs; tolerance {tol:.3g})",
+        )
+
+
+def _check_state_dict(ctx: _Context) -> None:
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    with _forward_errors("state_dict", x, "saving and loading the state_dict"):
+        state = torch.load(buffer, weights_only=True)
+        fresh = ctx.build()
+        fresh.load_state_dict(state, strict=True)
+    fresh.eval()
+    with torch.no_grad(), _forward_errors("state_dict", x, "eval-mode forward"):
+        ref = module(x)
+        out = _check_output("state_dict", x, fresh(x), ctx)
+    diff = _max_diff(out, ref)
+    tol = ctx.tolerance(ref)
+    if not diff <= tol:
+        _fail(
+            "state_dict",
+            x.shape,
+            f"a fresh module loaded with the state_dict differs by {diff:.3g} (max abs; "
+            f"tolerance {tol:.3g})",
+            "Some state that affects the output is not in the state_dict.",
+        )
+
+
+_OTHER_DEVICE = "meta"
+
+
+def _check_device(ctx: _Context) -> None:
+    # Construction: build under another default device; everything must land there.
+    try:
+        with torch.device(_OTHER_DEVICE):
+            module = ctx.build()
+    except Exception as err:
+        _fail(
+            "device",
+            None,
+            f"building under torch.device({_OTHER_DEVICE!r}) raised {_describe(err)}",
+            str(err),
+        )
+    for kind, named in (
+        ("parameter", module.named_parameters()),
+        ("buffer", module.named_buffers()),
+    ):
+        for name, t in named:
+            if t.device.type != _OTHER_DEVICE:
+                _fail(
+                    "device",
+                    None,
+                    f"{kind} {name!r} is on {t.device} after building under "
+                    f"torch.device({_OTHER_DEVICE!r})",
+                    "Create tensors in __init__ with torch factory functions (or pass device=) so "
+                    "that the module can be built directly on any device.",
+                )
+    # Forward: tensors the forward creates must follow the input, not the default device.
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    with torch.no_grad():
+        ref = module(x)
+        with (
+            _forward_errors("device", x, f"forward under torch.device({_OTHER_DEVICE!r})"),
+            torch.device(_OTHER_DEVICE),
+        ):
+            out = module(x)
+    _check_output("device", x, out, ctx)
+    diff = _max_diff(out, ref)
+    tol = ctx.tolerance(ref)
+    if not diff <= tol:
+        _fail(
+            "device",
+            x.shape,
+            f"forward under another default device differs by {diff:.3g} (tolerance {tol:.3g})",
+        )
+
+
+_CHECKS: dict[str, Callable[[_Context], None]] = {
+    "shapes": _check_shapes,
+    "gradients": _check_gradients,
+    "batch_independence": _check_batch_independence,
+    "gradcheck": _check_gradcheck,
+    "autocast": _check_autocast,
+    "memory_format": _check_memory_format,
+    "compile": _check_compile,
+    "state_dict": _check_state_dict,
+    "device": _check_device,
+}
+
+
+def _as_factory(factory: object) -> Callable[[int], nn.Module]:
+    if isinstance(factory, nn.Module) or not callable(factory):
+        raise TypeError(
+            "factory must be an nn.Module class or a callable channels -> nn.Module (a fresh "
+            f"module on every call), got {type(factory).__name__} {factory!r}"
+        )
+    return factory
+
+
+def check_ga(
+    factory: Factory,
+    *,
+    channels: int = 16,
+    out_channels: int | None = None,
+    min_size: int | tuple[int, int] | None = None,
+    train_batch: int = 2,
+    seed: int = 0,
+    randomize: bool = True,
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    autocast_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16),
+    autocast_tol: float = 0.05,
+    shapes: bool = True,
+    gradients: bool = True,
+    batch_independence: bool = True,
+    gradcheck: bool = True,
+    autocast: bool = True,
+    memory_format: bool = True,
+    compile: bool = True,
+    state_dict: bool = True,
+    device: bool = True,
+    only: Collection[str] | None = None,
+) -> list[str]:
+    """Assert that ``factory(channels)`` builds a layer meeting the GA contract.
+
+    ``factory`` is an ``nn.Module`` class or any callable ``channels -> nn.Module`` that returns a
+    fresh module on every call (``functools.partial(MyGA, reduction=4)``, a lambda). The layer
+    maps (B, channels, H, W) to (B, out_channels, H, W) (``out_channels`` defaults to
+    ``channels``). Inputs are float32 on the CPU.
+
+    Properties (each switched off by passing ``<name>=False``):
+
+    - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
+      B = ``train_batch`` in train mode, on the smallest map the layer declares, thin maps and a
+      generic one.
+    - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
+      finite gradients (the input's not all zero).
+    - ``batch_independence``: in eval mode, changing one sample changes that sample's output
+      only.
+    - ``gradcheck``: float64 ``torch.autograd.gradcheck`` (fast mode) with respect to the input
+      and every parameter, eval mode.
+    - ``autocast``: under autocast in each of ``autocast_dtypes`` the output is finite and within
+      ``autocast_tol * max(|float32 output|, 1)`` of the float32 output.
+    - ``memory_format``: channels_last and non-contiguous inputs give the contiguous result.
+    - ``compile``: ``torch.compile(fullgraph=True, backend="eager")`` agrees with eager
+      (``torch.compiler.reset()`` runs before and after).
+    - ``state_dict``: a fresh module loaded (strictly) with the state_dict saved and reloaded
+      through ``torch.save``/``torch.load(weights_only=True)`` gives the same output.
+    - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
+      the forward run under ``torch.device("meta")`` on a CPU input still gives the CPU result,
+      so no tensor is created on the default device instead of the input's.
+
+    Minimum size: the layer's ``min_size`` attribute (int or ``(h, w)``; 1 when absent), or the
+    ``min_size`` argument, which wins. Train mode uses batch ``train_batch`` (2: BatchNorm on a 1x1
+    map needs two samples). Unless ``randomize=False`` every parameter and running statistic is
+    first moved away from its initial value (:func:`randomize_`) so that zero-initialised gates
+    do not make the checks vacuous. float32 comparisons pass when the max abs difference is at
+    most ``atol + rtol * max|reference|``.
+
+    ``only`` (a collection of property names) runs just those properties.
+
+    Returns the names of the properties checked. Raises ``AssertionError`` on the first failing
+    property; its first line names the property, the input shape and the measured error.
+    """
+    fac = _as_factory(factory)
+    channels = check_positive_int(channels, "channels")
+    out = channels if out_channels is None else check_positive_int(out_channels, "out_channels")
+    train_batch = check_positive_int(train_batch, "train_batch")
+    dtypes = tuple(autocast_dtypes)
+    for dt in dtypes:
+        if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+            raise TypeError(f"autocast_dtypes must hold floating torch dtypes, got {dt!r}")
+    switches = {
+        "shapes": shapes,
+        "gradients": gradients,
+        "batch_independence": batch_independence,
+        "gradcheck": gradcheck,
+        "autocast": autocast,
+        "memory_format": memory_format,
+        "compile": compile,
+        "state_dict": state_dict,
+        "device": device,
+    }
+    for key, value in switches.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{key} must be a bool, got {type(value).__name__}")
+    if only is not None:
+        if isinstance(only, str) or not all(isinstance(o, str) for o in only):
+            raise TypeError(f"only must be a collection of property names, got {only!r}")
+        unknown = sorted(set(only) - set(PROPERTIES))
+        if unknown:
+            raise ValueError(
+                f"only names unknown properties {unknown}; expected names from {PROPERTIES}"
+            )
+        switches = {k: v and k in only for k, v in switches.items()}
+    probe = fac(channels)
+    if not isinstance(probe, nn.Module):
+        raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
+    min_hw = declared_min_size(probe) if min_size is None else _as_hw(min_size, "min_size")
+    ctx = _Context(
+        factory=fac,
+        channels=channels,
+        out_channels=out,
+        min_hw=min_hw,
+        train_batch=train_batch,
+        seed=int(seed),
+        randomize=bool(randomize),
+        atol=float(atol),
+        rtol=float(rtol),
+        autocast_dtypes=dtypes,
+        autocast_tol=float(autocast_tol),
+    )
+    done = []
+    for name in PROPERTIES:
+        if switches[name]:
+            _CHECKS[name](ctx)
+            done.append(name)
+    return done
+
+
+def check_gald(
+    ga_factory: str | Factory,
+    *,
+    in_channels: int = 16,
+    out_channels: int | None = None,
+    gald_kwargs: Mapping[str, Any] | None = None,
+    **check_kwargs: Any,
+) -> list[str]:
+    """Assert that a GA layer meets the contract inside :class:`gald.GALD`.
+
+    ``ga_factory`` is a registry name, an ``nn.Module`` class (GALD builds it, passing its norm
+    and activation where the class takes them) or a callable ``in_channels -> nn.Module``. A GA
+    that changes the width (``in_channels -> out_channels``) is checked with ``out_channels=``,
+    which is also passed to ``GALD``. ``gald_kwargs`` go to ``GALD``; every other keyword goes to
+    :func:`check_ga` (the block's ``min_size`` attribute sets the smallest map checked).
+
+    Example:
+        >>> from gald.testing import check_gald
+        >>> check_gald("gc", compile=False)  # doctest: +ELLIPSIS
+        [...]
+    """
+    from ..block import GALD
+
+    extra = dict(gald_kwargs or {})
+    if "out_channels" in extra:
+        raise ValueError("pass out_channels to check_gald directly, not inside gald_kwargs")
+    if out_channels is not None:
+        extra["out_channels"] = check_positive_int(out_channels, "out_channels")
+    if not isinstance(ga_factory, str):
+        _as_factory(ga_factory)
+
+    def build(c: int) -> nn.Module:
+        ga: Any = ga_factory
+        if not isinstance(ga_factory, (str, type)):
+            ga = ga_factory(c)
+        return GALD(c, ga, **extra)
+
+    return check_ga(build, channels=in_channels, out_channels=out_channels, **check_kwargs)
