@@ -47,7 +47,5 @@ __all__ = [
     "register_ga",
     "registered",
     "unregister_ga",
-    "registered",
-    "unregister_ga",
     "wrap",
 ]
