@@ -19,3 +19,16 @@ def randomise(layer: nn.Module, seed: int = 0) -> nn.Module:
             elif name.endswith("running_var"):
                 buf.copy_(torch.rand(buf.shape, generator=gen) + 0.5)
     return layer
+
+
+def bn_reference(bn: nn.Module, y: torch.Tensor, training: bool) -> torch.Tensor:
+    """Batch norm written out: batch statistics (biased variance) in training, running ones in
+    eval, then the affine map."""
+    if training:
+        mean = y.mean(dim=(0, 2, 3))
+        var = y.var(dim=(0, 2, 3), unbiased=False)
+    else:
+        mean, var = bn.running_mean, bn.running_var
+    shape = (1, -1, 1, 1)
+    normed = (y - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + bn.eps)
+    return normed * bn.weight.reshape(shape) + bn.bias.reshape(shape)

@@ -109,3 +109,46 @@ def test_bad_constructor(kwargs: dict, pattern: str) -> None:
 
 def test_group_norm_used() -> None:
     assert isinstance(CGNL(16).gn, nn.GroupNorm)
+
+
+def _large_input() -> torch.Tensor:
+    # positive, nearly constant features: each group's sum over (c, h, w) adds ~1000 products
+    # of the same sign and leaves the float16 range (max 65504)
+    return (40 + torch.randn(2, 16, 16, 16)).half()
+
+
+def test_float16_sum_does_not_overflow() -> None:
+    m = _randomise(CGNL(16, groups=2))
+    x = _large_input()
+    expected = m.double()(x.double())
+    p = m.half().p(x).reshape(2, 2, 1, -1)
+    g = m.g(x).reshape(2, 2, -1, 1)
+    assert not torch.isfinite(torch.matmul(p, g)).all()  # a float16 sum would overflow
+    out = m(x)
+    assert out.dtype == torch.float16
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=5e-2)
+
+
+@pytest.mark.skipif(
+    not torch.amp.is_autocast_available("cpu"), reason="this torch has no CPU autocast"
+)
+def test_float16_autocast_sum_does_not_overflow() -> None:
+    m = _randomise(CGNL(16, groups=2))
+    x = _large_input().float()
+    expected = m.double()(x.double())
+    m.float()
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert m.p(x).dtype == torch.float16  # the projections do run in float16
+        out = m(x)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-3, atol=5e-2)
+
+
+def test_norm_and_act_keywords_keep_the_group_norm() -> None:
+    m = CGNL(16, norm_layer=nn.SyncBatchNorm, act_layer=nn.GELU)
+    assert isinstance(m.gn, nn.GroupNorm)
+    assert not any(isinstance(layer, (nn.SyncBatchNorm, nn.GELU)) for layer in m.modules())
+    with pytest.raises(TypeError, match="norm_layer"):
+        CGNL(16, norm_layer="bn")  # type: ignore[arg-type]

@@ -1,4 +1,5 @@
-"""ASPP: equality with an explicit shifted-tap reference, batch 1, dropout, gradients, shapes."""
+"""ASPP: equality with an explicit shifted-tap reference (the torchvision, smp and mmseg
+configurations included), out_channels, batch 1, dropout, gradients, shapes."""
 
 from __future__ import annotations
 
@@ -7,24 +8,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
 import gald
-from _helpers import randomise
+from _helpers import bn_reference, randomise
 from gald.ga import ASPP
-
-
-def bn_reference(bn: nn.BatchNorm2d, y: torch.Tensor, training: bool) -> torch.Tensor:
-    if training:
-        mean = y.mean(dim=(0, 2, 3))
-        var = y.var(dim=(0, 2, 3), unbiased=False)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    shape = (1, -1, 1, 1)
-    normed = (y - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + bn.eps)
-    return normed * bn.weight.reshape(shape) + bn.bias.reshape(shape)
 
 
 def atrous_reference(x: torch.Tensor, weight: torch.Tensor, rate: int) -> torch.Tensor:
@@ -39,7 +29,13 @@ def atrous_reference(x: torch.Tensor, weight: torch.Tensor, rate: int) -> torch.
     return out
 
 
-def reference(layer: ASPP, x: torch.Tensor, training: bool) -> torch.Tensor:
+def reference(
+    layer: ASPP, x: torch.Tensor, training: bool, *, align_corners: bool = False
+) -> torch.Tensor:
+    """Restated as torchvision's ``ASPP`` (and smp's, and mmseg's ``ASPPHead`` with a 1x1
+    bottleneck): the image-pooling branch is ``AdaptiveAvgPool2d(1)`` -> conv [-> norm] -> act
+    -> bilinear ``F.interpolate`` with the given ``align_corners``; every conv is an explicit
+    sum of taps."""
     _, _, h, w = x.shape
 
     def conv_bn_relu(seq: nn.Sequential, y: torch.Tensor) -> torch.Tensor:
@@ -50,22 +46,48 @@ def reference(layer: ASPP, x: torch.Tensor, training: bool) -> torch.Tensor:
     for rate, branch in zip(layer.rates, layer.branches_atrous):
         feats.append(conv_bn_relu(branch, atrous_reference(x, branch[0].weight, rate)))
     conv = layer.branch_pool[0]
-    mean = x.mean(dim=(2, 3))  # (B, C)
-    pooled = torch.relu(mean @ conv.weight[:, :, 0, 0].T + conv.bias)  # (B, D)
-    feats.append(pooled[:, :, None, None].repeat(1, 1, h, w))
+    mean = x.mean(dim=(2, 3), keepdim=True)  # (B, C, 1, 1)
+    pooled = torch.einsum("oc,bchw->bohw", conv.weight[:, :, 0, 0], mean)
+    if conv.bias is not None:
+        pooled = pooled + conv.bias.reshape(1, -1, 1, 1)
+    if isinstance(layer.branch_pool[1], nn.BatchNorm2d):
+        pooled = bn_reference(layer.branch_pool[1], pooled, training)
+    pooled = torch.relu(pooled)
+    feats.append(F.interpolate(pooled, size=(h, w), mode="bilinear", align_corners=align_corners))
     cat = torch.cat(feats, dim=1)
     fused = torch.einsum("oc,bchw->bohw", layer.fuse[0].weight[:, :, 0, 0], cat)
     return torch.relu(bn_reference(layer.fuse[1], fused, training))
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_matches_reference(training: bool) -> None:
+@pytest.mark.parametrize("out_channels", [None, 5])
+def test_matches_reference(training: bool, out_channels: int | None) -> None:
     torch.manual_seed(0)
     # rates 1 and 2 act inside the 5x6 map; 7 exceeds it (centre tap only)
-    layer = randomise(ASPP(8, rates=(1, 2, 7), inner_channels=6, dropout=0.0)).train(training)
+    layer = ASPP(8, out_channels=out_channels, rates=(1, 2, 7), inner_channels=6, dropout=0.0)
+    layer = randomise(layer).train(training)
     x = torch.randn(2, 8, 5, 6)
     expected = reference(copy.deepcopy(layer).double(), x.double(), training)
+    assert expected.shape == (2, out_channels or 8, 5, 6)
     torch.testing.assert_close(layer(x), expected.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("align_corners", [False, True])
+def test_matches_torchvision_configuration_in_float64(align_corners: bool) -> None:
+    """Channel-changing, BatchNorm on the pooling branch (torchvision, smp, mmseg), random BN
+    statistics, either ``align_corners``: equal to float64 rounding."""
+    layer = ASPP(
+        12,
+        out_channels=5,
+        rates=(1, 3),
+        inner_channels=4,
+        dropout=0.0,
+        pool_norm_layer=nn.BatchNorm2d,
+    )
+    layer = randomise(layer, seed=7).double().eval()
+    x = torch.randn(2, 12, 6, 5, dtype=torch.float64)
+    expected = reference(layer, x, training=False, align_corners=align_corners)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
 
 
 def test_large_rate_is_a_centre_tap() -> None:
@@ -139,6 +161,11 @@ def test_gradcheck() -> None:
         ({"channels": 8, "rates": 12}, TypeError, "rates"),
         ({"channels": 8, "rates": (1.5,)}, TypeError, "rates"),
         ({"channels": 8, "inner_channels": 0}, ValueError, "inner_channels"),
+        ({"channels": 8, "out_channels": 0}, ValueError, "out_channels"),
+        ({"channels": 8, "out_channels": 4.0}, TypeError, "out_channels"),
+        ({"channels": 8, "norm_layer": None}, TypeError, "norm_layer"),
+        ({"channels": 8, "act_layer": "relu"}, TypeError, "act_layer"),
+        ({"channels": 8, "pool_norm_layer": 1}, TypeError, "pool_norm_layer"),
         ({"channels": 8, "dropout": 1.0}, ValueError, "dropout"),
         ({"channels": 8, "dropout": -0.1}, ValueError, "dropout"),
         ({"channels": 8, "dropout": "0.1"}, TypeError, "dropout"),
@@ -155,20 +182,29 @@ def test_bad_inputs_name_the_problem() -> None:
         ASPP(8, inner_channels=4)(torch.randn(1, 6, 2, 2))
 
 
-@settings(max_examples=20, deadline=None)
 @given(
     b=st.integers(0, 3),
     h=st.integers(1, 12),
     w=st.integers(1, 12),
+    channels=st.integers(1, 12),
+    out_channels=st.integers(1, 12),
     training=st.booleans(),
 )
-def test_shape_preserved(b: int, h: int, w: int, training: bool) -> None:
+def test_shape(b: int, h: int, w: int, channels: int, out_channels: int, training: bool) -> None:
     # the conv-branch and fusion BatchNorms need more than one value per channel in training
     assume(not training or b * h * w >= 2)
-    layer = ASPP(8, rates=(2, 5), inner_channels=4).train(training)
-    out = layer(torch.randn(b, 8, h, w))
-    assert out.shape == (b, 8, h, w)
+    layer = ASPP(channels, out_channels=out_channels, rates=(2, 5), inner_channels=3)
+    out = layer.train(training)(torch.randn(b, channels, h, w))
+    assert out.shape == (b, out_channels, h, w)
     assert torch.isfinite(out).all()
+
+
+def test_out_channels_is_shown_and_defaults_to_channels() -> None:
+    assert ASPP(8, inner_channels=4).out_channels == 8
+    layer = ASPP(8, out_channels=3, inner_channels=4)
+    assert "out_channels=3" in repr(layer)
+    assert layer.fuse[0].out_channels == 3
+    assert layer.fuse[1].num_features == 3
 
 
 def test_bf16_autocast_close_to_fp32() -> None:
@@ -192,5 +228,6 @@ def test_no_tensor_on_the_default_device() -> None:
 
 def test_registry_and_gald() -> None:
     assert isinstance(gald.create_ga("aspp", 16, inner_channels=8), ASPP)
+    assert gald.create_ga("aspp", 16, out_channels=4, inner_channels=8).out_channels == 4
     block = gald.GALD(16, ga_module="aspp", ga_kwargs={"inner_channels": 8}).eval()
     assert block(torch.randn(2, 16, 9, 11)).shape == (2, 16, 9, 11)

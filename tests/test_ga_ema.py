@@ -260,8 +260,7 @@ def test_sync_bases_averages_over_two_gloo_ranks(tmp_path: Path) -> None:
     torch.testing.assert_close(synced[1], expected)
 
 
-def test_min_train_batch_is_needed_and_sufficient() -> None:
-    assert EMA.min_train_batch == 2
+def test_train_batch_two_is_needed_and_sufficient() -> None:
     layer = EMA(C, num_bases=K).train()
     with pytest.raises(ValueError, match="more than 1 value"):
         layer(torch.randn(1, C, 1, 1))
@@ -314,7 +313,7 @@ def test_bad_inputs() -> None:
 )
 def test_shape_preserved(b: int, h: int, w: int, train: bool) -> None:
     if train:
-        b = max(b, EMA.min_train_batch)
+        b = max(b, 2)
     layer = EMA(C, num_bases=K).train(train)
     with torch.no_grad():
         out = layer(torch.randn(b, C, h, w))

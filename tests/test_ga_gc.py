@@ -14,13 +14,21 @@ import gald
 from _helpers import randomise
 from gald.ga import GlobalContext
 
-VARIANTS = [("att", "add"), ("att", "mul"), ("avg", "add"), ("avg", "mul")]
+VARIANTS = [
+    ("att", "add"),
+    ("att", "mul"),
+    ("avg", "add"),
+    ("avg", "mul"),
+    ("att", ("add", "mul")),
+    ("avg", ("mul", "add")),
+]
 
 
 def reference(layer: GlobalContext, x: torch.Tensor) -> torch.Tensor:
-    """Per sample: explicit softmax over positions, weighted sum, bottleneck, fusion."""
+    """Per sample: explicit softmax over positions, weighted sum, one bottleneck per fusion,
+    then mmcv's ``ContextBlock`` order: ``out = x``, ``out = out * sigmoid(mul)`` if any,
+    ``out = out + add`` if any."""
     b, c, h, w = x.shape
-    conv1, ln, _, conv2 = layer.transform
     out = torch.empty_like(x)
     for n in range(b):
         feats = x[n].reshape(c, h * w)  # (C, N)
@@ -31,19 +39,23 @@ def reference(layer: GlobalContext, x: torch.Tensor) -> torch.Tensor:
             context = feats @ alpha
         else:
             context = feats.sum(dim=1) / (h * w)
-        t = conv1.weight[:, :, 0, 0] @ context + conv1.bias
-        t = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + ln.eps)
-        t = torch.relu(t * ln.weight.reshape(-1) + ln.bias.reshape(-1))
-        t = conv2.weight[:, :, 0, 0] @ t + conv2.bias
-        if layer.fusion == "add":
-            out[n] = x[n] + t[:, None, None]
-        else:
-            out[n] = x[n] * torch.sigmoid(t)[:, None, None]
+        terms = {}
+        for name, (conv1, ln, _, conv2) in layer.transforms.items():
+            t = conv1.weight[:, :, 0, 0] @ context + conv1.bias
+            t = (t - t.mean()) / torch.sqrt(t.var(unbiased=False) + ln.eps)
+            t = torch.relu(t * ln.weight.reshape(-1) + ln.bias.reshape(-1))
+            terms[name] = conv2.weight[:, :, 0, 0] @ t + conv2.bias
+        y = x[n]
+        if "mul" in terms:
+            y = y * torch.sigmoid(terms["mul"])[:, None, None]
+        if "add" in terms:
+            y = y + terms["add"][:, None, None]
+        out[n] = y
     return out
 
 
 @pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
-def test_matches_reference(pooling: str, fusion: str) -> None:
+def test_matches_reference(pooling: str, fusion: str | tuple[str, str]) -> None:
     torch.manual_seed(0)
     layer = randomise(GlobalContext(16, pooling=pooling, fusion=fusion))
     x = torch.randn(3, 16, 5, 7)
@@ -54,7 +66,7 @@ def test_matches_reference(pooling: str, fusion: str) -> None:
 
 
 @pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
-def test_spatial_permutation_equivariance(pooling: str, fusion: str) -> None:
+def test_spatial_permutation_equivariance(pooling: str, fusion: str | tuple[str, str]) -> None:
     torch.manual_seed(1)
     layer = randomise(GlobalContext(8, pooling=pooling, fusion=fusion))
     x = torch.randn(2, 8, 4, 5)
@@ -77,11 +89,28 @@ def test_one_context_for_every_position() -> None:
 
 
 def test_initialisation() -> None:
-    """Last conv zero: ``add`` is the identity, ``mul`` halves the input (sigmoid(0))."""
+    """Last convs zero: ``add`` is the identity, ``mul`` (alone or with ``add``) halves the
+    input (sigmoid(0))."""
     x = torch.randn(2, 16, 5, 4)
     torch.testing.assert_close(GlobalContext(16)(x), x, rtol=0, atol=0)
     half = torch.sigmoid(torch.zeros(()))
     torch.testing.assert_close(GlobalContext(16, fusion="mul")(x), x * half)
+    torch.testing.assert_close(GlobalContext(16, fusion=("add", "mul"))(x), x * half)
+
+
+def test_both_fusions_gate_before_adding() -> None:
+    """With both fusions the add term is not gated: ``x * sigmoid(m) + a``, not
+    ``(x + a) * sigmoid(m)``; each fusion has its own transform."""
+    torch.manual_seed(5)
+    layer = randomise(GlobalContext(8, fusion=["mul", "add"]))
+    assert layer.fusion == ("add", "mul")
+    assert set(layer.transforms) == {"add", "mul"}
+    x = torch.randn(2, 8, 3, 4)
+    context = layer._context(x)
+    gate = torch.sigmoid(layer.transforms["mul"](context))
+    term = layer.transforms["add"](context)
+    torch.testing.assert_close(layer(x), x * gate + term)
+    assert not torch.allclose(layer(x), (x + term) * gate, atol=1e-3)
 
 
 @pytest.mark.parametrize(("pooling", "fusion"), [("att", "add"), ("avg", "mul")])
@@ -102,6 +131,14 @@ def test_gradcheck(pooling: str, fusion: str) -> None:
         ({"channels": 8, "pooling": "max"}, ValueError, "pooling"),
         ({"channels": 8, "pooling": None}, TypeError, "pooling"),
         ({"channels": 8, "fusion": "channel_add"}, ValueError, "fusion"),
+        ({"channels": 8, "fusion": ()}, ValueError, "fusion"),
+        ({"channels": 8, "fusion": ("add", "add")}, ValueError, "fusion"),
+        ({"channels": 8, "fusion": ("add", "max")}, ValueError, "fusion"),
+        ({"channels": 8, "fusion": None}, TypeError, "fusion"),
+        ({"channels": 8, "fusion": ("add", 1)}, TypeError, "fusion"),
+        ({"channels": 8, "act_layer": "relu"}, TypeError, "act_layer"),
+        ({"channels": 8, "norm_layer": 3}, TypeError, "norm_layer"),
+        ({"channels": 8, "bottleneck_norm_layer": None}, TypeError, "bottleneck_norm_layer"),
     ],
 )
 def test_bad_constructor_arguments(kwargs: dict, error: type, needle: str) -> None:
@@ -116,10 +153,25 @@ def test_bad_inputs_name_the_problem() -> None:
 
 
 def test_injectable_norm_and_activation() -> None:
-    layer = GlobalContext(8, norm_layer=lambda c: nn.GroupNorm(1, c), act_layer=nn.GELU)
-    assert isinstance(layer.transform[1], nn.GroupNorm)
-    assert isinstance(layer.transform[2], nn.GELU)
+    layer = GlobalContext(
+        8,
+        fusion=("add", "mul"),
+        bottleneck_norm_layer=lambda c: nn.GroupNorm(1, c),
+        act_layer=nn.GELU,
+    )
+    for transform in layer.transforms.values():
+        assert isinstance(transform[1], nn.GroupNorm)
+        assert isinstance(transform[2], nn.GELU)
     assert layer(torch.randn(1, 8, 3, 3)).shape == (1, 8, 3, 3)
+
+
+def test_norm_layer_keeps_the_bottleneck_layer_norm() -> None:
+    """``norm_layer`` (a model-wide batch-norm choice) does not replace GCNet's LayerNorm."""
+    layer = GlobalContext(8, norm_layer=nn.SyncBatchNorm)
+    assert isinstance(layer.transforms["add"][1], nn.LayerNorm)
+    assert not any(isinstance(m, nn.modules.batchnorm._NormBase) for m in layer.modules())
+    x = torch.randn(1, 8, 3, 3)
+    torch.testing.assert_close(layer.train()(x), x, rtol=0, atol=0)  # batch 1 still trains
 
 
 @settings(max_examples=20, deadline=None)
@@ -130,7 +182,9 @@ def test_injectable_norm_and_activation() -> None:
     variant=st.sampled_from(VARIANTS),
     training=st.booleans(),
 )
-def test_shape_preserved(b: int, h: int, w: int, variant: tuple[str, str], training: bool) -> None:
+def test_shape_preserved(
+    b: int, h: int, w: int, variant: tuple[str, str | tuple[str, str]], training: bool
+) -> None:
     pooling, fusion = variant
     layer = randomise(GlobalContext(8, pooling=pooling, fusion=fusion)).train(training)
     out = layer(torch.randn(b, 8, h, w))
@@ -139,7 +193,7 @@ def test_shape_preserved(b: int, h: int, w: int, variant: tuple[str, str], train
 
 
 @pytest.mark.parametrize(("pooling", "fusion"), VARIANTS)
-def test_bf16_autocast_close_to_fp32(pooling: str, fusion: str) -> None:
+def test_bf16_autocast_close_to_fp32(pooling: str, fusion: str | tuple[str, str]) -> None:
     """Tolerance: max |bf16 - fp32| <= 5e-2 * max |fp32 output - x|."""
     torch.manual_seed(4)
     layer = randomise(GlobalContext(16, pooling=pooling, fusion=fusion))

@@ -156,8 +156,7 @@ def test_gradcheck_float64(train: bool) -> None:
     assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
 
 
-def test_min_train_batch_is_needed_and_sufficient() -> None:
-    assert GloRe.min_train_batch == 2
+def test_train_batch_two_is_needed_and_sufficient() -> None:
     layer = GloRe(C).train()
     with pytest.raises(ValueError, match="more than 1 value"):
         layer(torch.randn(1, C, 1, 1))
@@ -209,7 +208,7 @@ def test_bad_channels_and_inputs() -> None:
 )
 def test_shape_preserved(b: int, h: int, w: int, train: bool) -> None:
     if train:
-        b = max(b, GloRe.min_train_batch)
+        b = max(b, 2)
     layer = _randomise(GloRe(C)).train(train)
     with torch.no_grad():
         out = layer(torch.randn(b, C, h, w))

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .._amp import autocast_off, compute_dtype
+from .._layers import LayerFactory
 from .._validate import check_divisible, check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 
 @register_ga("cgnl")
@@ -32,6 +36,18 @@ class CGNL(nn.Module):
     ``C' -> C``. The scalar grows with ``N = H * W`` (the authors' behaviour; GroupNorm partly
     compensates).
 
+    Half precision: the per-group sum runs over ``|k| * H * W`` products (about 300 000 at
+    97x97 with the defaults) and easily exceeds the float16 range, so it is accumulated in
+    float32 (float64 for float64 inputs), with autocast disabled; the scaled features, ``W_z``
+    and the GroupNorm follow in that dtype (GroupNorm cancels the scale of :math:`a_k`, but only
+    once it is applied), and the result is cast back to the input dtype before the residual.
+    The three input projections run in the input (or autocast) dtype.
+
+    Norms and activations: the GroupNorm is part of CGNL's definition (its groups are the
+    block's channel groups) and has no batch statistics; the block has no activation.
+    ``norm_layer`` and ``act_layer`` are accepted, so that one model-wide choice (for instance
+    ``nn.SyncBatchNorm``) can be handed to every GA layer, but replace nothing here.
+
     Complexity: time O(N C C'), memory O(N C'); no N x N term.
 
     Args:
@@ -39,6 +55,8 @@ class CGNL(nn.Module):
         inter_channels: ``C'``; defaults to ``C // 2``.
         groups: channel groups ``G``; must divide ``C`` and ``C'``.
         use_scale: divide each group's scalar by ``sqrt(|k| * H * W)``.
+        norm_layer: accepted for a uniform GA signature; replaces no norm (see above).
+        act_layer: accepted for a uniform GA signature; the block has no activation.
 
     Shape:
         - Input: :math:`(B, C, H, W)`
@@ -52,6 +70,8 @@ class CGNL(nn.Module):
         inter_channels: int | None = None,
         groups: int = 8,
         use_scale: bool = False,
+        norm_layer: LayerFactory | None = None,
+        act_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
@@ -62,6 +82,9 @@ class CGNL(nn.Module):
         check_divisible(channels, groups, "channels", "groups")
         check_divisible(self.inter_channels, groups, "inter_channels", "groups")
         self.use_scale = bool(use_scale)
+        for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
+            if factory is not None:
+                check_factory(factory, name)
         self.t = nn.Conv2d(channels, self.inter_channels, 1, bias=False)
         self.p = nn.Conv2d(channels, self.inter_channels, 1, bias=False)
         self.g = nn.Conv2d(channels, self.inter_channels, 1, bias=False)
@@ -79,11 +102,18 @@ class CGNL(nn.Module):
         b, _, h, w = x.shape
         groups = self.groups
         n = (self.inter_channels // groups) * h * w  # elements per group (explicit: B may be 0)
-        t = self.t(x).reshape(b, groups, n)
-        p = self.p(x).reshape(b, groups, 1, n)
-        g = self.g(x).reshape(b, groups, n, 1)
-        a = torch.matmul(p, g).reshape(b, groups, 1)  # one scalar per sample and group
-        if self.use_scale:
-            a = a / math.sqrt((self.inter_channels // groups) * h * w)
-        y = (a * t).reshape(b, self.inter_channels, h, w)
-        return self.gn(self.z(y)) + x
+        t, p, g = self.t(x), self.p(x), self.g(x)
+        dtype = compute_dtype(t.dtype)
+        with autocast_off(x.device.type):
+            t = t.to(dtype).reshape(b, groups, n)
+            p = p.to(dtype).reshape(b, groups, 1, n)
+            g = g.to(dtype).reshape(b, groups, n, 1)
+            a = torch.matmul(p, g).reshape(b, groups, 1)  # one scalar per sample and group
+            if self.use_scale:
+                a = a / math.sqrt(n)
+            y = (a * t).reshape(b, self.inter_channels, h, w)
+            z = F.conv2d(y, self.z.weight.to(dtype), groups=groups)
+            z = F.group_norm(
+                z, groups, self.gn.weight.to(dtype), self.gn.bias.to(dtype), self.gn.eps
+            )
+        return z.to(x.dtype) + x

@@ -36,6 +36,8 @@ class CrissCrossAttention(nn.Module):
     one copy enters the softmax. Logits, softmax and aggregation run in float32 under autocast
     (cast back after). Pure PyTorch (``einsum``), any device.
 
+    The layer has no norm and no activation, so it takes no ``norm_layer`` or ``act_layer``.
+
     Complexity (per image and pass, ``N = H * W``): time ``O(N (H + W) (C' + C))`` with
     ``C' = C // reduction``; extra memory ``O(N (H + W))`` for the attention, kept for
     backward once per pass; no ``N x N`` term.
@@ -86,7 +88,7 @@ class CrissCrossAttention(nn.Module):
     def _cca(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
         q = self.query(x)
-        cdt = compute_dtype(torch.promote_types(q.dtype, torch.float32))
+        cdt = compute_dtype(q.dtype)
         q = q.to(cdt)
         k = self.key(x).to(cdt)
         v = self.value(x).to(cdt)

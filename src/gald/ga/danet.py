@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._amp import compute_dtype
+from .._amp import autocast_off, compute_dtype
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -48,7 +48,7 @@ class _PositionAttention(nn.Module):
         dtype = compute_dtype(v.dtype)
         # fused kernels also need a unit stride in the head dimension
         q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, 1, N, C)
         y = y.to(v.dtype).transpose(-1, -2).reshape(b, c, h, w)
         return self.gamma * y
@@ -64,7 +64,7 @@ class _ChannelAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         dtype = compute_dtype(x.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             feats = x.reshape(b, c, h * w).to(dtype)
             energy = torch.matmul(feats, feats.transpose(1, 2))  # (B, C, C)
             energy = energy.amax(dim=-1, keepdim=True) - energy
@@ -108,6 +108,8 @@ class DualAttention(nn.Module):
         channels it is *least* similar to. It is kept for parity with the authors' weights.
 
     Logits and softmax run in fp32 under autocast (and the result is cast back).
+
+    The layer has no norm and no activation, so it takes no ``norm_layer`` or ``act_layer``.
 
     Complexity (``N = H * W``): PAM time O(N^2 C), memory O(N C) with a fused SDPA kernel
     (O(N^2) where a backend falls back to the plain math path); CAM time O(N C^2), memory

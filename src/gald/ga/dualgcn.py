@@ -14,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._amp import compute_dtype
+from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 
 class _DenseGrad(torch.autograd.Function):
@@ -85,7 +86,7 @@ class _SpatialGCN(nn.Module):
         v = self.node_v(x).reshape(b, c2, n)
         q = self.node_q(x).reshape(b, c2, n)
         dtype = compute_dtype(k.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             attn = torch.softmax(torch.matmul(q.to(dtype), v.to(dtype).transpose(1, 2)), dim=-1)
             y = torch.matmul(attn.transpose(1, 2), k.to(dtype))  # (B, C2, N)
         y = _norm_1d(self.bn_wg, self.conv_wg(y.to(k.dtype)))
@@ -127,7 +128,8 @@ class DualGCN(nn.Module):
 
     The padded strided convs accept every ``H, W >= 1``. Train mode needs more than one value
     per channel in each BatchNorm: the coordinate branch reaches a 1x1 map for ``H, W <= 8``,
-    and the state update normalises over ``C/r`` nodes only, so ``min_train_batch = 2``.
+    and the state update normalises over ``C/r`` nodes only, so train mode needs a batch of
+    at least 2.
 
     Complexity (``N = H * W``): time O(N C^2) (the ``2C -> C`` fusion and the 1x1 projections
     dominate; the coordinate graph works on about N / 64 positions), memory O(N C); the graphs
@@ -167,10 +169,8 @@ class DualGCN(nn.Module):
                 f"ratio must be <= channels so that channels // ratio >= 1 node, "
                 f"got channels={channels}, ratio={ratio}"
             )
-        if not callable(norm_layer):
-            raise TypeError(f"norm_layer must be callable, got {type(norm_layer).__name__}")
-        if not callable(act_layer):
-            raise TypeError(f"act_layer must be callable, got {type(act_layer).__name__}")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
         nodes = channels // ratio
         states = 2 * nodes
         self.num_node, self.num_state = nodes, states
@@ -222,12 +222,12 @@ class DualGCN(nn.Module):
         states = _norm_2d(self.bn_phi, self.phi(x)).reshape(b, self.num_state, n)
         nodes = _norm_2d(self.bn_theta, self.theta(x)).reshape(b, self.num_node, n)
         dtype = compute_dtype(states.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             z_idt = torch.matmul(states.to(dtype), nodes.to(dtype).transpose(1, 2))  # (B, 2C/r, C/r)
         z_idt = z_idt.to(states.dtype)
         z = _norm_1d(self.bn_adj, self.conv_adj(z_idt.transpose(1, 2))).transpose(1, 2)
         z = _norm_1d(self.bn_wg, self.conv_wg(z + z_idt))
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             y = torch.matmul(z.to(dtype), nodes.to(dtype))  # re-projection, (B, 2C/r, N)
         y = y.to(states.dtype).reshape(b, self.num_state, h, w)
         global_feat = self.act(x + self.bn3(self.conv3(y)))

@@ -17,10 +17,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._amp import compute_dtype
+from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 _EPS = 1e-6  # the authors' epsilon, both in the responsibilities and in the L2 norm
 
@@ -78,7 +79,7 @@ class EMA(nn.Module):
     ``mu`` is called ``bases`` here.
 
     Train mode needs more than one value per channel in the BatchNorm: a batch of one works for
-    ``H * W > 1``; a 1x1 map needs batch >= 2 (``min_train_batch = 2``).
+    ``H * W > 1``; a 1x1 map needs batch >= 2.
 
     Complexity (``N = H * W``): time O(N C^2 + T N C K), memory O(N C + N K).
 
@@ -126,10 +127,8 @@ class EMA(nn.Module):
         if not isinstance(em_grad, bool):
             raise TypeError(f"em_grad must be a bool, got {type(em_grad).__name__}")
         self.em_grad = em_grad
-        if not callable(norm_layer):
-            raise TypeError(f"norm_layer must be callable, got {type(norm_layer).__name__}")
-        if not callable(act_layer):
-            raise TypeError(f"act_layer must be callable, got {type(act_layer).__name__}")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
 
         bases = torch.randn(1, channels, num_bases) * math.sqrt(2.0 / num_bases)
         self.register_buffer("bases", F.normalize(bases, dim=1))
@@ -155,7 +154,7 @@ class EMA(nn.Module):
         b, c, h, w = feats.shape
         dtype = compute_dtype(feats.dtype)
         grad_ctx = contextlib.nullcontext() if self.em_grad else torch.no_grad()
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             flat = feats.reshape(b, c, h * w).to(dtype)  # (B, C, N)
             mu = self.bases.to(dtype).expand(b, c, self.num_bases)  # (B, C, K)
             with grad_ctx:

@@ -6,24 +6,42 @@ Squeeze-Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Final
 
 import torch
 from torch import nn
 
-from .._amp import autocast_off
+from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 POOLINGS: Final = ("att", "avg")
 FUSIONS: Final = ("add", "mul")
 
 
-
 def channel_layer_norm(channels: int) -> nn.Module:
     """``LayerNorm([channels, 1, 1])``: the norm GCNet puts on its (B, C r, 1, 1) bottleneck."""
     return nn.LayerNorm([channels, 1, 1])
+
+
+def _check_fusion(fusion: object) -> tuple[str, ...]:
+    """``"add"``, ``"mul"`` or a sequence of distinct names from them, as a tuple in
+    ``FUSIONS`` order."""
+    names = (fusion,) if isinstance(fusion, str) else fusion
+    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+        raise TypeError(
+            f"fusion must be 'add', 'mul' or a tuple of them, got {type(fusion).__name__} "
+            f"{fusion!r}"
+        )
+    if not names or any(n not in FUSIONS for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"fusion must be 'add', 'mul' or a tuple of distinct names from {FUSIONS}, "
+            f"got {fusion!r}"
+        )
+    return tuple(n for n in FUSIONS if n in names)
 
 
 @register_ga("gc")
@@ -38,36 +56,50 @@ class GlobalContext(nn.Module):
         c = \tfrac{1}{N}\sum_j x_j \quad(\text{``avg''}),
 
     .. math::
-        t = W_2\, \mathrm{act}(\mathrm{LN}(W_1 c)), \qquad
-        \mathrm{out} = x + t \;(\text{``add''}) \quad\text{or}\quad
-        \mathrm{out} = x \odot \sigma(t) \;(\text{``mul''}),
+        t_f = W_{2,f}\, \mathrm{act}(\mathrm{LN}(W_{1,f}\, c)) \quad (f \in \text{fusion}),
 
-    with ``W_1`` a 1x1 conv ``C -> C_r``, ``LN`` a LayerNorm over ``[C_r, 1, 1]`` and ``W_2`` a
-    1x1 conv ``C_r -> C`` whose weight and bias start at zero. So ``"add"`` starts as the
-    identity and ``"mul"`` starts as ``x * sigmoid(0) = x / 2`` (as in GCNet and mmcv). The
-    context is the same vector for every position (query-independent).
+    .. math::
+        \mathrm{out} = x + t_{add} \;(\text{``add''}), \qquad
+        \mathrm{out} = x \odot \sigma(t_{mul}) \;(\text{``mul''}), \qquad
+        \mathrm{out} = x \odot \sigma(t_{mul}) + t_{add} \;(\text{both}),
+
+    each fusion with its own transform: ``W_1`` a 1x1 conv ``C -> C_r``, ``LN`` a LayerNorm over
+    ``[C_r, 1, 1]`` and ``W_2`` a 1x1 conv ``C_r -> C`` whose weight and bias start at zero.
+    With both (mmcv's ``fusion_types=("channel_add", "channel_mul")``) the gate is applied
+    first and the term added after, in mmcv's order. So ``"add"`` starts as the identity and
+    ``"mul"`` (alone or with ``"add"``) starts as ``x * sigmoid(0) = x / 2`` (as in GCNet and
+    mmcv). The context is the same vector for every position (query-independent).
 
     The pooling logits, the softmax over the ``N`` positions and the weighted sum run in
     float32 under autocast; the context is cast back after.
 
+    Norms and activations: the bottleneck LayerNorm is part of GCNet's definition (it works on
+    one (C_r, 1, 1) vector per sample, so it has no batch statistics) and is set by
+    ``bottleneck_norm_layer``; ``norm_layer`` is accepted, so that one model-wide choice (for
+    instance ``nn.SyncBatchNorm``) can be handed to every GA layer, but replaces nothing here.
+    ``act_layer`` replaces the activation of every transform.
+
     Complexity (per image, ``N = H * W``): time ``O(N C)`` for pooling and fusion plus
-    ``O(C C_r)`` for the transform; extra memory ``O(N)`` for the attention weights.
+    ``O(C C_r)`` per transform; extra memory ``O(N)`` for the attention weights.
 
     Args:
         channels: input and output channels ``C``.
         ratio: bottleneck ratio, ``C_r = int(C * ratio) >= 1``.
         pooling: ``"att"`` (attention pooling) or ``"avg"`` (global average).
-        fusion: ``"add"`` (channel add) or ``"mul"`` (sigmoid channel gate).
-        norm_layer: factory for the bottleneck norm, called as ``norm_layer(C_r)`` on a
-            (B, C_r, 1, 1) map; defaults to ``LayerNorm([C_r, 1, 1])``.
-        act_layer: activation factory, called as ``act_layer()``.
+        fusion: ``"add"`` (channel add), ``"mul"`` (sigmoid channel gate) or both, as
+            ``("add", "mul")`` (in any order; one transform each).
+        norm_layer: accepted for a uniform GA signature; replaces no norm (see above).
+        act_layer: activation factory of the transforms, called as ``act_layer()``.
+        bottleneck_norm_layer: factory for the bottleneck norm, called as
+            ``bottleneck_norm_layer(C_r)`` on a (B, C_r, 1, 1) map; defaults to
+            ``LayerNorm([C_r, 1, 1])``.
 
     Shape:
         - Input: :math:`(B, C, H, W)`
         - Output: :math:`(B, C, H, W)`
 
     Example:
-        >>> layer = GlobalContext(64)
+        >>> layer = GlobalContext(64, fusion=("add", "mul"))
         >>> layer(torch.randn(2, 64, 9, 7)).shape
         torch.Size([2, 64, 9, 7])
     """
@@ -78,9 +110,10 @@ class GlobalContext(nn.Module):
         *,
         ratio: float = 1 / 4,
         pooling: str = "att",
-        fusion: str = "add",
-        norm_layer: LayerFactory = channel_layer_norm,
+        fusion: str | Sequence[str] = "add",
+        norm_layer: LayerFactory | None = None,
         act_layer: LayerFactory = nn.ReLU,
+        bottleneck_norm_layer: LayerFactory = channel_layer_norm,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
@@ -94,30 +127,35 @@ class GlobalContext(nn.Module):
                 f"ratio={ratio} leaves no channels: int(channels * ratio) must be >= 1, "
                 f"got channels={channels}"
             )
-        for value, name, options in ((pooling, "pooling", POOLINGS), (fusion, "fusion", FUSIONS)):
-            if not isinstance(value, str):
-                raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-            if value not in options:
-                raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if not isinstance(pooling, str):
+            raise TypeError(f"pooling must be a str, got {type(pooling).__name__}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        self.fusion = _check_fusion(fusion)
+        if norm_layer is not None:
+            check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
+        check_factory(bottleneck_norm_layer, "bottleneck_norm_layer")
         self.ratio = float(ratio)
         self.hidden_channels = hidden
         self.pooling = pooling
-        self.fusion = fusion
         self.conv_mask: nn.Conv2d | None = (
             nn.Conv2d(channels, 1, 1) if pooling == "att" else None
         )
-        last = nn.Conv2d(hidden, channels, 1)
-        nn.init.zeros_(last.weight)
-        if last.bias is not None:
-            nn.init.zeros_(last.bias)
-        self.transform = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1), norm_layer(hidden), act_layer(), last
-        )
+        self.transforms = nn.ModuleDict()
+        for name in self.fusion:
+            last = nn.Conv2d(hidden, channels, 1)
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
+            self.transforms[name] = nn.Sequential(
+                nn.Conv2d(channels, hidden, 1), bottleneck_norm_layer(hidden), act_layer(), last
+            )
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
-            f"pooling={self.pooling!r}, fusion={self.fusion!r}"
+            f"pooling={self.pooling!r}, fusion={self.fusion}"
         )
 
     def _context(self, x: torch.Tensor) -> torch.Tensor:
@@ -125,7 +163,7 @@ class GlobalContext(nn.Module):
         if self.conv_mask is None:
             return x.mean(dim=(2, 3), keepdim=True)
         logits = self.conv_mask(x).reshape(b, 1, h * w)
-        wide = torch.promote_types(x.dtype, torch.float32)
+        wide = compute_dtype(x.dtype)
         with autocast_off(x.device.type):
             weights = torch.softmax(logits.to(wide), dim=-1)  # (B, 1, N)
             context = torch.matmul(x.reshape(b, c, h * w).to(wide), weights.transpose(1, 2))
@@ -133,7 +171,10 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.channels, who=type(self).__name__)
-        term = self.transform(self._context(x))
-        if self.fusion == "mul":
-            return x * torch.sigmoid(term)
-        return x + term
+        context = self._context(x)
+        out = x
+        if "mul" in self.transforms:
+            out = out * torch.sigmoid(self.transforms["mul"](context))
+        if "add" in self.transforms:
+            out = out + self.transforms["add"](context)
+        return out

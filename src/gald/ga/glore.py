@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._amp import compute_dtype
+from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 
 class _GraphConv(nn.Module):
@@ -54,7 +55,7 @@ class GloRe(nn.Module):
     fp32 under autocast.
 
     Train mode needs more than one value per channel in the output BatchNorm: a batch of one
-    works for ``H * W > 1``; a 1x1 map needs batch >= 2 (``min_train_batch = 2``).
+    works for ``H * W > 1``; a 1x1 map needs batch >= 2.
 
     Complexity (``N = H * W``): time O(N C (S + K) + N S K), memory O(N (S + K)); no N x N
     term.
@@ -99,10 +100,8 @@ class GloRe(nn.Module):
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
         self.normalize = normalize
-        if not callable(norm_layer):
-            raise TypeError(f"norm_layer must be callable, got {type(norm_layer).__name__}")
-        if not callable(act_layer):
-            raise TypeError(f"act_layer must be callable, got {type(act_layer).__name__}")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
         self.conv_state = nn.Conv2d(channels, self.num_state, 1)
         self.conv_proj = nn.Conv2d(channels, self.num_node, 1)
         self.gcn = _GraphConv(self.num_state, self.num_node, act_layer)
@@ -125,7 +124,7 @@ class GloRe(nn.Module):
         states = self.conv_state(x).reshape(b, self.num_state, n)
         proj = self.conv_proj(x).reshape(b, self.num_node, n)
         dtype = compute_dtype(states.dtype)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             v = torch.matmul(states.to(dtype), proj.to(dtype).transpose(1, 2))  # (B, S, K)
             if self.normalize:
                 v = v / n

@@ -15,23 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._amp import autocast_off
+from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..registry import register_ga
+from ._checks import check_factory
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
 
 
 def _tokens(t: torch.Tensor, b: int, d: int, n: int) -> torch.Tensor:
-    """(B, d, h, w) -> contiguous (B, n, d) in float32, or wider if ``t`` is (float64 stays).
+    """(B, d, h, w) -> contiguous (B, n, d) in :func:`compute_dtype` (float32 for half types).
 
     Contiguity matters: the fused CPU SDPA kernels need a unit stride on the last dimension
     and otherwise fall back to the math path, which materialises the affinity.
     """
     t = t.reshape(b, d, n).transpose(1, 2)
-    return t.to(torch.promote_types(t.dtype, torch.float32)).contiguous()
+    return t.to(compute_dtype(t.dtype)).contiguous()
 
 
 def _concat_rows(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -106,6 +107,11 @@ class NonLocal2d(nn.Module):
     In train mode a ``BatchNorm2d`` output norm needs more than one value per channel, i.e.
     ``B * H * W >= 2``.
 
+    Norms and activations: ``norm_layer`` builds the output norm, the block's only norm. The
+    block has no activation layer (the ReLU of the ``concatenation`` pairwise function is part
+    of its definition); ``act_layer`` is accepted, so that one model-wide choice can be handed
+    to every GA layer, but replaces nothing.
+
     Args:
         channels: input and output channels ``C``.
         reduction: ``C' = C // reduction`` (must be ``>= 1``).
@@ -116,6 +122,7 @@ class NonLocal2d(nn.Module):
         zero_init: zero-initialise the output norm weight (identity block at init).
         norm_layer: factory for the output norm, called as ``norm_layer(C)``; ``None`` for no
             norm (``W_z`` then has a bias).
+        act_layer: accepted for a uniform GA signature; the block has no activation layer.
         chunk_elements: ``concatenation`` mode only: the most affinity values held at once.
 
     Shape:
@@ -138,6 +145,7 @@ class NonLocal2d(nn.Module):
         sub_sample: bool = False,
         zero_init: bool = True,
         norm_layer: LayerFactory | None = nn.BatchNorm2d,
+        act_layer: LayerFactory | None = None,
         chunk_elements: int = 1 << 22,
     ) -> None:
         super().__init__()
@@ -158,6 +166,9 @@ class NonLocal2d(nn.Module):
         self.sub_sample = bool(sub_sample)
         self.zero_init = bool(zero_init)
         self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+        for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
+            if factory is not None:
+                check_factory(factory, name)
         inter = self.inter_channels
 
         self.g = nn.Conv2d(channels, inter, 1)

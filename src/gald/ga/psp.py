@@ -15,6 +15,7 @@ from torch import nn
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int, check_positive_int_sequence
 from ..registry import register_ga
+from ._checks import check_factory
 
 
 def adaptive_avg_matrix(
@@ -48,16 +49,24 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
 class PyramidPooling(nn.Module):
     r"""Pyramid pooling: context pooled at several grid sizes, upsampled and fused with ``x``.
 
-    For every bin count ``b`` in ``bins`` (``C_b = C // len(bins)``):
+    Changes the width: maps ``channels`` to ``out_channels`` (default ``channels``), as the
+    PSPNet heads of mmseg (``channels``) and segmentation-models-pytorch do.
+
+    For every bin count ``b`` in ``bins`` (``C_b = branch_channels``, by default
+    ``C // len(bins)``):
 
     .. math::
         P_b = \mathrm{Up}\Big(\mathrm{act}\big(\mathrm{pnorm}(W_b * \mathrm{AvgPool}_{b \times b}(x))\big)\Big),
         \qquad
         \mathrm{out} = \mathrm{act}\big(\mathrm{norm}(W_3 * [x, P_{b_1}, \dots, P_{b_k}])\big),
 
-    with ``W_b`` a 1x1 conv ``C -> C_b``, ``W_3`` a 3x3 conv (padding 1) to ``C`` channels, ``Up``
-    bilinear with ``align_corners=True`` (as the authors) and ``AvgPool`` adaptive average
-    pooling. The output is the fused map (no residual), as in PSPNet.
+    with ``W_b`` a 1x1 conv ``C -> C_b``, ``W_3`` a 3x3 conv (padding 1) to ``C_out`` channels,
+    ``Up`` bilinear (``align_corners=True`` by default, as the authors and PSPNet; mmseg's
+    ``PSPHead`` uses ``False``) and ``AvgPool`` adaptive average pooling. The output is the fused
+    map (no residual), as in PSPNet.
+
+    mmseg's ``PSPHead(in_channels=C, channels=D)`` is ``PyramidPooling(C, out_channels=D,
+    branch_channels=D, pool_norm_layer=nn.BatchNorm2d, align_corners=False)``.
 
     Adaptive pooling is computed as an exact averaging-matrix product built from the input size
     (see :func:`adaptive_avg_pool`): it equals ``F.adaptive_avg_pool2d`` and, unlike it, exports
@@ -71,49 +80,70 @@ class PyramidPooling(nn.Module):
     In train mode the fusion ``BatchNorm2d`` needs ``B * H * W >= 2``.
 
     Complexity (per image, ``N = H * W``): time ``O(N C \sum_b b)`` for the pooling products,
-    ``O(C C_b \sum_b b^2)`` for the branch convs and ``O(9 N C (C + k C_b))`` for the fusion
+    ``O(C C_b \sum_b b^2)`` for the branch convs and ``O(9 N C_out (C + k C_b))`` for the fusion
     conv (dominant); extra memory ``O(N k C_b)`` for the upsampled branches. No ``N^2`` term.
 
     Args:
-        channels: input and output channels ``C``.
+        channels: input channels ``C``.
+        out_channels: output channels ``C_out``; ``None`` (default) for ``C``.
         bins: grid sizes of the pyramid (distinct positive ints).
-        norm_layer: factory for the norm after the fusion conv, called as ``norm_layer(C)``.
-        act_layer: activation factory, called as ``act_layer()``.
+        branch_channels: width ``C_b`` of every pooled branch; ``None`` (default) for
+            ``C // len(bins)`` (PSPNet); mmseg uses ``C_out``.
+        align_corners: ``align_corners`` of the bilinear upsampling of the pooled branches.
+        norm_layer: factory for the norm after the fusion conv, called as
+            ``norm_layer(C_out)``; the pooled branches take ``pool_norm_layer`` instead.
+        act_layer: activation factory of every branch and of the fusion, called as
+            ``act_layer()``.
         pool_norm_layer: optional norm of the pooled branches, called as
             ``pool_norm_layer(C_b)``; ``None`` (default) for none.
 
     Shape:
         - Input: :math:`(B, C, H, W)`
-        - Output: :math:`(B, C, H, W)`
+        - Output: :math:`(B, C_{out}, H, W)`
 
     Example:
-        >>> layer = PyramidPooling(64)
+        >>> layer = PyramidPooling(64, out_channels=32)
         >>> layer(torch.randn(1, 64, 9, 7)).shape
-        torch.Size([1, 64, 9, 7])
+        torch.Size([1, 32, 9, 7])
     """
 
     def __init__(
         self,
         channels: int,
         *,
+        out_channels: int | None = None,
         bins: Sequence[int] = (1, 2, 3, 6),
+        branch_channels: int | None = None,
+        align_corners: bool = True,
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
         pool_norm_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
+        self.out_channels = check_positive_int(
+            channels if out_channels is None else out_channels, "out_channels"
+        )
         self.bins = check_positive_int_sequence(bins, "bins")
         if len(self.bins) == 0:
             raise ValueError("bins must not be empty, got ()")
         if len(set(self.bins)) != len(self.bins):
             raise ValueError(f"bins must be distinct, got {self.bins}")
-        if channels // len(self.bins) < 1:
-            raise ValueError(
-                f"channels={channels} is smaller than len(bins)={len(self.bins)}: every branch "
-                "needs channels // len(bins) >= 1"
-            )
-        self.branch_channels = channels // len(self.bins)
+        if branch_channels is None:
+            if channels // len(self.bins) < 1:
+                raise ValueError(
+                    f"channels={channels} is smaller than len(bins)={len(self.bins)}: every "
+                    "branch needs channels // len(bins) >= 1 (or pass branch_channels)"
+                )
+            branch_channels = channels // len(self.bins)
+        self.branch_channels = check_positive_int(branch_channels, "branch_channels")
+        if not isinstance(align_corners, bool):
+            raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
+        self.align_corners = align_corners
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
+        if pool_norm_layer is not None:
+            check_factory(pool_norm_layer, "pool_norm_layer")
         with_bias = pool_norm_layer is None
         self.branches = nn.ModuleList()
         for _ in self.bins:
@@ -127,19 +157,19 @@ class PyramidPooling(nn.Module):
         self.fuse = nn.Sequential(
             nn.Conv2d(
                 channels + len(self.bins) * self.branch_channels,
-                channels,
+                self.out_channels,
                 3,
                 padding=1,
                 bias=False,
             ),
-            norm_layer(channels),
+            norm_layer(self.out_channels),
             act_layer(),
         )
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, bins={self.bins}, "
-            f"branch_channels={self.branch_channels}"
+            f"channels={self.channels}, out_channels={self.out_channels}, bins={self.bins}, "
+            f"branch_channels={self.branch_channels}, align_corners={self.align_corners}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,5 +178,7 @@ class PyramidPooling(nn.Module):
         feats = [x]
         for bins, branch in zip(self.bins, self.branches):
             pooled = branch(adaptive_avg_pool(x, bins))
-            feats.append(F.interpolate(pooled, size=size, mode="bilinear", align_corners=True))
+            feats.append(
+                F.interpolate(pooled, size=size, mode="bilinear", align_corners=self.align_corners)
+            )
         return self.fuse(torch.cat(feats, dim=1))
