@@ -1,8 +1,16 @@
-"""Convert the authors' released GALD-Net checkpoints to :class:`gald.GALDHead` / :class:`gald.AuxHead`.
+"""Convert the authors' released GALD-Net checkpoints and deep-stem ImageNet weights.
 
 The released state dicts (github.com/lxtGH/GALD-DGCNet) hold the backbone (``conv1``, ``bn1``,
 ``layer1``-``layer4``), the head (``head.*``) and the deep-supervision head (``dsn.*``), possibly
 behind a ``module.`` prefix from ``DataParallel``.
+
+- :func:`official_to_gald`: the head and auxiliary head alone (:class:`gald.GALDHead`,
+  :class:`gald.AuxHead`).
+- :func:`official_to_galdnet` / :func:`load_official_galdnet`: the whole network
+  (:class:`gald.models.GALDNet`).
+- :func:`imagenet_to_backbone`: ImageNet weights for :class:`gald.models.DilatedResNet`.
+
+Every file is read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
@@ -13,7 +21,13 @@ from collections.abc import Mapping
 
 import torch
 
-__all__ = ["load_official", "official_to_gald"]
+__all__ = [
+    "imagenet_to_backbone",
+    "load_official",
+    "load_official_galdnet",
+    "official_to_gald",
+    "official_to_galdnet",
+]
 
 _BACKBONE = re.compile(r"^(conv1|bn1|layer[1-4])\.")
 
@@ -113,3 +127,184 @@ def load_official(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not isinstance(obj, Mapping):
         raise ValueError(f"{os.fspath(path)!r} does not hold a state dict")
     return dict(obj)
+
+
+_LAYER_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
+_DEPTHS: dict[tuple[int, int, int, int], int] = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+_LISTED = 20
+
+
+def _items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch.Tensor]]:
+    """``(raw_key, key without 'module.', value)`` after the type checks."""
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+    items = []
+    for raw_key, value in state_dict.items():
+        if not isinstance(raw_key, str):
+            raise TypeError(f"state_dict keys must be str, got {type(raw_key).__name__}")
+        key = raw_key[len("module.") :] if raw_key.startswith("module.") else raw_key
+        items.append((raw_key, key, value))
+    return items
+
+
+def _listing(keys: list[str]) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:_LISTED])
+    return f"[{shown}{f', ... and {len(keys) - _LISTED} more' if len(keys) > _LISTED else ''}]"
+
+
+def _layer_blocks(keys: list[str], prefix: str = "") -> tuple[int, ...]:
+    """Blocks per ResNet layer in a state dict's keys (0 for a missing layer)."""
+    counts = [0, 0, 0, 0]
+    for key in keys:
+        if key.startswith(prefix) and (m := _LAYER_KEY.match(key[len(prefix) :])):
+            layer, block = int(m.group(1)) - 1, int(m.group(2))
+            counts[layer] = max(counts[layer], block + 1)
+    return tuple(counts)
+
+
+def _resnet_depth(keys: list[str], prefix: str, what: str) -> int:
+    blocks = _layer_blocks(keys, prefix)
+    depth = _DEPTHS.get(blocks)  # type: ignore[arg-type]
+    if depth is None:
+        raise ValueError(
+            f"{what} has ResNet layers with {list(blocks)} blocks; expected [3, 4, 6, 3] "
+            "(depth 50) or [3, 4, 23, 3] (depth 101)"
+        )
+    return depth
+
+
+def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """``module.load_state_dict(state_dict, strict=True)`` with a ``ValueError`` that lists the
+    missing keys, the unexpected keys and the shape mismatches first.
+
+    ``num_batches_tracked`` buffers may be missing (checkpoints older than PyTorch 0.4.1).
+    """
+    expected = module.state_dict()
+    missing = [
+        k for k in expected if k not in state_dict and not k.endswith(".num_batches_tracked")
+    ]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: expected {tuple(expected[k].shape)}, got {tuple(state_dict[k].shape)}"
+        for k in state_dict
+        if k in expected and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_listing(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatches {_listing(shapes)}")
+    if problems:
+        raise ValueError(
+            f"the state dict does not fit {type(module).__name__}: " + "; ".join(problems)
+        )
+    module.load_state_dict(dict(state_dict), strict=True)
+
+
+def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map the authors' full GALD-Net keys to :meth:`gald.models.GALDNet.official` keys.
+
+    The backbone (``conv1.{0,1,3,4,6}``, ``bn1``, ``layer1``-``layer4``) goes to ``backbone.*``
+    under the same names, ``head.*`` to ``head.*`` as :func:`official_to_gald` maps it and
+    ``dsn.*`` to ``aux_head.*``. Keys may carry a ``module.`` prefix; any other key raises a
+    ``ValueError`` that lists them. Load the result with ``strict=True`` (or use
+    :func:`load_official_galdnet`, which also infers the depth and the number of classes).
+    """
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for raw_key, key, value in _items(state_dict):
+        if _BACKBONE.match(key):
+            out[f"backbone.{key}"] = value
+        elif (new := _map_head(key)) is not None:
+            out[f"head.{new}"] = value
+        elif (new := _map_aux(key)) is not None:
+            out[f"aux_head.{new}"] = value
+        else:
+            unknown.append(raw_key)
+    if unknown:
+        raise ValueError(f"unknown keys in the official state dict: {_listing(unknown)}")
+    return out
+
+
+def load_official_galdnet(
+    path: str | os.PathLike[str], *, depth: int | None = None, num_classes: int | None = None
+) -> torch.nn.Module:
+    """Build :meth:`gald.models.GALDNet.official` and load the authors' checkpoint at ``path``.
+
+    The depth (from the number of blocks in ``layer1``-``layer4``) and the number of classes
+    (from the classifier) are read from the file; ``depth`` / ``num_classes``, when given, must
+    match them, or a ``ValueError`` says what the file holds. Loading is strict: missing,
+    unknown and mis-shaped keys raise a ``ValueError`` that lists them. The file is read with
+    ``torch.load(weights_only=True)``. The model is returned in train mode, like any new module;
+    call ``.eval()`` before evaluating.
+    """
+    from .models import GALDNet
+
+    state = official_to_galdnet(load_official(path))
+    keys = list(state)
+    found = _resnet_depth(keys, "backbone.", f"{os.fspath(path)!r}")
+    if depth is not None and depth != found:
+        raise ValueError(
+            f"expected a depth-{depth} GALD-Net, but {os.fspath(path)!r} holds a depth-{found} "
+            f"one (ResNet layers with {list(_layer_blocks(keys, 'backbone.'))} blocks)"
+        )
+    cls_weight = state.get("head.cls.weight")
+    if cls_weight is None:
+        raise ValueError(f"{os.fspath(path)!r} has no classifier (head.bottleneck.3.weight)")
+    classes = int(cls_weight.shape[0])
+    if num_classes is not None and num_classes != classes:
+        raise ValueError(
+            f"expected num_classes={num_classes}, but {os.fspath(path)!r} has a classifier for "
+            f"{classes} classes"
+        )
+    model = GALDNet.official(depth=found, num_classes=classes)
+    _load_strict(model, state)
+    return model
+
+
+_SPLIT_STEM = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv1.3", "bn2": "conv1.4",
+               "conv3": "conv1.6", "bn3": "bn1"}  # fmt: skip
+_STEM_KEY = re.compile(r"^(conv[1-3]|bn[1-3])\.(?:(\d+)\.)?([A-Za-z_]+)$")
+
+
+def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map ResNet ImageNet weights to :class:`gald.models.DilatedResNet` keys.
+
+    Accepts the deep stem in either common layout: one ``nn.Sequential`` ``conv1``
+    (``conv1.0``, ``conv1.1``, ``conv1.3``, ``conv1.4``, ``conv1.6``, then ``bn1``, as the
+    GALD-Net authors) or separate ``conv1, bn1, conv2, bn2, conv3, bn3`` (as the ImageNet
+    checkpoints of dilated-ResNet segmentation code bases); a torchvision-style 7x7 stem
+    (``conv1``, ``bn1``) loads into ``DilatedResNet(deep_stem=False)``. ``fc.*`` is dropped, a
+    ``module.`` prefix removed, and any other key raises a ``ValueError`` that lists them.
+    Load the result with ``strict=True``.
+    """
+    items = [(raw, key, value) for raw, key, value in _items(state_dict) if not key.startswith("fc.")]
+    keys = {key for _, key, _ in items}
+    split = any(k.startswith(("conv2.", "conv3.", "bn2.", "bn3.")) for k in keys)
+    sequential = any(k.startswith("conv1.0.") for k in keys)
+    if split and sequential:
+        raise ValueError(
+            "the state dict mixes the two deep-stem layouts (conv1.0.* and conv2.*/bn2.*); "
+            "expected one of them"
+        )
+    out: dict[str, torch.Tensor] = {}
+    unknown: list[str] = []
+    for raw_key, key, value in items:
+        if key.startswith(("layer1.", "layer2.", "layer3.", "layer4.")):
+            out[key] = value
+            continue
+        m = _STEM_KEY.match(key)
+        if m is None:
+            unknown.append(raw_key)
+        elif split and m.group(2) is None:
+            out[f"{_SPLIT_STEM[m.group(1)]}.{m.group(3)}"] = value
+        elif not split and m.group(1) in ("conv1", "bn1"):
+            out[key] = value
+        else:
+            unknown.append(raw_key)
+    if unknown:
+        raise ValueError(f"unknown keys in the ImageNet state dict: {_listing(unknown)}")
+    return out

@@ -1,0 +1,307 @@
+"""GALD-Net: a backbone, the GALD head on its deepest feature and the auxiliary head on the one before.
+
+Reference: X. Li et al., "Global Aggregation then Local Distribution in Fully Convolutional
+Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDNet`` (github.com/lxtGH/GALD-DGCNet).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._layers import LayerFactory
+from .._validate import check_feature, check_positive_int
+from ..head import AuxHead, GALDHead
+from .resnet import DilatedResNet
+
+__all__ = ["GALDNet"]
+
+_Key = str | int
+_PROBE_SIZE = 64
+
+
+def _check_in_features(value: object) -> tuple[_Key, _Key] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)
+    ):
+        raise TypeError(
+            "in_features must be None or a pair of feature names (str) or indices (int), "
+            f"got {value!r}"
+        )
+    return (value[0], value[1])
+
+
+def _check_in_channels(value: object) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != 2
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
+    ):
+        raise ValueError(
+            f"in_channels must be None or a pair of positive ints (c3, c4), got {value!r}"
+        )
+    return (value[0], value[1])
+
+
+def _pick(features: object, in_features: tuple[_Key, _Key] | None, who: str) -> tuple[Any, Any]:
+    """The two features of a backbone output: ``in_features`` keys or indices, else the last two."""
+    if isinstance(features, Mapping):
+        keys = list(features)
+        chosen = in_features if in_features is not None else tuple(keys[-2:])
+        if len(keys) < 2 or any(k not in features for k in chosen):
+            raise ValueError(
+                f"{who}: the backbone returned a dict with keys {keys}; expected the keys "
+                f"{list(chosen) if in_features is not None else 'of at least two features'}"
+            )
+        return features[chosen[0]], features[chosen[1]]
+    if isinstance(features, (list, tuple)):
+        indices = in_features if in_features is not None else (-2, -1)
+        first, second = indices
+        if (
+            len(features) < 2
+            or not isinstance(first, int)
+            or not isinstance(second, int)
+            or not all(-len(features) <= i < len(features) for i in (first, second))
+        ):
+            raise ValueError(
+                f"{who}: the backbone returned a {type(features).__name__} of {len(features)} "
+                f"features; cannot pick in_features={indices!r} (indices into it)"
+            )
+        return features[first], features[second]
+    raise TypeError(
+        f"{who}: the backbone must return a (c3, c4) pair, a list/tuple or a dict of features, "
+        f"got {type(features).__name__}"
+    )
+
+
+def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) -> Any:
+    """Widths the backbone declares: a ``channels`` attribute, or timm's ``feature_info``."""
+    declared = getattr(backbone, "channels", None)
+    if declared is None:
+        info = getattr(backbone, "feature_info", None)
+        channels_fn = getattr(info, "channels", None)
+        if callable(channels_fn):
+            declared = channels_fn()
+            names_fn = getattr(info, "module_name", None)
+            if (
+                isinstance(in_features, tuple)
+                and isinstance(in_features[0], str)
+                and callable(names_fn)
+            ):  # a timm FeatureDictNet: keys are the module names
+                declared = dict(zip(names_fn(), declared))
+    if isinstance(declared, (Mapping, list, tuple)):
+        return declared
+    return None
+
+
+def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) -> tuple[int, int]:
+    """Run the backbone once on a small zero image (eval mode, no grad) and read the widths."""
+    param = next(iter(backbone.parameters()), None)
+    device = param.device if param is not None else torch.device("cpu")
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    modes = [(m, m.training) for m in backbone.modules()]
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device, dtype=dtype)
+            features = backbone(probe)
+    except Exception as err:
+        raise ValueError(
+            "GALDNet: could not infer the backbone's feature widths from a dry run on a "
+            f"(1, 3, {_PROBE_SIZE}, {_PROBE_SIZE}) input ({type(err).__name__}: {err}); pass "
+            "in_channels=(c3, c4)"
+        ) from err
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    c3, c4 = _pick(features, in_features, "GALDNet")
+    return int(c3.shape[1]), int(c4.shape[1])
+
+
+def _head_width(head: nn.Module) -> int | None:
+    width = getattr(head, "in_channels", None)
+    return width if isinstance(width, int) else None
+
+
+class GALDNet(nn.Module):
+    r"""A segmentation network: backbone, :class:`~gald.GALDHead` on ``c4``, :class:`~gald.AuxHead` on ``c3``.
+
+    The forward follows torchvision's segmentation models: it returns a dict with ``"out"``, the
+    head's logits bilinearly upsampled to the input size (``align_corners=True``), and, when the
+    network has an auxiliary head, ``"aux"``, the auxiliary logits upsampled the same way (in
+    train and eval mode alike).
+
+    **The backbone** may be any module whose output is
+
+    - a pair or list/tuple of features: ``in_features`` holds two indices into it (default the last
+      two, so a ``(c3, c4)`` pair or timm's ``features_only=True`` list work as they are);
+    - a dict of features (torchvision's ``IntermediateLayerGetter``, timm's ``FeatureDictNet``):
+      ``in_features`` holds two keys (default the last two keys in order).
+
+    The first picked feature feeds the auxiliary head, the second the GALD head. The two widths
+    come from ``in_channels`` when given, else from the backbone's own declaration (a
+    ``channels`` attribute holding a list/tuple/dict of widths, as :class:`DilatedResNet`, or
+    timm's ``feature_info.channels()``), else from one dry run of the backbone on a
+    ``(1, 3, 64, 64)`` zero image in eval mode (the train/eval flags are restored afterwards).
+    Heads passed in must have the matching ``in_channels``: a mismatch raises a ``ValueError`` at
+    construction.
+
+    Args:
+        num_classes: number of classes.
+        backbone: the backbone; ``None`` builds a :class:`DilatedResNet` of ``depth`` at
+            ``output_stride`` with ``norm_layer``.
+        depth: depth of the default backbone (50 or 101); only with ``backbone=None``.
+        output_stride: output stride of the default backbone (8 or 16); only with
+            ``backbone=None``.
+        head: ``None`` (a :class:`~gald.GALDHead` with its defaults), a dict of
+            :class:`~gald.GALDHead` keyword arguments, or a ready module mapping ``c4`` to logits.
+        aux: ``True`` (an :class:`~gald.AuxHead` on ``c3``), ``False`` (none) or a ready module
+            mapping ``c3`` to logits.
+        in_features: the two features to pick from the backbone's output (see above).
+        in_channels: the widths ``(c3, c4)`` of those features.
+        norm_layer: normalisation factory of the default backbone and heads.
+
+    Attributes:
+        backbone, head, aux_head (``None`` without auxiliary head), in_channels,
+        min_input_size: the smallest input side the network accepts (known for a
+        :class:`DilatedResNet` backbone, else 1; the head still checks its own input).
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`
+        - Output: ``{"out": (B, num_classes, H, W), "aux": (B, num_classes, H, W)}``
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        backbone: nn.Module | None = None,
+        depth: int | None = None,
+        output_stride: int | None = None,
+        head: nn.Module | Mapping[str, Any] | None = None,
+        aux: bool | nn.Module = True,
+        in_features: Sequence[_Key] | None = None,
+        in_channels: Sequence[int] | None = None,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        self.num_classes = check_positive_int(num_classes, "num_classes")
+        self.in_features = _check_in_features(in_features)
+        explicit = _check_in_channels(in_channels)
+        if backbone is None:
+            backbone = DilatedResNet(
+                101 if depth is None else depth,
+                output_stride=8 if output_stride is None else output_stride,
+                norm_layer=norm_layer,
+            )
+        elif not isinstance(backbone, nn.Module):
+            raise TypeError(f"backbone must be an nn.Module or None, got {type(backbone).__name__}")
+        elif depth is not None or output_stride is not None:
+            raise ValueError(
+                "depth and output_stride configure the default backbone; got them together with "
+                f"backbone={type(backbone).__name__}"
+            )
+        self.backbone = backbone
+
+        if explicit is not None:
+            widths = explicit
+        else:
+            declared = _declared_channels(backbone, self.in_features)
+            if declared is not None:
+                c3, c4 = _pick(declared, self.in_features, "GALDNet (declared channels)")
+                widths = (int(c3), int(c4))
+            else:
+                widths = _probe_channels(backbone, self.in_features)
+        self.in_channels: tuple[int, int] = widths
+
+        if head is None or isinstance(head, Mapping):
+            kwargs = {"norm_layer": norm_layer, **dict(head or {})}
+            head = GALDHead(widths[1], num_classes, **kwargs)
+        elif not isinstance(head, nn.Module):
+            raise TypeError(
+                f"head must be None, a dict of GALDHead arguments or an nn.Module, "
+                f"got {type(head).__name__}"
+            )
+        if (w := _head_width(head)) is not None and w != widths[1]:
+            raise ValueError(
+                f"head expects {w} input channels but the backbone's second feature "
+                f"({self._feature_name(1)}) has {widths[1]}"
+            )
+        self.head = head
+
+        aux_head: nn.Module | None
+        if aux is True:
+            aux_head = AuxHead(widths[0], num_classes, norm_layer=norm_layer)
+        elif aux is False:
+            aux_head = None
+        elif isinstance(aux, nn.Module):
+            aux_head = aux
+        else:
+            raise TypeError(f"aux must be a bool or an nn.Module, got {type(aux).__name__}")
+        if aux_head is not None and (w := _head_width(aux_head)) is not None and w != widths[0]:
+            raise ValueError(
+                f"aux head expects {w} input channels but the backbone's first feature "
+                f"({self._feature_name(0)}) has {widths[0]}"
+            )
+        self.aux_head = aux_head
+
+        head_min = getattr(head, "min_size", 1)
+        self.min_input_size = 1
+        if isinstance(backbone, DilatedResNet) and isinstance(head_min, int):
+            size = 1
+            while backbone.feature_size(size) < head_min:
+                size += 1
+            self.min_input_size = size
+
+    def _feature_name(self, i: int) -> str:
+        return repr(self.in_features[i]) if self.in_features is not None else ("c3", "c4")[i]
+
+    @classmethod
+    def official(cls, depth: int = 101, num_classes: int = 19) -> GALDNet:
+        """The authors' GALD-Net: deep-stem :class:`DilatedResNet` at output stride 8,
+        :meth:`gald.GALDHead.official` on ``layer4`` and :class:`~gald.AuxHead` on ``layer3``.
+
+        71,394,790 parameters at depth 101 and 52,402,662 at depth 50 (19 classes), as the
+        authors' models. Load their checkpoints with :func:`gald.convert.load_official_galdnet`.
+        For SyncBN, convert afterwards with ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+        """
+        return cls(
+            num_classes,
+            depth=depth,
+            head=GALDHead.official(in_channels=2048, num_classes=num_classes, channels=512),
+            aux=True,
+        )
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        check_feature(images, None, name="images", min_hw=self.min_input_size, who="GALDNet")
+        c3, c4 = _pick(self.backbone(images), self.in_features, "GALDNet")
+        head_min = getattr(self.head, "min_size", 1)
+        if isinstance(head_min, int) and (c4.shape[-2] < head_min or c4.shape[-1] < head_min):
+            raise ValueError(
+                f"GALDNet: images of size {tuple(images.shape[-2:])} give a backbone feature of "
+                f"size {tuple(c4.shape[-2:])}, but the head needs at least {head_min}x{head_min}; "
+                "use larger images"
+            )
+        size = images.shape[-2:]
+        result = {"out": self._upsample(self.head(c4), size)}
+        if self.aux_head is not None:
+            result["aux"] = self._upsample(self.aux_head(c3), size)
+        return result
+
+    @staticmethod
+    def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
+        if logits.shape[-2:] == size:
+            return logits
+        return F.interpolate(logits, size=size, mode="bilinear", align_corners=True)

@@ -1,0 +1,210 @@
+"""Dilated (atrous) ResNet-50/101 with the deep stem: the backbone of GALD-Net.
+
+Reference: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (bottleneck
+blocks, stride on the 3x3 conv); the deep stem of Bag-of-Tricks ResNet-C; dilation with
+multi-grid as in DeepLabv3 (Chen et al., 2017); the configuration of the GALD-Net authors
+(github.com/lxtGH/GALD-DGCNet, X. Li et al., BMVC 2019).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .._layers import LayerFactory
+from .._validate import check_feature, check_positive_int_sequence
+
+__all__ = ["DilatedResNet"]
+
+_LAYERS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+_EXPANSION = 4
+
+
+class _Bottleneck(nn.Module):
+    """1x1 -> 3x3 (stride, dilation) -> 1x1, each followed by norm; ReLU after the residual sum."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        planes: int,
+        *,
+        stride: int,
+        dilation: int,
+        norm_layer: LayerFactory,
+    ) -> None:
+        super().__init__()
+        out_channels = planes * _EXPANSION
+        self.conv1 = nn.Conv2d(in_channels, planes, 1, bias=False)
+        self.bn1 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(
+            planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+        )
+        self.bn2 = norm_layer(planes)
+        self.conv3 = nn.Conv2d(planes, out_channels, 1, bias=False)
+        self.bn3 = norm_layer(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or in_channels != out_channels:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False),
+                norm_layer(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pool_out_ceil(size: int, kernel: int, stride: int, padding: int) -> int:
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    if (out - 1) * stride >= size + padding:  # the last window must start inside the input
+        out -= 1
+    return out
+
+
+class DilatedResNet(nn.Module):
+    r"""Dilated ResNet-50/101 returning the ``layer3`` and ``layer4`` features.
+
+    Stem (``deep_stem=True``): three 3x3 convs 3->64 (stride 2), 64->64, 64->128 with norm + ReLU
+    between them, then norm + ReLU, then a 3x3 stride-2 max-pool with ``ceil_mode=True``. With
+    ``deep_stem=False`` the stem is the classic 7x7 stride-2 conv to 64 channels. Then bottleneck
+    layers ``[3, 4, 6, 3]`` (depth 50) or ``[3, 4, 23, 3]`` (depth 101); ``layer2`` has stride 2.
+
+    - ``output_stride=8``: ``layer3`` dilation 2, ``layer4`` dilation 4 times ``multi_grid``
+      (the default ``(1, 2, 4)`` gives 4, 8, 16), as the GALD-Net authors.
+    - ``output_stride=16``: ``layer3`` stride 2, ``layer4`` dilation 2 times ``multi_grid``.
+
+    The multi-grid factors apply cyclically to the blocks of ``layer4``. Parameter names follow
+    the authors' checkpoints (``conv1`` is an ``nn.Sequential`` stem, then ``bn1``,
+    ``layer1``-``layer4``) so their weights load directly; see
+    :func:`gald.convert.imagenet_to_backbone` for ImageNet weights in either stem layout.
+
+    Args:
+        depth: 50 or 101.
+        output_stride: 8 or 16.
+        multi_grid: dilation factors of the ``layer4`` blocks.
+        deep_stem: the three-conv stem (``True``, 128 channels) or the 7x7 stem (``False``).
+        norm_layer: normalisation factory, e.g. ``nn.SyncBatchNorm`` or torchvision's
+            ``FrozenBatchNorm2d``.
+
+    Attributes:
+        channels: ``(1024, 2048)``, the widths of the two returned features.
+        output_stride: the stride of both features.
+
+    Shape:
+        - Input: :math:`(B, 3, H, W)`
+        - Output: ``(c3, c4)`` of shapes :math:`(B, 1024, h, w)` and :math:`(B, 2048, h, w)`, with
+          :math:`h, w` given by :meth:`feature_size` (about :math:`H/8` at output stride 8).
+    """
+
+    def __init__(
+        self,
+        depth: int = 101,
+        *,
+        output_stride: int = 8,
+        multi_grid: Sequence[int] = (1, 2, 4),
+        deep_stem: bool = True,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+    ) -> None:
+        super().__init__()
+        if isinstance(depth, bool) or depth not in _LAYERS:
+            raise ValueError(f"depth must be one of {sorted(_LAYERS)}, got {depth!r}")
+        if isinstance(output_stride, bool) or output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        grid = check_positive_int_sequence(multi_grid, "multi_grid")
+        if not grid:
+            raise ValueError("multi_grid must hold at least one dilation factor, got ()")
+        if not isinstance(deep_stem, bool):
+            raise TypeError(f"deep_stem must be a bool, got {type(deep_stem).__name__}")
+        self.depth = depth
+        self.output_stride = output_stride
+        self.multi_grid = grid
+        self.deep_stem = deep_stem
+        self.channels: tuple[int, int] = (256 * _EXPANSION, 512 * _EXPANSION)
+
+        stem_width = 128 if deep_stem else 64
+        self.conv1: nn.Module
+        if deep_stem:
+            self.conv1 = nn.Sequential(
+                nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
+                norm_layer(64),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(64, 64, 3, padding=1, bias=False),
+                norm_layer(64),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(64, 128, 3, padding=1, bias=False),
+            )
+        else:
+            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = norm_layer(stem_width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+
+        blocks = _LAYERS[depth]
+        if output_stride == 8:
+            strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
+        else:
+            strides, dilations = (1, 2, 2, 1), (1, 1, 1, 2)
+        in_channels = stem_width
+        layers: list[nn.Sequential] = []
+        for index, (planes, n, stride, dilation) in enumerate(
+            zip((64, 128, 256, 512), blocks, strides, dilations)
+        ):
+            grids = grid if index == 3 else (1,)
+            stage = []
+            for i in range(n):
+                stage.append(
+                    _Bottleneck(
+                        in_channels,
+                        planes,
+                        stride=stride if i == 0 else 1,
+                        dilation=dilation * grids[i % len(grids)],
+                        norm_layer=norm_layer,
+                    )
+                )
+                in_channels = planes * _EXPANSION
+            layers.append(nn.Sequential(*stage))
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm)) and m.affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def feature_size(self, size: int) -> int:
+        """The side of both returned features for an input side ``size`` (0 when too small)."""
+        s = _conv_out(size, 3 if self.deep_stem else 7, 2, 1 if self.deep_stem else 3)
+        if s < 1:
+            return 0
+        s = _pool_out_ceil(s, 3, 2, 1)
+        s = _conv_out(s, 3, 2, 1)  # layer2
+        if self.output_stride == 16:
+            s = _conv_out(s, 3, 2, 1)  # layer3
+        return max(s, 0)
+
+    def extra_repr(self) -> str:
+        return (
+            f"depth={self.depth}, output_stride={self.output_stride}, "
+            f"multi_grid={self.multi_grid}, deep_stem={self.deep_stem}"
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_feature(x, 3, name="images", who=type(self).__name__)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer2(self.layer1(x))
+        c3 = self.layer3(x)
+        c4 = self.layer4(c3)
+        return c3, c4

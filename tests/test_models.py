@@ -1,0 +1,324 @@
+"""DilatedResNet and GALDNet: structure, output strides, backbone protocols, width checks, errors.
+
+Numerical parity of the whole network with the authors' semantics is in test_convert.py (it loads
+their checkpoint layout); sliding-window inference is in test_slide_inference.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gald
+from _official_reference import randomise_, upsample_align_corners
+from gald.models import DilatedResNet, GALDNet
+
+CLASSES = 5
+
+
+def _assert_close(
+    got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-6
+) -> None:
+    """Elementwise |got - expected| <= atol + rtol * |expected|, same shape and dtype."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (got.shape, expected.shape)
+    bound = atol + rtol * expected.abs()
+    err = (got - expected).abs()
+    assert bool((err <= bound).all()), f"max abs error {err.max().item():.3e}"
+
+
+@pytest.fixture(scope="module")
+def r50() -> DilatedResNet:
+    return DilatedResNet(50).eval()
+
+
+class MyNorm(nn.BatchNorm2d):
+    pass
+
+
+@pytest.fixture(scope="module")
+def r50_os16_plain_stem() -> DilatedResNet:
+    return DilatedResNet(
+        50, output_stride=16, multi_grid=(1, 2), deep_stem=False, norm_layer=MyNorm
+    ).eval()
+
+
+# --------------------------------------------------------------------------- DilatedResNet
+
+
+def test_output_stride_8_structure_and_shapes(r50: DilatedResNet) -> None:
+    assert r50.channels == (1024, 2048)
+    stem = [m for m in r50.conv1 if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.stride) for c in stem] == [
+        (3, 64, (2, 2)),
+        (64, 64, (1, 1)),
+        (64, 128, (1, 1)),
+    ]
+    assert r50.maxpool.ceil_mode
+    assert [len(r50.layer1), len(r50.layer2), len(r50.layer3), len(r50.layer4)] == [3, 4, 6, 3]
+    assert r50.layer2[0].conv2.stride == (2, 2)
+    assert {b.conv2.dilation for b in r50.layer3} == {(2, 2)}
+    assert [b.conv2.dilation for b in r50.layer4] == [(4, 4), (8, 8), (16, 16)]
+    assert [b.conv2.padding for b in r50.layer4] == [(4, 4), (8, 8), (16, 16)]
+    x = torch.randn(1, 3, 17, 26)
+    with torch.no_grad():
+        c3, c4 = r50(x)
+    assert c3.shape == (1, 1024, 3, 4) and c4.shape == (1, 2048, 3, 4)
+    assert (r50.feature_size(17), r50.feature_size(26)) == (3, 4)
+    assert torch.isfinite(c4).all() and c4.abs().sum() > 0
+
+
+def test_output_stride_16_and_plain_stem(r50_os16_plain_stem: DilatedResNet) -> None:
+    net = r50_os16_plain_stem
+    assert isinstance(net.conv1, nn.Conv2d) and net.conv1.kernel_size == (7, 7)
+    assert net.bn1.num_features == 64 and net.layer1[0].conv1.in_channels == 64
+    assert net.layer3[0].conv2.stride == (2, 2)
+    assert {b.conv2.dilation for b in net.layer3} == {(1, 1)}
+    # multi-grid applies cyclically: (1, 2) over three blocks at base dilation 2
+    assert [b.conv2.dilation for b in net.layer4] == [(2, 2), (4, 4), (2, 2)]
+    with torch.no_grad():
+        c3, c4 = net(torch.randn(1, 3, 64, 48))
+    assert c3.shape == (1, 1024, 5, 4) and c4.shape == (1, 2048, 5, 4)
+    assert (net.feature_size(64), net.feature_size(48)) == (5, 4)
+
+
+def test_norm_layer_factory(r50_os16_plain_stem: DilatedResNet) -> None:
+    norms = [m for m in r50_os16_plain_stem.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is MyNorm for m in norms)
+    assert len(norms) == 1 + 4 + 3 * 16  # bn1, downsamples, three per block
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"depth": 34}, ValueError, r"depth must be one of \[50, 101\], got 34"),
+        ({"output_stride": 32}, ValueError, "output_stride must be 8 or 16, got 32"),
+        ({"multi_grid": ()}, ValueError, "multi_grid must hold at least one"),
+        ({"multi_grid": (1, 0)}, ValueError, r"multi_grid\[\] must be >= 1, got 0"),
+        ({"deep_stem": 1}, TypeError, "deep_stem must be a bool"),
+    ],
+)
+def test_backbone_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        DilatedResNet(**kwargs)
+
+
+def test_backbone_bad_input(r50: DilatedResNet) -> None:
+    with pytest.raises(
+        ValueError, match=r"images must have 3 channels .* got shape \(1, 4, 9, 9\)"
+    ):
+        r50(torch.randn(1, 4, 9, 9))
+    with pytest.raises(ValueError, match="must be 4-D"):
+        r50(torch.randn(3, 9, 9))
+
+
+# --------------------------------------------------------------------------- GALDNet
+
+
+class Tiny(nn.Module):
+    """A small backbone: stride-2 feature (6 ch) then a stride-1 feature (8 ch)."""
+
+    def __init__(self, kind: str = "pair") -> None:
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x: torch.Tensor):
+        stem = x.mean(1, keepdim=True)
+        c3 = torch.relu(self.a(x))
+        c4 = torch.relu(self.bn(self.b(c3)))
+        if self.kind == "pair":
+            return c3, c4
+        if self.kind == "list":  # timm features_only style: more features than needed
+            return [stem, c3, c4, c4[:, :2]]
+        if self.kind == "dict":
+            return {"stem": stem, "layer3": c3, "layer4": c4, "extra": c4[:, :2]}
+        return c4
+
+
+def _tiny_net(kind: str = "pair", **kwargs) -> GALDNet:
+    kwargs.setdefault("head", {"channels": 16})
+    kwargs.setdefault("aux", gald.AuxHead(6, CLASSES, channels=4))
+    net = GALDNet(CLASSES, backbone=Tiny(kind), **kwargs)
+    return randomise_(net, torch.Generator().manual_seed(1)).eval()
+
+
+@pytest.mark.parametrize(
+    ("kind", "in_features"),
+    [("pair", None), ("list", (1, 2)), ("list", (-3, -2)), ("dict", ("layer3", "layer4"))],
+)
+def test_forward_dict_matches_explicit_composition(kind: str, in_features) -> None:
+    net = _tiny_net(kind, in_features=in_features)
+    assert net.in_channels == (6, 8)
+    x = torch.randn(2, 3, 13, 10, dtype=torch.float64)
+    net = net.double()
+    with torch.no_grad():
+        out = net(x)
+        feats = net.backbone(x)
+        if kind == "pair":
+            c3, c4 = feats
+        elif kind == "list":
+            c3, c4 = feats[1], feats[2]
+        else:
+            c3, c4 = feats["layer3"], feats["layer4"]
+        expected_out = upsample_align_corners(net.head(c4), (13, 10))
+        expected_aux = upsample_align_corners(net.aux_head(c3), (13, 10))
+    assert set(out) == {"out", "aux"}
+    assert out["out"].shape == (2, CLASSES, 13, 10)
+    _assert_close(out["out"], expected_out, rtol=1e-10, atol=1e-10)
+    _assert_close(out["aux"], expected_aux, rtol=1e-10, atol=1e-10)
+
+
+def test_default_picks_are_the_last_two_features() -> None:
+    # the last two of [stem, c3, c4, c4[:, :2]] are 8 and 2 channels wide
+    net = GALDNet(CLASSES, backbone=Tiny("list"), head={"channels": 16}, aux=False)
+    assert net.in_channels == (8, 2)
+    assert net.head.in_channels == 2
+    net = GALDNet(CLASSES, backbone=Tiny("dict"), head={"channels": 16}, aux=False)
+    assert net.in_channels == (8, 2)
+
+
+def test_no_aux_and_default_heads() -> None:
+    net = GALDNet(CLASSES, backbone=Tiny(), aux=False).eval()
+    assert net.aux_head is None
+    assert isinstance(net.head, gald.GALDHead) and net.head.channels == 512
+    out = net(torch.randn(1, 3, 9, 9))
+    assert set(out) == {"out"} and out["out"].shape == (1, CLASSES, 9, 9)
+    net = GALDNet(CLASSES, backbone=Tiny(), head={"channels": 16})
+    assert isinstance(net.aux_head, gald.AuxHead) and net.aux_head.in_channels == 6
+
+
+def test_train_mode_backward_reaches_every_part() -> None:
+    net = _tiny_net().train()
+    out = net(torch.randn(2, 3, 12, 12))
+    (out["out"].square().mean() + 0.4 * out["aux"].square().mean()).backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_declared_channels_are_used_without_a_dry_run() -> None:
+    class Declared(Tiny):
+        def __init__(self, channels) -> None:
+            super().__init__("list")
+            self.channels = channels
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return super().forward(x)
+
+    backbone = Declared([1, 6, 8, 2])
+    net = GALDNet(CLASSES, backbone=backbone, in_features=(1, 2), head={"channels": 16})
+    assert net.in_channels == (6, 8) and backbone.calls == 0
+
+    class Info:  # timm's feature_info
+        def channels(self):
+            return [1, 6, 8]
+
+        def module_name(self):
+            return ["stem", "layer3", "layer4"]
+
+    backbone = Declared(None)
+    backbone.feature_info = Info()
+    net = GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"), aux=False)
+    assert net.in_channels == (6, 8) and backbone.calls == 0
+
+
+def test_dry_run_restores_train_flags() -> None:
+    backbone = Tiny("dict").train()
+    backbone.bn.eval()
+    before = backbone.bn.running_mean.clone()
+    GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"), head={"channels": 16})
+    assert backbone.training and not backbone.bn.training
+    assert torch.equal(backbone.bn.running_mean, before)
+
+
+def test_width_mismatch_caught_at_construction() -> None:
+    with pytest.raises(ValueError, match=r"head expects 16 input channels .*\(c4\) has 8"):
+        GALDNet(CLASSES, backbone=Tiny(), head=gald.GALDHead(16, CLASSES, channels=16))
+    with pytest.raises(
+        ValueError, match=r"aux head expects 1024 input channels .*'layer3'.* has 6"
+    ):
+        GALDNet(
+            CLASSES,
+            backbone=Tiny("dict"),
+            in_features=("layer3", "layer4"),
+            head={"channels": 16},
+            aux=gald.AuxHead(1024, CLASSES),
+        )
+
+
+def test_declared_width_wrong_is_caught_at_the_head() -> None:
+    net = GALDNet(CLASSES, backbone=Tiny(), in_channels=(6, 16), head={"channels": 16}, aux=False)
+    with pytest.raises(ValueError, match=r"GALDHead: x must have 16 channels"):
+        net(torch.randn(1, 3, 9, 9))
+
+
+def test_dry_run_failure_asks_for_in_channels() -> None:
+    gray = nn.Sequential(nn.Conv2d(1, 4, 1))  # expects 1-channel input
+    with pytest.raises(ValueError, match=r"could not infer .* pass in_channels=\(c3, c4\)"):
+        GALDNet(CLASSES, backbone=gray)
+
+
+def test_single_tensor_backbone_is_rejected() -> None:
+    with pytest.raises(TypeError, match=r"backbone must return a \(c3, c4\) pair, .*, got Tensor"):
+        GALDNet(CLASSES, backbone=Tiny("tensor"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"in_features": ("layer3",)}, TypeError, "in_features must be None or a pair"),
+        ({"in_features": "ab"}, TypeError, "in_features must be None or a pair"),
+        ({"in_features": (0, 7)}, ValueError, r"cannot pick in_features=\(0, 7\)"),
+        ({"in_channels": (6, 0)}, ValueError, "in_channels must be None or a pair of positive"),
+        ({"depth": 50}, ValueError, "depth and output_stride configure the default backbone"),
+        ({"output_stride": 16}, ValueError, "depth and output_stride configure the default"),
+        ({"head": "cgnl"}, TypeError, "head must be None, a dict of GALDHead arguments"),
+        ({"aux": 1}, TypeError, "aux must be a bool or an nn.Module, got int"),
+        ({"backbone": "resnet"}, TypeError, "backbone must be an nn.Module or None, got str"),
+    ],
+)
+def test_galdnet_bad_arguments(kwargs: dict, error: type, match: str) -> None:
+    kwargs.setdefault("backbone", Tiny("list"))
+    with pytest.raises(error, match=match):
+        GALDNet(CLASSES, **kwargs)
+
+
+def test_bad_num_classes() -> None:
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        GALDNet(0, backbone=Tiny())
+
+
+def test_dict_backbone_missing_key() -> None:
+    with pytest.raises(ValueError, match=r"keys \['stem', 'layer3', 'layer4', 'extra'\]"):
+        GALDNet(CLASSES, backbone=Tiny("dict"), in_features=("c3", "c4"))
+
+
+def test_input_too_small_for_the_official_head(r50: DilatedResNet) -> None:
+    head = gald.GALDHead.official(num_classes=CLASSES, channels=16)  # narrow, same min size
+    net = GALDNet(CLASSES, backbone=r50, head=head)
+    assert net.min_input_size == 111  # the authors' network fails at 110 px, works from 111
+    assert r50.feature_size(110) == 14 and r50.feature_size(111) == 15
+    with pytest.raises(
+        ValueError, match=r"GALDNet: images is too small: .* >= 111 .*\(1, 3, 110, 200\)"
+    ):
+        net(torch.randn(1, 3, 110, 200))
+    # any other backbone: the check after the backbone names both sizes
+    tiny = GALDNet(CLASSES, backbone=Tiny(), head={"channels": 16, "padding": 0}, aux=False)
+    assert tiny.min_input_size == 1 and tiny.head.min_size == 15
+    with pytest.raises(
+        ValueError,
+        match=r"images of size \(20, 40\) give a backbone feature of size \(10, 20\), but the head needs at least 15x15",
+    ):
+        tiny(torch.randn(1, 3, 20, 40))
+
+
+def test_bad_images() -> None:
+    net = _tiny_net()
+    with pytest.raises(TypeError, match="images must have a floating dtype"):
+        net(torch.zeros(1, 3, 8, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="images must be 4-D"):
+        net(torch.zeros(3, 8, 8))
