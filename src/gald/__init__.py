@@ -12,6 +12,7 @@ Public API::
     gald.fuse                fold eval-mode BatchNorms of the LD and downsample for inference
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
+    gald.models              DilatedResNet, GALDNet (the whole network), slide_inference
     gald.deploy              ONNX export and verification
 """
 
