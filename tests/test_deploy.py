@@ -1,0 +1,145 @@
+"""Deployment, tested per layer: torch.export and ONNX for every GA inside GALD, and
+torch.compile, the dynamo ONNX exporter and determinism on the head.
+
+Every GA is exercised inside ``GALD`` (which contains it, so one case covers the GA and the
+block). ``torch.compile(fullgraph=True)`` of each GA alone is part of ``gald.testing.check_ga``
+(the contract suite). ``torch.compile`` is tested with the ``eager`` backend: it checks that
+dynamo captures the whole graph (the part a layer library controls); inductor's code generation
+takes minutes on a small CPU and belongs to the benchmark (``--compile``). A layer that cannot
+take a path would get an ``xfail`` here with the reason; today every layer takes every path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _NormBase
+
+import gald
+from gald import deploy
+
+C = 16
+SHAPE = (2, C, 33, 35)  # odd, non-square; every map inside the GA keeps a side > 1
+SHAPE2 = (3, C, 41, 29)  # a second shape for dynamic graphs
+RTOL = 1e-4  # ONNX Runtime and traced programs against eager fp32
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@torch.no_grad()
+def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
+    """Random norm statistics and affine parameters, and random values for all-zero parameters
+    (zero-initialised gates), so that no branch can pass a comparison by contributing nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    for sub in module.modules():
+        if isinstance(sub, _NormBase) and sub.running_mean is not None:
+            sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=gen) * 0.2)
+            sub.running_var.copy_(torch.rand(sub.running_var.shape, generator=gen) + 0.5)
+    for param in module.parameters():
+        if param.numel() and not bool(param.any()):
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    return module
+
+
+def _input(shape: tuple[int, ...], seed: int = 2) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _block(ga: str) -> nn.Module:
+    torch.manual_seed(0)
+    return randomise(gald.GALD(C, ga)).eval()
+
+
+def _head() -> nn.Module:
+    torch.manual_seed(0)
+    return randomise(gald.GALDHead(C, 5, channels=C))
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    scale = float(expected.abs().max().clamp_min(1e-12))
+    torch.testing.assert_close(
+        actual.float(), expected.float(), rtol=RTOL, atol=RTOL * scale, msg=lambda m: f"{what}: {m}"
+    )
+
+
+@pytest.mark.parametrize("ga", gald.list_ga())
+def test_torch_export_dynamic_shapes(ga: str) -> None:
+    model = _block(ga)
+    x, x2 = _input(SHAPE), _input(SHAPE2, seed=3)
+    dyn = torch.export.Dim.DYNAMIC
+    program = torch.export.export(model, (x,), dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},))
+    with torch.no_grad():
+        for inp in (x, x2):
+            _close(program.module()(inp), model(inp), f"export GALD({ga}) {tuple(inp.shape)}")
+
+
+@pytest.mark.parametrize("ga", gald.list_ga())
+def test_onnx_standard_ops_and_runtime_parity(ga: str, tmp_path: Path) -> None:
+    model = _block(ga)
+    path = deploy.export_onnx(model, _input(SHAPE), tmp_path / f"{ga}.onnx", dynamo=False)
+    assert deploy.onnx_custom_domains(onnx.load(str(path))) == set()
+    err = deploy.verify_onnx(model, path, _input(SHAPE), _input(SHAPE2, seed=3))
+    assert err <= RTOL, f"GALD({ga}): onnxruntime differs from eager by {err:.2e} (relative)"
+
+
+def test_onnx_dynamo_exporter_head_dynamic_shapes(tmp_path: Path) -> None:
+    head = _head().eval()
+    path = deploy.export_onnx(head, _input(SHAPE), tmp_path / "head.onnx", dynamo=True)
+    assert deploy.onnx_custom_domains(onnx.load(str(path))) == set()
+    err = deploy.verify_onnx(head, path, _input(SHAPE), _input(SHAPE2, seed=3))
+    assert err <= RTOL, f"GALDHead (dynamo exporter): {err:.2e}"
+
+
+def test_export_onnx_refuses_bad_arguments(tmp_path: Path) -> None:
+    head = _head()
+    with pytest.raises(ValueError, match="eval mode"):
+        deploy.export_onnx(head.train(), _input(SHAPE), tmp_path / "a.onnx")
+    head.eval()
+    with pytest.raises(ValueError, match="batch >= 2"):
+        deploy.export_onnx(head, _input((1, C, 9, 9)), tmp_path / "b.onnx")
+    with pytest.raises(ValueError, match="opset must be >= 17, got 13"):
+        deploy.export_onnx(head, _input(SHAPE), tmp_path / "c.onnx", opset=13)
+    with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
+        deploy.export_onnx("head", _input(SHAPE), tmp_path / "d.onnx")  # type: ignore[arg-type]
+
+
+def _train_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def test_compile_fullgraph_train_step_matches_eager() -> None:
+    head = _head().train()
+    compiled = torch.compile(head, fullgraph=True, backend="eager")
+    x = _input(SHAPE)
+    out_c, grads_c = _train_step(compiled, x)
+    head2 = _head().train()
+    out_e, grads_e = _train_step(head2, x)
+    _close(out_c, out_e, "compiled forward")
+    assert len(grads_c) == len(grads_e) == len(list(head.parameters()))
+    for i, (gc, ge) in enumerate(zip(grads_c, grads_e)):
+        _close(gc, ge, f"compiled grad {i}")
+
+
+def test_deterministic_mode_repeats_bit_for_bit() -> None:
+    torch.use_deterministic_algorithms(True)
+    try:
+        x = _input(SHAPE)
+        first = _train_step(_head().train(), x)
+        second = _train_step(_head().train(), x)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert torch.equal(first[0], second[0])
+    assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
