@@ -1,4 +1,5 @@
-"""LocalDistribution: semantics against an explicit restatement, size rules, mask range, errors."""
+"""LocalDistribution: semantics against an explicit restatement, size rules, mask range, errors,
+the impl switch, gradient checkpointing, and branches with hooks or stochastic layers."""
 
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def test_gradients_reach_every_parameter(h: int, w: int) -> None:
 def test_gradcheck(padding: int) -> None:
     ld = _randomise(gald.LocalDistribution(2, padding=padding, final_act=False)).double().eval()
     x = torch.randn(1, 2, 15, 16, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(ld, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(ld, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_nan_in_nan_out() -> None:
@@ -157,6 +158,8 @@ def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
         ({"channels": 4, "num_stages": 0}, ValueError, "num_stages must be >= 1"),
         ({"channels": 4, "padding": -1}, ValueError, "padding must be >= 0"),
         ({"channels": 4, "offset": "1"}, TypeError, "offset must be a float"),
+        ({"channels": 4, "impl": "cuda"}, ValueError, r"impl must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+        ({"channels": 4, "impl": None}, TypeError, "impl must be a str"),
     ],
 )
 def test_bad_constructor(kwargs: dict, exc: type[Exception], pattern: str) -> None:
@@ -173,11 +176,143 @@ def test_norm_and_act_injection() -> None:
 
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_parameter_gradients_have_parameter_layout(channels_last: bool) -> None:
-    # DDP's gradient buckets expect each gradient in its parameter's strides
+    # DDP's gradient buckets expect each gradient in its parameter's strides; a channels_last
+    # model is converted as a whole (model.to(memory_format=torch.channels_last))
     ld = gald.LocalDistribution(16).train()
     x = torch.randn(2, 16, 33, 33)
     if channels_last:
+        ld = ld.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     ld(x.requires_grad_(True)).sum().backward()
     for name, p in ld.named_parameters():
         assert p.grad is not None and p.grad.stride() == p.stride(), name
+
+
+def test_impl_is_passed_to_the_op(monkeypatch):
+    seen: list[str] = []
+    real = gald.ld.ld_modulate
+
+    def spy(x, logits, offset, *, impl):
+        seen.append(impl)
+        return real(x, logits, offset, impl=impl)
+
+    monkeypatch.setattr(gald.ld, "ld_modulate", spy)
+    x = torch.randn(1, 4, 9, 9)
+    auto = gald.LocalDistribution(4).eval()
+    forced = gald.LocalDistribution(4, impl="torch").eval()
+    forced.load_state_dict(auto.state_dict())
+    torch.testing.assert_close(forced(x), auto(x), rtol=0, atol=0)
+    assert seen == ["torch", "auto"]
+    assert "impl='torch'" in repr(forced)
+
+
+def _train_step(ld: gald.LocalDistribution, x: torch.Tensor, g: torch.Tensor, seed: int = 0):
+    torch.manual_seed(seed)
+    ld.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_()
+    out = ld(xr)
+    out.backward(g)
+    return out.detach(), xr.grad, [p.grad for p in ld.parameters()]
+
+
+def _plain_step(ld: gald.LocalDistribution, x: torch.Tensor, g: torch.Tensor, seed: int = 0):
+    """Autograd through plain ops: the branch modules as they are, the reference formula."""
+    torch.manual_seed(seed)
+    ld.zero_grad(set_to_none=True)
+    xr = x.clone().requires_grad_()
+    out = gald.ops.ld_modulate_reference(xr, ld.branch(xr), ld.offset)
+    out.backward(g)
+    return out.detach(), xr.grad, [p.grad for p in ld.parameters()]
+
+
+def _assert_same(a, b, **tol) -> None:
+    torch.testing.assert_close(a[0], b[0], **tol)
+    torch.testing.assert_close(a[1], b[1], **tol)
+    for ga, gb in zip(a[2], b[2]):
+        torch.testing.assert_close(ga, gb, **tol)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_grad_checkpointing_gives_identical_gradients(channels_last: bool) -> None:
+    ld = _randomise(gald.LocalDistribution(6, offset=2.0)).train()
+    x = torch.randn(2, 6, 19, 17)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    plain = _train_step(ld, x, g)
+    ld.set_grad_checkpointing()
+    assert ld.grad_checkpointing
+    ckpt = _train_step(ld, x, g)
+    _assert_same(ckpt, plain, rtol=0, atol=0)
+    ld.set_grad_checkpointing(False)
+    _assert_same(_train_step(ld, x, g), plain, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="enable must be a bool, got int"):
+        ld.set_grad_checkpointing(1)  # type: ignore[arg-type]
+
+
+def test_grad_checkpointing_saves_less() -> None:
+    def saved_bytes(ld: nn.Module, x: torch.Tensor) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ld(x)
+        return sum(storages.values())
+
+    ld = gald.LocalDistribution(8).train()
+    x = torch.randn(2, 8, 32, 32, requires_grad=True)
+    plain = saved_bytes(ld, x)
+    ld.set_grad_checkpointing()
+    ckpt = saved_bytes(ld, x)
+    # x and the logits (plus a few per-channel BatchNorm statistics) instead of every activation
+    assert ckpt < plain
+    assert ckpt <= x.numel() * 4 * 1.1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_branch_with_forward_hooks_gets_correct_gradients(checkpointing: bool) -> None:
+    ld = _randomise(gald.LocalDistribution(4)).train()
+    calls: list[str] = []
+
+    def scale(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        calls.append(type(module).__name__)
+        return out * 1.5  # a hook that changes the branch
+
+    ld.branch[1][0].register_forward_hook(scale)
+    ld.set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 4, 15, 13, dtype=torch.float64)
+    ld.double()
+    g = torch.randn_like(x)
+    got = _train_step(ld, x, g)
+    assert calls  # the hook ran
+    want = _plain_step(ld, x, g)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_stochastic_activation_gets_correct_gradients(checkpointing: bool) -> None:
+    # nn.RReLU in train mode draws a random slope per element: the backward must use the
+    # slopes of the forward (with checkpointing, the recomputation must draw the same ones)
+    ld = _randomise(gald.LocalDistribution(4, act_layer=nn.RReLU, final_act=False)).double()
+    ld.train().set_grad_checkpointing(checkpointing)
+    x = torch.randn(2, 4, 17, 15, dtype=torch.float64)
+    g = torch.randn_like(x)
+    got = _train_step(ld, x, g, seed=3)
+    want = _plain_step(ld, x, g, seed=3)
+    _assert_same(got, want)
+    other = _plain_step(ld, x, g, seed=4)
+    assert not torch.equal(other[1], want[1])  # the slopes are random indeed
+
+
+def test_autocast_output_has_the_input_dtype() -> None:
+    ld = gald.LocalDistribution(4).train()
+    x = torch.randn(1, 4, 16, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ld(x)
+        logits = ld.logits(x)
+    assert out.dtype == logits.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32

@@ -7,125 +7,56 @@ github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
 from .ops import ld_modulate
-from .ops._depthwise_cl import depthwise_conv_cl, is_depthwise
-from .ops._ld_train_cpu import ld_train_cpu
-from .ops._replay import replayable, run_chain
+
+__all__ = ["IMPLS", "LocalDistribution", "strided_min_size"]
+
+IMPLS = ("auto", "triton", "torch")
+"""The kernels a :class:`LocalDistribution` (and :class:`~gald.GALD`) may be told to use."""
 
 
-def _autocast_on() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
-
-
-def eager_cpu(x: torch.Tensor) -> bool:
-    """Whether the eager CPU fast paths may run on ``x``.
-
-    They need a float32 CPU tensor (oneDNN's channels_last kernels; float64 convs are much slower
-    in channels_last), no autocast (their backward replays the forward outside the autocast
-    region), and no compiler, exporter or tracer at work (those get the plain modules, which
-    they optimise or export themselves).
-    """
-    if x.device.type != "cpu" or x.dtype != torch.float32 or _autocast_on():
-        return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    return not torch.onnx.is_in_onnx_export()
-
-
-def _hooked(modules: Sequence[nn.Module]) -> bool:
-    """Whether any module (or any of its children) carries hooks; the fast paths call the first
-    conv functionally and may run later layers twice, so hooked chains get the plain path."""
-    glob = nn.modules.module
-    if (
-        glob._global_forward_hooks
-        or glob._global_forward_pre_hooks
-        or glob._global_backward_hooks
-        or glob._global_backward_pre_hooks
-    ):
-        return True
-    return any(
-        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-        for top in modules
-        for m in top.modules()
-    )
-
-
-def _split_chain(
-    x: torch.Tensor, stages: Iterable[nn.Module]
-) -> tuple[nn.Conv2d, list[nn.Module]] | None:
-    """(first depthwise conv, every later layer) of a chain of ``[conv, norm, act?]`` stages, or
-    ``None`` when the chain was edited into another structure or ``x`` does not fit it."""
-    stage_list = list(stages)
-    seqs = [s for s in stage_list if isinstance(s, nn.Sequential)]
-    if not stage_list or len(seqs) != len(stage_list):
-        return None
-    layers = [m for stage in seqs for m in stage]
-    if not layers or _hooked(stage_list):
-        return None
-    conv = layers[0]
-    if not isinstance(conv, nn.Conv2d) or not is_depthwise(conv) or x.shape[1] != conv.in_channels:
-        return None
-    return conv, layers[1:]
-
-
-def run_depthwise_chain(x: torch.Tensor, stages: Iterable[nn.Module]) -> torch.Tensor:
-    """``stages(x)`` for a chain of ``[depthwise conv, norm, act?]`` stages, fast on CPU.
-
-    On the eager CPU path the chain runs in channels_last (an NCHW ``x`` is converted slab by
-    slab inside the first conv, see :mod:`gald.ops._depthwise_cl`) and the output is
-    channels_last. Any other case, or a chain edited into another structure, runs the modules
-    as they are.
-    """
-    split = _split_chain(x, stages) if eager_cpu(x) else None
-    if split is None:
-        for stage in stages:
-            x = stage(x)
-        return x
-    z = depthwise_conv_cl(x, split[0])
-    if not torch.is_grad_enabled():
-        return run_chain(split[1], z, owns_input=True)
-    for m in split[1]:
-        z = m(z)
-    return z
+def check_impl(impl: object) -> str:
+    """``impl`` if it is one of :data:`IMPLS`, else a ``ValueError``/``TypeError`` naming it."""
+    if not isinstance(impl, str):
+        raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(impl).__name__}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
 
 
 class LocalDistribution(nn.Module):
     r"""Local Distribution: ``x * (offset + M)`` with a per-channel, per-position mask ``M``.
 
-    The mask branch is ``num_stages`` x [depthwise stride-2 conv -> norm -> act]; its low-resolution
-    output (the *logits*) is upsampled bilinearly (``align_corners=True``) to the input size and
-    passed through a sigmoid: ``M = sigmoid(Up(branch(x)))``. The modulation runs through the fused
-    op :func:`gald.ops.ld_modulate`, which never keeps a full-resolution mask for backward.
+    The mask branch is ``num_stages`` x [depthwise stride-2 conv -> norm -> act]; its
+    low-resolution output (the *logits*) is upsampled bilinearly (``align_corners=True``) to the
+    input size and passed through a sigmoid: ``M = sigmoid(Up(branch(x)))``.
 
     .. math::
         \mathrm{out} = x \odot \big(\mathrm{offset} + \sigma(\mathrm{Up}(\mathrm{branch}(x)))\big)
 
-    On CPU (eager, float32) the branch runs in channels_last whatever the input's memory format,
-    and in training the whole LD is one autograd node that keeps only ``x``, the branch's first
-    activation and the logits for backward (the later activations are recomputed;
-    :mod:`gald.ops._ld_train_cpu`). The output has the memory format of the input.
-    :func:`gald.fuse` folds the branch's BatchNorms into the convs for inference.
-
-    Complexity: time O(B C H W (k^2 / 4 + h)), with ``h ~ H/8`` the logits height;
-    autograd keeps ``x`` plus O(B C H W / 4).
+    ``forward`` calls ``self.branch`` as an ordinary module (hooks, ``torch.func``, DDP and
+    ``torch.compile`` see plain modules), then the fused op :func:`gald.ops.ld_modulate`, which
+    keeps only ``x`` and the logits for backward instead of the full-resolution mask. With
+    :meth:`set_grad_checkpointing` the branch runs under ``torch.utils.checkpoint`` and its
+    activations are recomputed in backward. :func:`gald.fuse` folds the branch's BatchNorms into
+    the convs for inference. The output has the memory format of the input.
 
     ``offset=1`` is the authors' ``LocalAttenModule`` (``x + x * M``); ``offset=0`` is a pure gate.
 
     .. note::
         With ``final_act=True`` (the default, as in the authors' code) a ReLU precedes the
-        sigmoid, so ``M`` lies in ``[0.5, 1)``, not ``(0, 1)``. ``final_act=False`` frees the full
-        range.
+        sigmoid, so ``M`` lies in ``[0.5, 1)``, not ``(0, 1)``. ``final_act=False`` frees the
+        full range.
+
+    Complexity: time O(B C H W (k^2 / 3 + h')), with ``h' ~ H/8`` the logits side; autograd
+    keeps ``x``, the branch activations (O(B C H W / 4), none with checkpointing) and the logits.
 
     Args:
         channels: number of channels ``C`` of the input.
@@ -137,6 +68,9 @@ class LocalDistribution(nn.Module):
         offset: the constant added to the mask.
         norm_layer: normalisation factory called as ``norm_layer(C)``.
         act_layer: activation factory called as ``act_layer()``.
+        impl: kernel of the modulation: ``"auto"`` (Triton on CUDA when available, else plain
+            PyTorch), ``"triton"`` or ``"torch"`` (to step around a misbehaving kernel); see
+            :func:`gald.ops.ld_modulate`.
 
     Shape:
         - Input: :math:`(B, C, H, W)`
@@ -154,6 +88,7 @@ class LocalDistribution(nn.Module):
         offset: float = 1.0,
         norm_layer: LayerFactory = nn.BatchNorm2d,
         act_layer: LayerFactory = nn.ReLU,
+        impl: str = "auto",
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
@@ -164,6 +99,8 @@ class LocalDistribution(nn.Module):
             raise TypeError(f"offset must be a float, got {type(offset).__name__}")
         self.offset = float(offset)
         self.final_act = bool(final_act)
+        self.impl = check_impl(impl)
+        self.grad_checkpointing = False
         self.min_size = strided_min_size(num_stages, kernel_size, padding)
         self.branch = nn.Sequential(
             *(
@@ -182,34 +119,36 @@ class LocalDistribution(nn.Module):
         return (
             f"channels={self.channels}, num_stages={self.num_stages}, "
             f"kernel_size={self.kernel_size}, padding={self.padding}, "
-            f"final_act={self.final_act}, offset={self.offset}"
+            f"final_act={self.final_act}, offset={self.offset}, impl={self.impl!r}"
         )
 
-    def _branch(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
-        return run_depthwise_chain(x, self.branch)
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the branch in backward instead of keeping its activations (timm's switch).
+
+        Saves about a quarter of the input's size per LD in training at the cost of running the
+        branch twice. The branch then runs under ``torch.utils.checkpoint`` (non-reentrant),
+        which restores the RNG state, so stochastic layers see the same randomness both times.
+        """
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+        self.grad_checkpointing = enable
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Low-resolution mask logits ``branch(x)``, shape (B, C, h, w)."""
-        return self._branch(x)
+        """Low-resolution mask logits ``branch(x)``, shape (B, C, h, w), in the dtype of ``x``."""
+        check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            logits = checkpoint(self.branch, x, use_reentrant=False)
+        else:
+            logits = self.branch(x)
+        # under autocast the branch may return a lower precision than x
+        return logits if logits.dtype == x.dtype else logits.to(x.dtype)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The full-resolution mask ``sigmoid(Up(branch(x)))``, shape (B, C, H, W)."""
-        logits = self._branch(x)
+        logits = self.logits(x)
         return torch.sigmoid(
             F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
-        if torch.is_grad_enabled() and eager_cpu(x):
-            split = _split_chain(x, self.branch)
-            if split is not None and replayable(split[1]):
-                # eager CPU training: the whole LD as one autograd node (same kernels as
-                # ld_modulate; see gald.ops._ld_train_cpu)
-                return ld_train_cpu(x, split[0], split[1], self.offset)
-        logits = run_depthwise_chain(x, self.branch)
-        # under autocast the branch may return a lower precision than x
-        if logits.dtype != x.dtype:
-            logits = logits.to(x.dtype)
-        return ld_modulate(x, logits, self.offset)
+        return ld_modulate(x, self.logits(x), self.offset, impl=self.impl)

@@ -1,5 +1,5 @@
 """Functional ops with their own autograd and kernels."""
 
-from .ld_modulate import ld_modulate, ld_modulate_reference
+from ._modulate import ld_modulate, ld_modulate_reference
 
 __all__ = ["ld_modulate", "ld_modulate_reference"]

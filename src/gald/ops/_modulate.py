@@ -8,15 +8,14 @@ Networks", BMVC 2019 (arXiv 1909.07229): the LD gate ``F * M`` with the authors'
     \mathrm{out} = x \odot \big(\mathrm{offset} + \sigma(A_H\, L\, A_W^\top)\big)
 
 with ``A_H`` (H, h) and ``A_W`` (W, w) the bilinear interpolation matrices
-(:mod:`gald.ops._interp`). The op is registered with ``torch.library.custom_op`` as
-``gald::ld_modulate`` (its backward as ``gald::ld_modulate_backward``), so ``torch.compile``
-traces through it without a graph break and ``torch.export`` keeps it as one node.
+(:mod:`gald.ops._interp`). The op is the ``torch.library`` operator ``gald::ld_modulate`` (its
+backward ``gald::ld_modulate_backward``) with a fake (meta) kernel and an autograd formula, so
+``torch.compile`` traces through it without a graph break and ``torch.export`` keeps it as one
+node. Two kernels implement it: the plain-PyTorch one (:mod:`gald.ops._ld_torch`, any device)
+and the Triton one (:mod:`gald.ops._triton_ld`, CUDA).
 
 Memory: autograd saves only ``x`` and the low-resolution ``logits``; the backward recomputes the
-mask. The authors' formulation also keeps the full-resolution sigmoid output alive.
-
-Complexity: time O(B C H W h) (the mask is a matmul with inner size h, plus O(1) elementwise
-work per element), extra memory O(B C h W) beyond the output.
+mask. The authors' formulation also keeps the full-resolution upsampled logits and mask alive.
 """
 
 from __future__ import annotations
@@ -26,11 +25,11 @@ from types import ModuleType
 import torch
 import torch.nn.functional as F
 
-from .._amp import compute_dtype
+from .._amp import autocast_off, compute_dtype
 from .._validate import check_feature
 from . import _ld_torch
 
-IMPLS = ("reference", "torch", "triton")
+IMPLS = ("auto", "reference", "torch", "triton")
 
 _triton_module: ModuleType | None = None
 _triton_error: str | None = None
@@ -80,6 +79,20 @@ def ld_modulate_reference(
 
 # --------------------------------------------------------------------------------------------
 # The custom ops
+#
+# Defined with ``torch.library.Library`` rather than the ``torch.library.custom_op`` decorator:
+# the decorator's op imports ``torch._dynamo`` on its first call (over a second), this one does
+# not, and both give the same fake (meta) kernel, autograd formula, ``torch.compile`` and
+# ``torch.export`` support.
+
+_LIB = torch.library.Library("gald", "DEF")
+_LIB.define(
+    "ld_modulate(Tensor x, Tensor logits, float offset, bool align_corners, str impl) -> Tensor"
+)
+_LIB.define(
+    "ld_modulate_backward(Tensor grad, Tensor x, Tensor logits, float offset, "
+    "bool align_corners, str impl, bool need_x, bool need_logits) -> (Tensor, Tensor)"
+)
 
 
 def _check_impl_in_op(impl: str) -> None:
@@ -97,33 +110,36 @@ def _require_triton() -> ModuleType:
     return mod
 
 
-def _no_autocast(x: torch.Tensor) -> torch.autocast:
-    """The kernels pick their own precision: an enclosing autocast region must not recast the
-    matmuls inside them (a custom op runs with the caller's autocast state)."""
-    return torch.autocast(x.device.type, enabled=False)
+def _like(g: torch.Tensor | None, ref: torch.Tensor, needed: bool) -> torch.Tensor:
+    """``g`` with the dtype and strides of ``empty_like(ref)`` (what the fake kernel promises),
+    copied only when they differ; an empty tensor when the gradient is not needed."""
+    if not needed or g is None:
+        return ref.new_empty(0)
+    if g.dtype == ref.dtype and g.stride() == torch.empty_like(ref, device="meta").stride():
+        return g
+    return torch.empty_like(ref).copy_(g)
 
 
-@torch.library.custom_op("gald::ld_modulate", mutates_args=())
-def _ld_modulate_op(
+def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
     _check_impl_in_op(impl)
-    with _no_autocast(x):
+    # the kernels choose their own precision: an enclosing autocast must not recast them
+    with autocast_off(x.device.type):
         if impl == "triton":
-            res = _require_triton().ld_modulate_fwd_triton(
-                x.contiguous(), logits.contiguous(), float(offset), bool(align_corners)
-            )
-            return _like_or_empty(res, x, True)
-        return _ld_torch.forward(x, logits, float(offset), bool(align_corners))
+            out = _require_triton().ld_modulate_fwd_triton(x, logits, offset, align_corners)
+        else:
+            out = _ld_torch.forward(x, logits, offset, align_corners)
+    return _like(out, x, True)
 
 
-@_ld_modulate_op.register_fake
-def _(x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str):
+def _modulate_fake(
+    x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
+) -> torch.Tensor:
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("gald::ld_modulate_backward", mutates_args=())
-def _ld_modulate_backward_op(
+def _backward_kernel(
     grad: torch.Tensor,
     x: torch.Tensor,
     logits: torch.Tensor,
@@ -134,37 +150,28 @@ def _ld_modulate_backward_op(
     need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
-    with _no_autocast(x):
+    with autocast_off(x.device.type):
         if impl == "triton":
             gx, gl = _require_triton().ld_modulate_bwd_triton(
-                grad.contiguous(),
-                x.contiguous(),
-                logits.contiguous(),
-                float(offset),
-                bool(align_corners),
-                bool(need_x),
-                bool(need_logits),
+                grad, x, logits, offset, align_corners, need_x, need_logits
             )
         else:
             gx, gl = _ld_torch.backward(
-                grad, x, logits, float(offset), bool(align_corners), need_x, need_logits
+                grad, x, logits, offset, align_corners, need_x, need_logits
             )
-    return _like_or_empty(gx, x, need_x), _like_or_empty(gl, logits, need_logits)
+    return _like(gx, x, need_x), _like(gl, logits, need_logits)
 
 
-def _like_or_empty(g: torch.Tensor | None, ref: torch.Tensor, needed: bool) -> torch.Tensor:
-    """``g`` with the strides of ``empty_like(ref)`` (what the fake kernel promises); copied
-    only when its layout or dtype differs."""
-    if not needed or g is None:
-        return ref.new_empty(0)
-    # the strides empty_like would give, read off a meta tensor (no allocation)
-    if g.stride() == torch.empty_like(ref, device="meta").stride() and g.dtype == ref.dtype:
-        return g
-    return torch.empty_like(ref).copy_(g)
-
-
-@_ld_modulate_backward_op.register_fake
-def _(grad, x, logits, offset, align_corners, impl, need_x, need_logits):
+def _backward_fake(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    logits: torch.Tensor,
+    offset: float,
+    align_corners: bool,
+    impl: str,
+    need_x: bool,
+    need_logits: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     gx = torch.empty_like(x) if need_x else x.new_empty(0)
     gl = torch.empty_like(logits) if need_logits else logits.new_empty(0)
     return gx, gl
@@ -178,7 +185,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.impl = impl
 
 
-def _backward(ctx, grad):
+def _autograd_backward(ctx, grad):
     x, logits = ctx.saved_tensors
     need_x, need_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gx, gl = torch.ops.gald.ld_modulate_backward(
@@ -187,7 +194,13 @@ def _backward(ctx, grad):
     return (gx if need_x else None, gl if need_logits else None, None, None, None)
 
 
-_ld_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+_LIB.impl("ld_modulate", _modulate_kernel, "CompositeExplicitAutograd")
+_LIB.impl("ld_modulate_backward", _backward_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("gald::ld_modulate", _modulate_fake, lib=_LIB)
+torch.library.register_fake("gald::ld_modulate_backward", _backward_fake, lib=_LIB)
+torch.library.register_autograd(
+    "gald::ld_modulate", _autograd_backward, setup_context=_setup_context, lib=_LIB
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,16 +245,21 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
         )
 
 
-def resolve_impl(x: torch.Tensor, impl: str | None) -> str:
-    """The implementation ``impl`` stands for on ``x`` (``None`` -> the best available)."""
-    if impl is None:
+def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
+    """The kernel ``impl`` stands for on ``x``: ``"reference"``, ``"torch"`` or ``"triton"``.
+
+    ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports, else the
+    torch kernel; while a TorchScript tracer or the ONNX exporter runs it is the reference
+    formula, so exported graphs hold standard ops only.
+    """
+    if impl is None or impl == "auto":
         if _exporting():
             return "reference"
         if x.device.type == "cuda" and triton_available():
             return "triton"
         return "torch"
     if impl not in IMPLS:
-        raise ValueError(f"ld_modulate: impl must be None or one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"ld_modulate: impl must be one of {IMPLS}, got {impl!r}")
     if impl == "triton":
         _require_triton()
     return impl
@@ -253,7 +271,7 @@ def ld_modulate(
     offset: float = 1.0,
     *,
     align_corners: bool = True,
-    impl: str | None = None,
+    impl: str | None = "auto",
 ) -> torch.Tensor:
     r"""Compute ``x * (offset + sigmoid(Up(logits, x.shape[-2:])))`` with a memory-lean backward.
 
@@ -265,29 +283,30 @@ def ld_modulate(
         logits: the low-resolution mask logits (the LD branch output).
         offset: constant added to the mask (``1`` = the authors' ``x + x * M``).
         align_corners: as in ``F.interpolate``.
-        impl: ``None`` picks the best available (the Triton kernel for CUDA tensors when triton
-            imports, else ``"torch"``; the reference formula while exporting or tracing, so
-            ONNX graphs hold standard ops only); ``"reference"`` the plain-ops formula (the
-            oracle; autograd saves the full-resolution mask); ``"torch"`` the chunked
-            plain-PyTorch path (CPU and CUDA); ``"triton"`` the kernel (``RuntimeError`` when
-            unavailable).
+        impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors when
+            triton imports and the torch kernel otherwise (the reference formula while a tracer
+            or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device, no
+            full-size temporaries); ``"triton"`` the Triton kernel (``RuntimeError`` when
+            triton is unavailable); ``"reference"`` the plain-ops formula (the oracle: autograd
+            saves the full-resolution mask).
 
     Shape:
-        - x: :math:`(B, C, H, W)`, any memory format (channels_last is kept).
+        - x: :math:`(B, C, H, W)`, any strides (NCHW and channels_last are kept).
         - logits: :math:`(B, C, h, w)`, any ``h, w >= 1``.
         - Output: :math:`(B, C, H, W)`, the memory format of ``x``.
 
     dtypes: float32 and float64 are exact to rounding; float16 and bfloat16 compute the mask,
-    the sigmoid and the reduction of the backward in float32 and round once. The op is
-    deterministic on CPU. Double backward is not supported.
+    the sigmoid and the reduction of the backward in float32 and round once. An enclosing
+    autocast region does not change this. The torch kernel is bitwise reproducible on CPU.
+    Double backward is not supported.
 
-    Complexity: time O(B C H W h), extra memory O(B C h W) beyond the output; autograd saves
-    ``x`` and ``logits`` only. On CPU the output (and the input gradient) of tens of MB is
-    backed by transparent huge pages where Linux offers them (``GALD_HUGEPAGES=0`` turns this
-    off; see :mod:`gald.ops._alloc`).
+    Complexity: time O(B C H W k) multiply-adds for the mask (``k = w`` for NCHW inputs, ``h``
+    for channels_last) plus O(1) elementwise work per element; autograd saves ``x`` and
+    ``logits`` only; extra memory is a constant (chunk buffers of at most 8 MiB) plus
+    O(B C (H w + h W)) in the backward.
     """
     _check_inputs(x, logits, offset, align_corners)
     which = resolve_impl(x, impl)
     if which == "reference":
         return ld_modulate_reference(x, logits, float(offset), align_corners=align_corners)
-    return _ld_modulate_op(x, logits, float(offset), align_corners, which)
+    return torch.ops.gald.ld_modulate(x, logits, float(offset), align_corners, which)
