@@ -308,14 +308,13 @@ class GALD(nn.Module):
         self.alpha: nn.Parameter | None = None
         if ld:
             extra: dict[str, Any] = {k: v for k, v in ld_args.items() if v is not None}
-            if impl != "auto":
-                extra["impl"] = impl
             self.ld = LocalDistribution(
                 self.out_channels,
                 offset=self.offset,
                 padding=self.padding,
                 norm_layer=norm_layer,
                 act_layer=act_layer,
+                impl=impl,
                 **extra,
             )
             min_size = max(min_size, self.ld.min_size)
