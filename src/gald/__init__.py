@@ -25,6 +25,7 @@ from .head import AuxHead, GALDHead
 from .ld import LocalDistribution
 from .losses import OhemCrossEntropy
 from .registry import create_ga, get_ga_class, list_ga, register_ga, registered, unregister_ga
+from .stats import ld_statistics
 
 __all__ = [
     "GALD",

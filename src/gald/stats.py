@@ -1,0 +1,325 @@
+"""Gate statistics of every Local Distribution in a model: is the LD doing anything?
+
+The LD multiplies its input by the gate ``offset + M`` with ``M = sigmoid(Up(branch(x)))``
+(Li et al., "Global Aggregation then Local Distribution in Fully Convolutional Networks",
+BMVC 2019). A gate that is (nearly) the same at every position and in every sample is a
+constant per-channel scale, which the conv and norm that follow absorb: the LD then costs time
+and changes nothing. :func:`ld_statistics` measures how far a trained model's gates are from
+that case, on the user's own data.
+
+Only running sums are kept (float64, merged with Chan's parallel form of Welford's update), so
+the memory used does not grow with the number of batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validate import check_positive_int
+from .ld import LocalDistribution
+
+__all__ = ["GateStats", "LDStatistics", "ld_statistics"]
+
+#: relative distance from the channel mean above which a position counts as "off the mean"
+FAR_THRESHOLD = 0.05
+
+
+@dataclass(frozen=True)
+class GateStats:
+    """Statistics of one LD's gate ``offset + M`` over every element seen.
+
+    Attributes:
+        mean, std, min, max: of the gate over all samples, channels and positions
+            (``std`` is the population standard deviation).
+        spatial_cv: mean over (sample, channel) of the coefficient of variation (std / mean)
+            of the gate over positions. ``0`` means the gate is flat over space.
+        channel_cv: coefficient of variation across channels of the per-channel mean gate.
+        sample_cv: mean over channels of the coefficient of variation across samples of the
+            per-sample spatial mean gate. ``0`` means every sample gets the same gate.
+        far_fraction: fraction of positions whose gate differs from the mean of its
+            (sample, channel) map by more than 5 % of that mean.
+        low, high: the range the gate can take under this LD's settings (``final_act=True``:
+            ``[offset + 0.5, offset + 1)``; ``False``: ``(offset, offset + 1)``).
+        offset, final_act: the LD's settings.
+        samples: number of samples seen; channels: number of channels.
+    """
+
+    mean: float
+    std: float
+    min: float
+    max: float
+    spatial_cv: float
+    channel_cv: float
+    sample_cv: float
+    far_fraction: float
+    low: float
+    high: float
+    offset: float
+    final_act: bool
+    samples: int
+    channels: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_COLUMNS = (
+    ("mean", "mean", "{:.4f}"),
+    ("std", "std", "{:.4f}"),
+    ("min", "min", "{:.4f}"),
+    ("max", "max", "{:.4f}"),
+    ("spatial CV", "spatial_cv", "{:.2%}"),
+    ("channel CV", "channel_cv", "{:.2%}"),
+    ("sample CV", "sample_cv", "{:.2%}"),
+    (">5% off", "far_fraction", "{:.2%}"),
+)
+
+
+class LDStatistics(dict[str, GateStats]):
+    """A ``dict`` from module name to :class:`GateStats`; ``str()`` gives a table."""
+
+    def __str__(self) -> str:
+        header = ["LD", "range", *(c[0] for c in _COLUMNS), "samples"]
+        rows = [header]
+        for name, s in self.items():
+            left = "[" if s.final_act else "("
+            rng = f"{left}{s.low:g}, {s.high:g})"
+            if s.samples == 0:
+                rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), "0 (not called)"])
+                continue
+            values = [fmt.format(getattr(s, attr)) for _, attr, fmt in _COLUMNS]
+            rows.append([name or "<model>", rng, *values, str(s.samples)])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines = [
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+            for r in rows
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+
+class _Moments:
+    """Vector running count, mean and sum of squared deviations (Chan et al.'s merge)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+
+    def update(self, values: torch.Tensor, dim: Sequence[int]) -> None:
+        """Merge ``values`` (float64), reduced over ``dim``; the kept dims must match earlier
+        calls."""
+        n_b = math.prod(values.shape[d] for d in dim)
+        if n_b == 0:
+            return
+        mean_b = values.mean(dim=tuple(dim))
+        m2_b = (values - values.mean(dim=tuple(dim), keepdim=True)).square().sum(dim=tuple(dim))
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = n_b, mean_b, m2_b
+            return
+        if mean_b.shape != self.mean.shape:
+            raise ValueError(
+                f"gate shape changed between batches: {tuple(self.mean.shape)} channels before, "
+                f"{tuple(mean_b.shape)} now"
+            )
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (n_b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.n * n_b / n)
+        self.n = n
+
+
+def _cv(std: float, mean: float) -> float:
+    if std == 0.0:
+        return 0.0
+    return std / abs(mean) if mean != 0.0 else math.inf
+
+
+class _GateAccumulator:
+    """Running sums for one LD. Its size depends on the channel count only."""
+
+    def __init__(self, ld: LocalDistribution) -> None:
+        self.offset = float(ld.offset)
+        self.final_act = bool(ld.final_act)
+        self.per_channel = _Moments()  # gate values per channel, over samples and positions
+        self.sample_means = _Moments()  # per-(sample, channel) spatial means, over samples
+        self.min = math.inf
+        self.max = -math.inf
+        self.spatial_cv_sum = 0.0
+        self.pairs = 0
+        self.far = 0
+        self.positions = 0
+
+    def state_numel(self) -> int:
+        """Number of stored scalars (for checking that nothing grows with the batch count)."""
+        tensors = (
+            self.per_channel.mean,
+            self.per_channel.m2,
+            self.sample_means.mean,
+            self.sample_means.m2,
+        )
+        return sum(t.numel() for t in tensors if t is not None)
+
+    def update(self, gate: torch.Tensor) -> None:
+        """Add one (B, C, H, W) gate (float64)."""
+        self.per_channel.update(gate, dim=(0, 2, 3))
+        self.min = min(self.min, float(gate.min()))
+        self.max = max(self.max, float(gate.max()))
+        std_hw, mean_hw = torch.std_mean(gate, dim=(2, 3), correction=0)
+        cv = torch.where(std_hw == 0, torch.zeros_like(std_hw), std_hw / mean_hw.abs())
+        self.spatial_cv_sum += float(cv.sum())
+        self.pairs += cv.numel()
+        self.sample_means.update(mean_hw, dim=(0,))
+        dev = (gate - mean_hw[..., None, None]).abs()
+        self.far += int((dev > FAR_THRESHOLD * mean_hw.abs()[..., None, None]).sum())
+        self.positions += gate.numel()
+
+    def result(self) -> GateStats:
+        low = self.offset + (0.5 if self.final_act else 0.0)
+        high = self.offset + 1.0
+        pc, sm = self.per_channel, self.sample_means
+        if pc.mean is None or pc.m2 is None or sm.mean is None or sm.m2 is None:
+            nan = math.nan
+            return GateStats(
+                nan, nan, nan, nan, nan, nan, nan, nan, low, high, self.offset, self.final_act, 0, 0
+            )
+        channels = pc.mean.numel()
+        # overall moments from the per-channel ones (every channel has the same count)
+        mean_c = pc.mean
+        mean = float(mean_c.mean())
+        between = float((mean_c - mean_c.mean()).square().sum()) * pc.n
+        total = pc.n * channels
+        std = math.sqrt(max(float(pc.m2.sum()) + between, 0.0) / total)
+        channel_std = float(mean_c.std(correction=0)) if channels > 1 else 0.0
+        sample_std = (sm.m2 / sm.n).clamp_min(0).sqrt()
+        sample_cv = torch.where(
+            sample_std == 0, torch.zeros_like(sample_std), sample_std / sm.mean.abs()
+        )
+        return GateStats(
+            mean=mean,
+            std=std,
+            min=self.min,
+            max=self.max,
+            spatial_cv=self.spatial_cv_sum / self.pairs,
+            channel_cv=_cv(channel_std, mean),
+            sample_cv=float(sample_cv.mean()),
+            far_fraction=self.far / self.positions,
+            low=low,
+            high=high,
+            offset=self.offset,
+            final_act=self.final_act,
+            samples=sm.n,
+            channels=channels,
+        )
+
+
+def _input_of(batch: object, index: int) -> torch.Tensor:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        if "image" not in batch:
+            raise ValueError(
+                f"batch {index} is a mapping without an 'image' key (keys: {sorted(map(str, batch))})"
+            )
+        x = batch["image"]
+    elif isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError(f"batch {index} is an empty {type(batch).__name__}")
+        x = batch[0]
+    else:
+        raise TypeError(
+            f"batches must yield tensors, tuples/lists (input first) or dicts with an 'image' "
+            f"key, got {type(batch).__name__} at batch {index}"
+        )
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"the input of batch {index} must be a torch.Tensor, got {type(x).__name__}"
+        )
+    return x
+
+
+def ld_statistics(
+    model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None
+) -> LDStatistics:
+    """Statistics of the gate ``offset + M`` of every :class:`~gald.LocalDistribution` in
+    ``model``, over the inputs in ``batches``.
+
+    The model runs in eval mode without gradients (the training flags of all modules are
+    restored afterwards). A forward hook on each LD receives its input ``x`` and computes the
+    gate as ``ld.offset + ld.mask(x)`` in float64; only running sums are kept, so memory does
+    not depend on the number of batches. Inputs are moved to the device of the model's first
+    parameter.
+
+    Args:
+        model: any module containing at least one ``LocalDistribution`` (the model itself may
+            be one).
+        batches: an iterable of input tensors, of tuples/lists whose first element is the
+            input (e.g. ``(image, target)`` from a ``DataLoader``), or of dicts with an
+            ``"image"`` key.
+        max_batches: stop after this many batches (``None``: use them all).
+
+    Returns:
+        :class:`LDStatistics`, a ``dict`` keyed by module name (as in ``named_modules``) of
+        :class:`GateStats`; ``print`` it for a table. An LD the model never called reports
+        ``samples == 0`` and NaN statistics.
+
+    Raises:
+        ValueError: the model has no LD, ``batches`` is empty, or ``max_batches < 1``.
+
+    Example::
+
+        stats = gald.ld_statistics(model, val_loader, max_batches=20)
+        print(stats)
+        if all(s.spatial_cv < 0.01 and s.sample_cv < 0.01 for s in stats.values()):
+            print("every LD acts as a constant per-channel scale")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if max_batches is not None:
+        max_batches = check_positive_int(max_batches, "max_batches")
+    lds = [(name, m) for name, m in model.named_modules() if isinstance(m, LocalDistribution)]
+    if not lds:
+        raise ValueError(
+            f"model ({type(model).__name__}) contains no gald.LocalDistribution; "
+            "ld_statistics needs at least one"
+        )
+    accumulators = {name: _GateAccumulator(m) for name, m in lds}
+
+    def make_hook(acc: _GateAccumulator) -> Any:
+        def hook(module: LocalDistribution, args: tuple[Any, ...], output: Any) -> None:
+            gate = module.mask(args[0]).to(torch.float64) + module.offset
+            acc.update(gate)
+
+        return hook
+
+    device = next((p.device for p in model.parameters()), None)
+    modes = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_hook(make_hook(accumulators[name])) for name, m in lds]
+    seen = 0
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in itertools.islice(batches, max_batches):
+                x = _input_of(batch, seen)
+                if device is not None:
+                    x = x.to(device)
+                model(x)
+                seen += 1
+                del batch, x
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    if seen == 0:
+        raise ValueError("batches yielded no batch; ld_statistics needs at least one input")
+    return LDStatistics((name, acc.result()) for name, acc in accumulators.items())
