@@ -1,0 +1,326 @@
+"""gald.testing: check_ga / check_gald pass on a sound layer, name the right property on broken
+ones, and the hypothesis strategies draw what they promise."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import gald
+from gald.testing import (
+    PROPERTIES,
+    check_ga,
+    check_gald,
+    declared_min_size,
+    feature_maps,
+    ga_inputs,
+    randomize_,
+)
+
+C = 8
+
+
+class SqueezeExcitation(nn.Module):
+    """A plain squeeze-excitation layer, as a downstream project would write it."""
+
+    def __init__(self, channels: int, reduction: int = 4, out_channels: int | None = None) -> None:
+        super().__init__()
+        self.channels = channels
+        self.fc1 = nn.Conv2d(channels, channels // reduction, 1)
+        self.fc2 = nn.Conv2d(channels // reduction, channels, 1)
+        self.proj = None if out_channels is None else nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.sigmoid(self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)))))
+        y = x * gate
+        return y if self.proj is None else self.proj(y)
+
+
+# ---- deliberately broken layers: each breaks exactly one property ---------------------------
+
+
+class MixesBatch(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + x.mean(0, keepdim=True)  # statistics across the batch
+
+
+class WrongShape(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)[:, 1:]
+
+
+class UnusedParameter(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.temperature = nn.Parameter(torch.ones(1))  # never used in forward
+
+
+class CrashesOnEmpty(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        pooled = x.reshape(b, c, -1).mean(-1)  # reshape with -1 fails on an empty batch
+        return x * torch.sigmoid(self.fc2(F.relu(self.fc1(pooled[..., None, None]))))
+
+
+class BufferOnDefaultDevice(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.register_buffer("scale", torch.ones(channels, 1, 1, device="cpu"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class TensorOnDefaultDeviceInForward(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = torch.linspace(0.5, 1.5, x.shape[-1])  # no device=x.device
+        return super().forward(x) * ramp
+
+
+class _WrongBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return grad * x  # should be 2 * x
+
+
+class WrongGradient(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _WrongBackward.apply(super().forward(x))
+
+
+class Fp16Overflow(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.big = nn.Conv2d(channels, channels, 1, bias=False)
+        with torch.no_grad():
+            self.big.weight.copy_(torch.eye(channels)[..., None, None] * 1e5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.big(super().forward(x)) / 1e5  # overflows fp16 in between
+
+
+class LayoutDependent(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        # reads the storage as if it were contiguous
+        raw = torch.as_strided(x, (b, c, h, w), (c * h * w, h * w, w, 1))
+        return super().forward(raw)
+
+
+class DataDependentBranch(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.fc2.bias.sum().item() > -1e9:  # .item() breaks the graph: fullgraph refuses it
+            return y
+        return -y
+
+
+class StateOutsideStateDict(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.scale = torch.rand(channels, 1, 1) + 0.5  # a plain attribute, not a buffer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * self.scale
+
+
+class NeedsThree(SqueezeExcitation):
+    min_size = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] < 3 or x.shape[-2] < 3:
+            raise ValueError("too small")
+        return F.avg_pool2d(super().forward(x), 3, stride=1, padding=1, count_include_pad=False)
+
+
+# ---- check_ga -------------------------------------------------------------------------------
+
+
+def test_sound_layer_passes_every_property() -> None:
+    assert check_ga(SqueezeExcitation, channels=C) == list(PROPERTIES)
+    assert check_ga(partial(SqueezeExcitation, reduction=2), channels=C, out_channels=C, compile=False)
+
+
+FIRST_LINE = re.compile(r"^(?P<prop>\w+): (?P<where>input shape \([\d, ]+\)|construction): (?P<measured>.+)$")
+
+
+@pytest.mark.parametrize(
+    ("cls", "prop", "measured"),
+    [
+        (MixesBatch, "batch_independence", r"changed sample 0's eval-mode output by [\d.e+-]+ "),
+        (WrongShape, "shapes", r"output shape \(0, 7, 1, 1\), expected \(0, 8, 1, 1\)"),
+        (UnusedParameter, "gradients", r"parameter 'temperature' \(1,\) received no gradient"),
+        (CrashesOnEmpty, "shapes", r"eval-mode forward raised RuntimeError: .*0 elements"),
+        (BufferOnDefaultDevice, "device", r"buffer 'scale' is on cpu after building under torch.device\('meta'\)"),
+        (TensorOnDefaultDeviceInForward, "device", r"forward under torch.device\('meta'\) raised"),
+        (WrongGradient, "gradcheck", r"Jacobians disagree with respect to the (input|parameters): max per-element difference [\d.e+-]+"),
+        (Fp16Overflow, "autocast", r"\d+ non-finite output values under torch.float16 autocast"),
+        (LayoutDependent, "memory_format", r"channels_last input gives an output [\d.e+-]+ away"),
+        (DataDependentBranch, "compile", r"torch.compile\(fullgraph=True, backend=\"eager\"\) raised"),
+        (StateOutsideStateDict, "state_dict", r"a fresh module loaded with the state_dict differs by [\d.e+-]+"),
+    ],
+)
+def test_broken_layer_fails_on_its_property(cls: type[nn.Module], prop: str, measured: str) -> None:
+    # all properties on: the broken one is the one reported, and only it
+    with pytest.raises(AssertionError) as info:
+        check_ga(cls, channels=C)
+    first = str(info.value).splitlines()[0]
+    match = FIRST_LINE.match(first)
+    assert match is not None, first
+    assert match["prop"] == prop, first
+    assert re.search(measured, match["measured"]), first
+    assert f"{prop}=False" in str(info.value)
+    if cls is WrongShape:
+        return  # every property reads the output shape
+    # switching that property off lets the rest pass (compile is slow: off unless it is the one)
+    switches = {prop: False} if prop == "compile" else {prop: False, "compile": False}
+    assert prop not in check_ga(cls, channels=C, **switches)
+
+
+def test_only_and_switches() -> None:
+    assert check_ga(MixesBatch, channels=C, only=("shapes", "gradients")) == ["shapes", "gradients"]
+    assert check_ga(SqueezeExcitation, channels=C, only=["shapes", "compile"], compile=False) == ["shapes"]
+    with pytest.raises(ValueError, match=r"only names unknown properties \['shape'\]"):
+        check_ga(SqueezeExcitation, only=("shape",))
+    with pytest.raises(TypeError, match="only must be a collection of property names"):
+        check_ga(SqueezeExcitation, only="shapes")
+    with pytest.raises(TypeError, match="gradcheck must be a bool, got str"):
+        check_ga(SqueezeExcitation, gradcheck="no")  # type: ignore[arg-type]
+
+
+def test_bad_factory_and_arguments() -> None:
+    with pytest.raises(TypeError, match="factory must be an nn.Module class or a callable"):
+        check_ga(SqueezeExcitation(C))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="factory must return an nn.Module, got Tensor"):
+        check_ga(lambda c: torch.zeros(c))  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+        check_ga(SqueezeExcitation, channels=0)
+    with pytest.raises(ValueError, match=r"min_size must be an int or an \(h, w\) pair"):
+        check_ga(SqueezeExcitation, min_size=(1, 2, 3))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="autocast_dtypes must hold floating torch dtypes"):
+        check_ga(SqueezeExcitation, autocast_dtypes=(torch.int8,))
+
+
+def test_declared_min_size_is_respected() -> None:
+    assert declared_min_size(NeedsThree(C)) == (3, 3)
+    assert declared_min_size(SqueezeExcitation(C)) == (1, 1)
+    check_ga(NeedsThree, channels=C, only=("shapes", "batch_independence"))
+    with pytest.raises(AssertionError, match=r"^shapes: input shape \(0, 8, 1, 1\): eval-mode forward raised ValueError: too small"):
+        check_ga(NeedsThree, channels=C, min_size=1, only=("shapes",))
+    # an (h, w) pair: the smallest map checked is exactly 3 x 3
+    check_ga(NeedsThree, channels=C, min_size=(3, 3), only=("shapes",))
+
+
+def test_randomize_moves_parameters_and_running_stats() -> None:
+    a = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    b = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2))
+    b.load_state_dict(a.state_dict())
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    randomize_(a, seed=3)
+    randomize_(b, seed=3)
+    for key in ("0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"):
+        assert not torch.equal(a.state_dict()[key], before[key]), key
+        assert torch.equal(a.state_dict()[key], b.state_dict()[key]), key  # same seed, same values
+    assert (a[1].running_var >= 0.5).all() and (a[1].running_var <= 1.5).all()
+
+
+# ---- check_gald -----------------------------------------------------------------------------
+
+
+def test_check_gald_with_a_home_made_layer() -> None:
+    checked = check_gald(SqueezeExcitation, in_channels=C, compile=False)
+    assert checked == [p for p in PROPERTIES if p != "compile"]
+    check_gald(lambda c: SqueezeExcitation(c, reduction=2), in_channels=C, only=("shapes", "gradients"))
+
+
+def test_check_gald_with_a_width_changing_layer() -> None:
+    widen = partial(SqueezeExcitation, out_channels=12)
+    checked = check_gald(widen, in_channels=C, out_channels=12, compile=False, gradcheck=False)
+    assert "shapes" in checked
+    check_gald(partial(SqueezeExcitation, out_channels=12), in_channels=C, out_channels=12, only=("shapes",))
+    # declared as width-keeping, the block's (inferred) width 12 is reported against 8
+    with pytest.raises(AssertionError, match=r"^shapes: input shape \(0, 8, \d+, \d+\): output shape \(0, 12, "):
+        check_gald(widen, in_channels=C, only=("shapes",))
+
+
+def test_check_gald_arguments() -> None:
+    with pytest.raises(ValueError, match="pass out_channels to check_gald directly"):
+        check_gald(SqueezeExcitation, gald_kwargs={"out_channels": 4})
+    with pytest.raises(TypeError, match="factory must be an nn.Module class or a callable"):
+        check_gald(3)  # type: ignore[arg-type]
+
+
+# ---- strategies -----------------------------------------------------------------------------
+
+
+@given(
+    x=feature_maps(3, batch=(0, 2), height=(1, 5), width=4, memory_format=torch.channels_last),
+)
+def test_feature_maps_draws_in_range(x: torch.Tensor) -> None:
+    b, c, h, w = x.shape
+    assert 0 <= b <= 2 and c == 3 and 1 <= h <= 5 and w == 4
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert x.is_contiguous(memory_format=torch.channels_last)
+
+
+@given(data=st.data())
+def test_ga_inputs_respect_the_declared_minimum(data: st.DataObject) -> None:
+    layer = NeedsThree(C).double()
+    layer.min_size = (3, 2)  # type: ignore[assignment]
+    x = data.draw(ga_inputs(layer, batch=(1, 2), max_side=6))
+    assert x.shape[1] == C and x.dtype == torch.float64
+    assert 3 <= x.shape[2] <= 6 and 2 <= x.shape[3] <= 6
+
+
+@given(x=ga_inputs(SqueezeExcitation(C), max_side=9))
+def test_a_downstream_property_test(x: torch.Tensor) -> None:
+    layer = SqueezeExcitation(C).eval()
+    with torch.no_grad():
+        assert layer(x).shape == x.shape
+
+
+def test_strategy_arguments() -> None:
+    with pytest.raises(ValueError, match=r"height must satisfy 1 <= low <= high, got \(0, 4\)"):
+        feature_maps(3, height=(0, 4))
+    with pytest.raises(TypeError, match="dtype must be a floating torch.dtype"):
+        feature_maps(3, dtype=torch.int64)
+    with pytest.raises(TypeError, match="memory_format must be a torch.memory_format"):
+        feature_maps(3, memory_format=())
+    with pytest.raises(TypeError, match="no int 'in_channels' or 'channels' attribute; pass channels="):
+        ga_inputs(nn.Identity())
+    assert ga_inputs(nn.Identity(), channels=2) is not None
+
+
+def test_strategies_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "hypothesis", None)
+    with pytest.raises(ImportError, match=r"need hypothesis: pip install hypothesis \(or pip install 'gald\[testing\]'\)"):
+        feature_maps(3)
+
+
+def test_import_without_hypothesis_and_not_eagerly() -> None:
+    code = (
+        "import sys; sys.modules['hypothesis'] = None\n"
+        "import gald\n"
+        "assert 'gald.testing' not in sys.modules, 'imported eagerly'\n"
+        "import gald.testing\n"
+        "from gald.testing import check_ga\n"
+        "print(check_ga(gald.ga.GlobalContext, channels=8, only=('shapes',)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['shapes']"
