@@ -15,7 +15,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-import gald
 from gald.testing import (
     PROPERTIES,
     check_ga,
