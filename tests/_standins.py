@@ -36,8 +36,8 @@ class TinyBackbone(nn.Module):
 
     def __init__(self, c3: int = 1024, c4: int = 2048, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*_cbr(3, width), nn.MaxPool2d(2), *_cbr(width, width),
-                                  nn.MaxPool2d(2), *_cbr(width, width), nn.MaxPool2d(2))
+        self.stem = nn.Sequential(*_cbr(3, width), nn.MaxPool2d(2, ceil_mode=True), *_cbr(width, width),
+                                  nn.MaxPool2d(2, ceil_mode=True), *_cbr(width, width), nn.MaxPool2d(2, ceil_mode=True))
         self.layer3 = nn.Sequential(*_cbr(width, c3, 1))
         self.layer4 = nn.Sequential(*_cbr(c3, c4, 1))
 

@@ -1,24 +1,21 @@
-"""The README's first screen stays true: its example runs and its test command is CI's."""
+"""The README's first screen stays true: a short example and CI running its test command."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 
 
-def test_usage_example_runs() -> None:
+def test_usage_example_is_short_and_shows_the_main_entry_points() -> None:
+    """The example itself runs in test_docs_snippets.py; here: it stays a ten-line first screen."""
     blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
     assert len(blocks) == 1
     assert len(blocks[0].strip().splitlines()) <= 12
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)
-    assert namespace["logits"].shape == (2, 19, 33, 33)
-    assert torch.isfinite(namespace["loss"])
+    for name in ("gald.GALD(", "gald.GALDHead(", "gald.wrap(", "OhemCrossEntropy("):
+        assert name in blocks[0], name
 
 
 def test_two_setup_commands_and_ci_runs_the_readme_test_command() -> None:
