@@ -1,62 +1,335 @@
-"""The benchmark CLI runs end to end on a tiny shape and writes valid JSON."""
+"""``python -m gald.bench``: CLI errors, JSON schema, plot, tiny runs per dtype and memory format,
+the FLOP formula of the fused op, the docs rewriter, and the GPU-check path under Triton's
+interpreter. Timings here are only checked for shape and consistency, never for speed."""
 
 from __future__ import annotations
 
+import builtins
 import json
+import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
+import gald
+from gald.bench import block
 from gald.bench.__main__ import main
+from gald.bench._config import Config
+from gald.bench._timing import Ratio, Stats, format_overhead, format_speed
+from gald.bench.docs import rewrite
+from gald.ops import ld_modulate
+
+TINY = ["--shape", "2,8,15,15", "--min-time", "0.01", "--rounds", "3", "--threads", "1", "--quiet"]
 
 
-def test_cli_tiny(tmp_path, capsys) -> None:
-    out = tmp_path / "bench.json"
-    assert main(["--shape", "1,16,17,17", "--repeats", "1", "--json", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "LD overhead" in text and "ld=False" in text
-    data = json.loads(out.read_text())
-    rows = data["block"]["rows"]
-    assert [r["model"] for r in rows] == ["GALD(cgnl), ld=True", "GALD(cgnl), ld=False"]
-    assert all(r["forward_ms"] > 0 and r["forward_backward_ms"] > 0 for r in rows)
-    assert data["machine"]["torch"]
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def test_cli_rejects_bad_shape() -> None:
-    with pytest.raises(SystemExit):
-        main(["--shape", "1,2,3"])
+# --------------------------------------------------------------------------------------------
+# CLI errors and help
 
 
-def test_module_entry_point_help() -> None:
-    res = subprocess.run([sys.executable, "-m", "gald.bench", "--help"], capture_output=True, text=True, check=True)
-    assert "--shape" in res.stdout and "--json" in res.stdout
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shape", "1,2,3"], "expected B,C,H,W"),
+        (["--shape", "a,b,c,d"], "expected B,C,H,W"),
+        (["--shape", "0,8,15,15"], "expected B,C,H,W"),
+        (["--ga", "nope"], "unknown GA 'nope'"),
+        (["--ga", "cgnl,nope"], "unknown GA 'nope'"),
+        (["--device", "cuda"], "no CUDA device is available"),
+        (["--rounds", "2"], "expected an integer >= 3"),
+        (["--min-time", "0"], "expected a positive number"),
+        (["--dtype", "float64"], "invalid choice"),
+    ],
+)
+def test_cli_rejects_bad_arguments(argv, message, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-def test_ga_table_tiny() -> None:
-    from gald.bench import ga
-
-    res = ga.run((2, 16, 9, 9), 1, names=["cgnl", "gc"])
-    assert [r["name"] for r in res["rows"]] == ["cgnl", "gc"]
-    assert res["half"] == [5, 5]
-    for r in res["rows"]:
-        for key in ("ga_full", "ga_half", "gald", "gald_no_ld"):
-            assert r[key]["params"] > 0 and r[key]["forward_ms"] > 0 and r[key]["saved_mb"] > 0
-        # the LD adds parameters and FLOPs to the same GA
-        assert r["gald"]["params"] > r["gald_no_ld"]["params"]
-        assert r["gald"]["gflops"] > r["gald_no_ld"]["gflops"]
-    table = ga.render(res)
-    assert "LD +% f+b" in table and "cgnl" in table
+def test_cli_reports_a_shape_too_small_for_the_model(capsys) -> None:
+    assert main(["--shape", "1,8,2,2", "--min-time", "0.01", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "(1, 8, 2, 2)" in err
 
 
-def test_flops_count_the_fused_cpu_attention() -> None:
-    # FlopCounterMode has no formula for the fused CPU attention kernel: the benchmark adds one,
-    # so NonLocal2d's N x N work is counted (two matmuls of N x N x C', 2 FLOPs per MAC).
-    import torch
+def test_help_shows_every_default_without_markup(capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for default in ("2,512,97,97", "cgnl", "float32", "2.0", "(default: 5)", "(default: auto)"):
+        assert default in text
+    assert "(default: cuda)" in text or "(default: cpu)" in text
+    assert "``" not in text and ":math:" not in text
 
-    import gald
-    from gald.bench.ga import _flops
 
-    n, inner = 20 * 20, 32
-    flops = _flops(gald.create_ga("nonlocal", 64).eval(), torch.randn(1, 64, 20, 20))
-    assert flops >= 2 * 2 * n * n * inner
+def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tmp_path) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--plot", str(tmp_path / "x.png")])
+    assert exc.value.code == 2
+    assert "pip install 'gald[plot]'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# One tiny run: JSON schema, tables, plot, docs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> tuple[dict, str, Path]:
+    out = tmp_path_factory.mktemp("bench")
+    argv = [*TINY, "--ga", "cgnl,gc", "--json", str(out / "r.json")]
+    if _has_matplotlib():
+        argv += ["--plot", str(out / "r.png")]
+    capture = out / "stdout.txt"
+    real = sys.stdout
+    with open(capture, "w") as f:
+        sys.stdout = f
+        try:
+            status = main(argv)
+        finally:
+            sys.stdout = real
+    assert status == 0
+    return json.loads((out / "r.json").read_text()), capture.read_text(), out
+
+
+def test_json_schema(tiny_run) -> None:
+    res, _, _ = tiny_run
+    assert set(res) == {"command", "environment", "config", "block"}
+    env = res["environment"]
+    for key in ("date", "torch", "device", "device_name", "threads", "python"):
+        assert env[key]
+    assert env["torch"] == torch.__version__
+    assert res["config"]["shape"] == [2, 8, 15, 15] and res["config"]["ga"] == ["cgnl", "gc"]
+    rows = res["block"]["rows"]
+    assert [r["ga"] for r in rows] == ["cgnl", "gc"]
+    for r in rows:
+        w, wo = r["models"]["with LD"], r["models"]["without LD"]
+        for m in (w, wo):
+            for key in ("inference", "train_step"):
+                t = m[key]
+                assert t["runs"] >= 3 and t["calls"] >= t["runs"]
+                assert t["median_ms"] > 0 and t["iqr_ms"] >= 0
+            assert m["peak_bytes"] is None  # CPU: no allocator peak
+        # the LD adds parameters, FLOPs and saved activations
+        assert w["params"] > wo["params"] and w["gflops"] > wo["gflops"]
+        assert w["saved_bytes"] > wo["saved_bytes"] > 0
+        for key in ("inference", "train_step"):
+            ov = r["overhead"][key]
+            assert ov["ratio"] == pytest.approx(w[key]["median_ms"] / wo[key]["median_ms"])
+            assert ov["ratio_low"] <= ov["ratio"] <= ov["ratio_high"]
+            assert ov["within_noise"] == (ov["ratio_low"] <= 1.0 <= ov["ratio_high"])
+        assert r["overhead"]["saved_bytes_ratio"] == pytest.approx(
+            w["saved_bytes"] / wo["saved_bytes"]
+        )
+
+
+def test_tables_state_facts(tiny_run) -> None:
+    _, text, _ = tiny_run
+    assert "LD overhead" in text and "n=" in text and "IQR" in text
+    assert "goal" not in text.lower() and "| NO" not in text
+
+
+def test_plot_writes_a_png(tiny_run) -> None:
+    _, _, out = tiny_run
+    if not _has_matplotlib():
+        # the extra is not installed here: the clear error is tested above, nothing was written
+        assert not (out / "r.png").exists()
+        return
+    assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_docs_rewriter_replaces_only_marked_blocks(tiny_run) -> None:
+    res, _, _ = tiny_run
+    text = (
+        "# title\nkept\n<!-- bench:start -->\nold\n<!-- bench:end -->\nkept too\n"
+        "<!-- bench:start block -->\nold table\n<!-- bench:end -->\n"
+    )
+    new, n = rewrite(text, res)
+    assert n == 2
+    assert new.startswith("# title\nkept\n<!-- bench:start -->\nLD overhead inside GALD(cgnl)")
+    assert "\nkept too\n" in new and "old" not in new
+    assert "| gc | overhead |" in new and res["environment"]["date"] in new
+    assert rewrite(new, res)[0] == new  # idempotent
+    with pytest.raises(ValueError, match="unknown bench marker kind"):
+        rewrite("<!-- bench:start nope -->\n<!-- bench:end -->", res)
+
+
+# --------------------------------------------------------------------------------------------
+# dtypes and memory formats
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_tiny_runs(dtype, channels_last) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny inputs: one thread is faster and steadier on a busy machine
+    try:
+        _tiny_run(dtype, channels_last)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _tiny_run(dtype: torch.dtype, channels_last: bool) -> None:
+    cfg = Config(
+        shape=(2, 8, 15, 15),
+        device=torch.device("cpu"),
+        dtype=dtype,
+        channels_last=channels_last,
+        threads=1,
+        min_time=0.01,
+        rounds=3,
+        quiet=True,
+    )
+    res = block.run(cfg, ["cgnl"])
+    (row,) = res["rows"]
+    for m in row["models"].values():
+        assert math.isfinite(m["train_step"]["median_ms"]) and m["train_step"]["runs"] >= 3
+    saved = row["models"]["with LD"]["saved_bytes"]
+    # under bfloat16 autocast the convs save bfloat16 copies: fewer bytes than in float32
+    full = 2 * 8 * 15 * 15 * 4
+    assert saved > full if dtype == torch.float32 else saved > 0
+    assert "(2, 8, 15, 15)" in block.render(res, cfg.describe())
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics and wording
+
+
+def test_overhead_wording() -> None:
+    tight_a = Stats([1.00, 1.01, 0.99, 1.00, 1.02])
+    tight_b = Stats([0.50, 0.51, 0.49, 0.50, 0.50])
+    loose = Stats([0.2, 1.0, 3.0, 0.5, 2.0])
+    faster = Ratio.of(tight_a, tight_b)
+    assert not faster.within_noise and format_speed(faster) == "2.00x faster"
+    assert format_overhead(faster).startswith("+100.0 % ±")
+    slower = Ratio.of(tight_b, tight_a)
+    assert format_speed(slower) == "2.00x slower"
+    noisy = Ratio.of(loose, tight_a)
+    assert noisy.within_noise and format_overhead(noisy) == "within noise (spread > 100 %)"
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs of the fused op
+
+
+def test_flop_formula_matches_a_hand_count() -> None:
+    from gald.ops import _flops  # noqa: F401  (registered; also imported by gald.ops)
+
+    b, c, H, W = 2, 3, 13, 10
+    n = b * c * H * W
+    x = torch.randn(b, c, H, W, requires_grad=True)
+    logits = torch.randn(b, c, 4, 3, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = ld_modulate(x, logits)
+    assert counter.get_total_flops() == 8 * n  # 4 multiply-adds per output element
+    with FlopCounterMode(display=False) as counter:
+        ld_modulate(x, logits).backward(torch.ones(b, c, H, W))
+    assert counter.get_total_flops() == 8 * n + 16 * n  # forward; recomputed mask + adjoint
+    with FlopCounterMode(display=False) as counter:
+        ld_modulate(x, logits.detach()).sum().backward()
+    assert counter.get_total_flops() == 8 * n + 8 * n  # no logits gradient: no adjoint
+    del out
+
+    # a whole LocalDistribution: torch's conv formula for the depthwise stages plus the op
+    ld = gald.LocalDistribution(c).eval()
+    hand, h, w = 0, H, W
+    for stage in ld.branch:
+        conv = stage[0]
+        h = (h + 2 * conv.padding[0] - 3) // 2 + 1
+        w = (w + 2 * conv.padding[1] - 3) // 2 + 1
+        hand += 2 * b * c * h * w * 9  # depthwise: 9 multiply-adds per output element
+    assert block.count_flops(ld, x.detach()) == hand + 8 * n
+
+
+# --------------------------------------------------------------------------------------------
+# The GPU check, on CPU under Triton's interpreter
+
+
+def test_gpu_check_path_under_the_triton_interpreter(tmp_path) -> None:
+    out = tmp_path / "ld.json"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "gald.bench",
+        "--ld",
+        "--device",
+        "cpu",
+        "--shape",
+        "2,2,15,15",
+        "--min-time",
+        "0.01",
+        "--rounds",
+        "3",
+        "--threads",
+        "1",
+        "--quiet",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())
+    ld = res["ld"]
+    assert set(ld["train_step"]) >= {"authors", "gald"} and set(ld["inference"]) == {
+        "authors",
+        "gald",
+    }
+    assert all(v < 1e-4 for v in ld["checks"].values())
+    assert ld["memory"]["gald"]["saved_bytes"] < ld["memory"]["authors"]["saved_bytes"]
+    kernels = res["kernels"]
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        assert "triton" in kernels["skipped"]
+        return
+    checks = kernels["checks"]
+    combos = {(c["dtype"], c["memory_format"]) for c in checks}
+    assert combos == {
+        (d, f) for d in ("float32", "bfloat16", "float16") for f in ("NCHW", "channels_last")
+    }
+    assert all(c["ok"] and c["deterministic"] for c in checks)
+    assert kernels["shape"] == [2, 2, 8, 8]  # planes of at most 8x8 under the interpreter
+    rows = kernels["bandwidth"]
+    assert [(r["dtype"], r["memory_format"], r["direction"]) for r in rows] == [
+        ("float32", "NCHW", "forward"),
+        ("float32", "NCHW", "backward"),
+    ]
+    for r in rows:
+        assert r["bytes"] > 0 and r["triton_GBps"] > 0 and r["copy_GBps"] > 0
+    assert "Triton kernels of gald.ops.ld_modulate" in proc.stdout
+
+
+def test_ld_branch_size_matches_the_convs() -> None:
+    from gald.bench.ld import ld_branch_size
+
+    for side in (15, 16, 97, 129):
+        t = torch.zeros(1, 1, side, side)
+        for _ in range(3):
+            t = F.conv2d(t, torch.zeros(1, 1, 3, 3), stride=2)
+        assert ld_branch_size(side) == t.shape[-1]

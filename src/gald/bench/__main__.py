@@ -1,63 +1,278 @@
-"""``python -m gald.bench``: what the Local Distribution costs.
+"""``python -m gald.bench``: what the Local Distribution costs, measured on this machine.
 
-Default: GALD(CGNL) with and without LD at (2, 512, 97, 97) (a 769 crop at output stride 8),
-forward and forward + backward median times, and the LD overhead in percent.
-``--ld`` adds the fused-LD table against the authors' formulation, ``--ga`` the GA zoo table.
+By default GALD(CGNL) with and without its Local Distribution at (2, 512, 97, 97) (a 769 crop
+at output stride 8): inference and train-step times (median, IQR, runs; the two models
+interleaved), the LD overhead with an approximate 95 % interval, bytes saved for backward, peak
+memory (CUDA), GFLOPs and parameters. --ga picks other GA modules, --ld adds the LD against the
+authors' formulation and, on CUDA (or under TRITON_INTERPRET=1), the Triton kernels' checks and
+bandwidth. --ablation runs the ablation benchmark with its own options.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from typing import Any
 
-from ._timing import machine_info
+import torch
+
+from ._config import DTYPES, Config
+from ._timing import Progress, environment
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
-    parts = [int(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    try:
+        parts = [int(p) for p in text.replace("x", ",").split(",")]
+    except ValueError:
+        parts = []
     if len(parts) != 4 or min(parts) < 1:
-        raise argparse.ArgumentTypeError(f"--shape must be B,C,H,W with positive ints, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected B,C,H,W (four positive integers, e.g. 2,512,97,97), got {text!r}"
+        )
     return parts[0], parts[1], parts[2], parts[3]
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    cuda = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(
+        prog="python -m gald.bench",
+        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # a text default: argparse converts it with ``type`` and --help shows it as typed
+    parser.add_argument("--shape", type=_shape, default="2,512,97,97", help="input size B,C,H,W")
+    parser.add_argument(
+        "--ga",
+        default="cgnl",
+        metavar="NAME[,NAME...]|all",
+        help="GA modules to measure inside GALD (names from gald.list_ga())",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cuda" if cuda else "cpu",
+        help="where to run (the default is cuda when a CUDA device is available)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="compute dtype; bfloat16 and float16 run under torch.autocast",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="models and inputs in the channels_last memory format",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=torch.get_num_threads(),
+        help="CPU threads (torch.set_num_threads)",
+    )
+    parser.add_argument(
+        "--min-time",
+        type=_positive_float,
+        default=2.0,
+        metavar="SECONDS",
+        help="measured time per model and quantity, spread over the rounds",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_int_at_least(3),
+        default=5,
+        help="interleaved rounds, each measuring every candidate once (at least 3: the spread "
+        "needs 3 runs)",
+    )
+    parser.add_argument(
+        "--ld",
+        action="store_true",
+        help="also the LD against the authors' formulation (train step, inference, memory) and, "
+        "on CUDA or under TRITON_INTERPRET=1, the Triton kernels' correctness and bandwidth",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="with --ld, also time torch.compile of the authors' formulation (auto: on CUDA)",
+    )
+    parser.add_argument("--json", metavar="PATH", help="write every figure and the environment")
+    parser.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="write a PNG: time and memory per GA with and without LD (needs matplotlib)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress line and no duration estimate"
+    )
+    parser.add_argument(
+        "--ablation",
+        action="store_true",
+        help="run the ablation benchmark instead; every other option is passed to it "
+        "(python -m gald.bench --ablation --help)",
+    )
+    return parser
+
+
+def _ablation(argv: list[str]) -> int:
+    rest = [a for a in argv if a != "--ablation"]
+    from . import ablation  # type: ignore[attr-defined]
+
+    return int(ablation.main(rest))
+
+
+def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    from ..registry import list_ga
+
+    known = list_ga()
+    if text.strip() == "all":
+        return list(known)
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        parser.error("--ga: expected NAME[,NAME...] or all, got an empty list")
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(
+            f"--ga: unknown GA {', '.join(map(repr, unknown))}; known: {', '.join(known)}, or all"
+        )
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gald.bench", description=__doc__)
-    parser.add_argument("--shape", type=_shape, default=(2, 512, 97, 97), help="B,C,H,W")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--ld", action="store_true", help="fused LD vs the authors' formulation")
-    parser.add_argument("--ga", action="store_true", help="cost of every GA layer, with and without LD")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--ablation" in argv:
+        return _ablation(argv)
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
+    gas = _gas(parser, args.ga)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error(
+            "--device cuda: no CUDA device is available here (torch "
+            f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
+        )
+    if args.plot:
+        from ._plot import plot_available
 
-    from . import block
+        ok, why = plot_available()
+        if not ok:
+            parser.error(f"--plot: {why}")
 
-    out: dict[str, Any] = {"machine": machine_info()}
-    res = block.run(args.shape, args.repeats)
-    out["block"] = res
-    print(block.render(res))
-    if args.ld:
-        from . import ld
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    progress = Progress(0.0, enabled=not args.quiet)
 
-        res = ld.run(args.shape, args.repeats)
-        out["ld"] = res
-        print()
-        print(ld.render(res))
-    if args.ga:
-        from . import ga
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
 
-        res = ga.run(args.shape, args.repeats)
-        out["ga"] = res
-        print()
-        print(ga.render(res))
+    cfg = Config(
+        shape=args.shape,
+        device=device,
+        dtype=DTYPES[args.dtype],
+        channels_last=args.channels_last,
+        threads=args.threads,
+        min_time=args.min_time,
+        rounds=args.rounds,
+        compile=args.compile == "on" or (args.compile == "auto" and device.type == "cuda"),
+        quiet=args.quiet,
+        progress=progress,
+        say=say,
+    )
+    env = environment(device, args.threads)
+    out: dict[str, Any] = {
+        "command": " ".join(["python -m gald.bench", *map(shlex.quote, argv)]),
+        "environment": env,
+        "config": {
+            "shape": list(cfg.shape),
+            "ga": gas,
+            "device": args.device,
+            "dtype": args.dtype,
+            "channels_last": cfg.channels_last,
+            "threads": cfg.threads,
+            "min_time_s": cfg.min_time,
+            "rounds": cfg.rounds,
+            "compile": cfg.compile,
+        },
+    }
+    cfg_text = cfg.describe()
+    status = 0
+    try:
+        from . import block
+
+        res = block.run(cfg, gas)
+        progress.close()
+        out["block"] = res
+        print(block.render(res, cfg_text), flush=True)
+        if args.ld:
+            from . import ld
+
+            res = ld.run_vs_authors(cfg)
+            progress.close()
+            out["ld"] = res
+            print()
+            print(ld.render_vs_authors(res, cfg_text), flush=True)
+            ok, why = ld.kernels_runnable(device)
+            if ok:
+                res = ld.run_kernels(cfg)
+                progress.close()
+                out["kernels"] = res
+                print()
+                print(ld.render_kernels(res, cfg_text), flush=True)
+                if not all(c["ok"] and c["deterministic"] for c in res["checks"]):
+                    status = 1
+            else:
+                out["kernels"] = {"skipped": why}
+                print(f"\nTriton kernels not measured: {why}")
+    except ValueError as exc:  # e.g. a shape too small for the model
+        progress.close()
+        print(
+            f"python -m gald.bench: error: the models cannot run at --shape {cfg.shape}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    finally:
+        progress.close()
+        torch.set_num_threads(threads_before)
+
+    print(
+        f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, "
+        f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
-        print(f"\nwrote {args.json}", file=sys.stderr)
-    return 0
+        say(f"wrote {args.json}")
+    if args.plot:
+        from ._plot import plot
+
+        plot(out, args.plot)
+        say(f"wrote {args.plot}")
+    return status
 
 
 if __name__ == "__main__":

@@ -1,36 +1,213 @@
-"""Timing and memory helpers shared by the benchmark tables."""
+"""Measurement helpers shared by the benchmark tables.
+
+Timing runs on :class:`torch.utils.benchmark.Timer` (``blocked_autorange``: it picks how many
+calls one measured block holds and synchronises CUDA around every block). Every comparison
+*interleaves* its candidates: the measurement is split into rounds, and each round measures
+every candidate once, so a change in machine load or clock hits all candidates alike. The
+statistics of a candidate pool the per-call times of all its blocks: the median, the
+interquartile range and the number of blocks.
+
+A ratio of two medians carries an uncertainty from both spreads. The standard error of a median
+is estimated from the IQR (``sigma ~ IQR / 1.349``, ``se(median) ~ 1.2533 * sigma / sqrt(n)``);
+the relative errors of numerator and denominator add in quadrature, and the interval printed is
+about 95 % (1.96 standard errors).
+"""
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Timer
+
+Z95 = 1.96
 
 
-def median_ms(fn: Callable[[], Any], *, repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in milliseconds over ``repeats`` runs after ``warmup``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+# --------------------------------------------------------------------------------------------
+# Statistics
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
+@dataclass
+class Stats:
+    """Per-call times of one candidate, in seconds (one sample per measured block)."""
+
+    times: list[float] = field(default_factory=list)
+    calls: int = 0  # calls measured in all (a block may hold several)
+
+    @property
+    def n(self) -> int:
+        return len(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.times) < 2:
+            return math.nan
+        q = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q[2] - q[0]
+
+    @property
+    def rel_se(self) -> float:
+        """Relative standard error of the median (from the IQR); ``nan`` below 3 samples."""
+        if len(self.times) < 3:
+            return math.nan
+        sigma = self.iqr / 1.349
+        return 1.2533 * sigma / math.sqrt(len(self.times)) / self.median
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "median_ms": 1e3 * self.median,
+            "iqr_ms": 1e3 * self.iqr if self.n >= 2 else None,
+            "runs": self.n,
+            "calls": self.calls,
+        }
+
+
+@dataclass
+class Ratio:
+    """``a / b`` of two medians with an approximate 95 % interval (relative half-width)."""
+
+    value: float
+    rel_halfwidth: float  # of the ratio, relative; nan when unknown
+
+    @classmethod
+    def of(cls, a: Stats, b: Stats) -> Ratio:
+        value = a.median / b.median
+        rel = Z95 * math.hypot(a.rel_se, b.rel_se)
+        return cls(value, rel)
+
+    @property
+    def low(self) -> float:
+        return self.value * (1.0 - self.rel_halfwidth)
+
+    @property
+    def high(self) -> float:
+        return self.value * (1.0 + self.rel_halfwidth)
+
+    @property
+    def within_noise(self) -> bool:
+        """The interval contains 1 (no difference), or the spread is unknown."""
+        return not (self.low > 1.0 or self.high < 1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        known = not math.isnan(self.rel_halfwidth)
+        return {
+            "ratio": self.value,
+            "ratio_low": self.low if known else None,
+            "ratio_high": self.high if known else None,
+            "overhead_pct": 100.0 * (self.value - 1.0),
+            "overhead_pct_halfwidth": 100.0 * self.value * self.rel_halfwidth if known else None,
+            "within_noise": self.within_noise,
+        }
+
+
+def format_overhead(r: Ratio) -> str:
+    """``+12.3 % ± 4.1 %``, or ``within noise (±…)`` when the interval contains zero."""
+    pct = 100.0 * (r.value - 1.0)
+    if math.isnan(r.rel_halfwidth):
+        return f"{pct:+.1f} % (spread unknown)"
+    half = 100.0 * r.value * r.rel_halfwidth
+    if r.within_noise:
+        if half >= 100:
+            return "within noise (spread > 100 %)"
+        return f"within noise (±{half:.0f} %)" if half >= 10 else f"within noise (±{half:.1f} %)"
+    return f"{pct:+.1f} % ± {half:.1f} %"
+
+
+def format_speed(r: Ratio) -> str:
+    """``r`` = baseline time / candidate time: ``2.10x faster``, ``1.3x slower`` or noise."""
+    if not math.isnan(r.rel_halfwidth) and r.within_noise:
+        return "same within noise"
+    if r.value >= 1.0:
+        return f"{r.value:.2f}x faster"
+    return f"{1.0 / r.value:.2f}x slower"
+
+
+def format_time(s: Stats) -> str:
+    """``12.3 ms [IQR 0.4, n=9]``."""
+    med = 1e3 * s.median
+    digits = 3 if med < 1 else (2 if med < 10 else 1)
+    if s.n < 2:
+        return f"{med:.{digits}f} ms [n=1]"
+    return f"{med:.{digits}f} ms [IQR {1e3 * s.iqr:.{digits}f}, n={s.n}]"
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    *,
+    min_time: float,
+    rounds: int,
+    threads: int,
+    on_block: Callable[[str, int], None] | None = None,
+) -> dict[str, Stats]:
+    """Time every function in ``fns``, interleaved: ``rounds`` rounds, each measuring every
+    function with ``Timer.blocked_autorange(min_run_time=min_time / rounds)``.
+
+    ``blocked_autorange`` starts with one untimed call (it sizes the blocks), which doubles as a
+    warm-up after switching from the other candidates. ``on_block(name, round)`` is called after
+    each measurement (progress reporting).
+    """
+    stats = {name: Stats() for name in fns}
+    timers = {
+        name: Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)
+        for name, fn in fns.items()
+    }
+    per_round = min_time / rounds
+    for r in range(rounds):
+        for name, timer in timers.items():
+            m = timer.blocked_autorange(min_run_time=per_round)
+            stats[name].times.extend(m.times)
+            stats[name].calls += m.number_per_run * len(m.raw_times)
+            if on_block is not None:
+                on_block(name, r)
+    return stats
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall time of one call in seconds (device synchronised); used for warm-up and estimates."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def expected_seconds(call_s: float, *, min_time: float, rounds: int) -> float:
+    """What :func:`measure_interleaved` will take for one candidate whose call takes ``call_s``.
+
+    Per round: one untimed sizing call, then measured calls until ``min_time / rounds``.
+    """
+    per_round = max(min_time / rounds, call_s) + call_s
+    return rounds * per_round
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+def saved_bytes(fn: Callable[[], object]) -> int:
     """Bytes of the unique storages autograd saves for backward while running ``fn()``."""
-    seen: dict[int, int] = {}
+    seen: dict[tuple[str, int], int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         try:
             storage = t.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
+            seen[(str(t.device), storage.data_ptr())] = storage.nbytes()
         except (RuntimeError, NotImplementedError):  # e.g. sparse or fake tensors
             pass
         return t
@@ -41,7 +218,27 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
-def machine_info() -> dict[str, str]:
+def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak CUDA memory allocated while running ``fn()``, above what was allocated before.
+
+    ``None`` on devices without an allocator peak counter (CPU).
+    """
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device) - base)
+
+
+# --------------------------------------------------------------------------------------------
+# Environment and output
+
+
+def environment(device: torch.device, threads: int) -> dict[str, Any]:
+    """Torch version, device name, threads, date: what a number depends on."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -51,13 +248,33 @@ def machine_info() -> dict[str, str]:
                     break
     except OSError:
         pass
-    return {
-        "cpu": cpu,
-        "threads": str(torch.get_num_threads()),
+    env: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d"),
+        "device": str(device),
+        "cpu": cpu,
+        "threads": threads,
+        "logical_cpus": _cpu_count(),
     }
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    else:
+        env["device_name"] = cpu
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def _cpu_count() -> int | None:
+    import os
+
+    return os.cpu_count()
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
@@ -66,3 +283,29 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
     sep = "-+-".join("-" * w for w in widths)
     body = "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
     return f"{line}\n{sep}\n{body}"
+
+
+class Progress:
+    """One status line on stderr, redrawn in place; silent unless stderr is a terminal."""
+
+    def __init__(self, total_s: float, *, enabled: bool) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = max(total_s, 1e-9)
+        self.start = time.perf_counter()
+        self.done = 0.0
+
+    def advance(self, seconds: float, what: str) -> None:
+        self.done += seconds
+        if not self.enabled:
+            return
+        frac = min(self.done / self.total, 1.0)
+        elapsed = time.perf_counter() - self.start
+        left = max(self.total - self.done, 0.0) * (elapsed / max(self.done, 1e-9))
+        bar = "#" * int(24 * frac)
+        sys.stderr.write(f"\r[{bar:<24}] {100 * frac:3.0f} % {what[:40]:<40} ~{left:4.0f} s left")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + " " * 100 + "\r")
+            sys.stderr.flush()

@@ -1,55 +1,281 @@
-"""The main benchmark: the cost of the LD inside GALD(CGNL), forward and forward + backward."""
+"""What the Local Distribution costs inside GALD: each GA with and without the LD.
+
+For every GA, ``GALD(C, ga)`` and ``GALD(C, ga, ld=False)`` (same seed) are measured on the same
+input:
+
+- **inference**: eval mode under ``torch.no_grad()``;
+- **train step**: train mode, forward and backward of a fixed random upstream gradient;
+- **saved for backward**: bytes of the unique storages autograd keeps between forward and
+  backward (``torch.autograd.graph.saved_tensors_hooks``);
+- **peak memory** of a train step above what was allocated before it (CUDA only);
+- **GFLOPs** of the forward (``torch.utils.flop_counter.FlopCounterMode``, with the formula of
+  the fused ``gald::ld_modulate`` op registered by :mod:`gald.ops._flops`);
+- parameters.
+
+The two models' timings are interleaved (see :mod:`gald.bench._timing`); the LD overhead is the
+ratio of the medians minus one, with an approximate 95 % interval.
+"""
 
 from __future__ import annotations
 
+import functools
+import gc
+import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from ..block import GALD
-from ._timing import format_table, median_ms
+from ._config import Config
+from ._timing import (
+    Ratio,
+    Stats,
+    expected_seconds,
+    format_overhead,
+    format_table,
+    measure_interleaved,
+    peak_bytes,
+    saved_bytes,
+    time_once,
+)
+
+CANDIDATES = ("with LD", "without LD")
 
 
-def run(shape: tuple[int, int, int, int], repeats: int, seed: int = 0) -> dict[str, Any]:
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    # torch's flop registry has the CUDA attention kernels but not the fused CPU one, which
+    # would otherwise count as zero and hide the O(N^2) cost of NonLocal2d and DANet's PAM.
+    return sdpa_flop_count(query, key, value)  # FlopCounterMode passes shapes
+
+
+_CUSTOM_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flops,
+}
+
+
+def count_flops(model: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward of ``model`` (no grad), custom ops with registered formulas included."""
+    from ..ops import _flops  # noqa: F401  (registers the gald::ld_modulate formula)
+
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_FLOPS)
+    with counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())
+
+
+def build(ga: str, channels: int, *, ld: bool, seed: int = 0) -> GALD:
+    """``GALD(channels, ga, ld=ld)``; CGNL with 8 groups when the channels allow, else 1."""
     torch.manual_seed(seed)
-    c = shape[1]
-    x = torch.randn(shape)
-    results: dict[str, Any] = {"shape": list(shape), "repeats": repeats, "rows": []}
-    timings: dict[str, dict[str, float]] = {}
-    for name, ld in (("GALD(cgnl), ld=True", True), ("GALD(cgnl), ld=False", False)):
-        groups = 8 if c % 8 == 0 and (c // 2) % 8 == 0 else 1
-        model = GALD(c, "cgnl", ga_kwargs={"groups": groups}, ld=ld)
-        model.train()
-        xr = x.clone().requires_grad_(True)
+    kwargs: dict[str, Any] = {}
+    if ga == "cgnl" and not (channels % 8 == 0 and (channels // 2) % 8 == 0):
+        kwargs["ga_kwargs"] = {"groups": 1}
+    return GALD(channels, ga, ld=ld, **kwargs)
 
-        def fwd(model: GALD = model) -> None:
-            with torch.no_grad():
-                model(x)
 
-        def fwd_bwd(model: GALD = model, xr: torch.Tensor = xr) -> None:
-            model(xr).sum().backward()
+class _Pair:
+    """The with-LD and without-LD models of one GA and their timed closures."""
 
-        timings[name] = {
-            "forward_ms": median_ms(fwd, repeats=repeats),
-            "forward_backward_ms": median_ms(fwd_bwd, repeats=repeats),
+    def __init__(self, ga: str, cfg: Config) -> None:
+        b, c, h, w = cfg.shape
+        self.models: dict[str, GALD] = {
+            "with LD": cfg.module(build(ga, c, ld=True)),
+            "without LD": cfg.module(build(ga, c, ld=False)),
         }
-    with_ld, without = timings["GALD(cgnl), ld=True"], timings["GALD(cgnl), ld=False"]
-    for name, t in timings.items():
-        results["rows"].append({"model": name, **t})
-    results["ld_overhead_pct"] = {
-        "forward": 100.0 * (with_ld["forward_ms"] / without["forward_ms"] - 1.0),
-        "forward_backward": 100.0
-        * (with_ld["forward_backward_ms"] / without["forward_backward_ms"] - 1.0),
-    }
-    return results
+        gen = torch.Generator().manual_seed(1)
+        self.x = cfg.tensor(b, c, h, w, generator=gen)
+        self.grad = cfg.tensor(b, c, h, w, generator=gen)
+        self.xr = self.x.detach().clone().requires_grad_(True)
+        self.cfg = cfg
+
+    def inference(self, name: str) -> Callable[[], object]:
+        model, x, cfg = self.models[name], self.x, self.cfg
+
+        def fn() -> object:
+            with torch.no_grad(), cfg.autocast():
+                return model(x)
+
+        return fn
+
+    def train_forward(self, name: str) -> Callable[[], torch.Tensor]:
+        model, xr, cfg = self.models[name], self.xr, self.cfg
+
+        def fn() -> torch.Tensor:
+            with cfg.autocast():
+                return model(xr)
+
+        return fn
+
+    def train_step(self, name: str) -> Callable[[], object]:
+        model, xr, grad, fwd = self.models[name], self.xr, self.grad, self.train_forward(name)
+
+        def fn() -> None:
+            model.zero_grad(set_to_none=True)
+            xr.grad = None
+            fwd().backward(grad)
+
+        return fn
 
 
-def render(results: dict[str, Any]) -> str:
-    rows = [
-        [r["model"], f"{r['forward_ms']:.1f}", f"{r['forward_backward_ms']:.1f}"]
-        for r in results["rows"]
-    ]
-    ov = results["ld_overhead_pct"]
-    rows.append(["LD overhead", f"{ov['forward']:+.1f}%", f"{ov['forward_backward']:+.1f}%"])
-    title = f"GALD block, input {tuple(results['shape'])}, median of {results['repeats']} runs"
-    return title + "\n" + format_table(["model", "forward ms", "fwd+bwd ms"], rows)
+def _mode(models: dict[str, GALD], train: bool) -> None:
+    for m in models.values():
+        m.train(train)
+
+
+def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
+    """Measure every GA in ``gas`` with and without LD; the results as plain data."""
+    rows: list[dict[str, Any]] = []
+    estimate_each: float | None = None
+    for ga in gas:
+        pair = _Pair(ga, cfg)
+        models = pair.models
+        need = models["with LD"].min_size
+        if min(cfg.shape[2:]) < need:
+            raise ValueError(f"GALD({ga}) needs H and W of at least {need}")
+        row: dict[str, Any] = {"ga": ga, "models": {}}
+        for name, m in models.items():
+            row["models"][name] = {"params": sum(p.numel() for p in m.parameters())}
+
+        # warm-up (two calls each), which also gives the duration estimate
+        call_s: dict[str, float] = {}
+        for key, train in (("inference", False), ("train_step", True)):
+            _mode(models, train)
+            for name in CANDIDATES:
+                fn = pair.train_step(name) if train else pair.inference(name)
+                time_once(fn, cfg.device)
+                call_s[f"{key}/{name}"] = time_once(fn, cfg.device)
+        expected = sum(
+            expected_seconds(s, min_time=cfg.min_time, rounds=cfg.rounds) for s in call_s.values()
+        )
+        if estimate_each is None:
+            estimate_each = expected
+            total = expected * len(gas)
+            cfg.progress.total = total
+            if total > 20 and not cfg.quiet:
+                cfg.say(f"expected duration: about {_fmt_duration(total)}")
+
+        def on_block(
+            name: str, r: int, key: str = "", ga: str = ga, call_s: dict[str, float] = call_s
+        ) -> None:
+            cfg.progress.advance(
+                expected_seconds(call_s[f"{key}/{name}"], min_time=cfg.min_time, rounds=cfg.rounds)
+                / cfg.rounds,
+                f"{ga} {key.replace('_', ' ')} {name}",
+            )
+
+        timed: dict[str, dict[str, Stats]] = {}
+        for key, train in (("inference", False), ("train_step", True)):
+            _mode(models, train)
+            fns = {n: (pair.train_step(n) if train else pair.inference(n)) for n in CANDIDATES}
+            timed[key] = measure_interleaved(
+                fns,
+                min_time=cfg.min_time,
+                rounds=cfg.rounds,
+                threads=cfg.threads,
+                on_block=functools.partial(on_block, key=key),
+            )
+
+        _mode(models, True)
+        for name in CANDIDATES:
+            entry = row["models"][name]
+            entry["inference"] = timed["inference"][name].as_dict()
+            entry["train_step"] = timed["train_step"][name].as_dict()
+            entry["saved_bytes"] = saved_bytes(pair.train_forward(name))
+            entry["peak_bytes"] = peak_bytes(pair.train_step(name), cfg.device)
+            models[name].eval()
+            entry["gflops"] = count_flops(models[name], pair.x) / 1e9
+            models[name].train()
+        w, wo = row["models"]["with LD"], row["models"]["without LD"]
+        row["overhead"] = {
+            key: Ratio.of(timed[key]["with LD"], timed[key]["without LD"]).as_dict()
+            for key in ("inference", "train_step")
+        }
+        row["overhead"]["saved_bytes_ratio"] = _safe_ratio(w["saved_bytes"], wo["saved_bytes"])
+        row["overhead"]["peak_bytes_ratio"] = (
+            _safe_ratio(w["peak_bytes"], wo["peak_bytes"]) if w["peak_bytes"] is not None else None
+        )
+        row["overhead"]["gflops_ratio"] = _safe_ratio(w["gflops"], wo["gflops"])
+        rows.append(row)
+        del pair, models
+        gc.collect()
+        if cfg.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return {"shape": list(cfg.shape), "rows": rows}
+
+
+def _safe_ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _fmt_duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def _pct(r: float | None) -> str:
+    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
+
+
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _time(d: dict[str, Any]) -> str:
+    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
+    digits = 3 if med < 1 else (2 if med < 10 else 1)
+    if iqr is None:
+        return f"{med:.{digits}f} ms [n={n}]"
+    return f"{med:.{digits}f} ms [IQR {iqr:.{digits}f}, n={n}]"
+
+
+def _overhead(d: dict[str, Any]) -> str:
+    hw = d["overhead_pct_halfwidth"]
+    r = Ratio(d["ratio"], math.nan if hw is None else hw / 100.0 / d["ratio"])
+    return format_overhead(r)
+
+
+def render(results: dict[str, Any], cfg_text: str) -> str:
+    """The table of :func:`run`'s results."""
+    cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in results["rows"])
+    headers = ["GA", "LD", "inference", "train step", "saved MiB"]
+    if cuda:
+        headers.append("peak MiB")
+    headers += ["GFLOPs", "params"]
+    body: list[list[str]] = []
+    for r in results["rows"]:
+        for name in CANDIDATES:
+            m = r["models"][name]
+            line = [
+                r["ga"],
+                "yes" if name == "with LD" else "no",
+                _time(m["inference"]),
+                _time(m["train_step"]),
+                _mib(m["saved_bytes"]),
+            ]
+            if cuda:
+                line.append(_mib(m["peak_bytes"]))
+            line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
+            body.append(line)
+        ov = r["overhead"]
+        line = [
+            r["ga"],
+            "LD overhead",
+            _overhead(ov["inference"]),
+            _overhead(ov["train_step"]),
+            _pct(ov["saved_bytes_ratio"]),
+        ]
+        if cuda:
+            line.append(_pct(ov["peak_bytes_ratio"]))
+        line += [_pct(ov["gflops_ratio"]), ""]
+        body.append(line)
+    title = (
+        f"GALD with and without LD, input {tuple(results['shape'])}, {cfg_text}; "
+        "median [IQR, runs], overhead with a ~95 % interval"
+    )
+    return title + "\n" + format_table(headers, body)
+
+
+__all__ = ["build", "count_flops", "render", "run"]

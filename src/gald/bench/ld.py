@@ -1,34 +1,53 @@
-"""The fused LD against the authors' formulation: train step, inference, activation memory.
+"""The Local Distribution against the authors' formulation, and the fused op's kernels.
 
-Both run in one process on the same inputs and the same weights; their timings are interleaved
-(authors, library, authors, ...) so that a change in machine load hits both alike, and the
-ratio of the medians is reported. The authors' formulation is written out with plain ops:
-three [depthwise 3x3 stride-2 conv (padding 0, bias) -> BatchNorm -> ReLU] stages, bilinear
-upsample (``align_corners=True``), ``torch.sigmoid``, ``x + x * mask``. The library side is
-``LocalDistribution(C, padding=0)`` (the same function), and for inference
-``gald.fuse(...)`` of it (BatchNorms folded); the authors' module runs as is.
+**LD vs the authors** (every device). The authors' ``LocalAttenModule`` written out with plain
+ops: three [depthwise 3x3 stride-2 conv (padding 0, bias) -> BatchNorm -> ReLU] stages, bilinear
+upsampling (``align_corners=True``), ``torch.sigmoid``, ``x + x * mask``. The library side is
+``LocalDistribution(C, padding=0)`` with the same weights (the same function). Measured, with the
+candidates interleaved:
 
-Goals (issue 3, on the 2-core CI CPU at (2, 512, 97, 97) fp32): train step >= 2.0x faster,
-inference >= 3.0x faster, bytes saved for backward <= 0.55x.
+- train step: train mode, forward + backward of a fixed random upstream gradient; the authors'
+  module eagerly and, with ``--compile``, under ``torch.compile``; the library eagerly, with and
+  without gradient checkpointing of its branch;
+- inference: eval mode under ``torch.no_grad()``, the library's BatchNorms folded (``gald.fuse``);
+- bytes saved for backward (unique storages) and, on CUDA, the peak memory of a train step.
+
+**Kernels** (on CUDA, or on CPU under Triton's interpreter, ``TRITON_INTERPRET=1``): the Triton
+kernels of ``gald.ops.ld_modulate`` (``impl="triton"``) against the plain-ops formula in float64,
+forward and both gradients, for float32, float16 and bfloat16, NCHW and channels_last, with a
+check that the backward is bitwise reproducible; then the time of the forward and of the backward
+and the bandwidth they reach (the bytes they must move over the median time) next to a
+device-to-device copy of the same number of bytes (the L2 cache is not flushed: at small sizes
+both run from cache).
 """
 
 from __future__ import annotations
 
 import copy
-import statistics
-import time
+import functools
+import math
+import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fuse import fuse
+from .. import fuse
 from ..ld import LocalDistribution
-from ._timing import format_table, saved_bytes
-
-GOALS = {"train_speedup": 2.0, "inference_speedup": 3.0, "memory_ratio": 0.55}
+from ..ops import ld_modulate
+from ._config import DTYPES, Config
+from ._timing import (
+    Ratio,
+    expected_seconds,
+    format_speed,
+    format_table,
+    measure_interleaved,
+    peak_bytes,
+    saved_bytes,
+    time_once,
+)
 
 
 class AuthorsLD(nn.Module):
@@ -54,165 +73,515 @@ class AuthorsLD(nn.Module):
         return x + x * mask
 
 
+def ld_branch_size(side: int, stages: int = 3) -> int:
+    """Side of the LD logits: ``stages`` depthwise k=3, stride-2, padding-0 convs."""
+    for _ in range(stages):
+        side = max(1, (side - 3) // 2 + 1)
+    return side
+
+
 def _randomise_norms(module: nn.Module, gen: torch.Generator) -> None:
     """Non-trivial BatchNorm affine parameters and running statistics (a trained-like state)."""
     for m in module.modules():
         if isinstance(m, nn.BatchNorm2d):
             n = m.num_features
-            values = (
-                (m.weight, torch.rand(n, generator=gen) + 0.5),
-                (m.bias, torch.randn(n, generator=gen) * 0.5),
-                (m.running_mean, torch.randn(n, generator=gen) * 0.1),
-                (m.running_var, torch.rand(n, generator=gen) + 0.5),
-            )
             with torch.no_grad():
-                for target, value in values:
-                    if target is not None:
-                        target.copy_(value)
-
-
-def interleaved_medians(
-    fns: dict[str, Callable[[], Any]], *, repeats: int, warmup: int = 8
-) -> dict[str, float]:
-    """Median wall time (ms) of every function, the functions run in turn in every round.
-
-    ``warmup`` untimed rounds first: the first calls of a process pay one-off costs that a layer
-    called in a loop does not (allocator growth, thread pools, cached interpolation matrices,
-    and in a VM the host backing fresh huge pages, which took about 6 calls on the CI machine).
-    """
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return {k: statistics.median(v) for k, v in times.items()}
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+                assert m.running_mean is not None and m.running_var is not None
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
 
 
 def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (robust to the rare ReLU kink that rounding flips)."""
-    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+    """``||a - b|| / ||b||`` in float64."""
+    a64, b64 = a.detach().double(), b.detach().double()
+    return float(
+        torch.linalg.vector_norm(a64 - b64) / torch.linalg.vector_norm(b64).clamp_min(1e-30)
+    )
 
 
-def run(shape: tuple[int, int, int, int], repeats: int, seed: int = 0) -> dict[str, Any]:
-    """Measure both formulations at ``shape`` (B, C, H, W), fp32, on CPU."""
-    c = shape[1]
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen)
-    grad = torch.randn(shape, generator=gen)
+# --------------------------------------------------------------------------------------------
+# LD vs the authors' formulation
+
+
+def run_vs_authors(cfg: Config) -> dict[str, Any]:
+    """Train step, inference and memory of ``LocalDistribution`` against the authors' module."""
+    b, c, h, w = cfg.shape
+    gen = torch.Generator().manual_seed(0)
+    x = cfg.tensor(b, c, h, w, generator=gen)
+    grad = cfg.tensor(b, c, h, w, generator=gen)
     authors = AuthorsLD(c)
     _randomise_norms(authors, gen)
+    state = copy.deepcopy(authors.state_dict())
+    authors = cfg.module(authors)
     ours = LocalDistribution(c, padding=0)
-    ours.load_state_dict(authors.state_dict())
+    ours.load_state_dict(state)
+    ours = cfg.module(ours)
+    ckpt: LocalDistribution | None = None
+    if hasattr(ours, "set_grad_checkpointing"):
+        ckpt = copy.deepcopy(ours)
+        ckpt.set_grad_checkpointing(True)
 
-    # training step: forward + backward of a random upstream gradient
-    authors.train()
-    ours.train()
-    xa = x.clone().requires_grad_(True)
-    xo = x.clone().requires_grad_(True)
+    train: dict[str, nn.Module] = {"authors": authors}
+    if cfg.compile:
+        train["authors, torch.compile"] = cast(nn.Module, torch.compile(copy.deepcopy(authors)))
+    train["gald"] = ours
+    if ckpt is not None:
+        train["gald, grad checkpointing"] = ckpt
+    inputs = {name: x.detach().clone().requires_grad_(True) for name in train}
 
-    def step(model: nn.Module, xr: torch.Tensor) -> Callable[[], None]:
-        def fn() -> None:
-            model.zero_grad(set_to_none=True)
-            xr.grad = None
-            model(xr).backward(grad)
+    def forward(name: str) -> Callable[[], torch.Tensor]:
+        model, xr = train[name], inputs[name]
+
+        def fn() -> torch.Tensor:
+            with cfg.autocast():
+                return model(xr)
 
         return fn
 
-    # outputs and gradients agree (one step each, from the same state)
-    ref_state = copy.deepcopy(authors.state_dict())
-    out_a, out_o = authors(xa), ours(xo)
-    out_a.backward(grad)
-    out_o.backward(grad)
-    assert xa.grad is not None
-    assert xo.grad is not None
-    check = {
-        "train_out_rel_diff": _rel_diff(out_o.detach(), out_a.detach()),
-        "train_grad_x_rel_diff": _rel_diff(xo.grad, xa.grad),
-    }
-    del out_a, out_o
-    authors.load_state_dict(ref_state)
-    ours.load_state_dict(ref_state)
+    def step(name: str) -> Callable[[], object]:
+        model, xr, fwd = train[name], inputs[name], forward(name)
 
-    train = interleaved_medians(
-        {"authors": step(authors, xa), "library": step(ours, xo)}, repeats=repeats
-    )
-    mem_authors = saved_bytes(lambda: authors(xa))
-    mem_ours = saved_bytes(lambda: ours(xo))
+        def fn() -> None:
+            model.zero_grad(set_to_none=True)
+            xr.grad = None
+            fwd().backward(grad)
+
+        return fn
+
+    for m in train.values():
+        m.train()
+    # one step each from the same state: outputs and input gradients agree
+    checks: dict[str, float] = {}
+    out_a = forward("authors")()
+    out_a.backward(grad)
+    ga = inputs["authors"].grad
+    assert ga is not None
+    for name in train:
+        if name == "authors":
+            continue
+        out = forward(name)()
+        out.backward(grad)
+        gx = inputs[name].grad
+        assert gx is not None
+        checks[f"train_out_rel_diff[{name}]"] = _rel_diff(out, out_a)
+        checks[f"train_grad_x_rel_diff[{name}]"] = _rel_diff(gx, ga)
+    del out_a, out
+
+    train_fns = {name: step(name) for name in train}
+    call_s = {}
+    for name, fn in train_fns.items():
+        time_once(fn, cfg.device)  # compiles the torch.compile candidate
+        call_s[name] = time_once(fn, cfg.device)
 
     # inference: eval mode, no autograd; the library folds its BatchNorms
-    authors.load_state_dict(ref_state)
-    authors.eval()
-    ours.load_state_dict(ref_state)
-    ours.eval()
-    fused = fuse(ours)
-    with torch.no_grad():
-        check["eval_out_rel_diff"] = _rel_diff(fused(x), authors(x))
-        infer = interleaved_medians(
-            {"authors": lambda: authors(x), "library": lambda: fused(x)}, repeats=repeats
+    authors_eval = copy.deepcopy(authors).eval()
+    fused = fuse(copy.deepcopy(ours).eval())
+    infer_models = {"authors": authors_eval, "gald": fused}
+
+    def infer(name: str) -> Callable[[], object]:
+        model = infer_models[name]
+
+        def fn() -> object:
+            with torch.no_grad(), cfg.autocast():
+                return model(x)
+
+        return fn
+
+    infer_fns = {name: infer(name) for name in infer_models}
+    for name, fn in infer_fns.items():
+        time_once(fn, cfg.device)
+        call_s[f"inference/{name}"] = time_once(fn, cfg.device)
+    with torch.no_grad(), cfg.autocast():
+        checks["inference_out_rel_diff[gald]"] = _rel_diff(fused(x), authors_eval(x))
+
+    expected = sum(
+        expected_seconds(s, min_time=cfg.min_time, rounds=cfg.rounds) for s in call_s.values()
+    )
+    cfg.progress.total += expected
+    if expected > 20 and not cfg.quiet:
+        cfg.say(f"LD vs the authors: expected duration about {expected:.0f} s")
+
+    def on_block(name: str, r: int, prefix: str = "") -> None:
+        s = call_s[prefix + name]
+        cfg.progress.advance(
+            expected_seconds(s, min_time=cfg.min_time, rounds=cfg.rounds) / cfg.rounds,
+            f"LD {prefix}{name}",
         )
 
+    t_train = measure_interleaved(
+        train_fns, min_time=cfg.min_time, rounds=cfg.rounds, threads=cfg.threads, on_block=on_block
+    )
+    t_infer = measure_interleaved(
+        infer_fns,
+        min_time=cfg.min_time,
+        rounds=cfg.rounds,
+        threads=cfg.threads,
+        on_block=functools.partial(on_block, prefix="inference/"),
+    )
+
+    memory: dict[str, dict[str, int | None]] = {}
+    for name in train:
+        try:
+            sb: int | None = saved_bytes(forward(name))
+        except RuntimeError:  # saved-tensor hooks are not supported by every compiled graph
+            sb = None
+        memory[name] = {"saved_bytes": sb, "peak_bytes": peak_bytes(step(name), cfg.device)}
+
+    base_t, base_i = t_train["authors"], t_infer["authors"]
     return {
-        "shape": list(shape),
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "train_ms": train,
-        "inference_ms": infer,
-        "saved_bytes": {"authors": mem_authors, "library": mem_ours, "x": x.numel() * 4},
-        "train_speedup": train["authors"] / train["library"],
-        "inference_speedup": infer["authors"] / infer["library"],
-        "memory_ratio": mem_ours / mem_authors,
-        "goals": dict(GOALS),
-        "checks": check,
+        "shape": list(cfg.shape),
+        "x_bytes": x.numel() * x.element_size(),
+        "train_step": {
+            name: {**s.as_dict(), "speedup_vs_authors": Ratio.of(base_t, s).as_dict()}
+            for name, s in t_train.items()
+        },
+        "inference": {
+            name: {**s.as_dict(), "speedup_vs_authors": Ratio.of(base_i, s).as_dict()}
+            for name, s in t_infer.items()
+        },
+        "memory": memory,
+        "checks": checks,
     }
 
 
-def _met(value: float, goal: float, *, higher: bool) -> str:
-    return "yes" if (value >= goal if higher else value <= goal) else "NO"
+def _stats_from(d: dict[str, Any]) -> str:
+    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
+    digits = 3 if med < 1 else (2 if med < 10 else 1)
+    if iqr is None:
+        return f"{med:.{digits}f} ms [n={n}]"
+    return f"{med:.{digits}f} ms [IQR {iqr:.{digits}f}, n={n}]"
 
 
-def render(results: dict[str, Any]) -> str:
-    """The table of :func:`run`'s results."""
-    tr, inf, mem = results["train_ms"], results["inference_ms"], results["saved_bytes"]
-    goals = results["goals"]
-    rows = [
-        [
-            "train step (fwd + bwd), ms",
-            f"{tr['authors']:.1f}",
-            f"{tr['library']:.1f}",
-            f"{results['train_speedup']:.2f}x faster",
-            f">= {goals['train_speedup']:.1f}x",
-            _met(results["train_speedup"], goals["train_speedup"], higher=True),
-        ],
-        [
-            "inference (eval, BN folded), ms",
-            f"{inf['authors']:.1f}",
-            f"{inf['library']:.1f}",
-            f"{results['inference_speedup']:.2f}x faster",
-            f">= {goals['inference_speedup']:.1f}x",
-            _met(results["inference_speedup"], goals["inference_speedup"], higher=True),
-        ],
-        [
-            "saved for backward, MiB",
-            f"{mem['authors'] / 2**20:.1f}",
-            f"{mem['library'] / 2**20:.1f}",
-            f"{results['memory_ratio']:.2f}x",
-            f"<= {goals['memory_ratio']:.2f}x",
-            _met(results["memory_ratio"], goals["memory_ratio"], higher=False),
-        ],
-    ]
+def _speed_from(d: dict[str, Any]) -> str:
+    low = d["ratio_low"]
+    rel = math.nan if low is None else 1.0 - low / d["ratio"]
+    return format_speed(Ratio(d["ratio"], rel))
+
+
+def render_vs_authors(res: dict[str, Any], cfg_text: str) -> str:
+    mem = res["memory"]
+    base_saved = mem["authors"]["saved_bytes"]
+    cuda = any(m["peak_bytes"] is not None for m in mem.values())
+    headers = ["", "time", "vs authors", "saved MiB", "saved vs authors"]
+    if cuda:
+        headers += ["peak MiB", "peak vs authors"]
+    rows = []
+    for name, t in res["train_step"].items():
+        m = mem[name]
+        line = [
+            f"train step: {name}",
+            _stats_from(t),
+            "baseline" if name == "authors" else _speed_from(t["speedup_vs_authors"]),
+            "n/a" if m["saved_bytes"] is None else f"{m['saved_bytes'] / 2**20:.1f}",
+            "baseline" if name == "authors" else _mem_ratio(m["saved_bytes"], base_saved),
+        ]
+        if cuda:
+            line += [
+                "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / 2**20:.1f}",
+                "baseline"
+                if name == "authors"
+                else _mem_ratio(m["peak_bytes"], mem["authors"]["peak_bytes"]),
+            ]
+        rows.append(line)
+    for name, t in res["inference"].items():
+        label = "gald (BN folded)" if name == "gald" else name
+        line = [
+            f"inference: {label}",
+            _stats_from(t),
+            "baseline" if name == "authors" else _speed_from(t["speedup_vs_authors"]),
+            "",
+            "",
+        ]
+        if cuda:
+            line += ["", ""]
+        rows.append(line)
     title = (
-        f"Local Distribution, input {tuple(results['shape'])} fp32, "
-        f"{results['threads']} threads, median of {results['repeats']} interleaved runs "
-        f"(x itself: {mem['x'] / 2**20:.1f} MiB)"
+        f"Local Distribution vs the authors' formulation, input {tuple(res['shape'])}, "
+        f"{cfg_text} (x itself: {res['x_bytes'] / 2**20:.4g} MiB)"
     )
-    ck = results["checks"]
+    worst = max(res["checks"].values()) if res["checks"] else 0.0
     foot = (
-        f"relative L2 difference to the authors': train output {ck['train_out_rel_diff']:.1e}, "
-        f"grad x {ck['train_grad_x_rel_diff']:.1e}, inference output {ck['eval_out_rel_diff']:.1e}"
+        f"largest relative L2 difference to the authors' outputs and input gradients: {worst:.1e}"
     )
-    table = format_table(["", "authors", "gald", "ratio", "goal", "met"], rows)
-    return f"{title}\n{table}\n{foot}"
+    return f"{title}\n{format_table(headers, rows)}\n{foot}"
+
+
+def _mem_ratio(a: int | None, b: int | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels of the fused op
+
+# Tolerances relative to the largest reference magnitude: one rounding of the result for the
+# forward and grad_x, a few more for the reduced grad_logits.
+RTOL = {torch.float32: 2e-5, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+RTOL_REDUCED = {torch.float32: 1e-4, torch.bfloat16: 8e-3, torch.float16: 1e-3}
+# Extra correctness shapes on CUDA, (B, C, H, W, h, w): H or W = 1, logits larger than x, 1x1.
+EDGE_CASES = ((1, 3, 1, 7, 2, 3), (1, 3, 5, 1, 3, 2), (2, 3, 6, 5, 11, 9), (2, 4, 33, 70, 1, 1))
+
+
+def kernels_runnable(device: torch.device) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device`` here, and why not."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False, "the Triton kernels run on CUDA, or on CPU under TRITON_INTERPRET=1"
+    try:
+        t = torch.zeros(1, 1, 2, 2, device=device)
+        ld_modulate(t, t[..., :1, :1].contiguous(), impl="triton")
+    except (RuntimeError, ImportError) as exc:
+        return False, f"impl='triton' does not run here: {exc}"
+    return True, ""
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    scale = want.abs().max().item()
+    return (got.double() - want.double()).abs().max().item() / max(scale, 1e-30)
+
+
+def check_kernel(
+    case: tuple[int, int, int, int, int, int],
+    dtype: torch.dtype,
+    channels_last: bool,
+    device: torch.device,
+    *,
+    align_corners: bool = True,
+    offset: float = 1.0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Triton forward and backward against the float64 plain-ops formula on the same inputs."""
+    b, c, H, W, h, w = case
+    gen = torch.Generator().manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(b, c, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    lg = torch.randn(b, c, h, w, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+    g = torch.randn(b, c, H, W, generator=gen).to(device, dtype).contiguous(memory_format=fmt)
+
+    x64 = x.double().requires_grad_()
+    l64 = lg.double().requires_grad_()
+    want = x64 * (
+        offset
+        + torch.sigmoid(
+            F.interpolate(l64, size=(H, W), mode="bilinear", align_corners=align_corners)
+        )
+    )
+    want_gx, want_gl = torch.autograd.grad(want, (x64, l64), g.double())
+
+    xr = x.detach().requires_grad_()
+    lr = lg.detach().requires_grad_()
+    out = ld_modulate(xr, lr, offset, align_corners=align_corners, impl="triton")
+    gx, gl = torch.autograd.grad(out, (xr, lr), g, retain_graph=True)
+    gx2, gl2 = torch.autograd.grad(out, (xr, lr), g)
+    errs = {
+        "out": _rel_err(out, want),
+        "grad_x": _rel_err(gx, want_gx),
+        "grad_logits": _rel_err(gl, want_gl),
+    }
+    ok = (
+        out.dtype == dtype
+        and gx.dtype == dtype
+        and gl.dtype == dtype
+        and out.is_contiguous(memory_format=fmt)
+        and errs["out"] <= RTOL[dtype]
+        and errs["grad_x"] <= RTOL[dtype]
+        and errs["grad_logits"] <= RTOL_REDUCED[dtype]
+    )
+    return {
+        "case": list(case),
+        "dtype": str(dtype).removeprefix("torch."),
+        "memory_format": "channels_last" if channels_last else "NCHW",
+        "align_corners": align_corners,
+        "offset": offset,
+        "rel_err": errs,
+        "ok": bool(ok),
+        "deterministic": bool(torch.equal(gx, gx2) and torch.equal(gl, gl2)),
+    }
+
+
+# On CUDA the bandwidth is also measured at a size where the kernels, not the Python launch
+# overhead, set the time: a batch of 8 whole Cityscapes images at output stride 8.
+LARGE_SHAPE = (8, 512, 129, 257)
+# Under the interpreter every program runs in Python: check and time small planes only.
+INTERPRETER_MAX_SIDE = 8
+
+
+def run_kernels(cfg: Config) -> dict[str, Any]:
+    """Correctness of the Triton kernels, then their time and bandwidth against a copy.
+
+    On CUDA: every dtype and memory format, at ``cfg.shape`` with both ``align_corners`` and at
+    a few edge shapes; timed at ``cfg.shape`` and at :data:`LARGE_SHAPE`. Under the interpreter
+    (CPU): planes of at most 8x8, every dtype and memory format checked, float32 NCHW timed
+    (those times measure the interpreter, not the kernels).
+    """
+    cuda = cfg.device.type == "cuda"
+    b, c, H, W = cfg.shape
+    if not cuda:
+        H, W = min(H, INTERPRETER_MAX_SIDE), min(W, INTERPRETER_MAX_SIDE)
+    h, w = ld_branch_size(H), ld_branch_size(W)
+    checks = []
+    for dtype in DTYPES.values():
+        for cl in (False, True):
+            checks.append(check_kernel((b, c, H, W, h, w), dtype, cl, cfg.device))
+            if cuda:
+                checks.append(
+                    check_kernel(
+                        (b, c, H, W, h, w), dtype, cl, cfg.device, align_corners=False, offset=2.0
+                    )
+                )
+                for i, case in enumerate(EDGE_CASES):
+                    checks.append(check_kernel(case, dtype, cl, cfg.device, seed=i + 1))
+    cfg.progress.advance(0.0, "kernel checks done")
+
+    if cuda:
+        timed = [
+            (shape, dtype, cl)
+            for shape in dict.fromkeys([cfg.shape, LARGE_SHAPE])
+            for dtype in DTYPES.values()
+            for cl in (False, True)
+        ]
+    else:
+        timed = [((b, c, H, W), torch.float32, False)]
+    # three candidates (kernel, plain ops, copy) and two directions per configuration
+    expected = 6 * len(timed) * cfg.min_time * 1.2
+    cfg.progress.total += expected
+    if expected > 20 and not cfg.quiet:
+        cfg.say(f"Triton kernels: expected duration about {expected:.0f} s")
+    rows = []
+    for shape, dtype, cl in timed:
+        rows += _bandwidth(cfg, shape, dtype, cl)
+    return {"shape": [b, c, H, W], "logits": [h, w], "checks": checks, "bandwidth": rows}
+
+
+def _bandwidth(
+    cfg: Config, shape: tuple[int, int, int, int], dtype: torch.dtype, channels_last: bool
+) -> list[dict[str, Any]]:
+    b, c, H, W = shape
+    h, w = ld_branch_size(H), ld_branch_size(W)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gen = torch.Generator(device=cfg.device).manual_seed(0)
+
+    def randn(*size: int) -> torch.Tensor:
+        t = torch.randn(*size, generator=gen, device=cfg.device, dtype=dtype)
+        return t.contiguous(memory_format=fmt)
+
+    x, lg, g = randn(b, c, H, W), randn(b, c, h, w), randn(b, c, H, W)
+    n, n_low, isz = x.numel(), lg.numel(), x.element_size()
+    xr, lr = x.detach().requires_grad_(), lg.detach().requires_grad_()
+    out_k = ld_modulate(xr, lr, impl="triton")
+    out_r = ld_modulate(xr, lr, impl="reference")
+
+    def kernel_fwd() -> object:
+        with torch.no_grad():
+            return ld_modulate(x, lg, impl="triton")
+
+    def ref_fwd() -> object:
+        with torch.no_grad():
+            return ld_modulate(x, lg, impl="reference")
+
+    def kernel_bwd() -> object:
+        return torch.autograd.grad(out_k, (xr, lr), g, retain_graph=True)
+
+    def ref_bwd() -> object:
+        return torch.autograd.grad(out_r, (xr, lr), g, retain_graph=True)
+
+    rows = []
+    # forward: read x and logits, write out; backward: read g, x, logits, write both gradients
+    for direction, fn, ref, nbytes in (
+        ("forward", kernel_fwd, ref_fwd, (2 * n + n_low) * isz),
+        ("backward", kernel_bwd, ref_bwd, (3 * n + 2 * n_low) * isz),
+    ):
+        src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=cfg.device)
+        dst = torch.empty_like(src)
+        fns: dict[str, Callable[[], object]] = {
+            "triton": fn,
+            "plain ops": ref,
+            "copy": functools.partial(dst.copy_, src),
+        }
+        for f in fns.values():
+            f()
+        t = measure_interleaved(fns, min_time=cfg.min_time, rounds=cfg.rounds, threads=cfg.threads)
+        tk, tc = t["triton"], t["copy"]
+        rows.append(
+            {
+                "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                "memory_format": "channels_last" if channels_last else "NCHW",
+                "direction": direction,
+                "bytes": nbytes,
+                "triton": tk.as_dict(),
+                "plain_ops": t["plain ops"].as_dict(),
+                "copy": tc.as_dict(),
+                "triton_GBps": nbytes / tk.median / 1e9,
+                "copy_GBps": nbytes / tc.median / 1e9,
+                "fraction_of_copy": Ratio.of(tc, tk).as_dict(),
+                "speedup_vs_plain_ops": Ratio.of(t["plain ops"], tk).as_dict(),
+            }
+        )
+        cfg.progress.advance(3 * cfg.min_time * 1.2, f"bandwidth {direction}")
+    return rows
+
+
+def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
+    checks = res["checks"]
+    failed = [r for r in checks if not (r["ok"] and r["deterministic"])]
+    worst: dict[str, dict[str, float]] = {}
+    for r in checks:
+        d = worst.setdefault(r["dtype"], {})
+        for k, v in r["rel_err"].items():
+            d[k] = max(d.get(k, 0.0), v)
+    lines = [
+        f"Triton kernels of gald.ops.ld_modulate, input {tuple(res['shape'])}, logits "
+        f"{tuple(res['logits'])}, {cfg_text}",
+        f"correctness against float64 plain ops: {len(checks) - len(failed)}/{len(checks)} checks "
+        "passed (NCHW and channels_last, forward and both gradients, backward reproducible); "
+        "largest relative errors:",
+    ]
+    for name, d in worst.items():
+        lines.append(f"  {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
+    for r in failed:
+        lines.append(f"  FAILED: {r}")
+    headers = [
+        "shape",
+        "dtype",
+        "format",
+        "pass",
+        "triton",
+        "GB/s",
+        "copy GB/s",
+        "of copy",
+        "plain ops",
+        "triton vs plain",
+    ]
+    body = []
+    for r in res["bandwidth"]:
+        fr = r["fraction_of_copy"]
+        body.append(
+            [
+                "x".join(map(str, r["shape"])),
+                r["dtype"],
+                r["memory_format"],
+                r["direction"],
+                _stats_from(r["triton"]),
+                f"{r['triton_GBps']:.4g}",
+                f"{r['copy_GBps']:.4g}",
+                f"{100 * fr['ratio']:.0f} %",
+                _stats_from(r["plain_ops"]),
+                _speed_from(r["speedup_vs_plain_ops"]),
+            ]
+        )
+    lines.append(format_table(headers, body))
+    return "\n".join(lines)
+
+
+__all__ = [
+    "AuthorsLD",
+    "check_kernel",
+    "kernels_runnable",
+    "render_kernels",
+    "render_vs_authors",
+    "run_kernels",
+    "run_vs_authors",
+]

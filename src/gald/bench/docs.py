@@ -1,0 +1,279 @@
+"""Rewrite the generated benchmark tables in the docs from one ``--json`` run.
+
+Usage::
+
+    python -m gald.bench --ga all --ld --json results.json
+    python -m gald.bench.docs results.json [FILE ...]   # default: README.md docs/benchmarks.md
+
+Only the text between a start marker and the next ``<!-- bench:end -->`` is replaced; the rest
+of each file is left as it is. A start marker names what goes there:
+
+- ``<!-- bench:start -->`` or ``<!-- bench:start summary -->``: a short summary (the LD overhead
+  of the first GA, where it was measured);
+- ``<!-- bench:start block -->``: the table of every GA with and without LD;
+- ``<!-- bench:start ld -->``: the LD against the authors' formulation (needs ``--ld``);
+- ``<!-- bench:start kernels -->``: the Triton kernels' checks and bandwidth (needs ``--ld`` on
+  CUDA);
+- ``<!-- bench:start environment -->``: the machine and software.
+
+Every block states the date, the device and the command, so the docs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MARKER = re.compile(
+    r"(<!-- bench:start(?: (?P<kind>[a-z]+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)", re.S
+)
+
+
+def _time(d: dict[str, Any]) -> str:
+    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
+    digits = 3 if med < 1 else (2 if med < 10 else 1)
+    spread = f"IQR {iqr:.{digits}f}, " if iqr is not None else ""
+    return f"{med:.{digits}f} [{spread}n={n}]"
+
+
+def _overhead(d: dict[str, Any]) -> str:
+    hw = d["overhead_pct_halfwidth"]
+    pct = d["overhead_pct"]
+    if hw is None:
+        return f"{pct:+.1f} % (spread unknown)"
+    if d["within_noise"]:
+        return "within noise" + (" (spread > 100 %)" if hw >= 100 else f" (±{hw:.0f} %)")
+    return f"**{pct:+.1f} %** ± {hw:.1f} %"
+
+
+def _pct(r: float | None) -> str:
+    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
+
+
+def _speed(d: dict[str, Any]) -> str:
+    if d["within_noise"] and d["ratio_low"] is not None:
+        return "same within noise"
+    r = d["ratio"]
+    half = ""
+    if d["ratio_low"] is not None:
+        half = f" (95 %: {d['ratio_low']:.2f}–{d['ratio_high']:.2f})"
+    return (f"**{r:.2f}x faster**" if r >= 1 else f"{1 / r:.2f}x slower") + half
+
+
+def _mib(b: int | None) -> str:
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def where(res: dict[str, Any]) -> str:
+    env, cfg = res["environment"], res["config"]
+    fmt = "channels_last" if cfg["channels_last"] else "NCHW"
+    device = env["device_name"]
+    if cfg["device"] == "cpu":
+        device = f'CPU "{device}" ({env["logical_cpus"]} logical CPUs)'
+    return (
+        f"Measured {env['date']} on {device}, torch {env['torch']}, Python {env['python']}, "
+        f"{env['threads']} threads, {cfg['dtype']}, {fmt}; command: "
+        f"`{res.get('command', 'python -m gald.bench')}`."
+    )
+
+
+def render_summary(res: dict[str, Any]) -> str:
+    row = res["block"]["rows"][0]
+    ov = row["overhead"]
+    shape = tuple(res["config"]["shape"])
+    return (
+        f"LD overhead inside GALD({row['ga']}) at {shape}: inference "
+        f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])}, bytes saved "
+        f"for backward {_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
+        "Details: [docs/benchmarks.md](docs/benchmarks.md)."
+    )
+
+
+def render_block(res: dict[str, Any]) -> str:
+    rows = res["block"]["rows"]
+    cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in rows)
+    headers = ["GA", "LD", "inference ms", "train step ms", "saved MiB"]
+    headers += ["peak MiB"] if cuda else []
+    headers += ["GFLOPs", "params"]
+    body = []
+    for r in rows:
+        for name in ("with LD", "without LD"):
+            m = r["models"][name]
+            line = [
+                r["ga"],
+                "yes" if name == "with LD" else "no",
+                _time(m["inference"]),
+                _time(m["train_step"]),
+                _mib(m["saved_bytes"]),
+            ]
+            line += [_mib(m["peak_bytes"])] if cuda else []
+            line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
+            body.append(line)
+        ov = r["overhead"]
+        line = [
+            r["ga"],
+            "overhead",
+            _overhead(ov["inference"]),
+            _overhead(ov["train_step"]),
+            _pct(ov["saved_bytes_ratio"]),
+        ]
+        line += [_pct(ov["peak_bytes_ratio"])] if cuda else []
+        line += [_pct(ov["gflops_ratio"]), ""]
+        body.append(line)
+    shape = tuple(res["config"]["shape"])
+    return (
+        f"Input {shape}; times are medians [interquartile range, runs]; overheads with ~95 % "
+        f"intervals. {where(res)}\n\n{_table(headers, body)}"
+    )
+
+
+def render_ld(res: dict[str, Any]) -> str:
+    if "ld" not in res:
+        return "_(this run was made without `--ld`)_"
+    ld = res["ld"]
+    mem = ld["memory"]
+    base_saved = mem["authors"]["saved_bytes"]
+    cuda = any(m["peak_bytes"] is not None for m in mem.values())
+    headers = ["", "ms", "vs authors", "saved MiB"] + (["peak MiB"] if cuda else [])
+    body = []
+    for name, t in ld["train_step"].items():
+        m = mem[name]
+        saved = _mib(m["saved_bytes"])
+        if m["saved_bytes"] is not None and base_saved and name != "authors":
+            saved += f" ({m['saved_bytes'] / base_saved:.2f}x)"
+        line = [
+            f"train step: {name}",
+            _time(t),
+            "baseline" if name == "authors" else _speed(t["speedup_vs_authors"]),
+            saved,
+        ]
+        line += [_mib(m["peak_bytes"])] if cuda else []
+        body.append(line)
+    for name, t in ld["inference"].items():
+        label = "gald (BN folded)" if name == "gald" else name
+        line = [
+            f"inference: {label}",
+            _time(t),
+            "baseline" if name == "authors" else _speed(t["speedup_vs_authors"]),
+            "",
+        ]
+        line += [""] if cuda else []
+        body.append(line)
+    worst = max(ld["checks"].values()) if ld["checks"] else math.nan
+    return (
+        f"Input {tuple(ld['shape'])} (x itself: {ld['x_bytes'] / 2**20:.1f} MiB). {where(res)}"
+        f"\n\n{_table(headers, body)}\n\nLargest relative L2 difference to the authors' outputs "
+        f"and input gradients: {worst:.1e}."
+    )
+
+
+def render_kernels(res: dict[str, Any]) -> str:
+    k = res.get("kernels")
+    if not k:
+        return "_(this run was made without `--ld`)_"
+    if "skipped" in k:
+        return f"_Not measured in this run: {k['skipped']}._"
+    checks = k["checks"]
+    passed = sum(1 for c in checks if c["ok"] and c["deterministic"])
+    body = []
+    for r in k["bandwidth"]:
+        body.append(
+            [
+                r["dtype"],
+                r["memory_format"],
+                r["direction"],
+                _time(r["triton"]),
+                f"{r['triton_GBps']:.4g}",
+                f"{r['copy_GBps']:.4g}",
+                f"{100 * r['fraction_of_copy']['ratio']:.0f} %",
+                _time(r["plain_ops"]),
+                _speed(r["speedup_vs_plain_ops"]),
+            ]
+        )
+    headers = [
+        "dtype",
+        "format",
+        "pass",
+        "triton ms",
+        "GB/s",
+        "copy GB/s",
+        "of copy",
+        "plain ops ms",
+        "triton vs plain ops",
+    ]
+    return (
+        f"Input {tuple(k['shape'])}, logits {tuple(k['logits'])}. Correctness against float64 "
+        f"plain ops: {passed}/{len(checks)} checks passed. {where(res)}\n\n{_table(headers, body)}"
+    )
+
+
+def render_environment(res: dict[str, Any]) -> str:
+    env = res["environment"]
+    return "\n".join(f"- {k}: {v}" for k, v in env.items())
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "summary": render_summary,
+    "block": render_block,
+    "ld": render_ld,
+    "kernels": render_kernels,
+    "environment": render_environment,
+}
+
+
+def rewrite(text: str, res: dict[str, Any]) -> tuple[str, int]:
+    """``text`` with every marked block regenerated from ``res``; and how many were."""
+    count = 0
+
+    def sub(m: re.Match[str]) -> str:
+        nonlocal count
+        kind = m.group("kind") or "summary"
+        if kind not in RENDERERS:
+            raise ValueError(
+                f"unknown bench marker kind {kind!r}; expected one of {sorted(RENDERERS)}"
+            )
+        count += 1
+        return f"{m.group(1)}{RENDERERS[kind](res).rstrip()}\n{m.group(4)}"
+
+    return MARKER.sub(sub, text), count
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m gald.bench.docs",
+        description="Rewrite the marked benchmark blocks of the docs from one --json run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("results", help="the JSON written by python -m gald.bench --json")
+    parser.add_argument(
+        "files", nargs="*", default=["README.md", "docs/benchmarks.md"], help="files to rewrite"
+    )
+    args = parser.parse_args(argv)
+    try:
+        res = json.loads(Path(args.results).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        parser.error(f"cannot read {args.results}: {exc}")
+    if "block" not in res or "environment" not in res:
+        parser.error(f"{args.results} is not a python -m gald.bench --json result")
+    for name in args.files:
+        path = Path(name)
+        text, n = rewrite(path.read_text(), res)
+        path.write_text(text)
+        print(f"{name}: {n} block{'s' if n != 1 else ''} rewritten", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
