@@ -237,12 +237,15 @@ class RefGALDNet(nn.Module):
             nn.Conv2d(512, num_classes, 1, bias=True),
         )
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        size = (x.shape[-2], x.shape[-1])
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.relu(self.bn1(self.conv1(x)))
         y = F.max_pool2d(y, kernel_size=3, stride=2, padding=1, ceil_mode=True)
         y = self.layer2(self.layer1(y))
         c3 = self.layer3(y)
-        c4 = self.layer4(c3)
+        return c3, self.layer4(c3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = (x.shape[-2], x.shape[-1])
+        c3, c4 = self.features(x)
         main = upsample_align_corners(self.head(c4), size)
         return main, upsample_align_corners(self.dsn(c3), size)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import gald
-from _official_reference import RefNet, randomise_
-from gald.convert import load_official, official_to_gald
+from _official_reference import RefGALDNet, RefNet, randomise_
+from gald.convert import load_official, official_to_gald, official_to_galdnet
+from gald.models import DilatedResNet, GALDNet
 
 IN, INTER, CLASSES, DSN_IN = 32, 16, 5, 24
 
@@ -53,17 +54,6 @@ def test_official_parity(prefix: str, mode: str, seed: int) -> None:
             head.gald.ld.branch[2][1].running_mean,
             ref.head.a2block.local_attention.dconv3[1].running_mean,
         )
-
-
-def test_official_parity_float32_realistic_width() -> None:
-    # The authors' widths (512 inner) on a tiny map, fp32: still 1e-5 relative.
-    ref = randomise_(RefNet(64, 512, 3, 8), torch.Generator().manual_seed(3)).eval()
-    head_sd, _ = official_to_gald(ref.state_dict())
-    head = gald.GALDHead.official(in_channels=64, num_classes=3, channels=512).eval()
-    head.load_state_dict(head_sd, strict=True)
-    x = torch.randn(1, 64, 15, 17)
-    with torch.no_grad():
-        _assert_close_rel(head(x), ref.head(x), rtol=1e-5)
 
 
 def test_no_dsn_gives_empty_aux() -> None:
@@ -112,3 +102,208 @@ def test_load_official_rejects_non_state_dict(tmp_path) -> None:
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_official(path)
+
+
+# --------------------------------------------------------------------------- the whole network
+
+FULL_CLASSES = 19
+
+
+@pytest.fixture(scope="module")
+def authors_r50():
+    """The restated authors' GALD_res50 with random weights and BN statistics, and our network
+    loaded from its state dict (as their training script saves it: ``module.`` prefix, under
+    ``state_dict``) through ``load_official_galdnet``."""
+    with torch.device("meta"):
+        ref = RefGALDNet(50, FULL_CLASSES)
+    ref = ref.to_empty(device="cpu")  # every tensor is overwritten below: skip the default init
+    for name, buf in ref.named_buffers():
+        if name.endswith("num_batches_tracked"):
+            buf.zero_()
+    randomise_(ref, torch.Generator().manual_seed(7), fan_in=True).eval()
+    checkpoint = {"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}}
+    with pytest.MonkeyPatch.context() as mp:  # the file read itself is tested above
+        mp.setattr(gald.convert, "load_official", lambda path: dict(checkpoint["state_dict"]))
+        net = gald.convert.load_official_galdnet("GALD_res50.pth", depth=50)
+    return ref, net.eval()
+
+
+def test_loaded_network_is_the_authors_configuration(authors_r50) -> None:
+    _, net = authors_r50
+    assert isinstance(net, GALDNet) and isinstance(net.backbone, DilatedResNet)
+    assert net.num_classes == FULL_CLASSES  # read from the classifier
+    assert net.backbone.depth == 50 and net.backbone.output_stride == 8
+    assert net.min_input_size == 111
+    assert sum(p.numel() for p in net.parameters()) == 52_402_662
+    assert sum(p.numel() for p in net.head.parameters()) == 24_040_979
+    assert sum(p.numel() for p in net.aux_head.parameters()) == 4_729_875
+
+
+def test_whole_network_parity_float32(authors_r50) -> None:
+    # 111 px: the smallest input of the authors' network (a 15x15 feature for the unpadded LD)
+    ref, net = authors_r50
+    x = torch.randn(1, 3, 111, 115, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = net(x)
+        main, dsn = ref(x)
+    assert out["out"].shape == (1, FULL_CLASSES, 111, 115) and out["out"].dtype == torch.float32
+    _assert_close_rel(out["out"], main, rtol=1e-4)
+    _assert_close_rel(out["aux"], dsn, rtol=1e-4)
+
+
+def test_backbone_and_aux_parity_float64(authors_r50) -> None:
+    # float64 on a small input: the backbone and the dsn (the head's float64 parity at small
+    # widths is test_official_parity; the whole network in float32 is the test above)
+    ref, net = authors_r50
+    x = torch.randn(1, 3, 17, 26, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    parts = [net.backbone, net.aux_head, ref.conv1, ref.bn1, ref.dsn]
+    parts += [getattr(ref, f"layer{i}") for i in range(1, 5)]
+    try:  # float32 -> float64 -> float32 is exact: the shared fixture comes back unchanged
+        for part in parts:
+            part.double()
+        with torch.no_grad():
+            c3, c4 = net.backbone(x)
+            r3, r4 = ref.features(x)
+            assert c4.shape == (1, 2048, 3, 4) and c4.dtype == torch.float64
+            _assert_close_rel(c3, r3, rtol=1e-10)
+            _assert_close_rel(c4, r4, rtol=1e-10)
+            _assert_close_rel(net.aux_head(c3), ref.dsn(r3), rtol=1e-10)
+    finally:
+        for part in parts:
+            part.float()
+
+
+def test_full_key_names_against_the_restatement_depth_101() -> None:
+    net = GALDNet.official(depth=101, num_classes=FULL_CLASSES)
+    assert sum(p.numel() for p in net.parameters()) == 71_394_790
+    with torch.device("meta"):
+        ref = RefGALDNet(101, FULL_CLASSES)
+    converted = official_to_galdnet({"module." + k: v for k, v in ref.state_dict().items()})
+    ours = net.state_dict()
+    assert sorted(converted) == sorted(ours)
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {
+        k: tuple(v.shape) for k, v in ours.items()
+    }
+    # the stem as the authors name it
+    assert {k for k in ref.state_dict() if k.startswith("conv1.")} == {
+        "conv1.0.weight",
+        *(f"conv1.{i}.{n}" for i in (1, 4) for n in _BN),
+        "conv1.3.weight",
+        "conv1.6.weight",
+    }
+
+
+_BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _fake_checkpoint(blocks=(3, 4, 6, 3), classes: int = FULL_CLASSES) -> dict:
+    sd = {"conv1.0.weight": torch.zeros(1), "head.bottleneck.3.weight": torch.zeros(classes, 1)}
+    for layer, n in enumerate(blocks, start=1):
+        for i in range(n):
+            sd[f"layer{layer}.{i}.conv1.weight"] = torch.zeros(1)
+    return sd
+
+
+def test_checkpoint_of_another_depth_or_class_count(tmp_path) -> None:
+    path = tmp_path / "r101.pth"
+    torch.save(_fake_checkpoint((3, 4, 23, 3)), path)
+    with pytest.raises(
+        ValueError,
+        match=r"expected a depth-50 GALD-Net, but .* holds a depth-101 one \(ResNet layers with \[3, 4, 23, 3\] blocks\)",
+    ):
+        gald.convert.load_official_galdnet(path, depth=50)
+    torch.save(_fake_checkpoint(classes=21), path)
+    with pytest.raises(
+        ValueError, match="expected num_classes=19, but .* classifier for 21 classes"
+    ):
+        gald.convert.load_official_galdnet(path, num_classes=19)
+    torch.save(_fake_checkpoint((3, 4, 5, 3)), path)
+    with pytest.raises(
+        ValueError, match=r"ResNet layers with \[3, 4, 5, 3\] blocks; expected \[3, 4, 6, 3\]"
+    ):
+        gald.convert.load_official_galdnet(path)
+
+
+def test_strict_loading_lists_missing_unexpected_and_misshaped_keys() -> None:
+    from gald.convert import _load_strict
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    sd = {k: v.clone() for k, v in module.state_dict().items()}
+    del sd["1.num_batches_tracked"]  # old checkpoints lack it: accepted
+    _load_strict(module, sd)
+    sd["0.weight"] = torch.zeros(3, 1, 1, 1)
+    sd["2.weight"] = torch.zeros(1)
+    del sd["1.bias"]
+    with pytest.raises(
+        ValueError,
+        match=r"missing keys \[1\.bias\]; unexpected keys \[2\.weight\]; shape mismatches \[0\.weight: expected \(2, 1, 1, 1\), got \(3, 1, 1, 1\)\]",
+    ):
+        _load_strict(module, sd)
+
+
+def test_official_to_galdnet_maps_and_lists_unknown_keys() -> None:
+    with torch.device("meta"):
+        ref = RefGALDNet(50, 3)
+    sd = dict(ref.state_dict())
+    out = official_to_galdnet(sd)
+    assert out["backbone.conv1.6.weight"] is sd["conv1.6.weight"]
+    assert out["backbone.layer4.2.bn3.running_var"] is sd["layer4.2.bn3.running_var"]
+    assert out["aux_head.cls.bias"] is sd["dsn.4.bias"]
+    assert (
+        out["head.gald.ld.branch.2.0.weight"] is sd["head.a2block.local_attention.dconv3.0.weight"]
+    )
+    sd["module.criterion.weight"] = torch.zeros(1)
+    sd["fc.weight"] = torch.zeros(1)
+    with pytest.raises(
+        ValueError, match=r"unknown keys .*\[fc\.weight, module\.criterion\.weight\]"
+    ):
+        official_to_galdnet(sd)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        official_to_galdnet([("a", torch.zeros(1))])  # type: ignore[arg-type]
+
+
+_SPLIT = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2",
+          "conv1.6": "conv3", "bn1": "bn3"}  # fmt: skip
+
+
+def _to_split_layout(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        for src, dst in _SPLIT.items():
+            if k.startswith(src + "."):
+                k = dst + k[len(src) :]
+                break
+        out[k] = v
+    return out
+
+
+@pytest.mark.parametrize("layout", ["sequential", "split"])
+def test_imagenet_weights_in_either_stem_layout(authors_r50, layout: str) -> None:
+    ref, net = authors_r50
+    backbone = {k: v for k, v in ref.state_dict().items() if not k.startswith(("head.", "dsn."))}
+    sd = backbone if layout == "sequential" else _to_split_layout(backbone)
+    if layout == "split":
+        assert "conv2.weight" in sd and "bn3.running_var" in sd and "conv1.0.weight" not in sd
+    sd = {"module." + k: v for k, v in sd.items()}
+    sd["module.fc.weight"], sd["module.fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)
+    mapped = gald.convert.imagenet_to_backbone(sd)
+    # exactly the backbone's keys and shapes (what a strict load checks), with the right tensors
+    expected = net.backbone.state_dict()
+    assert sorted(mapped) == sorted(expected)
+    assert all(mapped[k].shape == expected[k].shape for k in expected)
+    assert all(mapped[k] is backbone[k] for k in backbone)
+
+
+def test_imagenet_bad_layouts() -> None:
+    sd = {"conv1.0.weight": torch.zeros(1), "conv2.weight": torch.zeros(1)}
+    with pytest.raises(ValueError, match="mixes the two deep-stem layouts"):
+        gald.convert.imagenet_to_backbone(sd)
+    sd = {
+        "conv1.weight": torch.zeros(1),
+        "layer1.0.conv1.weight": torch.zeros(1),
+        "avgpool.x": torch.zeros(1),
+    }
+    with pytest.raises(
+        ValueError, match=r"unknown keys in the ImageNet state dict: \[avgpool\.x\]"
+    ):
+        gald.convert.imagenet_to_backbone(sd)
