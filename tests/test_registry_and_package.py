@@ -1,14 +1,53 @@
-"""Registry, package metadata and public API surface."""
+"""Registry (create_ga, register_ga, unregister_ga, registered), package metadata, public API
+surface and what the sdist contains."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import gald
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Tiny(nn.Module):
+    def __init__(self, channels: int, scale: float = 1.0) -> None:
+        super().__init__()
+        self.channels = channels
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+class Config(Mapping):
+    """A minimal read-only mapping, like an OmegaConf DictConfig."""
+
+    def __init__(self, **items: object) -> None:
+        self._items = items
+
+    def __getitem__(self, key: str) -> object:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def snapshot() -> dict[str, type[nn.Module]]:
+    return {name: gald.get_ga_class(name) for name in gald.list_ga()}
 
 
 def test_version() -> None:
@@ -22,32 +61,139 @@ def test_runtime_dependencies_are_torch_and_einops_only() -> None:
     assert runtime == ["einops", "torch"]
 
 
-def test_list_and_create() -> None:
+def test_list_and_create_by_name() -> None:
     names = gald.list_ga()
     assert "cgnl" in names and names == sorted(names)
     layer = gald.create_ga("cgnl", 16, groups=4)
     assert isinstance(layer, gald.ga.CGNL) and layer.groups == 4
-    with pytest.raises(ValueError, match="unknown GA module 'x'.*cgnl"):
+    assert gald.get_ga_class("cgnl") is gald.ga.CGNL and gald.ga.CGNL.ga_name == "cgnl"  # type: ignore[attr-defined]
+
+
+def test_create_from_class_instance_and_mapping() -> None:
+    built = gald.create_ga(Tiny, 8, scale=2.0)
+    assert isinstance(built, Tiny) and built.channels == 8 and built.scale == 2.0
+    ready = Tiny(8)
+    assert gald.create_ga(ready, 8) is ready
+    cfg = Config(groups=2, use_scale=True)
+    layer = gald.create_ga("cgnl", 16, **cfg)
+    assert layer.groups == 2 and layer.use_scale  # type: ignore[union-attr]
+
+
+def test_create_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match="unknown GA module 'x'; expected one of .*'cgnl'"):
         gald.create_ga("x", 16)
-    with pytest.raises(TypeError, match="name must be a str"):
+    with pytest.raises(TypeError, match="ga must be a registry name .* got int 3"):
         gald.create_ga(3, 16)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ga must be a registry name .* got function"):
+        gald.create_ga(lambda c: Tiny(c), 16)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"kwargs must be empty when ga is an nn.Module instance .* got \['scale'\]"):
+        gald.create_ga(Tiny(8), 8, scale=2.0)
+    with pytest.raises(ValueError, match=r"Tiny instance with channels=8, expected channels=16"):
+        gald.create_ga(Tiny(8), 16)
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+        gald.create_ga("cgnl", 0)
+    with pytest.raises(TypeError, match="channels must be an int, got float"):
+        gald.create_ga("cgnl", 16.0)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", gald.list_ga())
 def test_every_registered_layer_takes_channels_first(name: str) -> None:
     layer = gald.create_ga(name, 16).eval()
-    assert isinstance(layer, nn.Module)
     x = torch.randn(2, 16, 6, 7)
     assert layer(x).shape == x.shape
     assert gald.get_ga_class(name).ga_name == name  # type: ignore[attr-defined]
 
 
-def test_register_conflict() -> None:
+def test_register_validation_and_conflict() -> None:
     with pytest.raises(ValueError, match="already registered"):
         gald.register_ga("cgnl")(nn.Identity)
+    with pytest.raises(TypeError, match="name must be a str, got int"):
+        gald.register_ga(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="cls must be an nn.Module subclass, got <function"):
+        gald.register_ga("fn")(lambda c: c)  # type: ignore[type-var]
+
+
+def test_register_and_unregister() -> None:
+    before = snapshot()
+
+    class Mine(Tiny):
+        pass
+
+    assert gald.register_ga("mine")(Mine) is Mine
+    assert "mine" in gald.list_ga() and Mine.ga_name == "mine"  # type: ignore[attr-defined]
+    assert gald.unregister_ga("mine") is Mine
+    assert "mine" not in gald.list_ga() and not hasattr(Mine, "ga_name")
+    assert snapshot() == before
+    with pytest.raises(ValueError, match="unknown GA module 'mine'"):
+        gald.unregister_ga("mine")
+
+
+def test_registered_restores_the_registry_exactly() -> None:
+    before = snapshot()
+
+    class Mine(Tiny):
+        pass
+
+    with gald.registered("mine", Mine) as cls:
+        assert cls is Mine and "mine" in gald.list_ga()
+        block = gald.GALD(8, "mine")
+        assert isinstance(block.ga, Mine)
+        gald.register_ga("also_mine")(Tiny)  # registered inside the block: removed on exit
+    assert snapshot() == before
+    assert not hasattr(Mine, "ga_name") and "ga_name" not in Tiny.__dict__
+
+    with pytest.raises(RuntimeError, match="boom"), gald.registered("mine", Mine):
+        raise RuntimeError("boom")
+    assert snapshot() == before
+
+
+def test_registered_with_a_taken_name() -> None:
+    before = snapshot()
+    with (
+        pytest.raises(ValueError, match="'cgnl' is already registered to .*; pass replace=True"),
+        gald.registered("cgnl", Tiny),
+    ):
+        pass
+    with gald.registered("cgnl", Tiny, replace=True):
+        assert gald.get_ga_class("cgnl") is Tiny
+    assert snapshot() == before
+    assert gald.get_ga_class("cgnl").ga_name == "cgnl"  # type: ignore[attr-defined]
+    assert "ga_name" not in Tiny.__dict__
+    # the class already registered under that name: allowed, and still registered afterwards
+    with gald.registered("cgnl", gald.ga.CGNL):
+        pass
+    assert snapshot() == before
 
 
 def test_public_api_is_small_and_importable() -> None:
     for name in gald.__all__:
         assert hasattr(gald, name), name
     assert {"GALD", "LocalDistribution", "GALDHead", "AuxHead", "create_ga", "list_ga"} <= set(gald.__all__)
+    assert {"registered", "unregister_ga", "register_ga", "get_ga_class"} <= set(gald.__all__)
+
+
+_NOT_SOURCES = shutil.ignore_patterns(
+    ".git", ".venv", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "build", "dist"
+)
+
+
+def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
+    if not (ROOT / "pyproject.toml").is_file():
+        pytest.fail("run from a source checkout: the sdist is built from the repository")
+    src = tmp_path / "src_tree"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "dist")],
+        cwd=src, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    archive = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))], sorted(names)
+    package = {str(p.relative_to(src)) for p in (src / "src" / "gald").rglob("*.py")}
+    assert package - names == set()
+    assert {"src/gald/testing/__init__.py", "README.md", "LICENSE", "pyproject.toml", "PKG-INFO"} <= names
+    assert "docs/testing.md" in names
+    assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]

@@ -77,9 +77,9 @@ def registered(
 ) -> Iterator[type[nn.Module]]:
     """Register ``cls`` under ``name`` for the duration of a ``with`` block.
 
-    On exit, normal or by exception, the registry and the ``ga_name`` attribute of ``cls`` are
-    restored exactly: names registered inside the block are removed again and a replaced entry
-    comes back.
+    On exit, normal or by exception, the registry is restored exactly: names registered inside
+    the block (also with :func:`register_ga`) are removed again and a replaced entry comes back,
+    and so are the ``ga_name`` attributes the registrations set on the classes.
 
     A name that is already registered to another class raises ``ValueError`` unless
     ``replace=True``, which shadows the existing entry inside the block only. Registering a class
@@ -108,19 +108,25 @@ def registered(
             "it inside the block"
         )
     snapshot = dict(_GA_REGISTRY)
-    old_ga_name = cls.__dict__.get("ga_name", _MISSING)
+    # the ga_name attribute of every class involved, as it is now
+    labels = {c: c.__dict__.get("ga_name", _MISSING) for c in {cls, *snapshot.values()}}
     _GA_REGISTRY[name] = cls
     cls.ga_name = name  # type: ignore[attr-defined]
     try:
         yield cls
     finally:
+        added = {c: n for n, c in _GA_REGISTRY.items() if c not in labels}
         _GA_REGISTRY.clear()
         _GA_REGISTRY.update(snapshot)
-        if old_ga_name is _MISSING:
-            if "ga_name" in cls.__dict__:
-                del cls.ga_name  # type: ignore[attr-defined]
-        else:
-            cls.ga_name = old_ga_name  # type: ignore[attr-defined]
+        for c, n in added.items():  # registered inside the block with register_ga
+            if c.__dict__.get("ga_name") == n:
+                del c.ga_name  # type: ignore[attr-defined]
+        for c, label in labels.items():
+            if label is _MISSING:
+                if "ga_name" in c.__dict__:
+                    del c.ga_name  # type: ignore[attr-defined]
+            else:
+                c.ga_name = label  # type: ignore[attr-defined]
 
 
 def _ensure_loaded() -> None:

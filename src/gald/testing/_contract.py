@@ -512,7 +512,8 @@ def check_ga(
     ``factory`` is an ``nn.Module`` class or any callable ``channels -> nn.Module`` that returns a
     fresh module on every call (``functools.partial(MyGA, reduction=4)``, a lambda). The layer
     maps (B, channels, H, W) to (B, out_channels, H, W) (``out_channels`` defaults to
-    ``channels``). Inputs are float32 on the CPU.
+    ``channels``). Inputs are float32 on the CPU. Exceptions the factory raises propagate
+    unchanged.
 
     Properties (each switched off by passing ``<name>=False``):
 
@@ -617,7 +618,7 @@ def check_gald(
     ``ga_factory`` is a registry name, an ``nn.Module`` class (GALD builds it, passing its norm
     and activation where the class takes them) or a callable ``in_channels -> nn.Module``. A GA
     that changes the width (``in_channels -> out_channels``) is checked with ``out_channels=``,
-    which is also passed to ``GALD``. ``gald_kwargs`` go to ``GALD``; every other keyword goes to
+    which is also passed to ``GALD`` (``in_channels`` when omitted). ``gald_kwargs`` go to ``GALD``; every other keyword goes to
     :func:`check_ga` (the block's ``min_size`` attribute sets the smallest map checked).
 
     Example:
@@ -630,8 +631,11 @@ def check_gald(
     extra = dict(gald_kwargs or {})
     if "out_channels" in extra:
         raise ValueError("pass out_channels to check_gald directly, not inside gald_kwargs")
-    if out_channels is not None:
-        extra["out_channels"] = check_positive_int(out_channels, "out_channels")
+    in_channels = check_positive_int(in_channels, "in_channels")
+    # always explicit: GALD then never has to infer the width of a module instance
+    extra["out_channels"] = (
+        in_channels if out_channels is None else check_positive_int(out_channels, "out_channels")
+    )
     if not isinstance(ga_factory, str):
         _as_factory(ga_factory)
 
@@ -641,4 +645,4 @@ def check_gald(
             ga = ga_factory(c)
         return GALD(c, ga, **extra)
 
-    return check_ga(build, channels=in_channels, out_channels=out_channels, **check_kwargs)
+    return check_ga(build, channels=in_channels, out_channels=extra["out_channels"], **check_kwargs)
