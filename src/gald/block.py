@@ -17,7 +17,7 @@ from torch import nn
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import check_feature, check_positive_int
 from .ld import LocalDistribution
-from .registry import get_ga_class
+from .registry import create_ga, get_ga_class
 
 __all__ = ["GALD", "infer_out_channels"]
 
@@ -117,13 +117,14 @@ def _build_ga(
     norm_layer: LayerFactory,
     act_layer: LayerFactory,
 ) -> tuple[nn.Module, int]:
-    """The GA module and its output width."""
+    """The GA module and its output width (construction through :func:`gald.create_ga`)."""
     if isinstance(ga_module, nn.Module):
         if ga_kwargs:
             raise ValueError(
                 "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
                 f"already), got keys {sorted(ga_kwargs)}"
             )
+        ga_module = create_ga(ga_module, in_channels)  # checks a declared input width
         if out_channels is None:
             return ga_module, infer_out_channels(ga_module, in_channels)
         try:
@@ -160,7 +161,7 @@ def _build_ga(
             )
         kwargs["out_channels"] = out_channels
     try:
-        ga = cls(in_channels, **kwargs)
+        ga = create_ga(cls, in_channels, **kwargs)
     except (ValueError, TypeError) as exc:
         smallest = _smallest_width(cls, kwargs)
         hint = f"; the smallest in_channels it accepts is {smallest}" if smallest else ""
