@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
@@ -33,12 +34,12 @@ class _PositionAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        n = h * w
+        h = x.shape[-2]
         # (B, 1, N, C') queries and keys, (B, 1, N, C) values: one attention head.
-        q = self.query_conv(x).reshape(b, 1, self.inter_channels, n).transpose(-1, -2)
-        k = self.key_conv(x).reshape(b, 1, self.inter_channels, n).transpose(-1, -2)
-        v = self.value_conv(x).reshape(b, 1, c, n).transpose(-1, -2)
+        tokens = "b c h w -> b 1 (h w) c"
+        q = rearrange(self.query_conv(x), tokens)
+        k = rearrange(self.key_conv(x), tokens)
+        v = rearrange(self.value_conv(x), tokens)
         pad = self.channels - self.inter_channels  # a Python int: no tensor in the condition
         if pad > 0:
             # Fused (flash) kernels need one head size for q, k and v: zero-padding q and k to C
@@ -50,7 +51,7 @@ class _PositionAttention(nn.Module):
         q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
         with autocast_off(x.device.type):
             y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, 1, N, C)
-        y = y.to(v.dtype).transpose(-1, -2).reshape(b, c, h, w)
+        y = rearrange(y.to(v.dtype), "b 1 (h w) c -> b c h w", h=h)
         return self.gamma * y
 
 

@@ -12,6 +12,7 @@ from typing import Final
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,13 +26,14 @@ MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
 
 
-def _tokens(t: torch.Tensor, b: int, d: int, n: int) -> torch.Tensor:
-    """(B, d, h, w) -> contiguous (B, n, d) in :func:`compute_dtype` (float32 for half types).
+def _tokens(t: torch.Tensor) -> torch.Tensor:
+    """(B, d, h, w) map -> contiguous (B, h w, d) tokens in :func:`compute_dtype` (float32 for
+    half types).
 
     Contiguity matters: the fused CPU SDPA kernels need a unit stride on the last dimension
     and otherwise fall back to the math path, which materialises the affinity.
     """
-    t = t.reshape(b, d, n).transpose(1, 2)
+    t = rearrange(t, "b d h w -> b (h w) d")
     return t.to(compute_dtype(t.dtype)).contiguous()
 
 
@@ -209,12 +211,11 @@ class NonLocal2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.channels, who=type(self).__name__)
-        b, _, h, w = x.shape
-        n = h * w
+        h = x.shape[-2]
         inter = self.inter_channels
         value = self._keys(self.g(x))  # (B, C', hk, wk)
         nk = value.shape[-2] * value.shape[-1]
-        v = _tokens(value, b, inter, nk)
+        v = _tokens(value)  # (B, Nk, C')
         if self.mode == "gaussian":
             q_map, k_map = x, self._keys(x)
         else:
@@ -222,8 +223,8 @@ class NonLocal2d(nn.Module):
             assert self.phi is not None
             q_map, k_map = self.theta(x), self._keys(self.phi(x))
         d = q_map.shape[1]
-        q = _tokens(q_map, b, d, n)  # (B, N, d)
-        k = _tokens(k_map, b, d, nk)  # (B, Nk, d)
+        q = _tokens(q_map)  # (B, N, d)
+        k = _tokens(k_map)  # (B, Nk, d)
 
         with autocast_off(x.device.type):
             if self.mode in ("embedded_gaussian", "gaussian"):
@@ -238,7 +239,7 @@ class NonLocal2d(nn.Module):
                 y = torch.matmul(q, torch.matmul(k.transpose(1, 2), v)) / nk
             else:
                 y = self._concatenation(q, k, v) / nk
-        y = y.to(x.dtype).transpose(1, 2).reshape(b, inter, h, w)
+        y = rearrange(y.to(x.dtype), "b (h w) d -> b d h w", h=h)
         return x + self.norm(self.conv_out(y))
 
     def _concatenation(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
