@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
+from . import _modulate  # noqa: F401  (defines the gald:: ops registered below)
+
 #: FLOPs per output element of one bilinear interpolation (4 multiply-adds).
 INTERP_FLOPS_PER_ELEMENT = 8
 
