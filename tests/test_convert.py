@@ -196,6 +196,11 @@ def test_full_key_names_against_the_restatement_depth_101() -> None:
 _BN = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
 def _fake_checkpoint(blocks=(3, 4, 6, 3), classes: int = FULL_CLASSES) -> dict:
     sd = {"conv1.0.weight": torch.zeros(1), "head.bottleneck.3.weight": torch.zeros(classes, 1)}
     for layer, n in enumerate(blocks, start=1):
@@ -217,6 +222,9 @@ def test_checkpoint_of_another_depth_or_class_count(tmp_path) -> None:
         ValueError, match="expected num_classes=19, but .* classifier for 21 classes"
     ):
         gald.convert.load_official_galdnet(path, num_classes=19)
+    torch.save({"state_dict": _fake_checkpoint(), "x": _Evil()}, path)
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        gald.convert.load_official_galdnet(path)
     torch.save(_fake_checkpoint((3, 4, 5, 3)), path)
     with pytest.raises(
         ValueError, match=r"ResNet layers with \[3, 4, 5, 3\] blocks; expected \[3, 4, 6, 3\]"

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import gald
@@ -322,3 +324,33 @@ def test_bad_images() -> None:
         net(torch.zeros(1, 3, 8, 8, dtype=torch.long))
     with pytest.raises(ValueError, match="images must be 4-D"):
         net(torch.zeros(3, 8, 8))
+
+
+def test_torchvision_style_imagenet_weights_load_into_the_plain_stem(
+    r50_os16_plain_stem: DilatedResNet,
+) -> None:
+    net = r50_os16_plain_stem
+    sd = dict(net.state_dict())
+    assert sd["conv1.weight"].shape == (64, 3, 7, 7)
+    sd.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    mapped = gald.convert.imagenet_to_backbone(sd)
+    assert sorted(mapped) == sorted(net.state_dict())
+    net.load_state_dict(mapped, strict=True)
+
+
+@given(
+    height=st.integers(4, 24),
+    width=st.integers(4, 24),
+    batch=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_property_output_shapes_and_dtypes(height: int, width: int, batch: int, dtype) -> None:
+    net = _NET.to(dtype)
+    with torch.no_grad():
+        out = net(torch.randn(batch, 3, height, width, dtype=dtype))
+    for key in ("out", "aux"):
+        assert out[key].shape == (batch, CLASSES, height, width) and out[key].dtype == dtype
+        assert torch.isfinite(out[key]).all()
+
+
+_NET = _tiny_net()

@@ -18,8 +18,12 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .models import GALDNet
 
 __all__ = [
     "imagenet_to_backbone",
@@ -231,7 +235,7 @@ def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 
 def load_official_galdnet(
     path: str | os.PathLike[str], *, depth: int | None = None, num_classes: int | None = None
-) -> torch.nn.Module:
+) -> GALDNet:
     """Build :meth:`gald.models.GALDNet.official` and load the authors' checkpoint at ``path``.
 
     The depth (from the number of blocks in ``layer1``-``layer4``) and the number of classes
@@ -241,7 +245,7 @@ def load_official_galdnet(
     ``torch.load(weights_only=True)``. The model is returned in train mode, like any new module;
     call ``.eval()`` before evaluating.
     """
-    from .models import GALDNet
+    from .models import GALDNet  # late: gald.models imports the heads
 
     state = official_to_galdnet(load_official(path))
     keys = list(state)
