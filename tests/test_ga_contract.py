@@ -11,9 +11,11 @@ from functools import partial
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import gald
-from gald.testing import check_ga, check_gald
+from gald.testing import check_ga, check_gald, ga_inputs
 
 NAMES = gald.list_ga()
 C = 16
@@ -51,6 +53,16 @@ def test_ema_default_detaches_the_em_loop() -> None:
 def test_contract_inside_gald(name: str) -> None:
     # compile of the whole block is checked once, with the default GA
     check_gald(name, in_channels=C, gald_kwargs={"ga_kwargs": SMALL.get(name, {})}, compile=name == "cgnl")
+
+
+@pytest.mark.parametrize("name", NAMES)
+@given(data=st.data())
+def test_any_map_keeps_its_shape(name: str, data: st.DataObject) -> None:
+    layer = gald.create_ga(name, C, **SMALL.get(name, {})).eval()
+    x = data.draw(ga_inputs(layer, max_side=12))
+    with torch.no_grad():
+        y = layer(x)
+    assert y.shape == x.shape and y.dtype == x.dtype and torch.isfinite(y).all()
 
 
 @pytest.mark.parametrize("name", NAMES)

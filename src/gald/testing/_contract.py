@@ -112,9 +112,9 @@ class _Context:
         return module
 
     def sizes(self) -> list[tuple[int, int]]:
-        """The smallest map, two thin ones and a generic one."""
+        """The smallest map, a wide one, a tall one and a generic one (odd and even sides)."""
         h, w = self.min_hw
-        return [(h, w), (h, w + 3), (h + 4, w + 1)]
+        return [(h, w), (h, w + 5), (h + 4, w), (h + 5, w + 6)]
 
     def typical(self) -> tuple[int, int]:
         h, w = self.min_hw
@@ -518,8 +518,8 @@ def check_ga(
     Properties (each switched off by passing ``<name>=False``):
 
     - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
-      B = ``train_batch`` in train mode, on the smallest map the layer declares, thin maps and a
-      generic one.
+      B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
+      and a generic one.
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
       finite gradients (the input's not all zero).
     - ``batch_independence``: in eval mode, changing one sample changes that sample's output
