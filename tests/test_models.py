@@ -264,6 +264,15 @@ def test_dry_run_failure_asks_for_in_channels() -> None:
         GALDNet(CLASSES, backbone=gray)
 
 
+def test_non_feature_outputs_are_rejected() -> None:
+    class Flat(nn.Module):
+        def forward(self, x):
+            return [x.mean((2, 3)), x.mean((1, 2, 3))]
+
+    with pytest.raises(TypeError, match=r"must be \(B, C, H, W\) tensors, got Tensor and Tensor"):
+        GALDNet(CLASSES, backbone=Flat())
+
+
 def test_single_tensor_backbone_is_rejected() -> None:
     with pytest.raises(TypeError, match=r"backbone must return a \(c3, c4\) pair, .*, got Tensor"):
         GALDNet(CLASSES, backbone=Tiny("tensor"))

@@ -127,6 +127,11 @@ def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) 
         for m, mode in modes:
             m.training = mode
     c3, c4 = _pick(features, in_features, "GALDNet")
+    if not all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in (c3, c4)):
+        raise TypeError(
+            "GALDNet: the two picked backbone features must be (B, C, H, W) tensors, got "
+            f"{type(c3).__name__} and {type(c4).__name__}"
+        )
     return int(c3.shape[1]), int(c4.shape[1])
 
 
