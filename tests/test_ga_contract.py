@@ -46,7 +46,7 @@ def test_ema_default_detaches_the_em_loop() -> None:
     with pytest.raises(AssertionError, match=r"^gradients: .*'conv1\.weight'.*no gradient"):
         check_ga(ema, channels=C, only=("gradients",))
     with pytest.raises(AssertionError, match=r"^gradcheck: .*Jacobians disagree"):
-        check_ga(ema, channels=C, only=("gradcheck",))
+        check_ga(ema, channels=4, only=("gradcheck",))  # a failure reruns gradcheck in slow mode
 
 
 @pytest.mark.parametrize("name", NAMES)
