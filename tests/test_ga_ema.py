@@ -2,15 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 import gald
@@ -159,7 +152,7 @@ def test_gradcheck_float64_through_em() -> None:
     torch.manual_seed(4)
     layer = _randomise(EMA(C, num_bases=K, em_grad=True)).double().eval()
     x = torch.randn(1, C, 3, 4, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(layer, (x,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_gradcheck_float64_no_grad_em_wrt_conv2() -> None:
@@ -175,7 +168,7 @@ def test_gradcheck_float64_no_grad_em_wrt_conv2() -> None:
     def run(w: torch.Tensor) -> torch.Tensor:
         return torch.func.functional_call(layer, {**params, "conv2.0.weight": w}, (x,))
 
-    assert torch.autograd.gradcheck(run, (weight,), eps=1e-6, atol=1e-5)
+    assert torch.autograd.gradcheck(run, (weight,), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
 def test_spatial_permutation_equivariance() -> None:
@@ -212,52 +205,29 @@ def test_sync_bases_is_a_no_op_without_a_process_group() -> None:
     assert torch.equal(layer.bases, bases)
 
 
-_SYNC_SCRIPT = textwrap.dedent(
-    """
-    import sys
-    import torch
-    import torch.distributed as dist
-    from gald.ga import EMA
+def test_sync_bases_averages_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ranks simulated in one process: ``all_reduce`` is replaced by a sum with the other
+    rank's bases, so the check is of the arithmetic (the mean's direction, unit columns) and of
+    the call made (a SUM over the given group)."""
+    gen = torch.Generator().manual_seed(100)
+    sent = [torch.randn((1, 4, 3), generator=gen) for _ in range(2)]
+    group = object()
+    calls = []
 
-    rank, world, store, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
+    def all_reduce(tensor: torch.Tensor, op: object, group: object) -> None:
+        calls.append((op, group))
+        tensor.add_(sent[1])  # what rank 1 contributes
+
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     layer = EMA(4, num_bases=3)
-    gen = torch.Generator().manual_seed(100 + rank)
     with torch.no_grad():
-        layer.bases.copy_(torch.randn(layer.bases.shape, generator=gen))
-    layer.sync_bases(dist.new_group(list(range(world))))
-    torch.save(layer.bases, out)
-    dist.destroy_process_group()
-    """
-)
-
-
-def test_sync_bases_averages_over_two_gloo_ranks(tmp_path: Path) -> None:
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
-    script = tmp_path / "sync.py"
-    script.write_text(_SYNC_SCRIPT)
-    store = tmp_path / "store"
-    outs = [tmp_path / f"rank{r}.pt" for r in range(2)]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(r), "2", str(store), str(outs[r])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    for proc in procs:
-        log, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 0, log.decode()
-    synced = [torch.load(path) for path in outs]
-    sent = [
-        torch.randn((1, 4, 3), generator=torch.Generator().manual_seed(100 + r)) for r in range(2)
-    ]
+        layer.bases.copy_(sent[0])
+    layer.sync_bases(group)
+    assert calls == [(torch.distributed.ReduceOp.SUM, group)]
     mean = (sent[0] + sent[1]) / 2
-    expected = mean / mean.norm(dim=1, keepdim=True)
-    torch.testing.assert_close(synced[0], expected)
-    torch.testing.assert_close(synced[1], expected)
+    torch.testing.assert_close(layer.bases, mean / mean.norm(dim=1, keepdim=True))
 
 
 def test_train_batch_two_is_needed_and_sufficient() -> None:
@@ -302,24 +272,6 @@ def test_bad_inputs() -> None:
         layer(torch.randn(2, 7, 3, 3))
     with pytest.raises(TypeError, match="floating"):
         layer(torch.zeros(2, C, 3, 3, dtype=torch.int32))
-
-
-@settings(max_examples=20, deadline=None)
-@given(
-    b=st.integers(0, 3),
-    h=st.integers(1, 12),
-    w=st.integers(1, 12),
-    train=st.booleans(),
-)
-def test_shape_preserved(b: int, h: int, w: int, train: bool) -> None:
-    if train:
-        b = max(b, 2)
-    layer = EMA(C, num_bases=K).train(train)
-    with torch.no_grad():
-        out = layer(torch.randn(b, C, h, w))
-    assert out.shape == (b, C, h, w)
-    assert torch.isfinite(out).all()
-    assert torch.isfinite(layer.bases).all()
 
 
 def test_bf16_autocast_close_to_fp32() -> None:

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given, settings
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from torch import nn
 
@@ -55,7 +55,6 @@ def reference(layer: PyramidPooling, x: torch.Tensor, training: bool) -> torch.T
     return torch.relu(bn_reference(layer.fuse[1], fused, training))
 
 
-@settings(max_examples=25, deadline=None)
 @given(h=st.integers(1, 20), w=st.integers(1, 20), bins=st.integers(1, 8))
 def test_adaptive_pool_equals_pytorch(h: int, w: int, bins: int) -> None:
     x = torch.randn(2, 3, h, w, dtype=torch.float64)
@@ -207,15 +206,6 @@ def test_bf16_autocast_close_to_fp32() -> None:
     assert (out.float() - expected).abs().max() <= 5e-2 * expected.abs().max()
 
 
-def test_no_tensor_on_the_default_device() -> None:
-    layer = PyramidPooling(8).to("meta")
-    out = layer(torch.empty(2, 8, 5, 3, device="meta"))
-    assert out.device.type == "meta"
-    assert out.shape == (2, 8, 5, 3)
-
-
 def test_registry_and_gald() -> None:
     assert isinstance(gald.create_ga("psp", 16, bins=(1, 3)), PyramidPooling)
     assert gald.create_ga("psp", 16, out_channels=4).out_channels == 4
-    block = gald.GALD(16, ga_module="psp").eval()
-    assert block(torch.randn(2, 16, 9, 11)).shape == (2, 16, 9, 11)
