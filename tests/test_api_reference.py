@@ -198,7 +198,26 @@ def test_rst_blocks_become_markdown() -> None:
     )
     assert ext._convert_blocks(text) == (
         "Summary.\n\n$$\ny = x\n$$\n\nText.\n\n!!! note\n    Careful.\n\n"
-        "Example:\n\n    ```python\n    a = 1\n    b = 2\n    ```\n\nEnd."
+        "Example:\n    ```python\n    a = 1\n    b = 2\n    ```\n\nEnd."
+    )
+
+
+def test_simple_tables_become_markdown_tables() -> None:
+    ext = _rst_extension()
+    text = (
+        "Cost:\n\n"
+        "====  =====  ==========\n"
+        "mode  time   memory\n"
+        "====  =====  ==========\n"
+        "a     O(N)   O(1) with\n"
+        "             a note\n"
+        "b     O(N2)  ``O(N)``\n"
+        "====  =====  ==========\n"
+        "\nAfter."
+    )
+    assert ext._convert_blocks(text) == (
+        "Cost:\n\n| mode | time | memory |\n|---|---|---|\n| a | O(N) | O(1) with a note |\n"
+        "| b | O(N2) | ``O(N)`` |\n\nAfter."
     )
 
 

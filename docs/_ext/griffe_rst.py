@@ -10,6 +10,7 @@ Sphinx-literate readers. Before mkdocstrings parses them, this extension rewrite
   strict build fails on it.
 - ``:math:`x``` becomes ``$x$``; a ``.. math::`` block becomes a ``$$`` block.
 - ``.. note::`` / ``.. warning::`` / ... become admonitions.
+- A simple table (``===  ===`` borders) becomes a Markdown table.
 - A paragraph ending in ``::`` introduces a literal block, which becomes a fenced code block.
 - A Google item naming several attributes or arguments at once (``low, high: ...``) becomes one
   item per name with the shared description.
@@ -75,12 +76,60 @@ def _separated(out: list[str], block: list[str], lines: list[str], end: int) -> 
     return before + block + after
 
 
+_TABLE_BORDER = re.compile(r"^(?P<indent>\s*)=+(?: +=+)+\s*$")
+
+
+def _simple_table(lines: list[str], start: int) -> tuple[list[str], int] | None:
+    """A reStructuredText simple table at ``lines[start]`` as a Markdown table, and its end."""
+    border = _TABLE_BORDER.match(lines[start])
+    if border is None:
+        return None
+    spans = [(m.start(), m.end()) for m in re.finditer(r"=+", lines[start])]
+    borders = [start]
+    i = start + 1
+    while i < len(lines) and len(borders) < 3:
+        if not lines[i].strip():
+            return None
+        if lines[i].strip() == lines[start].strip():
+            borders.append(i)
+        i += 1
+    if len(borders) < 3:
+        return None
+
+    def cells(line: str) -> list[str]:
+        starts = [a for a, _ in spans]
+        ends = [a for a, _ in spans[1:]] + [len(line)]
+        return [line[a:b].strip() for a, b in zip(starts, ends, strict=True)]
+
+    def rows(first: int, last: int) -> list[list[str]]:
+        found: list[list[str]] = []
+        for line in lines[first:last]:
+            row = cells(line)
+            if found and not row[0]:  # a blank first column continues the row above
+                found[-1] = [f"{a} {b}".strip() for a, b in zip(found[-1], row, strict=True)]
+            else:
+                found.append(row)
+        return found
+
+    pad = border.group("indent")
+    header = rows(borders[0] + 1, borders[1])
+    body = rows(borders[1] + 1, borders[2])
+    table = [pad + "| " + " | ".join(header[0]) + " |", pad + "|" + "---|" * len(spans)]
+    table += [pad + "| " + " | ".join(row) + " |" for row in header[1:] + body]
+    return table, borders[2] + 1
+
+
 def _convert_blocks(text: str) -> str:
     lines = text.split("\n")
     out: list[str] = []
     i = 0
     while i < len(lines):
         line = lines[i]
+        table = _simple_table(lines, i)
+        if table is not None:
+            out += _separated(out, table[0], lines, table[1])
+            i = table[1]
+            continue
         m = _DIRECTIVE.match(line)
         if m and m.group("name") in ({"math"} | _ADMONITIONS):
             indent = len(m.group("indent"))
@@ -115,7 +164,10 @@ def _convert_blocks(text: str) -> str:
                 if stripped.strip():
                     out.append(stripped + ":")
                 code = [fence + "```python", *_reindent(lines[j:end], fence_indent), fence + "```"]
-                out += _separated(out, code, lines, end)
+                if header:  # a Google section: its content starts on the next line
+                    out += code + ([""] if end < len(lines) and lines[end].strip() else [])
+                else:
+                    out += _separated(out, code, lines, end)
                 i = end
                 continue
         out.append(line)
