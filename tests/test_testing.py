@@ -239,6 +239,21 @@ def test_randomize_moves_parameters_and_running_stats() -> None:
     assert (a[1].running_var >= 0.5).all() and (a[1].running_var <= 1.5).all()
 
 
+class ZeroGated(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.gamma = nn.Parameter(torch.zeros(1))  # zero-initialised residual gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gamma * super().forward(x)
+
+
+def test_randomize_keeps_zero_gates_from_making_checks_vacuous() -> None:
+    check_ga(ZeroGated, channels=C, only=("batch_independence", "gradients"))
+    with pytest.raises(AssertionError, match=r"^batch_independence: .*changed its own output by only 0 "):
+        check_ga(ZeroGated, channels=C, randomize=False, only=("batch_independence",))
+
+
 # ---- check_gald -----------------------------------------------------------------------------
 
 
