@@ -201,3 +201,32 @@ def test_act_layer_reaches_down_ld_and_head() -> None:
     head = gald.GALDHead(16, 3, channels=16, ga_module="psp", act_layer=nn.GELU)
     acts = {type(m) for m in head.modules() if isinstance(m, (nn.ReLU, nn.GELU))}
     assert acts == {nn.GELU}
+
+
+class _NeedsFive(nn.Module):
+    min_size = 5
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.pad(self.conv(x), (2, 2, 2, 2))
+
+
+@pytest.mark.parametrize(("downsample", "padding", "expected"), [(True, 1, 9), (True, 0, 11),
+                                                                  (False, 1, 5)])
+def test_min_size_includes_the_ga_declared_minimum(downsample: bool, padding: int,
+                                                   expected: int) -> None:
+    block = gald.GALD(4, _NeedsFive, downsample=downsample, padding=padding, ld=False).eval()
+    assert block.min_size == expected
+    assert block(torch.randn(1, 4, expected, expected)).shape[-1] == expected
+    with pytest.raises(ValueError, match=f">= {expected}"):
+        block(torch.randn(1, 4, expected - 1, expected))
+
+
+def test_out_channels_inferred_on_the_meta_device() -> None:
+    with torch.device("meta"):
+        block = gald.GALD(16, nn.Conv2d(16, 8, 1))
+    assert block.out_channels == 8
+    assert all(p.device.type == "meta" for p in block.parameters())

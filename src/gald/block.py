@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage, strided_min_size
+from ._layers import LayerFactory, depthwise_stage
 from ._validate import check_feature, check_positive_int
 from .ld import LocalDistribution
 from .registry import create_ga, get_ga_class
@@ -49,7 +49,8 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     layer does); otherwise found by a dry run: the module runs once in eval mode, without
     gradients, on a small zero input on the device and dtype of its parameters (sides 16, then
     33 and 65 if a smaller input is refused). The module's training flag is restored and, in
-    eval mode, no BatchNorm statistic or other buffer changes.
+    eval mode, no BatchNorm statistic or other buffer changes. A module built on the meta device
+    is probed with a meta tensor (shapes only, no compute).
 
     Raises:
         ValueError: the module refuses every probe input or does not return a 4-D tensor;
@@ -63,11 +64,6 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
         ref = next(iter(module.buffers()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    if device.type == "meta":
-        raise ValueError(
-            f"cannot infer the output channels of {_label(module)} on the meta device; "
-            "pass out_channels explicitly"
-        )
     was_training = module.training
     errors: list[str] = []
     try:
@@ -294,7 +290,10 @@ class GALD(nn.Module):
             act_layer,
         )
         self.down: nn.Sequential | None = None
-        min_size = 1
+        # the GA's own declared minimum side, if it declares one
+        ga_min = getattr(self.ga, "min_size", 1)
+        ga_min = ga_min if isinstance(ga_min, int) and not isinstance(ga_min, bool) else 1
+        min_size = max(1, ga_min)
         if self.downsample:
             self.down = depthwise_stage(
                 self.in_channels,
@@ -303,7 +302,8 @@ class GALD(nn.Module):
                 norm_layer=norm_layer,
                 act_layer=act_layer,
             )
-            min_size = strided_min_size(1, 3, self.padding)
+            # the smallest input whose stride-2 down stage still gives the GA its minimum side
+            min_size = max(1, 2 * (min_size - 1) + 3 - 2 * self.padding)
         self.offset = 2.0 if offset is None else offset
         self.ld: LocalDistribution | None = None
         self.alpha: nn.Parameter | None = None
