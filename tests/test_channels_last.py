@@ -41,18 +41,21 @@ def _step(model: nn.Module, x: torch.Tensor, g: torch.Tensor):
 @pytest.mark.parametrize("padding", [0, 1])
 @pytest.mark.parametrize("train", [False, True])
 def test_ld_channels_last_gives_the_values_of_nchw(padding: int, train: bool) -> None:
-    ld = _randomise(gald.LocalDistribution(12, padding=padding, offset=2.0)).double().train(train)
-    x = torch.randn(2, 12, 23, 19, dtype=torch.float64)
+    ld = _randomise(gald.LocalDistribution(12, padding=padding, offset=2.0)).train(train)
+    x = torch.randn(2, 12, 23, 19)
     g = torch.randn_like(x)
     want = _step(ld, x, g)
     ld_cl = ld.to(memory_format=CL)
     got = _step(ld_cl, x.contiguous(memory_format=CL), g.contiguous(memory_format=CL))
     assert got[0].is_contiguous(memory_format=CL)
     assert got[1] is not None and got[1].is_contiguous(memory_format=CL)
-    torch.testing.assert_close(got[0], want[0])
-    torch.testing.assert_close(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+    # a conv bias before a train-mode BatchNorm has a zero gradient up to the rounding of sums
+    # of large terms: compare every gradient on the scale of the largest one
+    scale = max(float(g.abs().max()) for g in want[2].values())
     for name, grad in want[2].items():
-        torch.testing.assert_close(got[2][name], grad, msg=name)
+        torch.testing.assert_close(got[2][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 def test_fused_ld_in_channels_last() -> None:

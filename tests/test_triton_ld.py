@@ -223,8 +223,8 @@ def test_empty_batch(kernels):
 
 @pytest.mark.parametrize(
     ("dtype", "channels_inner"),
-    [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False), (torch.float64, True)],
-    ids=["fp32-nchw", "bf16-cl", "fp16-nchw", "fp64-cl"],
+    [(torch.float32, False), (torch.bfloat16, True)],
+    ids=["fp32-nchw", "bf16-cl"],
 )
 def test_kernels_compile_for_cuda(dtype, channels_inner):
     # The interpreter does not lower anything; this runs the real pipeline (Triton IR -> PTX ->

@@ -1,42 +1,53 @@
 r"""The plain-PyTorch kernels of the LD modulation (CPU, and the fallback on any device).
 
-``out = x * (offset + sigmoid(A_H L A_W^T))`` with the bilinear interpolation matrices of
-:mod:`gald.ops._interp`. Bilinear upsampling is separable, so the full-resolution mask is one
-matrix product per memory format:
+``out = x * (offset + sigmoid(Up(logits)))``. Bilinear upsampling is separable,
+``Up(L) = A_H L A_W^T`` with the interpolation matrices of :mod:`gald.ops._interp`; each memory
+format uses the ATen kernels that are fastest for it:
 
-- NCHW: the logits are first interpolated along ``H`` (a small (B, C, H, w) map), then every
-  output row is ``S[row] @ A_W^T``: one (B·C·H, w) x (w, W) product.
-- channels_last: the logits are interpolated along ``W`` into a (B, h, W·C) map, then the rows
-  of batch ``b`` are ``A_H @ T[b]``: one (H, h) x (h, W·C) product per image.
+- NCHW: the logits are first interpolated along ``H`` (a small (B, C, H, w) map ``S``); the mask
+  rows are then the 1-D linear interpolation of the rows of ``S`` along ``W``
+  (``upsample_linear1d``). The backward reduces along ``W`` with one matmul per chunk,
+  ``(g x m (1 - m)) A_W``, and along ``H`` with a small batched matmul.
+- channels_last: the mask is ``upsample_bilinear2d`` of a group of channels, written into a
+  channels_last buffer; the backward reduction is ``upsample_bilinear2d_backward``.
 
-The mask is produced a chunk of rows at a time into one reused buffer of at most
-``CHUNK_BYTES``, passed through an in-place sigmoid and met with ``x`` at once; the output is
-the only full-resolution allocation. The bound keeps the extra memory constant whatever the
-input size (on CUDA no full-size float32 mask is ever materialised) and lets a chunk stay in a
-large last-level cache between the three passes over it. It is a memory bound, not a speed
-knob: on CPU, chunks from 2 MiB to a whole tensor measured within a few percent of each other
-(docs/performance.md).
+The work goes in chunks (rows of the (B·C·H, W) view for NCHW, groups of channels for
+channels_last): the mask of a chunk is written into one reused buffer, passed through an
+in-place sigmoid and met with ``x``, so the output is the only full-resolution allocation of
+the forward. A chunk's mask never exceeds ``CHUNK_BYTES`` (32 MiB): a memory bound, not a speed
+knob tuned to a machine. The temporaries of a call stay within one chunk (two in the backward)
+whatever the input size, so an input larger than a chunk never has its full-size float32 mask
+materialised (what matters on a GPU). Chunks are as large as the bound allows, and balanced,
+because every kernel launch is also a synchronisation point of the CPU thread pool: few, large
+kernels hold up far better on a busy machine than many cache-sized ones (measurements in
+docs/performance.md).
 
 The backward recomputes the mask chunk by chunk from the saved ``x`` and ``logits``::
 
     grad_x      = g * (offset + m)
-    grad_logits = A_H^T (g * x * m * (1 - m)) A_W
+    grad_logits = Up^T(g * x * m * (1 - m))
 
 Half-precision inputs are computed in float32 (mask, sigmoid, products, the reduction) and
-rounded once. Every step is a matmul or an elementwise op in a fixed order: on CPU the results
-are bitwise reproducible; on CUDA they are as deterministic as cuBLAS matmuls are (see
-docs/performance.md).
+rounded once. On CPU every kernel used here is deterministic, so the results are bitwise
+reproducible. On CUDA the NCHW path is too (matmuls and elementwise ops; cuBLAS caveats in
+docs/performance.md), but the channels_last backward is not: ``upsample_bilinear2d_backward``
+accumulates with atomic adds there. (On CUDA the default is the Triton kernel, which is.)
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .._amp import compute_dtype
 from ._interp import interp_matrix
 
-CHUNK_BYTES = 8 << 20
-"""Upper bound on the bytes of one chunk of the float32 (float64) mask."""
+CHUNK_BYTES = 32 << 20
+"""Upper bound on the bytes of one chunk of the float32 (float64) mask (unless one row, or one
+channel in channels_last, is larger)."""
+
+_aten = torch.ops.aten
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format | None:
@@ -47,9 +58,12 @@ def _layout(t: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
-def _rows_per_chunk(row_elems: int, dtype: torch.dtype) -> int:
-    itemsize = torch.finfo(dtype).bits // 8
-    return max(1, CHUNK_BYTES // max(1, row_elems * itemsize))
+def _spans(n: int, unit_bytes: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into the fewest spans of at most ``CHUNK_BYTES`` each (at least one unit
+    each), of sizes that differ by at most one."""
+    per = max(1, CHUNK_BYTES // max(1, unit_bytes))
+    count = math.ceil(n / per)
+    return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 def _apply_gain(base: torch.Tensor, m: torch.Tensor, offset: float, out: torch.Tensor) -> None:
@@ -72,70 +86,66 @@ def _sigmoid_grad_times(
     else:
         out.copy_(g)
         out.mul_(x)
-    torch.ops.aten.sigmoid_backward.grad_input(out, m, grad_input=out)
+    _aten.sigmoid_backward.grad_input(out, m, grad_input=out)
 
 
 class _Plan:
-    """Shapes, compute dtype, memory format and the interpolation matrices of one call."""
+    """Shapes, compute dtype, memory format and chunks of one call."""
 
     def __init__(self, x: torch.Tensor, logits: torch.Tensor, align_corners: bool) -> None:
         b, c, hh, ww = x.shape
         h, w = logits.shape[-2:]
         self.cdt = compute_dtype(x.dtype)
-        self.a_h = interp_matrix(hh, h, align_corners=align_corners, dtype=self.cdt, device=x.device)
-        self.a_w = interp_matrix(ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device)
+        self.align_corners = align_corners
         self.shape = (b, c, hh, ww, h, w)
         fmt = _layout(x)
         self.fmt = fmt if fmt is not None else torch.contiguous_format
         self.channels_last = self.fmt == torch.channels_last
+        itemsize = torch.finfo(self.cdt).bits // 8
+        if self.channels_last:  # groups of channels, every image and row
+            self.spans = _spans(c, b * hh * ww * itemsize)
+        else:  # rows of the (B·C·H, W) view
+            self.spans = _spans(b * c * hh, ww * itemsize)
+        self.device = x.device
 
-    def rows_nchw(self, logits: torch.Tensor) -> torch.Tensor:
-        """``A_H @ L`` for every (b, c), as (B·C·H, w) rows."""
-        b, c, hh, _, _, w = self.shape
-        return torch.matmul(self.a_h, logits.to(self.cdt)).reshape(b * c * hh, w)
+    def small(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the mask chunks are upsampled from: the logits in the compute dtype
+        (channels_last), or ``A_H @ L`` as (B·C·H, 1, w) rows (NCHW)."""
+        lg = logits.to(self.cdt)
+        if self.channels_last:
+            return lg
+        b, c, hh, _, h, w = self.shape
+        a_h = interp_matrix(hh, h, align_corners=self.align_corners, dtype=self.cdt, device=self.device)
+        return torch.matmul(a_h, lg).reshape(b * c * hh, 1, w)
 
-    def rows_nhwc(self, logits: torch.Tensor) -> torch.Tensor:
-        """``L @ A_W^T`` laid out channels-last: (B, h, W·C)."""
-        b, c, _, ww, h, _ = self.shape
-        lg = logits.to(self.cdt).permute(0, 2, 3, 1)  # (B, h, w, C)
-        return torch.matmul(self.a_w, lg).reshape(b, h, ww * c)
+    def buffer(self) -> torch.Tensor:
+        """The mask buffer of the largest chunk (channels_last for channels_last)."""
+        b, _, hh, ww, _, _ = self.shape
+        n = max(s1 - s0 for s0, s1 in self.spans)
+        if self.channels_last:
+            return torch.empty(
+                b, n, hh, ww, dtype=self.cdt, device=self.device, memory_format=torch.channels_last
+            )
+        return torch.empty(n, ww, dtype=self.cdt, device=self.device)
 
+    def chunk(self, t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+        """The part of a full-resolution tensor (in ``self.fmt``) that chunk ``s0:s1`` covers."""
+        if self.channels_last:
+            return t[:, s0:s1]
+        b, c, hh, ww, _, _ = self.shape
+        return t.view(b * c * hh, ww)[s0:s1]
 
-def _as_rows(t: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """A view of a tensor in ``plan.fmt``: (B·C·H, W) for NCHW, (B, H, W·C) for channels_last."""
-    b, c, hh, ww, _, _ = plan.shape
-    if plan.channels_last:
-        return t.permute(0, 2, 3, 1).reshape(b, hh, ww * c)
-    return t.view(b * c * hh, ww)
-
-
-def _chunks(plan: _Plan) -> list[tuple[int, int, int]]:
-    """(batch, first row, end row) of every chunk; NCHW has one 'batch' of B·C·H rows."""
-    b, c, hh, ww, _, _ = plan.shape
-    if plan.channels_last:
-        step = _rows_per_chunk(ww * c, plan.cdt)
-        return [(bi, r, min(r + step, hh)) for bi in range(b) for r in range(0, hh, step)]
-    rows = b * c * hh
-    step = _rows_per_chunk(ww, plan.cdt)
-    return [(0, r, min(r + step, rows)) for r in range(0, rows, step)]
-
-
-def _work_buffer(like: torch.Tensor, plan: _Plan) -> torch.Tensor:
-    """A buffer of the largest chunk's mask in the compute dtype."""
-    _, c, _, ww, _, _ = plan.shape
-    chunks = _chunks(plan)
-    rows = max(r1 - r0 for _, r0, r1 in chunks)
-    row_elems = ww * c if plan.channels_last else ww
-    return torch.empty(rows, row_elems, dtype=plan.cdt, device=like.device)
-
-
-def _mask_chunk(plan: _Plan, small: torch.Tensor, bi: int, r0: int, r1: int, m: torch.Tensor) -> None:
-    """``m = sigmoid(Up(L))`` on rows ``r0:r1`` (of image ``bi`` in channels_last)."""
-    if plan.channels_last:
-        torch.mm(plan.a_h[r0:r1], small[bi], out=m)
-    else:
-        torch.mm(small[r0:r1], plan.a_w.t(), out=m)
-    m.sigmoid_()
+    def mask(self, small: torch.Tensor, s0: int, s1: int, buf: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(Up(L))`` on chunk ``s0:s1``, written into ``buf``."""
+        _, _, hh, ww, _, _ = self.shape
+        ac = self.align_corners
+        if self.channels_last:
+            m = buf[:, : s1 - s0]
+            _aten.upsample_bilinear2d.out(small[:, s0:s1], [hh, ww], ac, None, None, out=m)
+        else:
+            m = buf[: s1 - s0]
+            _aten.upsample_linear1d.out(small[s0:s1], [ww], ac, None, out=m.unsqueeze(1))
+        return m.sigmoid_()
 
 
 def forward(
@@ -147,17 +157,12 @@ def forward(
         return out
     plan = _Plan(x, logits, align_corners)
     work = out if _layout(out) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
-    xr = _as_rows(x.contiguous(memory_format=plan.fmt), plan)
-    orow = _as_rows(work, plan)
-    small = plan.rows_nhwc(logits) if plan.channels_last else plan.rows_nchw(logits)
-    buf = _work_buffer(x, plan)
-    for bi, r0, r1 in _chunks(plan):
-        m = buf[: r1 - r0]
-        _mask_chunk(plan, small, bi, r0, r1, m)
-        if plan.channels_last:
-            _apply_gain(xr[bi, r0:r1], m, offset, orow[bi, r0:r1])
-        else:
-            _apply_gain(xr[r0:r1], m, offset, orow[r0:r1])
+    xc = x.contiguous(memory_format=plan.fmt)
+    small = plan.small(logits)
+    buf = plan.buffer()
+    for s0, s1 in plan.spans:
+        m = plan.mask(small, s0, s1, buf)
+        _apply_gain(plan.chunk(xc, s0, s1), m, offset, plan.chunk(work, s0, s1))
     if work is not out:
         out.copy_(work)
     return out
@@ -183,48 +188,45 @@ def backward(
         return gx, gl
     plan = _Plan(x, logits, align_corners)
     b, c, hh, ww, h, w = plan.shape
-    xr = _as_rows(x.contiguous(memory_format=plan.fmt), plan)
-    gr = _as_rows(grad.contiguous(memory_format=plan.fmt), plan)
+    xc = x.contiguous(memory_format=plan.fmt)
+    gc = grad.contiguous(memory_format=plan.fmt)
     gx_work = None
     if gx is not None:
         gx_work = gx if _layout(gx) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
-    gxr = _as_rows(gx_work, plan) if gx_work is not None else None
-    small = plan.rows_nhwc(logits) if plan.channels_last else plan.rows_nchw(logits)
-    buf = _work_buffer(x, plan)
+    small = plan.small(logits)
+    buf = plan.buffer()
     tmp = torch.empty_like(buf) if need_logits else None
-    dev = x.device
-    # the reduction along the axis the chunks run over: A_H^T (...) per image in channels_last
-    # (B, h, W·C), or (...) A_W per row in NCHW (B·C·H, w)
-    if plan.channels_last:
-        acc = torch.zeros(b, h, ww * c, dtype=plan.cdt, device=dev) if need_logits else None
-    else:
-        acc = torch.empty(b * c * hh, w, dtype=plan.cdt, device=dev) if need_logits else None
-    for bi, r0, r1 in _chunks(plan):
-        k = r1 - r0
-        m = buf[:k]
-        _mask_chunk(plan, small, bi, r0, r1, m)
+    red = None  # the logits gradient in the compute dtype
+    a_w = None
+    if need_logits:
         if plan.channels_last:
-            g_rows, x_rows = gr[bi, r0:r1], xr[bi, r0:r1]
+            red = torch.empty(b, c, h, w, dtype=plan.cdt, device=x.device)
         else:
-            g_rows, x_rows = gr[r0:r1], xr[r0:r1]
-        if tmp is not None and acc is not None:
-            d = tmp[:k]
-            _sigmoid_grad_times(g_rows, x_rows, m, d)
+            # (g x m (1 - m)) A_W for every row, then A_H^T on the small map
+            red = torch.empty(b * c * hh, w, dtype=plan.cdt, device=x.device)
+            a_w = interp_matrix(ww, w, align_corners=align_corners, dtype=plan.cdt, device=x.device)
+    for s0, s1 in plan.spans:
+        m = plan.mask(small, s0, s1, buf)
+        g_c, x_c = plan.chunk(gc, s0, s1), plan.chunk(xc, s0, s1)
+        if tmp is not None and red is not None:
+            d = tmp[:, : s1 - s0] if plan.channels_last else tmp[: s1 - s0]
+            _sigmoid_grad_times(g_c, x_c, m, d)
             if plan.channels_last:
-                acc[bi].addmm_(plan.a_h[r0:r1].t(), d)
+                _aten.upsample_bilinear2d_backward.grad_input(
+                    d, [hh, ww], [b, s1 - s0, h, w], align_corners, None, None,
+                    grad_input=red[:, s0:s1],
+                )
             else:
-                torch.mm(d, plan.a_w, out=acc[r0:r1])
-        if gxr is not None:
-            target = gxr[bi, r0:r1] if plan.channels_last else gxr[r0:r1]
-            _apply_gain(g_rows, m, offset, target)
-    if gl is not None and acc is not None:
+                assert a_w is not None
+                torch.mm(d, a_w, out=red[s0:s1])
+        if gx_work is not None:
+            _apply_gain(g_c, m, offset, plan.chunk(gx_work, s0, s1))
+    if gl is not None and red is not None:
         if plan.channels_last:
-            # (w, W) @ (B, h, W, C) -> (B, h, w, C)
-            red = torch.matmul(plan.a_w.t(), acc.view(b, h, ww, c)).permute(0, 3, 1, 2)
+            gl.copy_(red)
         else:
-            # (h, H) @ (B, C, H, w) -> (B, C, h, w)
-            red = torch.matmul(plan.a_h.t(), acc.view(b, c, hh, w))
-        gl.copy_(red)
+            a_h = interp_matrix(hh, h, align_corners=align_corners, dtype=plan.cdt, device=x.device)
+            gl.copy_(torch.matmul(a_h.t(), red.view(b, c, hh, w)))  # (h, H) @ (B, C, H, w)
     if gx is not None and gx_work is not None and gx_work is not gx:
         gx.copy_(gx_work)
     return gx, gl

@@ -302,7 +302,7 @@ def ld_modulate(
 
     Complexity: time O(B C H W k) multiply-adds for the mask (``k = w`` for NCHW inputs, ``h``
     for channels_last) plus O(1) elementwise work per element; autograd saves ``x`` and
-    ``logits`` only; extra memory is a constant (chunk buffers of at most 8 MiB) plus
+    ``logits`` only; extra memory is a constant (chunk buffers of at most 32 MiB) plus
     O(B C (H w + h W)) in the backward.
     """
     _check_inputs(x, logits, offset, align_corners)
