@@ -56,7 +56,8 @@ class ASPP(nn.Module):
     Changes the width: maps ``channels`` to ``out_channels`` (default ``channels``), as the
     DeepLabv3 heads of torchvision, segmentation-models-pytorch and mmseg do (2048 -> 256).
 
-    With ``D = inner_channels``, five branches each give ``D`` channels:
+    With ``D = inner_channels``, ``2 + len(rates)`` branches (five by default) each give ``D``
+    channels:
 
     .. math::
         B_0 = \mathrm{act}(\mathrm{norm}(W_0 * x)), \qquad
