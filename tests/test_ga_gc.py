@@ -152,6 +152,22 @@ def test_bad_inputs_name_the_problem() -> None:
         GlobalContext(8)(torch.randn(1, 6, 2, 2))
 
 
+def test_loads_a_single_transform_checkpoint() -> None:
+    """State dicts that keep the one transform under ``transform.`` still load."""
+    layer = randomise(GlobalContext(8, fusion="mul"))
+    old = {
+        k.replace("transforms.mul.", "transform."): v.clone() for k, v in layer.state_dict().items()
+    }
+    assert any(k.startswith("transform.") for k in old)
+    fresh = GlobalContext(8, fusion="mul")
+    fresh.load_state_dict(old)
+    x = torch.randn(2, 8, 3, 4)
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    wrapped = nn.Sequential(GlobalContext(8, fusion="mul"))  # under a prefix too
+    wrapped.load_state_dict({f"0.{k}": v for k, v in old.items()})
+    torch.testing.assert_close(wrapped(x), layer(x), rtol=0, atol=0)
+
+
 def test_injectable_norm_and_activation() -> None:
     layer = GlobalContext(
         8,

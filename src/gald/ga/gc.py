@@ -7,7 +7,7 @@ Squeeze-Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import torch
 from torch import nn
@@ -151,6 +151,27 @@ class GlobalContext(nn.Module):
             self.transforms[name] = nn.Sequential(
                 nn.Conv2d(channels, hidden, 1), bottleneck_norm_layer(hidden), act_layer(), last
             )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Checkpoints of the single-fusion layer from before both fusions were supported keep
+        # the transform under ``transform.``; it is the one transform of this layer.
+        old = prefix + "transform."
+        if len(self.fusion) == 1:
+            new = f"{prefix}transforms.{self.fusion[0]}."
+            for key in [k for k in state_dict if k.startswith(old)]:
+                state_dict[new + key[len(old) :]] = state_dict.pop(key)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     def extra_repr(self) -> str:
         return (
