@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ._config import DTYPES, Config
-from ._timing import Progress, environment
+from ._timing import Progress, busy_note, environment, load_average
 
 
 def _shape(text: str) -> tuple[int, int, int, int]:
@@ -204,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         say=say,
     )
     env = environment(device, args.threads)
+    note = busy_note(args.threads) if device.type == "cpu" else None
+    if note and not args.quiet:
+        say(note)
     out: dict[str, Any] = {
         "command": " ".join(["python -m gald.bench", *map(shlex.quote, argv)]),
         "environment": env,
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["kernels"] = res
                 print()
                 print(ld.render_kernels(res, cfg_text), flush=True)
-                if not all(c["ok"] and c["deterministic"] for c in res["checks"]):
+                if not all(ld.passed(c) for c in res["checks"]):
                     status = 1
             else:
                 out["kernels"] = {"skipped": why}
@@ -259,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         torch.set_num_threads(threads_before)
 
+    env["load_average_1min_end"] = load_average()
     print(
         f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, "
         f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"

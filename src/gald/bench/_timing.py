@@ -16,6 +16,7 @@ about 95 % (1.96 standard errors).
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import sys
@@ -257,6 +258,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "threads": threads,
         "logical_cpus": _cpu_count(),
     }
+    env["load_average_1min"] = load_average()
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -272,9 +274,28 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
 
 
 def _cpu_count() -> int | None:
-    import os
-
     return os.cpu_count()
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (``None`` where the OS does not report one)."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
+
+
+def busy_note(threads: int) -> str | None:
+    """A note when other processes compete for the CPUs this run needs, else ``None``."""
+    load, cpus = load_average(), os.cpu_count()
+    if load is None or not cpus or load + threads <= cpus:
+        return None
+    return (
+        f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} logical CPUs, "
+        f"this run uses {threads} thread{'s' if threads != 1 else ''}): timings will be slower "
+        "and noisier than on an idle machine"
+        + ("; --threads 1 suffers least from the competition" if threads > 1 else "")
+    )
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:

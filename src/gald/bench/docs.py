@@ -9,7 +9,7 @@ Only the text between a start marker and the next ``<!-- bench:end -->`` is repl
 of each file is left as it is. A start marker names what goes there:
 
 - ``<!-- bench:start -->`` or ``<!-- bench:start summary -->``: a short summary (the LD overhead
-  of the first GA, where it was measured);
+  inside GALD(cgnl), or the first GA measured, and where it was measured);
 - ``<!-- bench:start block -->``: the table of every GA with and without LD;
 - ``<!-- bench:start ld -->``: the LD against the authors' formulation (needs ``--ld``);
 - ``<!-- bench:start kernels -->``: the Triton kernels' checks and bandwidth (needs ``--ld`` on
@@ -82,15 +82,22 @@ def where(res: dict[str, Any]) -> str:
     device = env["device_name"]
     if cfg["device"] == "cpu":
         device = f'CPU "{device}" ({env["logical_cpus"]} logical CPUs)'
+    load = ""
+    if env.get("load_average_1min") is not None and cfg["device"] == "cpu":
+        load = f" 1-minute load average {env['load_average_1min']} at the start"
+        if env.get("load_average_1min_end") is not None:
+            load += f", {env['load_average_1min_end']} at the end"
+        load += "."
     return (
         f"Measured {env['date']} on {device}, torch {env['torch']}, Python {env['python']}, "
         f"{env['threads']} threads, {cfg['dtype']}, {fmt}; command: "
-        f"`{res.get('command', 'python -m gald.bench')}`."
+        f"`{res.get('command', 'python -m gald.bench')}`.{load}"
     )
 
 
 def render_summary(res: dict[str, Any]) -> str:
-    row = res["block"]["rows"][0]
+    rows = res["block"]["rows"]
+    row = next((r for r in rows if r["ga"] == "cgnl"), rows[0])  # the authors' GA first
     ov = row["overhead"]
     shape = tuple(res["config"]["shape"])
     return (
@@ -186,7 +193,7 @@ def render_kernels(res: dict[str, Any]) -> str:
     if "skipped" in k:
         return f"_Not measured in this run: {k['skipped']}._"
     checks = k["checks"]
-    passed = sum(1 for c in checks if c["ok"] and c["deterministic"])
+    passed = sum(1 for c in checks if c["ok"] and c["deterministic"] is not False)
     body = []
     for r in k["bandwidth"]:
         body.append(

@@ -223,10 +223,9 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
 
     memory: dict[str, dict[str, int | None]] = {}
     for name in train:
-        try:
-            sb: int | None = saved_bytes(forward(name))
-        except RuntimeError:  # saved-tensor hooks are not supported by every compiled graph
-            sb = None
+        # saved-tensor hooks around a compiled module would change what it compiles (and may
+        # recompile it): its memory is the CUDA peak only
+        sb = None if "torch.compile" in name else saved_bytes(forward(name))
         memory[name] = {"saved_bytes": sb, "peak_bytes": peak_bytes(step(name), cfg.device)}
 
     base_t, base_i = t_train["authors"], t_infer["authors"]
@@ -351,8 +350,10 @@ def check_kernel(
     align_corners: bool = True,
     offset: float = 1.0,
     seed: int = 0,
+    repeat_backward: bool = True,
 ) -> dict[str, Any]:
-    """Triton forward and backward against the float64 plain-ops formula on the same inputs."""
+    """Triton forward and backward against the float64 plain-ops formula on the same inputs;
+    with ``repeat_backward``, whether a second backward is bitwise equal (else ``None``)."""
     b, c, H, W, h, w = case
     gen = torch.Generator().manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -373,8 +374,11 @@ def check_kernel(
     xr = x.detach().requires_grad_()
     lr = lg.detach().requires_grad_()
     out = ld_modulate(xr, lr, offset, align_corners=align_corners, impl="triton")
-    gx, gl = torch.autograd.grad(out, (xr, lr), g, retain_graph=True)
-    gx2, gl2 = torch.autograd.grad(out, (xr, lr), g)
+    gx, gl = torch.autograd.grad(out, (xr, lr), g, retain_graph=repeat_backward)
+    deterministic = None
+    if repeat_backward:
+        gx2, gl2 = torch.autograd.grad(out, (xr, lr), g)
+        deterministic = bool(torch.equal(gx, gx2) and torch.equal(gl, gl2))
     errs = {
         "out": _rel_err(out, want),
         "grad_x": _rel_err(gx, want_gx),
@@ -397,15 +401,20 @@ def check_kernel(
         "offset": offset,
         "rel_err": errs,
         "ok": bool(ok),
-        "deterministic": bool(torch.equal(gx, gx2) and torch.equal(gl, gl2)),
+        "deterministic": deterministic,
     }
 
 
 # On CUDA the bandwidth is also measured at a size where the kernels, not the Python launch
 # overhead, set the time: a batch of 8 whole Cityscapes images at output stride 8.
 LARGE_SHAPE = (8, 512, 129, 257)
-# Under the interpreter every program runs in Python: check and time small planes only.
-INTERPRETER_MAX_SIDE = 8
+# Under the interpreter every program runs in Python: one tiny case (B, C, H, W, h, w).
+INTERPRETER_CASE = (1, 2, 6, 7, 3, 2)
+
+
+def passed(check: dict[str, Any]) -> bool:
+    """A kernel check passed: within tolerance, and reproducible where that was checked."""
+    return bool(check["ok"]) and check["deterministic"] is not False
 
 
 def run_kernels(cfg: Config) -> dict[str, Any]:
@@ -413,18 +422,21 @@ def run_kernels(cfg: Config) -> dict[str, Any]:
 
     On CUDA: every dtype and memory format, at ``cfg.shape`` with both ``align_corners`` and at
     a few edge shapes; timed at ``cfg.shape`` and at :data:`LARGE_SHAPE`. Under the interpreter
-    (CPU): planes of at most 8x8, every dtype and memory format checked, float32 NCHW timed
-    (those times measure the interpreter, not the kernels).
+    (CPU): :data:`INTERPRETER_CASE` only, every dtype and memory format checked (reproducibility
+    is not: the interpreter runs programs one after the other), float32 NCHW timed (those times
+    measure the interpreter, not the kernels).
     """
     cuda = cfg.device.type == "cuda"
     b, c, H, W = cfg.shape
-    if not cuda:
-        H, W = min(H, INTERPRETER_MAX_SIDE), min(W, INTERPRETER_MAX_SIDE)
     h, w = ld_branch_size(H), ld_branch_size(W)
+    if not cuda:
+        b, c, H, W, h, w = INTERPRETER_CASE
     checks = []
     for dtype in DTYPES.values():
         for cl in (False, True):
-            checks.append(check_kernel((b, c, H, W, h, w), dtype, cl, cfg.device))
+            checks.append(
+                check_kernel((b, c, H, W, h, w), dtype, cl, cfg.device, repeat_backward=cuda)
+            )
             if cuda:
                 checks.append(
                     check_kernel(
@@ -443,7 +455,7 @@ def run_kernels(cfg: Config) -> dict[str, Any]:
             for cl in (False, True)
         ]
     else:
-        timed = [((b, c, H, W), torch.float32, False)]
+        timed = [((b, c, H, W), torch.float32, False)]  # the logits: ld_branch_size(H), (W)
     # three candidates (kernel, plain ops, copy) and two directions per configuration
     expected = 6 * len(timed) * cfg.min_time * 1.2
     cfg.progress.total += expected
@@ -526,7 +538,7 @@ def _bandwidth(
 
 def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
     checks = res["checks"]
-    failed = [r for r in checks if not (r["ok"] and r["deterministic"])]
+    failed = [r for r in checks if not passed(r)]
     worst: dict[str, dict[str, float]] = {}
     for r in checks:
         d = worst.setdefault(r["dtype"], {})
@@ -536,8 +548,9 @@ def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
         f"Triton kernels of gald.ops.ld_modulate, input {tuple(res['shape'])}, logits "
         f"{tuple(res['logits'])}, {cfg_text}",
         f"correctness against float64 plain ops: {len(checks) - len(failed)}/{len(checks)} checks "
-        "passed (NCHW and channels_last, forward and both gradients, backward reproducible); "
-        "largest relative errors:",
+        "passed (NCHW and channels_last, forward and both gradients"
+        + (", backward reproducible" if any(c["deterministic"] for c in checks) else "")
+        + "); largest relative errors:",
     ]
     for name, d in worst.items():
         lines.append(f"  {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
