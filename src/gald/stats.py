@@ -49,6 +49,8 @@ class GateStats:
             ``[offset + 0.5, offset + 1)``; ``False``: ``(offset, offset + 1)``).
         offset, final_act: the LD's settings.
         samples: number of samples seen; channels: number of channels.
+        channel_mean: the mean gate of every channel (length ``channels``), the constant
+            per-channel scale an LD with a flat gate amounts to.
     """
 
     mean: float
@@ -65,6 +67,7 @@ class GateStats:
     final_act: bool
     samples: int
     channels: int
+    channel_mean: tuple[float, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,6 +222,7 @@ class _GateAccumulator:
             final_act=self.final_act,
             samples=sm.n,
             channels=channels,
+            channel_mean=tuple(mean_c.tolist()),
         )
 
 

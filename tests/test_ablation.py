@@ -1,0 +1,250 @@
+"""The paired-seed LD ablation: pairing checked, task and metrics correct, tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+from torch import nn
+
+import gald
+from gald.bench import _ablation_model as am
+from gald.bench import _ablation_task as task
+from gald.bench.ablation import AblationConfig, main, paired_differences, render
+
+
+def _variants(seed: int = 3, **kw: object) -> dict[str, am.Segmenter]:
+    args = {
+        "ga": "psp",
+        "channels": 8,
+        "num_classes": task.NUM_CLASSES,
+        "offset": 2.0,
+        "final_act": True,
+    }
+    args.update(kw)
+    return am.build_variants(seed, **args)  # type: ignore[arg-type]
+
+
+def test_variants_start_from_identical_weights() -> None:
+    models = _variants()
+    states = {k: m.state_dict() for k, m in models.items()}
+    # compared here directly, independently of check_pairing
+    for key, value in states["none"].items():
+        assert torch.equal(value, states["ga"][key]) and torch.equal(value, states["ld"][key]), key
+    for key, value in states["ga"].items():
+        assert torch.equal(value, states["ld"][key]), key
+    extra = set(states["ld"]) - set(states["ga"])
+    assert extra and all(k.startswith("head.gald.ld.") for k in extra)
+    assert set(states["ga"]) - set(states["none"]) == {
+        k for k in states["ga"] if k.startswith("head.gald.")
+    }
+    # the slot really holds what the variant says
+    assert isinstance(models["none"].head.gald, nn.Identity)
+    assert isinstance(models["ga"].head.gald, gald.GALD) and models["ga"].head.gald.ld is None
+    assert isinstance(models["ld"].head.gald.ld, gald.LocalDistribution)
+    # the weights are not trivially equal: different seeds differ, parts are not all zero
+    other = _variants(seed=4)["ld"].state_dict()
+    assert not torch.equal(other["backbone.0.0.weight"], states["ld"]["backbone.0.0.weight"])
+    # the shared tensors are copies, not aliases (training one variant leaves the others alone)
+    p_ga = models["ga"].backbone[0][0].weight
+    p_ld = models["ld"].backbone[0][0].weight
+    assert p_ga.data_ptr() != p_ld.data_ptr()
+
+
+def test_pairing_does_not_depend_on_global_rng() -> None:
+    torch.manual_seed(123)
+    a = _variants()["ld"].state_dict()
+    torch.manual_seed(456)
+    torch.randn(100)
+    b = _variants()["ld"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_check_pairing_catches_a_difference() -> None:
+    models = _variants()
+    am.check_pairing(models)
+    with torch.no_grad():
+        models["ga"].head.cls.bias.add_(1e-6)
+    with pytest.raises(RuntimeError, match="different weights.*head.cls.bias"):
+        am.check_pairing(models)
+    models = _variants()
+    with torch.no_grad():
+        models["ld"].head.gald.ga.parameters().__next__().mul_(1.0001)
+    with pytest.raises(RuntimeError, match="different weights"):
+        am.check_pairing(models)
+    models = _variants()
+    models["ga"].backbone.add_module("extra", nn.Conv2d(8, 8, 1))
+    with pytest.raises(RuntimeError, match="outside head.gald"):
+        am.check_pairing(models)
+
+
+def test_task_is_deterministic_and_labelled_as_documented() -> None:
+    a = task.make_batch(torch.Generator().manual_seed(1), 3, 32)
+    b = task.make_batch(torch.Generator().manual_seed(1), 3, 32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    x, y = a
+    assert x.shape == (3, 3, 32, 32) and y.shape == (3, 32, 32) and y.dtype == torch.long
+    assert int(y.min()) >= 0 and int(y.max()) < task.NUM_CLASSES
+    # small objects exist and only small objects carry a strong blue channel on average
+    small = y >= task.LARGE_CLASSES
+    assert small.any() and (~small).any()
+    assert x[:, 2][small].abs().mean() > 2.0 > x[:, 2][~small].abs().mean()
+
+
+def test_metrics_against_hand_counts() -> None:
+    target = torch.tensor([[0, 0, 1, 4], [0, 2, 1, 5]])
+    pred = torch.tensor([[0, 1, 1, 4], [0, 2, 1, 4]])
+    conf = task.confusion(pred, target)
+    iou = task.class_iou(conf)
+    assert iou[0].item() == pytest.approx(2 / 3)  # tp 2, fn 1
+    assert iou[1].item() == pytest.approx(2 / 3)  # tp 2, fp 1
+    assert iou[2].item() == 1.0
+    assert math.isnan(iou[3].item())  # absent everywhere
+    assert iou[4].item() == pytest.approx(1 / 2)  # tp 1, fp 1
+    assert iou[5].item() == 0.0
+    m = task.metrics(conf, conf)
+    assert m["large"] == pytest.approx(100 * (2 / 3 + 2 / 3 + 1) / 3)
+    assert m["small"] == pytest.approx(100 * 0.25)
+    band = task.boundary_band(torch.tensor([[[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]]))
+    assert band.tolist() == [
+        [[False, False, False, False], [False, False, True, True], [False, False, True, True]]
+    ]
+
+
+def test_paired_differences() -> None:
+    runs = {
+        s: {
+            v: {m: float(s + i) for m in ("large", "small", "boundary", "miou")}
+            for i, v in enumerate(("none", "ga", "ld"))
+        }
+        for s in range(3)
+    }
+    runs[2]["ld"]["small"] = 0.0  # ld - ga on small: 1, 1, -3
+    pd = paired_differences(runs)
+    d = pd["ld-ga"]["small"]
+    assert d["diffs"] == [1.0, 1.0, -3.0] and d["n"] == 3 and d["wins"] == 2
+    assert d["mean"] == pytest.approx(-1 / 3)
+    assert d["std"] == pytest.approx(math.sqrt(((4 / 3) ** 2 * 2 + (8 / 3) ** 2) / 2))
+    assert pd["ld-none"]["large"]["mean"] == 2.0 and pd["ld-none"]["large"]["std"] == 0.0
+
+
+def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "out.json"
+    rc = main(
+        [
+            "--seeds",
+            "2",
+            "--steps",
+            "2",
+            "--size",
+            "16",
+            "--channels",
+            "8",
+            "--batch-size",
+            "2",
+            "--eval-images",
+            "2",
+            "--ga",
+            "gc",
+            "--no-final-act",
+            "--offset",
+            "1",
+            "--json",
+            str(path),
+        ]
+    )
+    assert rc == 0
+    out = capsys.readouterr().out
+    first = out.splitlines()[:3]
+    assert "minutes" in first[1] and "says little about full-size training" in first[2]
+    assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out
+    assert "says little about full-size training" in out.split("How to read this")[1]
+    res = json.loads(path.read_text())
+    assert set(res["runs"]) == {"0", "1"}
+    for per_seed in res["runs"].values():
+        assert set(per_seed) == {"none", "ga", "ld", "frozen"}
+        for r in per_seed.values():
+            for metric in ("large", "small", "boundary", "miou"):
+                assert 0.0 <= r[metric] <= 100.0
+    assert res["config"]["final_act"] is False and res["config"]["offset"] == 1.0
+    gate = res["gate"]
+    assert len(gate) == 2 and all(1.0 < g["min"] <= g["max"] < 2.0 for g in gate)  # (1, 2)
+    assert res["paired"]["ld-ga"]["large"]["n"] == 2
+    assert res["paired"]["ld-frozen"]["small"]["n"] == 2
+    assert "ld, gate frozen" in out and "ld-frozen" in out
+
+
+def test_cli_rejects_bad_arguments(capsys) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(SystemExit):
+        main(["--seeds", "0"])
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--ga", "nope"])
+
+
+def test_render_flags_differences_beyond_noise() -> None:
+    metrics = ("large", "small", "boundary", "miou")
+    runs = {
+        s: {
+            v: {m: 50.0 + (0.1 * s if m == "large" else 0.0) for m in metrics}
+            for v in ("none", "ga", "ld")
+        }
+        for s in range(4)
+    }
+    for s in range(4):
+        runs[s]["ld"]["small"] = 50.0 + 5.0 + 0.5 * s  # a clear paired gain on small objects
+        runs[s]["ld"]["boundary"] = 50.0 + (0.5 if s % 2 else -0.5)  # noise
+    res = {
+        "config": asdict(AblationConfig()),
+        "runs": {str(s): r for s, r in runs.items()},
+        "paired": paired_differences(runs),
+        "gate": [],
+        "seconds": 1.0,
+        "cpu_seconds": 2.0,
+    }
+    lines = render(res).splitlines()
+    ld_ga = next(line for line in lines if line.startswith("ld-ga"))
+    assert ld_ga.endswith("beyond 2 s.e.: small")
+    ga_none = next(line for line in lines if line.startswith("ga-none"))
+    assert ga_none.endswith("all within 2 s.e. (noise)")
+    assert "says little about full-size training" in "\n".join(lines)
+
+
+def test_frozen_and_folded_gate_equal_the_ld_when_its_gate_is_constant() -> None:
+    model = _variants(seed=5)["ld"].eval()
+    x = torch.randn(2, 3, 64, 64)  # a 16x16 head map: a 2x2 mask grid
+    # a trained-like LD: its gate varies, so freezing it changes the output
+    ld = model.head.gald.ld
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in ld.branch.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen))
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) * 3 + 1)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen))
+    gate = gald.ld_statistics(model, [x])["head.gald.ld"]
+    assert gate.spatial_cv > 0.001
+    with torch.no_grad():
+        ref = model(x)
+        assert not torch.allclose(am.freeze_gate(model, gate.channel_mean)(x), ref, atol=1e-4)
+    # the last stage outputs 0 for every input: M = 0.5, the gate is offset + 0.5 everywhere
+    last_norm = ld.branch[-1][1]
+    with torch.no_grad():
+        last_norm.weight.zero_()
+        last_norm.bias.uniform_(-1.0, 0.0)  # relu(bias <= 0) = 0
+    gate = gald.ld_statistics(model, [x, torch.randn(1, 3, 64, 64) * 5])["head.gald.ld"]
+    assert gate.spatial_cv == gate.sample_cv == gate.channel_cv == 0.0
+    assert set(gate.channel_mean) == {2.5}
+    frozen = am.freeze_gate(model, gate.channel_mean)
+    folded = am.fold_gate_into_convb(model, gate.channel_mean)
+    assert folded.head.gald.ld is None
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(frozen(x), ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="'ld' variant"):
+        am.freeze_gate(_variants()["ga"], gate.channel_mean)

@@ -1,0 +1,221 @@
+"""gald.ld_statistics: gate statistics against direct computations on the full gate tensor."""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import gald
+from gald.stats import GateStats, LDStatistics, _GateAccumulator
+
+
+def _randomise(module: nn.Module, seed: int) -> nn.Module:
+    """Random conv weights and random BatchNorm affine parameters and statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.5)
+            elif isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen))
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+    return module
+
+
+def _constant_ld(channels: int, offset: float, *, final_act: bool = True) -> gald.LocalDistribution:
+    """An LD whose last stage outputs exactly 0 (last norm's weight and bias zeroed), so that
+    M = sigmoid(0) = 0.5 everywhere."""
+    ld = _randomise(gald.LocalDistribution(channels, offset=offset, final_act=final_act), 1)
+    last_norm = [m for m in ld.branch[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1]
+    with torch.no_grad():
+        last_norm.weight.zero_()
+        last_norm.bias.zero_()
+    return ld
+
+
+def _reference(ld: gald.LocalDistribution, xs: list[torch.Tensor]) -> dict[str, float]:
+    """The statistics computed directly from the whole gate tensor (all batches concatenated)."""
+    ld.eval()
+    with torch.no_grad():
+        g = torch.cat([ld.mask(x).double() + ld.offset for x in xs])
+    std_hw, mean_hw = torch.std_mean(g, dim=(2, 3), correction=0)
+    ch_mean = g.mean(dim=(0, 2, 3))
+    s_std, s_mean = torch.std_mean(mean_hw, dim=0, correction=0)
+    far = (g - mean_hw[..., None, None]).abs() > 0.05 * mean_hw[..., None, None]
+    return {
+        "mean": float(g.mean()),
+        "std": float(g.std(correction=0)),
+        "min": float(g.min()),
+        "max": float(g.max()),
+        "spatial_cv": float((std_hw / mean_hw).mean()),
+        "channel_cv": float(ch_mean.std(correction=0) / ch_mean.mean()),
+        "sample_cv": float((s_std / s_mean).mean()),
+        "far_fraction": float(far.double().mean()),
+    }
+
+
+@pytest.mark.parametrize("offset", [2.0, 1.0, 0.0])
+def test_constant_gate_is_exactly_offset_plus_half(offset: float) -> None:
+    ld = _constant_ld(6, offset)
+    xs = [torch.randn(2, 6, 17, 13) for _ in range(3)]
+    s = gald.ld_statistics(ld, xs)
+    assert list(s) == [""]
+    st = s[""]
+    assert st.mean == offset + 0.5
+    assert st.min == st.max == offset + 0.5
+    assert st.std == 0.0
+    assert st.spatial_cv == 0.0
+    assert st.channel_cv == 0.0
+    assert st.sample_cv == 0.0
+    assert st.far_fraction == 0.0
+    assert (st.samples, st.channels) == (6, 6)
+    assert (st.low, st.high) == (offset + 0.5, offset + 1.0)
+
+
+def test_random_gate_matches_direct_computation() -> None:
+    ld = _randomise(gald.LocalDistribution(5, offset=1.0, final_act=False), 3)
+    xs = [torch.randn(b, 5, 16, 20) * 3 for b in (1, 3, 2)]
+    st = gald.ld_statistics(ld, xs)[""]
+    ref = _reference(ld, xs)
+    for key, value in ref.items():
+        assert math.isclose(getattr(st, key), value, rel_tol=1e-9, abs_tol=1e-12), key
+    assert st.spatial_cv > 0 and st.channel_cv > 0 and st.sample_cv > 0
+    with torch.no_grad():
+        g = torch.cat([ld.mask(x).double() + ld.offset for x in xs])
+    assert torch.allclose(torch.tensor(st.channel_mean, dtype=torch.float64), g.mean(dim=(0, 2, 3)))
+    assert 1.0 < st.min <= st.max < 2.0  # final_act=False: (offset, offset + 1)
+    assert st.samples == 6
+
+
+def test_several_lds_in_a_head_and_a_wrapped_model() -> None:
+    head = _randomise(gald.GALDHead(8, 3, channels=8, ga_module="psp"), 4)
+    names = [n for n, m in head.named_modules() if isinstance(m, gald.LocalDistribution)]
+    assert names == ["gald.ld"]
+    xs = [torch.randn(2, 8, 16, 16)]
+    assert list(gald.ld_statistics(head, xs)) == ["gald.ld"]
+
+    model = nn.Sequential(
+        gald.GALD(8, "gc", offset=2.0, downsample=False),
+        nn.Conv2d(8, 8, 1),
+        gald.GALD(8, "psp", offset=1.0, final_act=False, downsample=False),
+    )
+    _randomise(model, 5)
+    xs = [torch.randn(2, 8, 16, 16), torch.randn(3, 8, 16, 16)]
+    s = gald.ld_statistics(model, xs)
+    assert list(s) == ["0.ld", "2.ld"]
+    assert (s["0.ld"].low, s["0.ld"].high) == (2.5, 3.0)
+    assert (s["2.ld"].low, s["2.ld"].high) == (1.0, 2.0)
+    # each LD's statistics equal the direct computation on the input that LD sees
+    with torch.no_grad():
+        model.eval()
+        first_in = [model[0].ga(x) for x in xs]
+        second_in = [model[2].ga(model[1](model[0](x))) for x in xs]
+    for name, ld, inputs in (("0.ld", model[0].ld, first_in), ("2.ld", model[2].ld, second_in)):
+        ref = _reference(ld, inputs)
+        for key, value in ref.items():
+            assert math.isclose(getattr(s[name], key), value, rel_tol=1e-9, abs_tol=1e-12), key
+        assert s[name].samples == 5
+    table = str(s)
+    assert "0.ld" in table and "2.ld" in table and "[2.5, 3)" in table and "(1, 2)" in table
+
+
+def test_tuple_and_dict_batches_and_max_batches() -> None:
+    ld = _randomise(gald.LocalDistribution(4), 6)
+    xs = [torch.randn(2, 4, 12, 12) for _ in range(4)]
+    plain = gald.ld_statistics(ld, xs)[""]
+    as_tuples = gald.ld_statistics(ld, [(x, torch.zeros(2)) for x in xs])[""]
+    as_dicts = gald.ld_statistics(ld, [{"label": 0, "image": x} for x in xs])[""]
+    assert plain == as_tuples == as_dicts
+    first_two = gald.ld_statistics(ld, iter(xs), max_batches=2)[""]
+    assert first_two == gald.ld_statistics(ld, xs[:2])[""]
+    assert first_two.samples == 4
+
+
+def test_max_batches_does_not_pull_an_extra_batch() -> None:
+    ld = gald.LocalDistribution(2)
+    pulled = []
+
+    def gen():
+        for i in range(10):
+            pulled.append(i)
+            yield torch.randn(1, 2, 8, 8)
+
+    gald.ld_statistics(ld, gen(), max_batches=3)
+    assert pulled == [0, 1, 2]
+
+
+def test_training_flags_restored() -> None:
+    model = nn.Sequential(gald.GALD(4, "gc"), nn.Dropout())
+    model.train()
+    model[1].eval()
+    gald.ld_statistics(model, [torch.randn(2, 4, 10, 10)])
+    assert model.training and model[0].ld.training and not model[1].training
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_memory_does_not_grow_with_batches() -> None:
+    ld = _randomise(gald.LocalDistribution(3), 7)
+    acc = _GateAccumulator(ld)
+    sizes = []
+    for _ in range(6):
+        with torch.no_grad():
+            acc.update(ld.eval().mask(torch.randn(2, 3, 10, 10)).double() + ld.offset)
+        sizes.append(acc.state_numel())
+    assert sizes == [sizes[0]] * 6 and sizes[0] == 4 * 3
+
+    # nothing keeps a batch (input or gate) alive once the next one is drawn
+    refs: list[weakref.ref] = []
+
+    def batches():
+        for _ in range(5):
+            if len(refs) >= 1:
+                assert refs[-1]() is None, "a previous batch is still referenced"
+            x = torch.randn(2, 3, 10, 10)
+            refs.append(weakref.ref(x))
+            yield (x, None)
+            del x
+
+    gald.ld_statistics(ld, batches())
+    assert len(refs) == 5
+
+
+def test_errors() -> None:
+    with pytest.raises(ValueError, match="no gald.LocalDistribution"):
+        gald.ld_statistics(nn.Conv2d(3, 3, 1), [torch.randn(1, 3, 4, 4)])
+    ld = gald.LocalDistribution(3)
+    with pytest.raises(ValueError, match="no batch"):
+        gald.ld_statistics(ld, [])
+    with pytest.raises(ValueError, match="max_batches"):
+        gald.ld_statistics(ld, [torch.randn(1, 3, 4, 4)], max_batches=0)
+    with pytest.raises(ValueError, match="'image'"):
+        gald.ld_statistics(ld, [{"x": torch.randn(1, 3, 4, 4)}])
+    with pytest.raises(TypeError, match="batches must yield"):
+        gald.ld_statistics(ld, [3])
+    with pytest.raises(TypeError, match="model"):
+        gald.ld_statistics("model", [torch.randn(1, 3, 4, 4)])  # type: ignore[arg-type]
+
+
+def test_uncalled_ld_reported_as_not_called() -> None:
+    class TwoPaths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = gald.LocalDistribution(2)
+            self.unused = gald.LocalDistribution(2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(x)
+
+    s = gald.ld_statistics(TwoPaths(), [torch.randn(1, 2, 8, 8)])
+    assert s["used"].samples == 1 and s["unused"].samples == 0
+    assert math.isnan(s["unused"].mean)
+    assert "not called" in str(s)
+    assert isinstance(s, LDStatistics) and isinstance(s["used"], GateStats)
