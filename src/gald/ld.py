@@ -22,7 +22,7 @@ IMPLS = ("auto", "triton", "torch")
 """The kernels a :class:`LocalDistribution` (and :class:`~gald.GALD`) may be told to use."""
 
 
-def check_impl(impl: object) -> str:
+def _check_impl(impl: object) -> str:
     """``impl`` if it is one of :data:`IMPLS`, else a ``ValueError``/``TypeError`` naming it."""
     if not isinstance(impl, str):
         raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(impl).__name__}")
@@ -99,7 +99,7 @@ class LocalDistribution(nn.Module):
             raise TypeError(f"offset must be a float, got {type(offset).__name__}")
         self.offset = float(offset)
         self.final_act = bool(final_act)
-        self.impl = check_impl(impl)
+        self.impl = _check_impl(impl)
         self.grad_checkpointing = False
         self.min_size = strided_min_size(num_stages, kernel_size, padding)
         self.branch = nn.Sequential(

@@ -285,8 +285,8 @@ def ld_modulate(
         align_corners: as in ``F.interpolate``.
         impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors when
             triton imports and the torch kernel otherwise (the reference formula while a tracer
-            or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device, no
-            full-size temporaries); ``"triton"`` the Triton kernel (``RuntimeError`` when
+            or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
+            temporaries bounded by a constant); ``"triton"`` the Triton kernel (``RuntimeError`` when
             triton is unavailable); ``"reference"`` the plain-ops formula (the oracle: autograd
             saves the full-resolution mask).
 
@@ -300,10 +300,10 @@ def ld_modulate(
     autocast region does not change this. The torch kernel is bitwise reproducible on CPU.
     Double backward is not supported.
 
-    Complexity: time O(B C H W k) multiply-adds for the mask (``k = w`` for NCHW inputs, ``h``
-    for channels_last) plus O(1) elementwise work per element; autograd saves ``x`` and
-    ``logits`` only; extra memory is a constant (chunk buffers of at most 32 MiB) plus
-    O(B C (H w + h W)) in the backward.
+    Complexity: time O(B C H W) (a few operations per element; the NCHW backward adds a
+    reduction of ``w`` multiply-adds per element); autograd saves ``x`` and ``logits`` only;
+    extra memory is a constant (chunk buffers of at most 32 MiB) plus O(B C H w) in the
+    backward.
     """
     _check_inputs(x, logits, offset, align_corners)
     which = resolve_impl(x, impl)

@@ -87,7 +87,8 @@ _FWD_MAX_INNER = 128
 _FWD_TILE_ELEMS = 2048
 # Backward tiles: ``tl.dot`` needs every dimension >= 16.
 _BWD_MIN_BLOCK = 16
-_BWD_MAX_BLOCK = 64
+_BWD_MAX_BLOCK = 64  # columns per tile, and channels per program for channels_last
+_BWD_MAX_ROWS = 32  # rows per program for NCHW
 _NUM_WARPS = 4
 
 
@@ -334,7 +335,7 @@ def _bwd_tiles(C: int, H: int, W: int, w: int, align_corners: bool, channels_inn
     while block_j > _BWD_MIN_BLOCK and _window(block_j, w, W, align_corners) > block_j:
         block_j //= 2
     along = C if channels_inner else H
-    block_a = min(max(_pow2(along), _BWD_MIN_BLOCK), _BWD_MAX_BLOCK if channels_inner else 32)
+    block_a = min(max(_pow2(along), _BWD_MIN_BLOCK), _BWD_MAX_BLOCK if channels_inner else _BWD_MAX_ROWS)
     return block_a, block_j, _window(block_j, w, W, align_corners)
 
 
