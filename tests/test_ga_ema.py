@@ -296,3 +296,15 @@ def test_registered_and_inside_gald() -> None:
     block = gald.GALD(C, ga_module="ema", ga_kwargs={"num_bases": K}).eval()
     with torch.no_grad():
         assert block(torch.randn(1, C, 11, 6)).shape == (1, C, 11, 6)
+
+
+def test_em_grad_train_step_with_the_inplace_bases_update() -> None:
+    """In training the bases buffer is updated in place after the EM iterations; with
+    em_grad=True autograd must still hold the bases that forward used."""
+    layer = EMA(C, num_bases=K, em_grad=True).train()
+    before = layer.bases.clone()
+    x = torch.randn(2, C, 6, 7, requires_grad=True)
+    layer(x).square().mean().backward()
+    assert not torch.equal(layer.bases, before)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert layer.conv1.weight.grad is not None and layer.conv1.weight.grad.abs().sum() > 0

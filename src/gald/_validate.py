@@ -8,7 +8,8 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -88,3 +89,13 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> N
         raise ValueError(
             f"{name}={value} must be divisible by {divisor_name}={divisor}"
         )
+
+
+def check_factory(value: object, name: str) -> Callable[..., Any]:
+    """``value`` must be a layer factory: a class or any callable that returns a module."""
+    if not callable(value):
+        raise TypeError(
+            f"{name} must be a callable that builds a layer (a class such as nn.BatchNorm2d, "
+            f"or a function), got {type(value).__name__} {value!r}"
+        )
+    return value

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layers import LayerFactory, depthwise_stage
-from ._validate import check_feature, check_positive_int
+from ._validate import check_factory, check_feature, check_positive_int
 from .ld import LocalDistribution
 from .registry import create_ga, get_ga_class
 
@@ -263,8 +263,8 @@ class GALD(nn.Module):
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-        if not callable(norm_layer) or not callable(act_layer):
-            raise TypeError("norm_layer and act_layer must be callables that build a module")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
         if downsample is None:
             downsample = init == "default"
         elif downsample and init == "identity":

@@ -1,6 +1,7 @@
 """Registry of global-aggregation (GA) layers, in the manner of timm's ``create_attn``.
 
-Every GA layer takes ``channels`` as its first argument and maps (B, C, H, W) to (B, C, H, W).
+Every GA layer takes ``channels`` as its first argument and maps (B, C, H, W) to (B, C, H, W);
+the layers whose peers change the width (``aspp``, ``psp``) also take ``out_channels``.
 :func:`create_ga` builds one from a registry name, a class or a ready instance;
 :func:`registered` adds a layer for the duration of a ``with`` block (a test, say) and then puts
 the registry back exactly as it was.

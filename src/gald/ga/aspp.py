@@ -14,13 +14,13 @@ from torch import nn
 
 from .._layers import LayerFactory
 from .._validate import (
+    check_factory,
     check_feature,
     check_positive_int,
     check_positive_int_sequence,
     check_probability,
 )
 from ..registry import register_ga
-from ._checks import check_factory
 
 
 def _conv_norm_act(

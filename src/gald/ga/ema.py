@@ -19,9 +19,8 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_positive_int
 from ..registry import register_ga
-from ._checks import check_factory
 
 _EPS = 1e-6  # the authors' epsilon, both in the responsibilities and in the L2 norm
 
@@ -156,7 +155,9 @@ class EMA(nn.Module):
         grad_ctx = contextlib.nullcontext() if self.em_grad else torch.no_grad()
         with autocast_off(x.device.type):
             flat = feats.reshape(b, c, h * w).to(dtype)  # (B, C, N)
-            mu = self.bases.to(dtype).expand(b, c, self.num_bases)  # (B, C, K)
+            # a copy: the moving-average update below writes into the buffer in place, and
+            # autograd (em_grad=True) must keep the bases this forward used
+            mu = self.bases.to(dtype=dtype, copy=True).expand(b, c, self.num_bases)  # (B, C, K)
             with grad_ctx:
                 z, mu = _em_step(flat, mu)  # z (B, N, K), mu (B, C, K)
                 for _ in range(self.iterations - 1):

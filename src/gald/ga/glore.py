@@ -12,9 +12,8 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_positive_int
 from ..registry import register_ga
-from ._checks import check_factory
 
 
 class _GraphConv(nn.Module):

@@ -18,9 +18,8 @@ from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_positive_int
 from ..registry import register_ga
-from ._checks import check_factory
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 

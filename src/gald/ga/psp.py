@@ -13,9 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int, check_positive_int_sequence
+from .._validate import (
+    check_factory,
+    check_feature,
+    check_positive_int,
+    check_positive_int_sequence,
+)
 from ..registry import register_ga
-from ._checks import check_factory
 
 
 def adaptive_avg_matrix(
