@@ -133,6 +133,7 @@ def test_paired_differences() -> None:
 
 def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "out.json"
+    threads = torch.get_num_threads()
     rc = main(
         [
             "--seeds",
@@ -152,11 +153,14 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
             "--no-final-act",
             "--offset",
             "1",
+            "--threads",
+            "1",
             "--json",
             str(path),
         ]
     )
     assert rc == 0
+    assert torch.get_num_threads() == threads  # restored
     out = capsys.readouterr().out
     first = out.splitlines()[:3]
     assert "minutes" in first[1] and "says little about full-size training" in first[2]
@@ -183,6 +187,9 @@ def test_cli_rejects_bad_arguments(capsys) -> None:  # type: ignore[no-untyped-d
     assert "--seeds must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--ga", "nope"])
+    with pytest.raises(SystemExit):
+        main(["--ga", "cgnl", "--channels", "24"])  # CGNL's 8 groups need C/2 divisible by 8
+    assert "--ga cgnl with --channels 24" in capsys.readouterr().err
 
 
 def test_render_flags_differences_beyond_noise() -> None:

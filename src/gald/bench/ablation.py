@@ -61,7 +61,8 @@ ROWS = {
     "frozen": "ld, gate frozen",
 }
 _EVAL_SEED = 2_147_483_000
-DEFAULT_MINUTES = "about 3 minutes"  # measured at the default size, 2-core x86 CPU, shared
+# measured at the default size with --threads 1 on a 2-core x86 CPU shared with other work
+DEFAULT_MINUTES = "a few minutes on a 2-core CPU (about 3 min measured with --threads 1)"
 
 
 @dataclass(frozen=True)
@@ -70,10 +71,10 @@ class AblationConfig:
 
     ga: str = "psp"
     seeds: int = 3
-    steps: int = 120
-    size: int = 48
+    steps: int = 300
+    size: int = 96
     batch_size: int = 8
-    channels: int = 24
+    channels: int = 32
     eval_images: int = 32
     offset: float = 2.0
     final_act: bool = True
@@ -344,6 +345,13 @@ def _parser() -> argparse.ArgumentParser:
         default=d.final_act,
         help="ReLU before the LD sigmoid (default: on, as the authors)",
     )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's own setting); 1 suffers least when other "
+        "processes compete for the cores",
+    )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     return p
 
@@ -368,23 +376,42 @@ def main(argv: list[str] | None = None) -> int:
         final_act=args.final_act,
         first_seed=args.first_seed,
     )
-    torch_threads = torch.get_num_threads()
-    print(
-        f"LD ablation: {len(VARIANTS)} variants (none / ga / ld) x {cfg.seeds} seed(s) x "
-        f"{cfg.steps} steps, GA {cfg.ga}, image {cfg.size}x{cfg.size} (head map "
-        f"{cfg.size // 4}x{cfg.size // 4}), width {cfg.channels}, batch {cfg.batch_size}, LD offset "
-        f"{cfg.offset:g}, final_act={cfg.final_act}, {torch_threads} thread(s)."
-    )
-    print(
-        f"At the default size this takes {DEFAULT_MINUTES} on a 2-core CPU; the time scales "
-        "with seeds x steps x size^2."
-    )
-    print(
-        "A result at this scale (small synthetic task, CPU-sized model) says little about "
-        "full-size training."
-    )
-    sys.stdout.flush()
-    res = run(cfg)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    try:  # a GA that cannot take this width fails here, before anything runs
+        build_variants(
+            cfg.first_seed,
+            ga=cfg.ga,
+            channels=cfg.channels,
+            num_classes=NUM_CLASSES,
+            offset=cfg.offset,
+            final_act=cfg.final_act,
+        )
+    except (ValueError, TypeError) as e:
+        parser.error(f"--ga {cfg.ga} with --channels {cfg.channels}: {e}")
+    threads_before = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        print(
+            f"LD ablation: {len(VARIANTS)} variants (none / ga / ld) x {cfg.seeds} seed(s) x "
+            f"{cfg.steps} steps, GA {cfg.ga}, image {cfg.size}x{cfg.size} (head map "
+            f"{cfg.size // 4}x{cfg.size // 4}), width {cfg.channels}, batch {cfg.batch_size}, "
+            f"LD offset {cfg.offset:g}, final_act={cfg.final_act}, "
+            f"{torch.get_num_threads()} thread(s)."
+        )
+        print(
+            f"At the default size this takes {DEFAULT_MINUTES}; the time scales with "
+            "seeds x steps x size^2."
+        )
+        print(
+            "A result at this scale (small synthetic task, CPU-sized model) says little about "
+            "full-size training."
+        )
+        sys.stdout.flush()
+        res = run(cfg)
+    finally:
+        torch.set_num_threads(threads_before)
     print()
     print(render(res))
     if args.json:
