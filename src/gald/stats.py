@@ -124,15 +124,17 @@ class _Moments:
         n_b = math.prod(values.shape[d] for d in dim)
         if n_b == 0:
             return
-        mean_b = values.mean(dim=tuple(dim))
-        m2_b = (values - values.mean(dim=tuple(dim), keepdim=True)).square().sum(dim=tuple(dim))
+        dims = tuple(dim)
+        mean_keep = values.mean(dim=dims, keepdim=True)
+        mean_b = mean_keep.squeeze(dims)
+        m2_b = (values - mean_keep).square().sum(dim=dims)
         if self.mean is None or self.m2 is None:
             self.n, self.mean, self.m2 = n_b, mean_b, m2_b
             return
         if mean_b.shape != self.mean.shape:
             raise ValueError(
-                f"gate shape changed between batches: {tuple(self.mean.shape)} channels before, "
-                f"{tuple(mean_b.shape)} now"
+                f"the gate's channel count changed between batches: {self.mean.numel()} before, "
+                f"{mean_b.numel()} now"
             )
         n = self.n + n_b
         delta = mean_b - self.mean
@@ -174,6 +176,8 @@ class _GateAccumulator:
 
     def update(self, gate: torch.Tensor) -> None:
         """Add one (B, C, H, W) gate (float64)."""
+        if gate.numel() == 0:
+            return
         self.per_channel.update(gate, dim=(0, 2, 3))
         self.min = min(self.min, float(gate.min()))
         self.max = max(self.max, float(gate.max()))
