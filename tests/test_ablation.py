@@ -129,6 +129,8 @@ def test_paired_differences() -> None:
     assert d["mean"] == pytest.approx(-1 / 3)
     assert d["std"] == pytest.approx(math.sqrt(((4 / 3) ** 2 * 2 + (8 / 3) ** 2) / 2))
     assert pd["ld-none"]["large"]["mean"] == 2.0 and pd["ld-none"]["large"]["std"] == 0.0
+    assert d["ci95"] == pytest.approx(4.30 * d["std"] / math.sqrt(3))  # t(2 df) = 4.30
+    assert "ld-frozen" not in pd  # no frozen runs given
 
 
 def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -214,9 +216,9 @@ def test_render_flags_differences_beyond_noise() -> None:
     }
     lines = render(res).splitlines()
     ld_ga = next(line for line in lines if line.startswith("ld-ga"))
-    assert ld_ga.endswith("beyond 2 s.e.: small")
+    assert ld_ga.endswith("95% CI excludes 0: small")
     ga_none = next(line for line in lines if line.startswith("ga-none"))
-    assert ga_none.endswith("all within 2 s.e. (noise)")
+    assert ga_none.endswith("all within noise (95% CI)")
     assert "says little about full-size training" in "\n".join(lines)
 
 

@@ -61,6 +61,31 @@ ROWS = {
     "frozen": "ld, gate frozen",
 }
 _EVAL_SEED = 2_147_483_000
+# two-sided 95 % quantiles of Student's t by degrees of freedom (a smaller df is used between
+# the listed ones, which errs on the side of "within noise")
+_T95 = {
+    1: 12.71,
+    2: 4.30,
+    3: 3.18,
+    4: 2.78,
+    5: 2.57,
+    6: 2.45,
+    7: 2.36,
+    8: 2.31,
+    9: 2.26,
+    10: 2.23,
+    15: 2.13,
+    20: 2.09,
+    30: 2.04,
+    60: 2.00,
+}
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (tabled)."""
+    return _T95[max(k for k in _T95 if k <= df)] if df >= 1 else math.inf
+
+
 # measured at the default size with --threads 1 on a 2-core x86 CPU shared with other work
 DEFAULT_MINUTES = "a few minutes on a 2-core CPU (about 3 min measured with --threads 1)"
 
@@ -162,6 +187,7 @@ def paired_differences(
                 "mean": mean,
                 "std": std,
                 "sem": std / math.sqrt(n) if n > 1 else math.nan,
+                "ci95": t95(n - 1) * std / math.sqrt(n) if n > 1 else math.nan,
                 "min": min(diffs),
                 "max": max(diffs),
                 "n": n,
@@ -268,13 +294,15 @@ def render(res: dict[str, Any]) -> str:
             cells.append(
                 f"{d['mean']:+.1f}{std} [{d['min']:+.1f}, {d['max']:+.1f}] {d['wins']}/{d['n']}"
             )
-            if not math.isnan(d["sem"]) and abs(d["mean"]) > 2 * d["sem"]:
+            if not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]:
                 verdicts.append(metric)
         if seeds < 3:
             cells.append("too few seeds to tell")
         else:
             cells.append(
-                "beyond 2 s.e.: " + ", ".join(verdicts) if verdicts else "all within 2 s.e. (noise)"
+                "95% CI excludes 0: " + ", ".join(verdicts)
+                if verdicts
+                else "all within noise (95% CI)"
             )
         rows.append(cells)
     out.append(_table(rows))
@@ -302,8 +330,8 @@ def render(res: dict[str, Any]) -> str:
         "  A result at this scale says little about full-size training (a 97x97 head map, real",
         "  data, tens of thousands of steps); neither a gain nor a null result here confirms or",
         "  refutes the paper's claim that the LD protects small patterns from over-smoothing.",
-        "- 'beyond 2 s.e.' means |mean difference| > 2 standard errors over the seeds; with few",
-        "  seeds that is a rough screen, not a test.",
+        "- '95% CI excludes 0': the paired t interval of the mean difference over the seeds does",
+        "  not contain 0. With few seeds and several metrics that is a screen, not a proof.",
         "- 'ld, gate frozen' is the trained ld model with its gate replaced by the gate's mean per",
         "  channel; if ld-frozen is within noise, the LD's spatial modulation did nothing here",
         "  beyond a constant per-channel scale, which the conv after the GALD block can absorb.",
