@@ -46,7 +46,8 @@ class GateStats:
         far_fraction: fraction of positions whose gate differs from the mean of its
             (sample, channel) map by more than 5 % of that mean.
         low, high: the range the gate can take under this LD's settings (``final_act=True``:
-            ``[offset + 0.5, offset + 1)``; ``False``: ``(offset, offset + 1)``).
+            ``[offset + 0.5, offset + 1)``; ``False``: ``(offset, offset + 1)``). In floating
+            point the sigmoid of a large logit rounds to 1, so ``max`` may equal ``high``.
         offset, final_act: the LD's settings.
         samples: number of samples seen; channels: number of channels.
         channel_mean: the mean gate of every channel (length ``channels``), the constant
