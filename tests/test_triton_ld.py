@@ -371,6 +371,17 @@ def test_bad_inputs_raise_clear_errors():
         bwd(torch.randn(1, 2, 5, 7).double(), x, logits, 1.0, True, True, True)
 
 
+def test_cpu_tensors_without_the_interpreter_raise_a_clear_error():
+    pytest.importorskip("triton", reason="triton is not installed")
+    if _triton_ld._interpreted():
+        pytest.skip("gald.ops._triton_ld was imported with TRITON_INTERPRET=1")
+    x, logits, g = random_inputs((1, 2, 5, 7, 2, 3), torch.float32)
+    with pytest.raises(RuntimeError, match=r"run on CUDA tensors .* got a tensor on cpu"):
+        _triton_ld.ld_modulate_fwd_triton(x, logits, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"run on CUDA tensors .* got a tensor on cpu"):
+        _triton_ld.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+
+
 def test_missing_triton_raises_a_clear_error(monkeypatch):
     monkeypatch.setattr(_triton_ld, "TRITON_AVAILABLE", False)
     x, logits, g = random_inputs((1, 2, 5, 7, 2, 3), torch.float32)

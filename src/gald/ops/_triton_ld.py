@@ -371,6 +371,21 @@ def _require_triton(who: str) -> None:
         raise RuntimeError(f"{who}: triton is not installed (pip install 'gald[triton]')")
 
 
+def _interpreted() -> bool:
+    """Whether this module's kernels run in Triton's interpreter (``TRITON_INTERPRET=1``)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_ld_fwd_kernel, InterpretedFunction)
+
+
+def _require_device(x: torch.Tensor, who: str) -> None:
+    if not x.is_cuda and not _interpreted():
+        raise RuntimeError(
+            f"{who}: the Triton kernels run on CUDA tensors (or on CPU under Triton's "
+            f"interpreter, TRITON_INTERPRET=1), got a tensor on {x.device}; use impl='torch'"
+        )
+
+
 def _on_device(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Make the device of ``x`` current while launching (the interpreter runs on CPU tensors)."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -393,6 +408,7 @@ def ld_modulate_fwd_triton(
     who = "ld_modulate_fwd_triton"
     _check({"x": x, "logits": logits}, x, logits, who)
     _require_triton(who)
+    _require_device(x, who)
     out = torch.empty_like(x)
     with _on_device(x):
         _launch_fwd(x, logits, out, float(offset), bool(align_corners))
@@ -464,6 +480,7 @@ def ld_modulate_bwd_triton(
             f"got {tuple(grad_out.shape)}"
         )
     _require_triton(who)
+    _require_device(x, who)
     offset = float(offset)
     align_corners = bool(align_corners)
     grad_x = torch.empty_like(x) if need_x_grad else None
