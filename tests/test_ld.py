@@ -317,3 +317,18 @@ def test_autocast_output_has_the_input_dtype() -> None:
     assert out.dtype == logits.dtype == torch.float32
     out.sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float32
+
+
+def test_torch_func_grad_matches_autograd() -> None:
+    from torch.func import functional_call, grad
+
+    ld = _randomise(gald.LocalDistribution(4)).eval().double()
+    x = torch.randn(1, 4, 9, 8, dtype=torch.float64)
+    params = {k: v.detach() for k, v in ld.named_parameters()}
+    got = grad(lambda p: functional_call(ld, p, (x,)).square().sum())(params)
+    ld(x).square().sum().backward()
+    for name, p in ld.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, msg=name)
+    xr = x.clone().requires_grad_()
+    ld(xr).sum().backward()
+    torch.testing.assert_close(grad(lambda t: ld(t).sum())(x), xr.grad)

@@ -124,8 +124,10 @@ def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
     _check_impl_in_op(impl)
-    # the kernels choose their own precision: an enclosing autocast must not recast them
-    with autocast_off(x.device.type):
+    # the kernels choose their own precision: an enclosing autocast must not recast them; they
+    # are the op's implementation, never differentiated through (torch.func runs them with
+    # tensors that track gradients at an outer level)
+    with autocast_off(x.device.type), torch.no_grad():
         if impl == "triton":
             out = _require_triton().ld_modulate_fwd_triton(x, logits, offset, align_corners)
         else:
@@ -150,7 +152,7 @@ def _backward_kernel(
     need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
-    with autocast_off(x.device.type):
+    with autocast_off(x.device.type), torch.no_grad():
         if impl == "triton":
             gx, gl = _require_triton().ld_modulate_bwd_triton(
                 grad, x, logits, offset, align_corners, need_x, need_logits
@@ -192,6 +194,24 @@ def _autograd_backward(ctx, grad):
         grad, x, logits, ctx.offset, ctx.align_corners, ctx.impl, need_x, need_logits
     )
     return (gx if need_x else None, gl if need_logits else None, None, None, None)
+
+
+class _LDModulate(torch.autograd.Function):
+    """The op's autograd for :func:`ld_modulate`, as an ``autograd.Function`` with a separate
+    ``setup_context``: the form ``torch.func`` transforms (``grad``, ``jacrev``, ...) accept.
+    Calling ``torch.ops.gald.ld_modulate`` directly uses the same formula (registered below)."""
+
+    @staticmethod
+    def forward(x, logits, offset, align_corners, impl):  # type: ignore[override]
+        return torch.ops.gald.ld_modulate(x, logits, offset, align_corners, impl)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        _setup_context(ctx, inputs, output)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return _autograd_backward(ctx, grad)
 
 
 _LIB.impl("ld_modulate", _modulate_kernel, "CompositeExplicitAutograd")
@@ -309,4 +329,4 @@ def ld_modulate(
     which = resolve_impl(x, impl)
     if which == "reference":
         return ld_modulate_reference(x, logits, float(offset), align_corners=align_corners)
-    return torch.ops.gald.ld_modulate(x, logits, float(offset), align_corners, which)
+    return _LDModulate.apply(x, logits, float(offset), align_corners, which)
