@@ -133,7 +133,8 @@ def test_json_schema(tiny_run) -> None:
             for key in ("inference", "train_step"):
                 t = m[key]
                 assert t["runs"] >= 3 and t["calls"] >= t["runs"]
-                assert t["median_ms"] > 0 and t["iqr_ms"] >= 0
+                assert 0 < t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
+                assert t["iqr_ms"] == pytest.approx(t["q3_ms"] - t["q1_ms"])
             assert m["peak_bytes"] is None  # CPU: no allocator peak
         # the LD adds parameters, FLOPs and saved activations
         assert w["params"] > wo["params"] and w["gflops"] > wo["gflops"]
@@ -231,6 +232,10 @@ def test_overhead_wording() -> None:
     assert format_speed(slower) == "2.00x slower"
     noisy = Ratio.of(loose, tight_a)
     assert noisy.within_noise and format_overhead(noisy) == "within noise (spread > 100 %)"
+    # an interval that excludes zero but is wider than the baseline: no four-digit figure
+    huge = Ratio(15.8, 0.6)
+    assert not huge.within_noise and format_overhead(huge) == "too noisy (> +1000 %)"
+    assert format_overhead(Ratio(3.0, 0.5)) == "too noisy: +200 % ± 150 %"
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,15 +17,13 @@ def plot_available() -> tuple[bool, str]:
 
 
 def plot(results: dict[str, Any], path: str) -> None:
-    """Write a PNG of the block results: inference and train-step medians (error bars: the
+    """Write a PNG of the block results: inference and train-step medians (whiskers: the
     interquartile range) and bytes saved for backward (and peak memory on CUDA) per GA."""
     ok, why = plot_available()
     if not ok:
         raise RuntimeError(why)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # a Figure without pyplot: no global backend or figure state changes in the caller's process
+    from matplotlib.figure import Figure
 
     rows = results["block"]["rows"]
     gas = [r["ga"] for r in rows]
@@ -37,17 +35,20 @@ def plot(results: dict[str, Any], path: str) -> None:
     ]
     if cuda:
         panels.append(("peak", "peak memory of a train step, MiB"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 3.8))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     xs = list(range(len(gas)))
     width = 0.38
     for ax, (key, label) in zip(axes[0], panels):
         for k, name in enumerate(("with LD", "without LD")):
             pos = [x + (k - 0.5) * width for x in xs]
             if key in ("inference", "train_step"):
-                vals = [r["models"][name][key]["median_ms"] for r in rows]
-                err = [r["models"][name][key]["iqr_ms"] or 0.0 for r in rows]
-                # the IQR around the median: half below, half above (an approximation)
-                ax.bar(pos, vals, width, yerr=[e / 2 for e in err], capsize=3, label=name)
+                stats = [r["models"][name][key] for r in rows]
+                vals = [t["median_ms"] for t in stats]
+                # error bars: the interquartile range around the median
+                low = [t["median_ms"] - t.get("q1_ms", t["median_ms"]) for t in stats]
+                high = [t.get("q3_ms", t["median_ms"]) - t["median_ms"] for t in stats]
+                ax.bar(pos, vals, width, yerr=[low, high], capsize=3, label=name)
             else:
                 field = "saved_bytes" if key == "saved" else "peak_bytes"
                 vals = [(r["models"][name][field] or 0) / 2**20 for r in rows]
@@ -59,9 +60,9 @@ def plot(results: dict[str, Any], path: str) -> None:
     env, cfg = results["environment"], results["config"]
     fig.suptitle(
         f"GALD with and without LD, input {tuple(cfg['shape'])}, {cfg['device']} "
-        f"({env['device_name']}), {cfg['dtype']}, {env['date']}",
+        f"({env['device_name']}), {cfg['dtype']}, threads: {env['threads']}, {env['date']}; "
+        "bars: median, whiskers: interquartile range",
         fontsize=10,
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -54,8 +54,8 @@ class Stats:
     def iqr(self) -> float:
         if len(self.times) < 2:
             return math.nan
-        q = statistics.quantiles(self.times, n=4, method="inclusive")
-        return q[2] - q[0]
+        q1, q3 = self.quartiles
+        return q3 - q1
 
     @property
     def rel_se(self) -> float:
@@ -65,9 +65,19 @@ class Stats:
         sigma = self.iqr / 1.349
         return 1.2533 * sigma / math.sqrt(len(self.times)) / self.median
 
+    @property
+    def quartiles(self) -> tuple[float, float]:
+        if len(self.times) < 2:
+            return self.median, self.median
+        q = statistics.quantiles(self.times, n=4, method="inclusive")
+        return q[0], q[2]
+
     def as_dict(self) -> dict[str, Any]:
+        q1, q3 = self.quartiles
         return {
             "median_ms": 1e3 * self.median,
+            "q1_ms": 1e3 * q1,
+            "q3_ms": 1e3 * q3,
             "iqr_ms": 1e3 * self.iqr if self.n >= 2 else None,
             "runs": self.n,
             "calls": self.calls,
@@ -122,6 +132,9 @@ def format_overhead(r: Ratio) -> str:
         if half >= 100:
             return "within noise (spread > 100 %)"
         return f"within noise (±{half:.0f} %)" if half >= 10 else f"within noise (±{half:.1f} %)"
+    if half >= 100:
+        # an interval wider than the baseline itself: the order of magnitude, not a figure
+        return f"too noisy: {pct:+.0f} % ± {half:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
     return f"{pct:+.1f} % ± {half:.1f} %"
 
 

@@ -49,6 +49,8 @@ def _overhead(d: dict[str, Any]) -> str:
         return f"{pct:+.1f} % (spread unknown)"
     if d["within_noise"]:
         return "within noise" + (" (spread > 100 %)" if hw >= 100 else f" (±{hw:.0f} %)")
+    if hw >= 100:
+        return f"too noisy: {pct:+.0f} % ± {hw:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
     return f"**{pct:+.1f} %** ± {hw:.1f} %"
 
 
@@ -90,7 +92,8 @@ def where(res: dict[str, Any]) -> str:
         load += "."
     return (
         f"Measured {env['date']} on {device}, torch {env['torch']}, Python {env['python']}, "
-        f"{env['threads']} threads, {cfg['dtype']}, {fmt}; command: "
+        f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}, {cfg['dtype']}, {fmt}; "
+        "command: "
         f"`{res.get('command', 'python -m gald.bench')}`.{load}"
     )
 
