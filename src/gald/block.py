@@ -16,13 +16,12 @@ from torch import nn
 
 from ._layers import LayerFactory, depthwise_stage
 from ._validate import check_factory, check_feature, check_positive_int
-from .ld import LocalDistribution
+from .ld import IMPLS, LocalDistribution
 from .registry import create_ga, get_ga_class
 
 __all__ = ["GALD", "infer_out_channels"]
 
 INITS = ("default", "identity")
-IMPLS = ("auto", "triton", "torch")
 
 # sides tried by the dry run that infers a module's output width (small, but large enough for
 # the pyramid bins and dilations of common context modules to run)
