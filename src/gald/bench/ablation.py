@@ -245,6 +245,7 @@ def run(cfg: AblationConfig, log: Callable[[str], None] = print) -> dict[str, An
         "gate": gates,
         "seconds": time.perf_counter() - started,
         "cpu_seconds": time.process_time() - cpu_started,
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -336,7 +337,7 @@ def render(res: dict[str, Any]) -> str:
         "  channel; if ld-frozen is within noise, the LD's spatial modulation did nothing here",
         "  beyond a constant per-channel scale, which the conv after the GALD block can absorb.",
         f"Time: {res['seconds'] / 60:.1f} min wall, {res['cpu_seconds'] / 60:.1f} min of CPU "
-        f"({torch.get_num_threads()} thread(s)).",
+        f"({res.get('threads', '?')} thread(s)).",
     ]
     return "\n".join(out)
 
