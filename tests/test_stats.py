@@ -153,6 +153,20 @@ def test_max_batches_does_not_pull_an_extra_batch() -> None:
     assert pulled == [0, 1, 2]
 
 
+def test_ld_called_with_a_keyword_argument() -> None:
+    class Wrapper(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ld = _randomise(gald.LocalDistribution(3), 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ld(x=x)
+
+    model = Wrapper()
+    xs = [torch.randn(2, 3, 12, 12)]
+    assert gald.ld_statistics(model, xs)["ld"] == gald.ld_statistics(model.ld, xs)[""]
+
+
 def test_training_flags_restored() -> None:
     model = nn.Sequential(gald.GALD(4, "gc"), nn.Dropout())
     model.train()

@@ -304,15 +304,20 @@ def ld_statistics(
     accumulators = {name: _GateAccumulator(m) for name, m in lds}
 
     def make_hook(acc: _GateAccumulator) -> Any:
-        def hook(module: LocalDistribution, args: tuple[Any, ...], output: Any) -> None:
-            gate = module.mask(args[0]).to(torch.float64) + module.offset
+        def hook(
+            module: LocalDistribution, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+        ) -> None:
+            x = args[0] if args else next(iter(kwargs.values()))
+            gate = module.mask(x).to(torch.float64) + module.offset
             acc.update(gate)
 
         return hook
 
     device = next((p.device for p in model.parameters()), None)
     modes = {m: m.training for m in model.modules()}
-    handles = [m.register_forward_hook(make_hook(accumulators[name])) for name, m in lds]
+    handles = [
+        m.register_forward_hook(make_hook(accumulators[name]), with_kwargs=True) for name, m in lds
+    ]
     seen = 0
     try:
         model.eval()
