@@ -128,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a PNG: time and memory per GA with and without LD (needs matplotlib)",
     )
     parser.add_argument(
-        "--quiet", action="store_true", help="no progress line and no duration estimate"
+        "--quiet",
+        action="store_true",
+        help="no progress line, duration estimate or busy-machine note on stderr",
     )
     parser.add_argument(
         "--ablation",

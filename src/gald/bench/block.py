@@ -154,7 +154,8 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
             total = expected * len(gas)
             cfg.progress.total = total
             if total > 20 and not cfg.quiet:
-                cfg.say(f"expected duration: about {_fmt_duration(total)}")
+                how = f" (from the warm-up of {ga}, the first GA)" if len(gas) > 1 else ""
+                cfg.say(f"expected duration: about {_fmt_duration(total)}{how}")
 
         def on_block(
             name: str, r: int, key: str = "", ga: str = ga, call_s: dict[str, float] = call_s
