@@ -119,7 +119,8 @@ def tiny_run(tmp_path_factory) -> tuple[dict, str, Path]:
 
 def test_json_schema(tiny_run) -> None:
     res, _, _ = tiny_run
-    assert set(res) == {"command", "environment", "config", "block"}
+    assert set(res) == {"command", "environment", "config", "block", "durations_s"}
+    assert res["durations_s"]["block"] > 0
     env = res["environment"]
     for key in ("date", "torch", "device", "device_name", "threads", "python"):
         assert env[key]
@@ -135,6 +136,7 @@ def test_json_schema(tiny_run) -> None:
                 assert t["runs"] >= 3 and t["calls"] >= t["runs"]
                 assert 0 < t["q1_ms"] <= t["median_ms"] <= t["q3_ms"]
                 assert t["iqr_ms"] == pytest.approx(t["q3_ms"] - t["q1_ms"])
+                assert len(t["round_medians_ms"]) == 3  # --rounds 3
             assert m["peak_bytes"] is None  # CPU: no allocator peak
         # the LD adds parameters, FLOPs and saved activations
         assert w["params"] > wo["params"] and w["gflops"] > wo["gflops"]
@@ -232,6 +234,16 @@ def test_overhead_wording() -> None:
     assert format_speed(slower) == "2.00x slower"
     noisy = Ratio.of(loose, tight_a)
     assert noisy.within_noise and format_overhead(noisy) == "within noise (spread > 100 %)"
+    # rounds that disagree widen the interval beyond what the blocks alone say
+    steady = Stats([1.0] * 9, round_medians=[1.0, 1.0, 1.0])
+    drifting = Stats(
+        [1.30, 1.31, 1.29, 1.30, 1.31, 1.29, 1.30, 1.31, 1.29], round_medians=[1.1, 1.3, 1.5]
+    )
+    assert (
+        Ratio.of(drifting, steady).rel_halfwidth
+        > 0.3
+        > Ratio.of(Stats(drifting.times), Stats(steady.times)).rel_halfwidth
+    )
     # an interval that excludes zero but is wider than the baseline: no four-digit figure
     huge = Ratio(15.8, 0.6)
     assert not huge.within_noise and format_overhead(huge) == "too noisy (> +1000 %)"

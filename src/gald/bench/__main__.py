@@ -14,6 +14,7 @@ import argparse
 import json
 import shlex
 import sys
+import time
 from typing import Any
 
 import torch
@@ -229,23 +230,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import block
 
+        started = time.perf_counter()
         res = block.run(cfg, gas)
         progress.close()
         out["block"] = res
+        out["durations_s"] = {"block": round(time.perf_counter() - started, 1)}
         print(block.render(res, cfg_text), flush=True)
         if args.ld:
             from . import ld
 
+            started = time.perf_counter()
             res = ld.run_vs_authors(cfg)
             progress.close()
             out["ld"] = res
+            out["durations_s"]["ld"] = round(time.perf_counter() - started, 1)
             print()
             print(ld.render_vs_authors(res, cfg_text), flush=True)
             ok, why = ld.kernels_runnable(device)
             if ok:
+                started = time.perf_counter()
                 res = ld.run_kernels(cfg)
                 progress.close()
                 out["kernels"] = res
+                out["durations_s"]["kernels"] = round(time.perf_counter() - started, 1)
                 print()
                 print(ld.render_kernels(res, cfg_text), flush=True)
                 if not all(ld.passed(c) for c in res["checks"]):

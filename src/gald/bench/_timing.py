@@ -7,10 +7,16 @@ every candidate once, so a change in machine load or clock hits all candidates a
 statistics of a candidate pool the per-call times of all its blocks: the median, the
 interquartile range and the number of blocks.
 
-A ratio of two medians carries an uncertainty from both spreads. The standard error of a median
-is estimated from the IQR (``sigma ~ IQR / 1.349``, ``se(median) ~ 1.2533 * sigma / sqrt(n)``);
-the relative errors of numerator and denominator add in quadrature, and the interval printed is
-about 95 % (1.96 standard errors).
+A ratio of two medians carries an uncertainty from both spreads, estimated two ways; the
+interval printed (about 95 %) is the wider of the two:
+
+- from the blocks: the standard error of a median is estimated from the IQR
+  (``sigma ~ IQR / 1.349``, ``se(median) ~ 1.2533 * sigma / sqrt(n)``), the relative errors of
+  numerator and denominator add in quadrature, times 1.96;
+- from the rounds: the ratio of the two candidates' medians in each round (a paired comparison),
+  whose log has a standard error ``sd / sqrt(rounds)``, times Student's t for ``rounds - 1``
+  degrees of freedom. This one sees a machine whose state drifts during the run, which blocks
+  measured back to back do not.
 """
 
 from __future__ import annotations
@@ -29,6 +35,28 @@ import torch
 from torch.utils.benchmark import Timer
 
 Z95 = 1.96
+# Student's t, two-sided 95 %, by degrees of freedom
+_T95 = {
+    1: 12.71,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
+
+
+def t95(df: int) -> float:
+    """Two-sided 95 % quantile of Student's t (the next tabulated smaller df: conservative)."""
+    return _T95[max(k for k in _T95 if k <= df)] if df < 30 else Z95
 
 
 # --------------------------------------------------------------------------------------------
@@ -41,6 +69,7 @@ class Stats:
 
     times: list[float] = field(default_factory=list)
     calls: int = 0  # calls measured in all (a block may hold several)
+    round_medians: list[float] = field(default_factory=list)  # one per interleaved round
 
     @property
     def n(self) -> int:
@@ -81,6 +110,7 @@ class Stats:
             "iqr_ms": 1e3 * self.iqr if self.n >= 2 else None,
             "runs": self.n,
             "calls": self.calls,
+            "round_medians_ms": [1e3 * m for m in self.round_medians],
         }
 
 
@@ -95,6 +125,11 @@ class Ratio:
     def of(cls, a: Stats, b: Stats) -> Ratio:
         value = a.median / b.median
         rel = Z95 * math.hypot(a.rel_se, b.rel_se)
+        rounds = len(a.round_medians)
+        if rounds >= 3 and rounds == len(b.round_medians):
+            logs = [math.log(x / y) for x, y in zip(a.round_medians, b.round_medians)]
+            rel_rounds = t95(rounds - 1) * statistics.stdev(logs) / math.sqrt(rounds)
+            rel = max(rel, rel_rounds) if not math.isnan(rel) else rel_rounds
         return cls(value, rel)
 
     @property
@@ -185,6 +220,7 @@ def measure_interleaved(
         for name, timer in timers.items():
             m = timer.blocked_autorange(min_run_time=per_round)
             stats[name].times.extend(m.times)
+            stats[name].round_medians.append(statistics.median(m.times))
             stats[name].calls += m.number_per_run * len(m.raw_times)
             if on_block is not None:
                 on_block(name, r)
@@ -301,7 +337,8 @@ def load_average() -> float | None:
 def busy_note(threads: int) -> str | None:
     """A note when other processes compete for the CPUs this run needs, else ``None``."""
     load, cpus = load_average(), os.cpu_count()
-    if load is None or not cpus or load + threads <= cpus:
+    # the load average counts runnable processes; half a core of slack for short-lived ones
+    if load is None or not cpus or load < cpus - threads + 0.5:
         return None
     return (
         f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} logical CPUs, "
