@@ -179,9 +179,12 @@ class GALDNet(nn.Module):
         norm_layer: normalisation factory of the default backbone and heads.
 
     Attributes:
-        backbone, head, aux_head (``None`` without auxiliary head), in_channels,
+        backbone: the backbone module.
+        head: the main head, mapping ``c4`` to logits.
+        aux_head: the auxiliary head on ``c3``; ``None`` without one.
+        in_channels: the widths ``(c3, c4)`` the heads take.
         min_input_size: the smallest input side the network accepts (known for a
-        :class:`DilatedResNet` backbone, else 1; the head still checks its own input).
+            :class:`DilatedResNet` backbone, else 1; the head still checks its own input).
 
     Shape:
         - Input: :math:`(B, 3, H, W)`

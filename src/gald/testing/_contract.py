@@ -29,6 +29,9 @@ PROPERTIES = (
     "state_dict",
     "device",
 )
+"""The names of the properties :func:`check_ga` and :func:`check_gald` assert, in the order they
+run; each is also a keyword of those functions that switches it off, and ``only=`` takes a
+subset of them."""
 
 
 def randomize_(module: nn.Module, *, seed: int = 0, scale: float = 0.2) -> nn.Module:
