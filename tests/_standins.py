@@ -116,14 +116,29 @@ class SegModel(nn.Module):
         return out
 
 
-def deeplabv3_resnet50(*, weights=None, num_classes: int = 21, aux_loss: bool | None = None,
-                       **_: object) -> SegModel:
+_IMAGENET = "IMAGENET1K_V1"  # torchvision's default backbone weights: a download
+
+
+def _offline(weights: object, weights_backbone: object) -> None:
+    # torchvision downloads ImageNet backbone weights unless weights_backbone=None, even with
+    # weights=None; a recipe that forgets it fails offline, so the stand-in fails too
+    if weights is not None or weights_backbone is not None:
+        raise RuntimeError(
+            "stand-in for torchvision: this call would download weights "
+            f"(weights={weights!r}, weights_backbone={weights_backbone!r})"
+        )
+
+
+def deeplabv3_resnet50(*, weights=None, weights_backbone=_IMAGENET, num_classes: int = 21,
+                       aux_loss: bool | None = None, **_: object) -> SegModel:
+    _offline(weights, weights_backbone)
     aux = FCNHead(1024, num_classes) if aux_loss else None
     return SegModel(TinyBackbone(), DeepLabHead(2048, num_classes), aux)
 
 
-def fcn_resnet50(*, weights=None, num_classes: int = 21, aux_loss: bool | None = None,
-                 **_: object) -> SegModel:
+def fcn_resnet50(*, weights=None, weights_backbone=_IMAGENET, num_classes: int = 21,
+                 aux_loss: bool | None = None, **_: object) -> SegModel:
+    _offline(weights, weights_backbone)
     aux = FCNHead(1024, num_classes) if aux_loss else None
     return SegModel(TinyBackbone(), FCNHead(2048, num_classes), aux)
 
@@ -197,13 +212,23 @@ class _SmpModel(nn.Module):
         return self.segmentation_head(self.decoder(*self.encoder(x)))
 
 
-def DeepLabV3(encoder_name: str = "resnet34", *, encoder_weights=None, classes: int = 1,
+def _smp_offline(encoder_weights: object) -> None:
+    # smp downloads ImageNet encoder weights unless encoder_weights=None
+    if encoder_weights is not None:
+        raise RuntimeError(
+            f"stand-in for smp: encoder_weights={encoder_weights!r} would download weights"
+        )
+
+
+def DeepLabV3(encoder_name: str = "resnet34", *, encoder_weights="imagenet", classes: int = 1,
               **_: object) -> _SmpModel:
+    _smp_offline(encoder_weights)
     return _SmpModel(_SmpEncoder(512), _SmpDeepLabV3Decoder(512, 256), 256, classes, 8)
 
 
-def PSPNet(encoder_name: str = "resnet34", *, encoder_weights=None, encoder_depth: int = 3,
+def PSPNet(encoder_name: str = "resnet34", *, encoder_weights="imagenet", encoder_depth: int = 3,
            psp_out_channels: int = 512, classes: int = 1, **_: object) -> _SmpModel:
+    _smp_offline(encoder_weights)
     # resnet34 at depth 3 gives a 128-channel feature: the pyramid maps 128 -> 256
     return _SmpModel(_SmpEncoder(128), _SmpPSPDecoder(128, psp_out_channels), psp_out_channels,
                      classes, 8)

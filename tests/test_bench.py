@@ -396,3 +396,59 @@ def test_ablation_options_are_forwarded(monkeypatch) -> None:
     monkeypatch.setattr(gald.bench, "ablation", fake, raising=False)
     assert main(["--ablation", "--seeds", "2", "--shape", "1,2,3"]) == 7
     assert seen == [["--seeds", "2", "--shape", "1,2,3"]]
+
+
+def test_busy_note_from_cpus_in_use_and_load_average(monkeypatch) -> None:
+    from gald.bench import _timing
+
+    monkeypatch.setattr(_timing.os, "cpu_count", lambda: 4)
+    # CPUs busy right now decide when known: 4 CPUs, 2 threads, 1.2 busy leaves room
+    assert _timing.busy_note(2, in_use=1.2) is None
+    note = _timing.busy_note(2, in_use=2.6)
+    assert note is not None and "CPUs in use by other processes 2.6 of 4" in note
+    assert "--threads 1" in note
+    one = _timing.busy_note(1, in_use=3.6)
+    assert one is not None and "--threads 1" not in one
+    # unknown: the load average stands in
+    monkeypatch.setattr(_timing, "load_average", lambda: 3.0)
+    fallback = _timing.busy_note(2, in_use=None)
+    assert fallback is not None and "1-minute load average 3.0 of 4" in fallback
+    monkeypatch.setattr(_timing, "load_average", lambda: None)
+    assert _timing.busy_note(2, in_use=None) is None
+
+
+def test_cpus_in_use_reads_proc_stat(monkeypatch) -> None:
+    from gald.bench import _timing
+
+    samples = iter([(100, 1000), (160, 1100)])  # 60 of 100 jiffies busy
+    monkeypatch.setattr(_timing, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(_timing.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(_timing.time, "sleep", lambda s: None)
+    assert _timing.cpus_in_use() == pytest.approx(1.2)
+    monkeypatch.setattr(_timing, "_cpu_times", lambda: None)
+    assert _timing.cpus_in_use() is None
+
+
+def test_slow_candidates_are_timed_once_per_round() -> None:
+    from gald.bench._timing import expected_seconds, measure_interleaved
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow() -> None:
+        calls["slow"] += 1
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    stats = measure_interleaved(
+        {"slow": slow, "fast": fast},
+        min_time=0.03,
+        rounds=3,
+        threads=1,
+        call_s={"slow": 5.0, "fast": 1e-6},  # "slow" declared longer than a round's 10 ms
+    )
+    assert calls["slow"] == 3 and stats["slow"].n == 3 and stats["slow"].calls == 3
+    assert len(stats["slow"].round_medians) == len(stats["fast"].round_medians) == 3
+    assert calls["fast"] > 3 * 2  # blocked_autorange: a sizing call, then blocks of many calls
+    assert expected_seconds(5.0, min_time=2.0, rounds=5) == pytest.approx(25.0)
+    assert expected_seconds(0.1, min_time=2.0, rounds=5) == pytest.approx(5 * (0.4 + 0.1))

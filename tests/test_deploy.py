@@ -1,11 +1,12 @@
 """Deployment, tested per layer: torch.export and ONNX for every GA inside GALD, and
-torch.compile, the dynamo ONNX exporter and determinism on the head.
+torch.compile and determinism on the head (the dynamo ONNX exporter on the head runs as the
+recipe of docs/deploy.md, in tests/test_docs_snippets.py).
 
 Every GA is exercised inside ``GALD`` (which contains it, so one case covers the GA and the
 block). ``torch.compile(fullgraph=True)`` of each GA alone is part of ``gald.testing.check_ga``
 (the contract suite). ``torch.compile`` is tested with the ``eager`` backend: it checks that
 dynamo captures the whole graph (the part a layer library controls); inductor's code generation
-takes minutes on a small CPU and belongs to the benchmark (``--compile``). A layer that cannot
+takes minutes on a small CPU and belongs to the benchmark (``--ld --compile on``). A layer that cannot
 take a path would get an ``xfail`` here with the reason; today every layer takes every path.
 """
 
@@ -92,12 +93,9 @@ def test_onnx_standard_ops_and_runtime_parity(ga: str, tmp_path: Path) -> None:
     assert err <= RTOL, f"GALD({ga}): onnxruntime differs from eager by {err:.2e} (relative)"
 
 
-def test_onnx_dynamo_exporter_head_dynamic_shapes(tmp_path: Path) -> None:
-    head = _head().eval()
-    path = deploy.export_onnx(head, _input(SHAPE), tmp_path / "head.onnx", dynamo=True)
-    assert deploy.onnx_custom_domains(onnx.load(str(path))) == set()
-    err = deploy.verify_onnx(head, path, _input(SHAPE), _input(SHAPE2, seed=3))
-    assert err <= RTOL, f"GALDHead (dynamo exporter): {err:.2e}"
+# torch's default (dynamo) exporter on GALDHead with dynamic batch, H and W, checked against
+# onnxruntime at a second shape, runs as the ONNX recipe of docs/deploy.md
+# (tests/test_docs_snippets.py); repeating it here would double the slowest export.
 
 
 def test_export_onnx_refuses_bad_arguments(tmp_path: Path) -> None:

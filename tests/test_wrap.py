@@ -43,7 +43,7 @@ def test_wrap_aspp_in_sequential_index_path() -> None:
 
 
 def test_wrap_psp_attribute_path_128_to_256() -> None:
-    model = si.PSPNet("resnet34", classes=3)
+    model = si.PSPNet("resnet34", encoder_weights=None, classes=3)
     psp = model.decoder.psp
     gald.wrap(model, "decoder.psp", ga_kwargs=None)
     block = model.decoder.psp

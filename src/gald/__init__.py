@@ -4,16 +4,19 @@ Public API::
 
     gald.LocalDistribution   the LD gate
     gald.GALD                GA at half resolution, then LD, around any context module
+    gald.wrap                replace a model's context module by a GALD around it, in place
     gald.GALDHead, gald.AuxHead
-    gald.create_ga, gald.list_ga
+    gald.create_ga, gald.list_ga, gald.get_ga_class
+    gald.register_ga, gald.unregister_ga, gald.registered   the GA registry
     gald.ga                  the global-aggregation zoo
     gald.ops.ld_modulate     the fused modulation op
     gald.ld_statistics       gate statistics of every LD in a model
-    gald.fuse                fold eval-mode BatchNorms of the LD and downsample for inference
+    gald.fuse, gald.fuse_conv_bn   fold eval-mode BatchNorms into the preceding convs
     gald.losses.OhemCrossEntropy
     gald.convert             the authors' checkpoint conversion
     gald.models              DilatedResNet, GALDNet (the whole network), slide_inference
     gald.deploy              ONNX export and verification
+    gald.testing             the layer contract for your own GA's tests (import it explicitly)
 """
 
 from . import convert, deploy, ga, losses, models, ops

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         say=say,
     )
     env = environment(device, args.threads)
-    note = busy_note(args.threads) if device.type == "cpu" else None
+    note = busy_note(args.threads, env["cpus_in_use_at_start"]) if device.type == "cpu" else None
     if note and not args.quiet:
         say(note)
     out: dict[str, Any] = {

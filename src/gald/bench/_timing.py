@@ -27,7 +27,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,13 +202,17 @@ def measure_interleaved(
     rounds: int,
     threads: int,
     on_block: Callable[[str, int], None] | None = None,
+    call_s: Mapping[str, float] | None = None,
 ) -> dict[str, Stats]:
     """Time every function in ``fns``, interleaved: ``rounds`` rounds, each measuring every
     function with ``Timer.blocked_autorange(min_run_time=min_time / rounds)``.
 
     ``blocked_autorange`` starts with one untimed call (it sizes the blocks), which doubles as a
-    warm-up after switching from the other candidates. ``on_block(name, round)`` is called after
-    each measurement (progress reporting).
+    warm-up after switching from the other candidates. A function whose known duration
+    (``call_s``, from a warm-up call) already fills a round's budget is timed by one call per
+    round instead (``Timer.timeit(1)`` would add two warm-up calls): the sizing call would
+    double the time of a slow candidate and measure nothing. ``on_block(name, round)`` is called after each
+    measurement (progress reporting).
     """
     stats = {name: Stats() for name in fns}
     timers = {
@@ -218,13 +222,33 @@ def measure_interleaved(
     per_round = min_time / rounds
     for r in range(rounds):
         for name, timer in timers.items():
-            m = timer.blocked_autorange(min_run_time=per_round)
-            stats[name].times.extend(m.times)
-            stats[name].round_medians.append(statistics.median(m.times))
-            stats[name].calls += m.number_per_run * len(m.raw_times)
+            if call_s is not None and call_s.get(name, 0.0) >= per_round:
+                times, calls = [_time_single(fns[name], threads)], 1
+            else:
+                m = timer.blocked_autorange(min_run_time=per_round)
+                times, calls = m.times, m.number_per_run * len(m.raw_times)
+            stats[name].times.extend(times)
+            stats[name].round_medians.append(statistics.median(times))
+            stats[name].calls += calls
             if on_block is not None:
                 on_block(name, r)
     return stats
+
+
+def _time_single(fn: Callable[[], object], threads: int) -> float:
+    """One call of ``fn`` in seconds, with ``threads`` CPU threads and CUDA synchronised around
+    it (what ``Timer`` does for a block)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    try:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
 
 
 def time_once(fn: Callable[[], object], device: torch.device) -> float:
@@ -240,9 +264,11 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
 def expected_seconds(call_s: float, *, min_time: float, rounds: int) -> float:
     """What :func:`measure_interleaved` will take for one candidate whose call takes ``call_s``.
 
-    Per round: one untimed sizing call, then measured calls until ``min_time / rounds``.
+    Per round: one untimed sizing call, then measured calls until ``min_time / rounds``; a
+    call that alone fills the round is timed once, without the sizing call.
     """
-    per_round = max(min_time / rounds, call_s) + call_s
+    budget = min_time / rounds
+    per_round = call_s if call_s >= budget else budget + call_s
     return rounds * per_round
 
 
@@ -308,6 +334,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         "logical_cpus": _cpu_count(),
     }
     env["load_average_1min"] = load_average()
+    env["cpus_in_use_at_start"] = cpus_in_use() if device.type == "cpu" else None
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["cuda"] = torch.version.cuda
@@ -334,14 +361,55 @@ def load_average() -> float | None:
         return None
 
 
-def busy_note(threads: int) -> str | None:
-    """A note when other processes compete for the CPUs this run needs, else ``None``."""
-    load, cpus = load_average(), os.cpu_count()
-    # the load average counts runnable processes; half a core of slack for short-lived ones
-    if load is None or not cpus or load < cpus - threads + 0.5:
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from ``/proc/stat`` (Linux), else ``None``."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest is in user)
+    return total - fields[3] - fields[4], total
+
+
+def cpus_in_use(window: float = 0.25) -> float | None:
+    """How many logical CPUs other processes keep busy right now, averaged over ``window``
+    seconds (from ``/proc/stat``; ``None`` where it is not available)."""
+    first = _cpu_times()
+    cpus = os.cpu_count()
+    if first is None or not cpus:
+        return None
+    time.sleep(window)
+    second = _cpu_times()
+    if second is None or second[1] <= first[1]:
+        return None
+    return round(cpus * (second[0] - first[0]) / (second[1] - first[1]), 2)
+
+
+def busy_note(threads: int, in_use: float | None = None) -> str | None:
+    """A note when other processes compete for the CPUs this run needs, else ``None``.
+
+    ``in_use`` is the number of logical CPUs busy just before the run (:func:`cpus_in_use`);
+    where that is unknown, the 1-minute load average stands in (it also counts a benchmark that
+    has just finished, so it can be high on an idle machine).
+    """
+    cpus = os.cpu_count()
+    if not cpus:
+        return None
+    if in_use is not None:
+        what, value = "CPUs in use by other processes", in_use
+    else:
+        load = load_average()
+        if load is None:
+            return None
+        what, value = "1-minute load average", load
+    # half a core of slack for short-lived processes
+    if value < cpus - threads + 0.5:
         return None
     return (
-        f"note: the machine is busy (1-minute load average {load:.1f} on {cpus} logical CPUs, "
+        f"note: the machine is busy ({what} {value:.1f} of {cpus} logical CPUs, "
         f"this run uses {threads} thread{'s' if threads != 1 else ''}): timings will be slower "
         "and noisier than on an idle machine"
         + ("; --threads 1 suffers least from the competition" if threads > 1 else "")

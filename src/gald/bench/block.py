@@ -176,6 +176,7 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
                 rounds=cfg.rounds,
                 threads=cfg.threads,
                 on_block=functools.partial(on_block, key=key),
+                call_s={n: call_s[f"{key}/{n}"] for n in CANDIDATES},
             )
 
         _mode(models, True)

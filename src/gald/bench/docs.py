@@ -85,11 +85,16 @@ def where(res: dict[str, Any]) -> str:
     if cfg["device"] == "cpu":
         device = f'CPU "{device}" ({env["logical_cpus"]} logical CPUs)'
     load = ""
-    if env.get("load_average_1min") is not None and cfg["device"] == "cpu":
-        load = f" 1-minute load average {env['load_average_1min']} at the start"
-        if env.get("load_average_1min_end") is not None:
-            load += f", {env['load_average_1min_end']} at the end"
-        load += "."
+    if cfg["device"] == "cpu":
+        parts = []
+        if env.get("cpus_in_use_at_start") is not None:
+            parts.append(f"CPUs in use by other processes at the start: {env['cpus_in_use_at_start']}")
+        if env.get("load_average_1min") is not None:
+            avg = f"1-minute load average {env['load_average_1min']} at the start"
+            if env.get("load_average_1min_end") is not None:
+                avg += f", {env['load_average_1min_end']} at the end"
+            parts.append(avg)
+        load = f" {'; '.join(parts)}." if parts else ""
     return (
         f"Measured {env['date']} on {device}, torch {env['torch']}, Python {env['python']}, "
         f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}, {cfg['dtype']}, {fmt}; "

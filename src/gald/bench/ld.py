@@ -211,7 +211,12 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         )
 
     t_train = measure_interleaved(
-        train_fns, min_time=cfg.min_time, rounds=cfg.rounds, threads=cfg.threads, on_block=on_block
+        train_fns,
+        min_time=cfg.min_time,
+        rounds=cfg.rounds,
+        threads=cfg.threads,
+        on_block=on_block,
+        call_s={name: call_s[name] for name in train_fns},
     )
     t_infer = measure_interleaved(
         infer_fns,
@@ -219,6 +224,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         rounds=cfg.rounds,
         threads=cfg.threads,
         on_block=functools.partial(on_block, prefix="inference/"),
+        call_s={name: call_s[f"inference/{name}"] for name in infer_fns},
     )
 
     memory: dict[str, dict[str, int | None]] = {}
