@@ -52,6 +52,8 @@ def _has_matplotlib() -> bool:
         (["--rounds", "2"], "expected an integer >= 3"),
         (["--min-time", "0"], "expected a positive number"),
         (["--dtype", "float64"], "invalid choice"),
+        (["--ga", "none"], "--ga none measures nothing without --ld"),
+        (["--ga", "none", "--ld", "--plot", "x.png"], "--plot draws the GA table"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys, monkeypatch) -> None:
@@ -295,6 +297,8 @@ def test_gpu_check_path_under_the_triton_interpreter(tmp_path) -> None:
         "-m",
         "gald.bench",
         "--ld",
+        "--ga",
+        "none",  # only the LD and the kernels
         "--device",
         "cpu",
         "--shape",
@@ -312,6 +316,7 @@ def test_gpu_check_path_under_the_triton_interpreter(tmp_path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())
+    assert "block" not in res and res["config"]["ga"] == []
     ld = res["ld"]
     assert set(ld["train_step"]) >= {"authors", "gald"} and set(ld["inference"]) == {
         "authors",

@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ga",
         default="cgnl",
-        metavar="NAME[,NAME...]|all",
-        help="GA modules to measure inside GALD (names from gald.list_ga())",
+        metavar="NAME[,NAME...]|all|none",
+        help="GA modules to measure inside GALD (names from gald.list_ga()); none skips this "
+        "table (with --ld: only the LD against the authors and the kernels)",
     )
     parser.add_argument(
         "--device",
@@ -155,6 +156,8 @@ def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
     known = list_ga()
     if text.strip() == "all":
         return list(known)
+    if text.strip() == "none":
+        return []
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
         parser.error("--ga: expected NAME[,NAME...] or all, got an empty list")
@@ -173,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     gas = _gas(parser, args.ga)
+    if not gas and not args.ld:
+        parser.error("--ga none measures nothing without --ld")
+    if not gas and args.plot:
+        parser.error("--plot draws the GA table: it needs --ga NAME[,NAME...] or all, not none")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda: no CUDA device is available here (torch "
@@ -230,12 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import block
 
-        started = time.perf_counter()
-        res = block.run(cfg, gas)
-        progress.close()
-        out["block"] = res
-        out["durations_s"] = {"block": round(time.perf_counter() - started, 1)}
-        print(block.render(res, cfg_text), flush=True)
+        out["durations_s"] = {}
+        if gas:
+            started = time.perf_counter()
+            res = block.run(cfg, gas)
+            progress.close()
+            out["block"] = res
+            out["durations_s"]["block"] = round(time.perf_counter() - started, 1)
+            print(block.render(res, cfg_text), flush=True)
         if args.ld:
             from . import ld
 
@@ -244,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
             progress.close()
             out["ld"] = res
             out["durations_s"]["ld"] = round(time.perf_counter() - started, 1)
-            print()
+            if gas:
+                print()
             print(ld.render_vs_authors(res, cfg_text), flush=True)
             ok, why = ld.kernels_runnable(device)
             if ok:
