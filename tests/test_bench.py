@@ -178,7 +178,7 @@ def test_docs_rewriter_replaces_only_marked_blocks(tiny_run) -> None:
     assert n == 2
     assert new.startswith("# title\nkept\n<!-- bench:start -->\nLD overhead inside GALD(cgnl)")
     assert "\nkept too\n" in new and "old" not in new
-    assert "| gc | overhead |" in new and res["environment"]["date"] in new
+    assert "| gc | LD overhead |" in new and res["environment"]["date"] in new
     assert rewrite(new, res)[0] == new  # idempotent
     with pytest.raises(ValueError, match="unknown bench marker kind"):
         rewrite("<!-- bench:start nope -->\n<!-- bench:end -->", res)

@@ -239,12 +239,16 @@ def _overhead(d: dict[str, Any]) -> str:
     return format_overhead(r)
 
 
-def render(results: dict[str, Any], cfg_text: str) -> str:
-    """The table of :func:`run`'s results."""
+def table(
+    results: dict[str, Any], *, overhead_cell: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of :func:`run`'s results: per GA, the model with and without LD and the
+    LD overhead. ``overhead_cell`` formats an overhead (default: plain text); the terminal and
+    the generated docs share this one table."""
+    fmt_overhead = overhead_cell or _overhead
     cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in results["rows"])
     headers = ["GA", "LD", "inference", "train step", "saved MiB"]
-    if cuda:
-        headers.append("peak MiB")
+    headers += ["peak MiB"] if cuda else []
     headers += ["GFLOPs", "params"]
     body: list[list[str]] = []
     for r in results["rows"]:
@@ -257,27 +261,30 @@ def render(results: dict[str, Any], cfg_text: str) -> str:
                 _time(m["train_step"]),
                 _mib(m["saved_bytes"]),
             ]
-            if cuda:
-                line.append(_mib(m["peak_bytes"]))
+            line += [_mib(m["peak_bytes"])] if cuda else []
             line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
             body.append(line)
         ov = r["overhead"]
         line = [
             r["ga"],
             "LD overhead",
-            _overhead(ov["inference"]),
-            _overhead(ov["train_step"]),
+            fmt_overhead(ov["inference"]),
+            fmt_overhead(ov["train_step"]),
             _pct(ov["saved_bytes_ratio"]),
         ]
-        if cuda:
-            line.append(_pct(ov["peak_bytes_ratio"]))
+        line += [_pct(ov["peak_bytes_ratio"])] if cuda else []
         line += [_pct(ov["gflops_ratio"]), ""]
         body.append(line)
+    return headers, body
+
+
+def render(results: dict[str, Any], cfg_text: str) -> str:
+    """The table of :func:`run`'s results, for the terminal."""
     title = (
         f"GALD with and without LD, input {tuple(results['shape'])}, {cfg_text}; "
         "median [IQR, runs], overhead with a ~95 % interval"
     )
-    return title + "\n" + format_table(headers, body)
+    return title + "\n" + format_table(*table(results))
 
 
-__all__ = ["build", "count_flops", "render", "run"]
+__all__ = ["build", "count_flops", "render", "run", "table"]

@@ -117,36 +117,9 @@ def render_summary(res: dict[str, Any]) -> str:
 
 
 def render_block(res: dict[str, Any]) -> str:
-    rows = res["block"]["rows"]
-    cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in rows)
-    headers = ["GA", "LD", "inference ms", "train step ms", "saved MiB"]
-    headers += ["peak MiB"] if cuda else []
-    headers += ["GFLOPs", "params"]
-    body = []
-    for r in rows:
-        for name in ("with LD", "without LD"):
-            m = r["models"][name]
-            line = [
-                r["ga"],
-                "yes" if name == "with LD" else "no",
-                _time(m["inference"]),
-                _time(m["train_step"]),
-                _mib(m["saved_bytes"]),
-            ]
-            line += [_mib(m["peak_bytes"])] if cuda else []
-            line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
-            body.append(line)
-        ov = r["overhead"]
-        line = [
-            r["ga"],
-            "overhead",
-            _overhead(ov["inference"]),
-            _overhead(ov["train_step"]),
-            _pct(ov["saved_bytes_ratio"]),
-        ]
-        line += [_pct(ov["peak_bytes_ratio"])] if cuda else []
-        line += [_pct(ov["gflops_ratio"]), ""]
-        body.append(line)
+    from .block import table
+
+    headers, body = table(res["block"], overhead_cell=_overhead)
     shape = tuple(res["config"]["shape"])
     return (
         f"Input {shape}; times are medians [interquartile range, runs]; overheads with ~95 % "
