@@ -278,6 +278,8 @@ def test_check_gald_arguments() -> None:
         check_gald(SqueezeExcitation, gald_kwargs={"out_channels": 4})
     with pytest.raises(TypeError, match="factory must be an nn.Module class or a callable"):
         check_gald(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"check_gald takes in_channels= .* not channels=16"):
+        check_gald(SqueezeExcitation, channels=16)
 
 
 # ---- strategies -----------------------------------------------------------------------------

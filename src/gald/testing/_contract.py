@@ -621,8 +621,10 @@ def check_gald(
     ``ga_factory`` is a registry name, an ``nn.Module`` class (GALD builds it, passing its norm
     and activation where the class takes them) or a callable ``in_channels -> nn.Module``. A GA
     that changes the width (``in_channels -> out_channels``) is checked with ``out_channels=``,
-    which is also passed to ``GALD`` (``in_channels`` when omitted). ``gald_kwargs`` go to ``GALD``; every other keyword goes to
-    :func:`check_ga` (the block's ``min_size`` attribute sets the smallest map checked).
+    which is also passed to ``GALD`` (``in_channels`` when omitted). ``gald_kwargs`` go to
+    ``GALD``; every other keyword goes to :func:`check_ga` (the block's ``min_size`` attribute
+    sets the smallest map checked). The width is ``in_channels``, not ``check_ga``'s
+    ``channels``.
 
     Example:
         >>> from gald.testing import check_gald
@@ -631,6 +633,11 @@ def check_gald(
     """
     from ..block import GALD
 
+    if "channels" in check_kwargs:
+        raise TypeError(
+            "check_gald takes in_channels= (the width GALD receives) and out_channels=, "
+            f"not channels={check_kwargs['channels']!r}"
+        )
     extra = dict(gald_kwargs or {})
     if "out_channels" in extra:
         raise ValueError("pass out_channels to check_gald directly, not inside gald_kwargs")
