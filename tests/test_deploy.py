@@ -160,3 +160,36 @@ def test_deterministic_mode_repeats_bit_for_bit() -> None:
         torch.use_deterministic_algorithms(False)
     assert torch.equal(first[0], second[0])
     assert all(torch.equal(a, b) for a, b in zip(first[1], second[1]))
+
+
+class _DictOutput(nn.Module):
+    """A torchvision-style segmentation model: ``{"out": ..., "aux": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = gald.GALD(C, "gc")
+        self.aux = nn.Conv2d(C, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"out": self.body(x), "aux": self.aux(x)}
+
+
+def test_onnx_dict_outputs_are_named_and_verified(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomise(_DictOutput()).eval()
+    path = deploy.export_onnx(model, _input(SHAPE), tmp_path / "dict.onnx", dynamo=False)
+    names = [o.name for o in onnx.load(str(path)).graph.output]
+    assert names == ["out", "aux"]
+    err = deploy.verify_onnx(model, path, _input(SHAPE), _input(SHAPE2, seed=3))
+    assert err <= RTOL, f"dict outputs: onnxruntime differs from eager by {err:.2e}"
+    with pytest.raises(TypeError, match="the module returned str; expected a tensor"):
+        deploy.verify_onnx(_Returns("no").eval(), path, _input(SHAPE))
+
+
+class _Returns(nn.Module):
+    def __init__(self, value: object) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: torch.Tensor) -> object:
+        return self.value

@@ -6,7 +6,7 @@ Needs the ``[onnx]`` extra (``pip install gald[onnx]``: onnx, onnxruntime, onnxs
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,10 @@ def export_onnx(
     ``RuntimeError``. Nothing is exported silently wrong.
 
     Args:
-        module: the model; must be in eval mode (``module.eval()``).
+        module: the model; must be in eval mode (``module.eval()``). It may return a tensor
+            (ONNX output ``"output"``), a dict of tensors (outputs named by its keys, e.g. a
+            torchvision segmentation model's ``"out"`` and ``"aux"``), or a list or tuple
+            (``"output_0"``, ``"output_1"``, ...).
         example_input: a (B, C, H, W) floating tensor; ``B >= 2`` when ``dynamic_batch`` and
             ``H, W >= 2`` when ``dynamic_hw`` (torch.export specialises axes of size 1).
         path: the ``.onnx`` file to write.
@@ -160,6 +163,15 @@ def export_onnx(
     onnx = _import("onnx")
     path = Path(path)
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}
+    with torch.no_grad():
+        example_out = module(example_input)
+    flat = _flat_outputs(example_out, "export_onnx")
+    if isinstance(example_out, Mapping) and len(flat) == len(example_out):
+        output_names = [str(k) for k in example_out]  # e.g. "out", "aux"
+    elif len(flat) == 1:
+        output_names = ["output"]
+    else:
+        output_names = [f"output_{i}" for i in range(len(flat))]
     if dynamo:
         _import("onnxscript")
         spec = {axis: torch.export.Dim.DYNAMIC for axis, on in dynamic.items() if on}
@@ -172,31 +184,52 @@ def export_onnx(
             dynamic_shapes=(spec,) if spec else None,
             verbose=False,
             input_names=["input"],
-            output_names=["output"],
+            output_names=output_names,
         )
     else:
         axes = {axis: _AXIS_NAMES[axis] for axis, on in dynamic.items() if on}
+        dynamic_axes = {"input": axes}
+        for name, t in zip(output_names, flat):  # the batch axis always; H and W of 4-D maps
+            dynamic_axes[name] = {a: n for a, n in axes.items() if t.dim() == 4 or a == 0}
         torch.onnx.export(
             module,
             (example_input,),
             str(path),
             dynamo=False,
             opset_version=opset,
-            dynamic_axes={"input": axes, "output": axes} if axes else None,
+            dynamic_axes=dynamic_axes if axes else None,
             input_names=["input"],
-            output_names=["output"],
+            output_names=output_names,
         )
     _check_exported(onnx.load(str(path)), path, dynamic)
     return path
+
+
+def _flat_outputs(out: Any, who: str) -> list[torch.Tensor]:
+    """The tensors of a module's output in the order ONNX lists them: a tensor, or the values of
+    a dict (in insertion order), list or tuple, recursively."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat_outputs(v, who)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat_outputs(v, who)]
+    raise TypeError(
+        f"{who}: the module returned {type(out).__name__}; expected a tensor, or a dict, list or "
+        "tuple of tensors"
+    )
 
 
 @torch.no_grad()
 def verify_onnx(module: nn.Module, path: str | os.PathLike[str], *inputs: torch.Tensor) -> float:
     """Run the ONNX file with onnxruntime (CPU) on each input and compare with ``module``.
 
+    A module may return a tensor or a dict, list or tuple of tensors (a torchvision-style
+    ``{"out": ..., "aux": ...}``); every output is compared, in the order ONNX lists them.
+
     Returns:
-        The worst relative error ``max|onnx - eager| / max|eager|`` over the inputs (the library
-        exports within 1e-4).
+        The worst relative error ``max|onnx - eager| / max|eager|`` over the inputs and outputs
+        (the library exports within 1e-4).
     """
     _check_module(module, "verify_onnx")
     if module.training:
@@ -209,13 +242,20 @@ def verify_onnx(module: nn.Module, path: str | os.PathLike[str], *inputs: torch.
     worst = 0.0
     for i, x in enumerate(inputs):
         check_feature(x, None, name=f"inputs[{i}]", who="verify_onnx")
-        ref = module(x).float()
-        out = torch.from_numpy(session.run(None, {input_name: x.detach().cpu().numpy()})[0])
-        if tuple(out.shape) != tuple(ref.shape):
+        refs = _flat_outputs(module(x), "verify_onnx")
+        outs = session.run(None, {input_name: x.detach().cpu().numpy()})
+        if len(outs) != len(refs):
             raise ValueError(
-                f"verify_onnx: onnxruntime returned shape {tuple(out.shape)} for inputs[{i}] of "
-                f"shape {tuple(x.shape)}, eager returned {tuple(ref.shape)}"
+                f"verify_onnx: onnxruntime returned {len(outs)} outputs for inputs[{i}], eager "
+                f"returned {len(refs)}"
             )
-        scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
-        worst = max(worst, float((out - ref.cpu()).abs().max() / scale))
+        for j, (got, want) in enumerate(zip(outs, refs)):
+            out, ref = torch.from_numpy(got), want.detach().float().cpu()
+            if tuple(out.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"verify_onnx: onnxruntime returned shape {tuple(out.shape)} for output {j} "
+                    f"of inputs[{i}] (shape {tuple(x.shape)}), eager returned {tuple(ref.shape)}"
+                )
+            scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
+            worst = max(worst, float((out - ref).abs().max() / scale))
     return worst
