@@ -157,8 +157,10 @@ class Ratio:
         }
 
 
-def format_overhead(r: Ratio) -> str:
-    """``+12.3 % ± 4.1 %``, or ``within noise (±…)`` when the interval contains zero."""
+def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
+    """``+12.3 % ± 4.1 %``, or ``within noise (±…)`` when the interval contains zero.
+
+    ``emphasis`` sets a measured figure in Markdown bold (``**+12.3 %** ± 4.1 %``)."""
     pct = 100.0 * (r.value - 1.0)
     if math.isnan(r.rel_halfwidth):
         return f"{pct:+.1f} % (spread unknown)"
@@ -170,7 +172,8 @@ def format_overhead(r: Ratio) -> str:
     if half >= 100:
         # an interval wider than the baseline itself: the order of magnitude, not a figure
         return f"too noisy: {pct:+.0f} % ± {half:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
-    return f"{pct:+.1f} % ± {half:.1f} %"
+    figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
+    return f"{figure} ± {half:.1f} %"
 
 
 def format_speed(r: Ratio) -> str:
@@ -182,13 +185,29 @@ def format_speed(r: Ratio) -> str:
     return f"{1.0 / r.value:.2f}x slower"
 
 
-def format_time(s: Stats) -> str:
-    """``12.3 ms [IQR 0.4, n=9]``."""
-    med = 1e3 * s.median
+def format_time(d: Mapping[str, Any]) -> str:
+    """``12.3 ms [IQR 0.4, n=9]`` from a :meth:`Stats.as_dict` record."""
+    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
     digits = 3 if med < 1 else (2 if med < 10 else 1)
-    if s.n < 2:
-        return f"{med:.{digits}f} ms [n=1]"
-    return f"{med:.{digits}f} ms [IQR {1e3 * s.iqr:.{digits}f}, n={s.n}]"
+    if iqr is None:
+        return f"{med:.{digits}f} ms [n={n}]"
+    return f"{med:.{digits}f} ms [IQR {iqr:.{digits}f}, n={n}]"
+
+
+def ratio_from(d: Mapping[str, Any]) -> Ratio:
+    """The :class:`Ratio` of a :meth:`Ratio.as_dict` record."""
+    low = d["ratio_low"]
+    return Ratio(d["ratio"], math.nan if low is None else 1.0 - low / d["ratio"])
+
+
+def format_mib(b: int | None) -> str:
+    """Bytes as MiB with one decimal; ``n/a`` when unknown."""
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
+
+
+def format_pct(r: float | None) -> str:
+    """A ratio as a signed percentage change: 1.25 -> ``+25.0 %``; ``n/a`` when unknown."""
+    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,10 +33,14 @@ from ._timing import (
     Ratio,
     Stats,
     expected_seconds,
+    format_mib,
     format_overhead,
+    format_pct,
     format_table,
+    format_time,
     measure_interleaved,
     peak_bytes,
+    ratio_from,
     saved_bytes,
     time_once,
 )
@@ -217,26 +220,8 @@ def _fmt_duration(s: float) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
 
 
-def _pct(r: float | None) -> str:
-    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
-
-
-def _mib(b: int | None) -> str:
-    return "n/a" if b is None else f"{b / 2**20:.1f}"
-
-
-def _time(d: dict[str, Any]) -> str:
-    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
-    digits = 3 if med < 1 else (2 if med < 10 else 1)
-    if iqr is None:
-        return f"{med:.{digits}f} ms [n={n}]"
-    return f"{med:.{digits}f} ms [IQR {iqr:.{digits}f}, n={n}]"
-
-
 def _overhead(d: dict[str, Any]) -> str:
-    hw = d["overhead_pct_halfwidth"]
-    r = Ratio(d["ratio"], math.nan if hw is None else hw / 100.0 / d["ratio"])
-    return format_overhead(r)
+    return format_overhead(ratio_from(d))
 
 
 def table(
@@ -257,11 +242,11 @@ def table(
             line = [
                 r["ga"],
                 "yes" if name == "with LD" else "no",
-                _time(m["inference"]),
-                _time(m["train_step"]),
-                _mib(m["saved_bytes"]),
+                format_time(m["inference"]),
+                format_time(m["train_step"]),
+                format_mib(m["saved_bytes"]),
             ]
-            line += [_mib(m["peak_bytes"])] if cuda else []
+            line += [format_mib(m["peak_bytes"])] if cuda else []
             line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
             body.append(line)
         ov = r["overhead"]
@@ -270,10 +255,10 @@ def table(
             "LD overhead",
             fmt_overhead(ov["inference"]),
             fmt_overhead(ov["train_step"]),
-            _pct(ov["saved_bytes_ratio"]),
+            format_pct(ov["saved_bytes_ratio"]),
         ]
-        line += [_pct(ov["peak_bytes_ratio"])] if cuda else []
-        line += [_pct(ov["gflops_ratio"]), ""]
+        line += [format_pct(ov["peak_bytes_ratio"])] if cuda else []
+        line += [format_pct(ov["gflops_ratio"]), ""]
         body.append(line)
     return headers, body
 

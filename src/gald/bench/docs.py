@@ -23,39 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ._timing import format_overhead, format_pct, ratio_from
+
 MARKER = re.compile(
     r"(<!-- bench:start(?: (?P<kind>[a-z]+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)", re.S
 )
 
 
-def _time(d: dict[str, Any]) -> str:
-    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
-    digits = 3 if med < 1 else (2 if med < 10 else 1)
-    spread = f"IQR {iqr:.{digits}f}, " if iqr is not None else ""
-    return f"{med:.{digits}f} [{spread}n={n}]"
-
-
 def _overhead(d: dict[str, Any]) -> str:
-    hw = d["overhead_pct_halfwidth"]
-    pct = d["overhead_pct"]
-    if hw is None:
-        return f"{pct:+.1f} % (spread unknown)"
-    if d["within_noise"]:
-        return "within noise" + (" (spread > 100 %)" if hw >= 100 else f" (±{hw:.0f} %)")
-    if hw >= 100:
-        return f"too noisy: {pct:+.0f} % ± {hw:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
-    return f"**{pct:+.1f} %** ± {hw:.1f} %"
-
-
-def _pct(r: float | None) -> str:
-    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
+    return format_overhead(ratio_from(d), emphasis=True)
 
 
 def _speed(d: dict[str, Any]) -> str:
@@ -66,10 +48,6 @@ def _speed(d: dict[str, Any]) -> str:
     if d["ratio_low"] is not None:
         half = f" (95 %: {d['ratio_low']:.2f}–{d['ratio_high']:.2f})"
     return (f"**{r:.2f}x faster**" if r >= 1 else f"{1 / r:.2f}x slower") + half
-
-
-def _mib(b: int | None) -> str:
-    return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -111,7 +89,7 @@ def render_summary(res: dict[str, Any]) -> str:
     return (
         f"LD overhead inside GALD({row['ga']}) at {shape}: inference "
         f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])}, bytes saved "
-        f"for backward {_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
+        f"for backward {format_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
         "Details: [docs/benchmarks.md](docs/benchmarks.md)."
     )
 
@@ -130,40 +108,14 @@ def render_block(res: dict[str, Any]) -> str:
 def render_ld(res: dict[str, Any]) -> str:
     if "ld" not in res:
         return "_(this run was made without `--ld`)_"
+    from .ld import table_vs_authors, worst_check
+
     ld = res["ld"]
-    mem = ld["memory"]
-    base_saved = mem["authors"]["saved_bytes"]
-    cuda = any(m["peak_bytes"] is not None for m in mem.values())
-    headers = ["", "ms", "vs authors", "saved MiB"] + (["peak MiB"] if cuda else [])
-    body = []
-    for name, t in ld["train_step"].items():
-        m = mem[name]
-        saved = _mib(m["saved_bytes"])
-        if m["saved_bytes"] is not None and base_saved and name != "authors":
-            saved += f" ({m['saved_bytes'] / base_saved:.2f}x)"
-        line = [
-            f"train step: {name}",
-            _time(t),
-            "baseline" if name == "authors" else _speed(t["speedup_vs_authors"]),
-            saved,
-        ]
-        line += [_mib(m["peak_bytes"])] if cuda else []
-        body.append(line)
-    for name, t in ld["inference"].items():
-        label = "gald (BN folded)" if name == "gald" else name
-        line = [
-            f"inference: {label}",
-            _time(t),
-            "baseline" if name == "authors" else _speed(t["speedup_vs_authors"]),
-            "",
-        ]
-        line += [""] if cuda else []
-        body.append(line)
-    worst = max(ld["checks"].values()) if ld["checks"] else math.nan
+    headers, body = table_vs_authors(ld, speed_cell=_speed)
     return (
         f"Input {tuple(ld['shape'])} (x itself: {ld['x_bytes'] / 2**20:.1f} MiB). {where(res)}"
         f"\n\n{_table(headers, body)}\n\nLargest relative L2 difference to the authors' outputs "
-        f"and input gradients: {worst:.1e}."
+        f"and input gradients: {worst_check(ld):.1e}."
     )
 
 
@@ -173,37 +125,14 @@ def render_kernels(res: dict[str, Any]) -> str:
         return "_(this run was made without `--ld`)_"
     if "skipped" in k:
         return f"_Not measured in this run: {k['skipped']}._"
+    from .ld import kernel_table, passed
+
     checks = k["checks"]
-    passed = sum(1 for c in checks if c["ok"] and c["deterministic"] is not False)
-    body = []
-    for r in k["bandwidth"]:
-        body.append(
-            [
-                r["dtype"],
-                r["memory_format"],
-                r["direction"],
-                _time(r["triton"]),
-                f"{r['triton_GBps']:.4g}",
-                f"{r['copy_GBps']:.4g}",
-                f"{100 * r['fraction_of_copy']['ratio']:.0f} %",
-                _time(r["plain_ops"]),
-                _speed(r["speedup_vs_plain_ops"]),
-            ]
-        )
-    headers = [
-        "dtype",
-        "format",
-        "pass",
-        "triton ms",
-        "GB/s",
-        "copy GB/s",
-        "of copy",
-        "plain ops ms",
-        "triton vs plain ops",
-    ]
+    headers, body = kernel_table(k, speed_cell=_speed)
     return (
         f"Input {tuple(k['shape'])}, logits {tuple(k['logits'])}. Correctness against float64 "
-        f"plain ops: {passed}/{len(checks)} checks passed. {where(res)}\n\n{_table(headers, body)}"
+        f"plain ops: {sum(map(passed, checks))}/{len(checks)} checks passed. {where(res)}\n\n"
+        f"{_table(headers, body)}"
     )
 
 

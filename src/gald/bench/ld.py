@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import os
 from collections.abc import Callable
 from typing import Any, cast
@@ -41,10 +40,13 @@ from ._config import DTYPES, Config
 from ._timing import (
     Ratio,
     expected_seconds,
+    format_mib,
     format_speed,
     format_table,
+    format_time,
     measure_interleaved,
     peak_bytes,
+    ratio_from,
     saved_bytes,
     time_once,
 )
@@ -251,23 +253,24 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
     }
 
 
-def _stats_from(d: dict[str, Any]) -> str:
-    med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]
-    digits = 3 if med < 1 else (2 if med < 10 else 1)
-    if iqr is None:
-        return f"{med:.{digits}f} ms [n={n}]"
-    return f"{med:.{digits}f} ms [IQR {iqr:.{digits}f}, n={n}]"
+def _speed(d: dict[str, Any]) -> str:
+    return format_speed(ratio_from(d))
 
 
-def _speed_from(d: dict[str, Any]) -> str:
-    low = d["ratio_low"]
-    rel = math.nan if low is None else 1.0 - low / d["ratio"]
-    return format_speed(Ratio(d["ratio"], rel))
+def _mem_ratio(a: int | None, b: int | None) -> str:
+    if a is None or b is None or b == 0:
+        return "n/a"
+    return f"{a / b:.2f}x"
 
 
-def render_vs_authors(res: dict[str, Any], cfg_text: str) -> str:
+def table_vs_authors(
+    res: dict[str, Any], *, speed_cell: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of :func:`run_vs_authors`'s results; ``speed_cell`` formats a speedup
+    (default: plain text). The terminal and the generated docs share this one table."""
+    speed = speed_cell or _speed
     mem = res["memory"]
-    base_saved = mem["authors"]["saved_bytes"]
+    base = mem["authors"]
     cuda = any(m["peak_bytes"] is not None for m in mem.values())
     headers = ["", "time", "vs authors", "saved MiB", "saved vs authors"]
     if cuda:
@@ -275,48 +278,49 @@ def render_vs_authors(res: dict[str, Any], cfg_text: str) -> str:
     rows = []
     for name, t in res["train_step"].items():
         m = mem[name]
+        ours = name != "authors"
         line = [
             f"train step: {name}",
-            _stats_from(t),
-            "baseline" if name == "authors" else _speed_from(t["speedup_vs_authors"]),
-            "n/a" if m["saved_bytes"] is None else f"{m['saved_bytes'] / 2**20:.1f}",
-            "baseline" if name == "authors" else _mem_ratio(m["saved_bytes"], base_saved),
+            format_time(t),
+            speed(t["speedup_vs_authors"]) if ours else "baseline",
+            format_mib(m["saved_bytes"]),
+            _mem_ratio(m["saved_bytes"], base["saved_bytes"]) if ours else "baseline",
         ]
         if cuda:
             line += [
-                "n/a" if m["peak_bytes"] is None else f"{m['peak_bytes'] / 2**20:.1f}",
-                "baseline"
-                if name == "authors"
-                else _mem_ratio(m["peak_bytes"], mem["authors"]["peak_bytes"]),
+                format_mib(m["peak_bytes"]),
+                _mem_ratio(m["peak_bytes"], base["peak_bytes"]) if ours else "baseline",
             ]
         rows.append(line)
     for name, t in res["inference"].items():
         label = "gald (BN folded)" if name == "gald" else name
         line = [
             f"inference: {label}",
-            _stats_from(t),
-            "baseline" if name == "authors" else _speed_from(t["speedup_vs_authors"]),
+            format_time(t),
+            speed(t["speedup_vs_authors"]) if name != "authors" else "baseline",
             "",
             "",
         ]
-        if cuda:
-            line += ["", ""]
+        line += ["", ""] if cuda else []
         rows.append(line)
+    return headers, rows
+
+
+def worst_check(res: dict[str, Any]) -> float:
+    """The largest relative L2 difference of :func:`run_vs_authors`'s checks."""
+    return max(res["checks"].values()) if res["checks"] else 0.0
+
+
+def render_vs_authors(res: dict[str, Any], cfg_text: str) -> str:
     title = (
         f"Local Distribution vs the authors' formulation, input {tuple(res['shape'])}, "
         f"{cfg_text} (x itself: {res['x_bytes'] / 2**20:.4g} MiB)"
     )
-    worst = max(res["checks"].values()) if res["checks"] else 0.0
     foot = (
-        f"largest relative L2 difference to the authors' outputs and input gradients: {worst:.1e}"
+        "largest relative L2 difference to the authors' outputs and input gradients: "
+        f"{worst_check(res):.1e}"
     )
-    return f"{title}\n{format_table(headers, rows)}\n{foot}"
-
-
-def _mem_ratio(a: int | None, b: int | None) -> str:
-    if a is None or b is None or b == 0:
-        return "n/a"
-    return f"{a / b:.2f}x"
+    return f"{title}\n{format_table(*table_vs_authors(res))}\n{foot}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,6 +566,16 @@ def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
         lines.append(f"  {name}: " + ", ".join(f"{k} {v:.1e}" for k, v in d.items()))
     for r in failed:
         lines.append(f"  FAILED: {r}")
+    lines.append(format_table(*kernel_table(res)))
+    return "\n".join(lines)
+
+
+def kernel_table(
+    res: dict[str, Any], *, speed_cell: Callable[[dict[str, Any]], str] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of the kernels' bandwidth from :func:`run_kernels`'s results;
+    ``speed_cell`` formats a speedup (default: plain text)."""
+    speed = speed_cell or _speed
     headers = [
         "shape",
         "dtype",
@@ -574,33 +588,32 @@ def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
         "plain ops",
         "triton vs plain",
     ]
-    body = []
-    for r in res["bandwidth"]:
-        fr = r["fraction_of_copy"]
-        body.append(
-            [
-                "x".join(map(str, r["shape"])),
-                r["dtype"],
-                r["memory_format"],
-                r["direction"],
-                _stats_from(r["triton"]),
-                f"{r['triton_GBps']:.4g}",
-                f"{r['copy_GBps']:.4g}",
-                f"{100 * fr['ratio']:.0f} %",
-                _stats_from(r["plain_ops"]),
-                _speed_from(r["speedup_vs_plain_ops"]),
-            ]
-        )
-    lines.append(format_table(headers, body))
-    return "\n".join(lines)
+    body = [
+        [
+            "x".join(map(str, r["shape"])),
+            r["dtype"],
+            r["memory_format"],
+            r["direction"],
+            format_time(r["triton"]),
+            f"{r['triton_GBps']:.4g}",
+            f"{r['copy_GBps']:.4g}",
+            f"{100 * r['fraction_of_copy']['ratio']:.0f} %",
+            format_time(r["plain_ops"]),
+            speed(r["speedup_vs_plain_ops"]),
+        ]
+        for r in res["bandwidth"]
+    ]
+    return headers, body
 
 
 __all__ = [
     "AuthorsLD",
     "check_kernel",
+    "kernel_table",
     "kernels_runnable",
     "render_kernels",
     "render_vs_authors",
     "run_kernels",
     "run_vs_authors",
+    "table_vs_authors",
 ]
