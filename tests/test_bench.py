@@ -457,3 +457,12 @@ def test_slow_candidates_are_timed_once_per_round() -> None:
     assert calls["fast"] > 3 * 2  # blocked_autorange: a sizing call, then blocks of many calls
     assert expected_seconds(5.0, min_time=2.0, rounds=5) == pytest.approx(25.0)
     assert expected_seconds(0.1, min_time=2.0, rounds=5) == pytest.approx(5 * (0.4 + 0.1))
+
+
+def test_docs_speed_interval_is_in_the_unit_of_the_figure() -> None:
+    from gald.bench.docs import _speed
+
+    faster = {"ratio": 2.0, "ratio_low": 1.5, "ratio_high": 2.5, "within_noise": False}
+    assert _speed(faster) == "**2.00x faster** (95 %: 1.50–2.50)"
+    slower = {"ratio": 0.5, "ratio_low": 0.4, "ratio_high": 0.625, "within_noise": False}
+    assert _speed(slower) == "2.00x slower (95 %: 1.60–2.50)"

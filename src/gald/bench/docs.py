@@ -43,10 +43,10 @@ def _overhead(d: dict[str, Any]) -> str:
 def _speed(d: dict[str, Any]) -> str:
     if d["within_noise"] and d["ratio_low"] is not None:
         return "same within noise"
-    r = d["ratio"]
-    half = ""
-    if d["ratio_low"] is not None:
-        half = f" (95 %: {d['ratio_low']:.2f}–{d['ratio_high']:.2f})"
+    r, low, high = d["ratio"], d["ratio_low"], d["ratio_high"]
+    if r < 1 and low is not None:  # the interval in the unit of the figure: times slower
+        low, high = 1 / high, 1 / low
+    half = "" if low is None else f" (95 %: {low:.2f}–{high:.2f})"
     return (f"**{r:.2f}x faster**" if r >= 1 else f"{1 / r:.2f}x slower") + half
 
 
