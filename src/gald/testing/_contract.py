@@ -143,6 +143,22 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
+def _assert_near(
+    prop: str,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    ref: torch.Tensor,
+    tol: float,
+    what: str,
+    detail: str = "",
+) -> None:
+    """Fail ``prop`` with "``what`` by <max abs difference> (max abs; tolerance ...)" unless
+    ``out`` is within ``tol`` of ``ref``."""
+    diff = _max_diff(out, ref)
+    if not diff <= tol:
+        _fail(prop, x.shape, f"{what} by {diff:.3g} (max abs; tolerance {tol:.3g})", detail)
+
+
 def _describe(err: BaseException) -> str:
     return f"{type(err).__name__}: {_first_line(str(err))}"
 
@@ -284,15 +300,15 @@ def _check_batch_independence(ctx: _Context) -> None:
         y2 = _check_output("batch_independence", x, module(x2), ctx)
     tol = ctx.tolerance(y)
     for i in (0, 2):
-        diff = _max_diff(y2[i], y[i])
-        if not diff <= tol:
-            _fail(
-                "batch_independence",
-                x.shape,
-                f"changing sample 1 changed sample {i}'s eval-mode output by {diff:.3g} "
-                f"(max abs; tolerance {tol:.3g})",
-                "In eval mode each sample's output must depend on that sample only.",
-            )
+        _assert_near(
+            "batch_independence",
+            x,
+            y2[i],
+            y[i],
+            tol,
+            f"changing sample 1 changed sample {i}'s eval-mode output",
+            "In eval mode each sample's output must depend on that sample only.",
+        )
     own = _max_diff(y2[1], y[1])
     if not own > tol:
         _fail(
@@ -326,16 +342,15 @@ def _check_autocast(ctx: _Context) -> None:
             if not torch.isfinite(out).all():
                 bad = int((~torch.isfinite(out)).sum())
                 _fail("autocast", x.shape, f"{bad} non-finite output values under {dtype} autocast")
-            diff = _max_diff(out.float(), ref)
             scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
-            tol = ctx.autocast_tol * scale
-            if not diff <= tol:
-                _fail(
-                    "autocast",
-                    x.shape,
-                    f"{dtype} autocast output differs from float32 by {diff:.3g} (max abs; "
-                    f"tolerance {tol:.3g})",
-                )
+            _assert_near(
+                "autocast",
+                x,
+                out.float(),
+                ref,
+                ctx.autocast_tol * scale,
+                f"{dtype} autocast output differs from float32",
+            )
 
 
 def _non_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -378,14 +393,7 @@ def _check_compile(ctx: _Context) -> None:
             out = compiled(x)
         torch.compiler.reset()
     _check_output("compile", x, out, ctx)
-    diff = _max_diff(out, ref)
-    tol = ctx.tolerance(ref)
-    if not diff <= tol:
-        _fail(
-            "compile",
-            x.shape,
-            f"compiled output differs from eager by {diff:.3g} (max abs; tolerance {tol:.3g})",
-        )
+    _assert_near("compile", x, out, ref, ctx.tolerance(ref), "compiled output differs from eager")
 
 
 def _check_state_dict(ctx: _Context) -> None:
@@ -402,16 +410,15 @@ def _check_state_dict(ctx: _Context) -> None:
     with torch.no_grad(), _forward_errors("state_dict", x, "eval-mode forward"):
         ref = module(x)
         out = _check_output("state_dict", x, fresh(x), ctx)
-    diff = _max_diff(out, ref)
-    tol = ctx.tolerance(ref)
-    if not diff <= tol:
-        _fail(
-            "state_dict",
-            x.shape,
-            f"a fresh module loaded with the state_dict differs by {diff:.3g} (max abs; "
-            f"tolerance {tol:.3g})",
-            "Some state that affects the output is not in the state_dict.",
-        )
+    _assert_near(
+        "state_dict",
+        x,
+        out,
+        ref,
+        ctx.tolerance(ref),
+        "a fresh module loaded with the state_dict differs",
+        "Some state that affects the output is not in the state_dict.",
+    )
 
 
 _OTHER_DEVICE = "meta"
@@ -454,14 +461,9 @@ def _check_device(ctx: _Context) -> None:
         ):
             out = module(x)
     _check_output("device", x, out, ctx)
-    diff = _max_diff(out, ref)
-    tol = ctx.tolerance(ref)
-    if not diff <= tol:
-        _fail(
-            "device",
-            x.shape,
-            f"forward under another default device differs by {diff:.3g} (tolerance {tol:.3g})",
-        )
+    _assert_near(
+        "device", x, out, ref, ctx.tolerance(ref), "forward under another default device differs"
+    )
 
 
 _CHECKS: dict[str, Callable[[_Context], None]] = {
