@@ -1,4 +1,4 @@
-"""Helpers shared by the per-layer GA tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -32,3 +32,13 @@ def bn_reference(bn: nn.Module, y: torch.Tensor, training: bool) -> torch.Tensor
     shape = (1, -1, 1, 1)
     normed = (y - mean.reshape(shape)) / torch.sqrt(var.reshape(shape) + bn.eps)
     return normed * bn.weight.reshape(shape) + bn.bias.reshape(shape)
+
+
+def assert_close(
+    got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-6
+) -> None:
+    """Elementwise |got - expected| <= atol + rtol * |expected|, same shape and dtype."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype, (got.shape, expected.shape)
+    bound = atol + rtol * expected.abs()
+    err = (got - expected).abs()
+    assert bool((err <= bound).all()), f"max abs error {err.max().item():.3e}"

@@ -21,10 +21,10 @@ import onnx
 import pytest
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 import gald
 from gald import deploy
+from gald.testing import randomize_
 
 C = 16
 SHAPE = (2, C, 33, 35)  # odd, non-square; every map inside the GA keeps a side > 1
@@ -39,33 +39,18 @@ def _fresh_dynamo() -> Iterator[None]:
     torch._dynamo.reset()
 
 
-@torch.no_grad()
-def randomise(module: nn.Module, seed: int = 1) -> nn.Module:
-    """Random norm statistics and affine parameters, and random values for all-zero parameters
-    (zero-initialised gates), so that no branch can pass a comparison by contributing nothing."""
-    gen = torch.Generator().manual_seed(seed)
-    for sub in module.modules():
-        if isinstance(sub, _NormBase) and sub.running_mean is not None:
-            sub.running_mean.copy_(torch.randn(sub.running_mean.shape, generator=gen) * 0.2)
-            sub.running_var.copy_(torch.rand(sub.running_var.shape, generator=gen) + 0.5)
-    for param in module.parameters():
-        if param.numel() and not bool(param.any()):
-            param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
-    return module
-
-
 def _input(shape: tuple[int, ...], seed: int = 2) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
 def _block(ga: str) -> nn.Module:
     torch.manual_seed(0)
-    return randomise(gald.GALD(C, ga)).eval()
+    return randomize_(gald.GALD(C, ga), seed=1).eval()
 
 
 def _head() -> nn.Module:
     torch.manual_seed(0)
-    return randomise(gald.GALDHead(C, 5, channels=C))
+    return randomize_(gald.GALDHead(C, 5, channels=C), seed=1)
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -97,7 +82,7 @@ def test_torch_export_dynamic_shapes(ga: str) -> None:
     # the GA alone, at the sizes GALD runs it (half of SHAPE and SHAPE2, rounded up): exporting
     # GALD around every GA would re-trace GALD's own parts ten times, about 1.3 s each
     torch.manual_seed(0)
-    model = randomise(gald.create_ga(ga, C)).eval()
+    model = randomize_(gald.create_ga(ga, C), seed=1).eval()
     half = tuple(s if i < 2 else (s + 1) // 2 for i, s in enumerate(SHAPE))
     half2 = tuple(s if i < 2 else (s + 1) // 2 for i, s in enumerate(SHAPE2))
     _export_and_compare(model, (half, half2), ga)
@@ -176,7 +161,7 @@ class _DictOutput(nn.Module):
 
 def test_onnx_dict_outputs_are_named_and_verified(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = randomise(_DictOutput()).eval()
+    model = randomize_(_DictOutput(), seed=1).eval()
     path = deploy.export_onnx(model, _input(SHAPE), tmp_path / "dict.onnx", dynamo=False)
     names = [o.name for o in onnx.load(str(path)).graph.output]
     assert names == ["out", "aux"]

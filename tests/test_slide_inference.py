@@ -9,20 +9,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+from _helpers import assert_close as _assert_close
 from _official_reference import upsample_align_corners
 from gald.models import GALDNet, slide_inference
 
 K = 3
-
-
-def _assert_close(
-    got: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-6, atol: float = 1e-6
-) -> None:
-    """Elementwise |got - expected| <= atol + rtol * |expected|, same shape and dtype."""
-    assert got.shape == expected.shape and got.dtype == expected.dtype, (got.shape, expected.shape)
-    bound = atol + rtol * expected.abs()
-    err = (got - expected).abs()
-    assert bool((err <= bound).all()), f"max abs error {err.max().item():.3e}"
 
 
 class Net(nn.Module):
