@@ -183,8 +183,17 @@ def test_chunks_cover_the_tensor_within_the_memory_bound(b, c, hh, ww, cl, dtype
     logits = torch.empty(b, c, 3, 3, dtype=dtype, device="meta")
     plan = _ld_torch._Plan(x, logits, True)
     itemsize = 8 if dtype == torch.float64 else 4  # half types compute in float32
-    # channels_last chunks are groups of channels, NCHW chunks rows of the (B*C*H, W) view
-    unit, total = (b * hh * ww, c) if plan.channels_last else (ww, b * c * hh)
+    # channels_last chunks are whole images when one fits in the bound, else groups of
+    # channels; NCHW chunks are rows of the (B*C*H, W) view
+    one_image = c * hh * ww * itemsize <= _ld_torch.CHUNK_BYTES
+    # (a tensor that is both NCHW- and channels_last-contiguous is taken as NCHW)
+    assert plan.by_image == (plan.channels_last and one_image)
+    if not plan.channels_last:
+        unit, total = ww, b * c * hh
+    elif one_image:
+        unit, total = c * hh * ww, b
+    else:
+        unit, total = b * hh * ww, c
     spans = plan.spans
     assert spans[0][0] == 0 and spans[-1][1] == total
     assert all(a[1] == n[0] for a, n in itertools.pairwise(spans))
@@ -197,6 +206,11 @@ def test_chunks_cover_the_tensor_within_the_memory_bound(b, c, hh, ww, cl, dtype
     assert len(spans) == math.ceil(total / per_chunk)  # as few chunks as the bound allows
     buf = plan.buffer()
     assert buf.numel() * buf.element_size() <= max(_ld_torch.CHUNK_BYTES, unit * itemsize)
+    for s0, s1 in spans:  # a chunk of a tensor and of the buffer have the same shape
+        assert plan.chunk(x, s0, s1).shape == plan.scratch(buf, s0, s1).shape
+        assert plan.scratch(buf, s0, s1).is_contiguous(memory_format=plan.fmt)
+        if plan.dense_chunks:  # may serve as scratch space for the mask
+            assert plan.chunk(x, s0, s1).is_contiguous(memory_format=plan.fmt)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,19 +8,24 @@ format uses the ATen kernels that are fastest for it:
   rows are then the 1-D linear interpolation of the rows of ``S`` along ``W``
   (``upsample_linear1d``). The backward reduces along ``W`` with one matmul per chunk,
   ``(g x m (1 - m)) A_W``, and along ``H`` with a small batched matmul.
-- channels_last: the mask is ``upsample_bilinear2d`` of a group of channels, written into a
-  channels_last buffer; the backward reduction is ``upsample_bilinear2d_backward``.
+- channels_last: the mask is ``upsample_bilinear2d`` of channels_last logits (from NCHW logits
+  the same kernel is about ten times slower); the backward reduction is
+  ``upsample_bilinear2d_backward``.
 
-The work goes in chunks (rows of the (B·C·H, W) view for NCHW, groups of channels for
-channels_last): the mask of a chunk is written into one reused buffer, passed through an
-in-place sigmoid and met with ``x``, so the output is the only full-resolution allocation of
-the forward. A chunk's mask never exceeds ``CHUNK_BYTES`` (32 MiB): a memory bound, not a speed
-knob tuned to a machine. The temporaries of a call stay within one chunk (two in the backward)
-whatever the input size, so an input larger than a chunk never has its full-size float32 mask
-materialised (what matters on a GPU). Chunks are as large as the bound allows, and balanced,
-because every kernel launch is also a synchronisation point of the CPU thread pool: few, large
-kernels hold up far better on a busy machine than many cache-sized ones (measurements in
-docs/performance.md).
+The work goes in chunks (rows of the (B·C·H, W) view for NCHW; whole images for channels_last
+when one fits in a chunk, else groups of channels). When the output chunk is dense and in the
+compute dtype (float32/float64 inputs) the mask of a chunk is built in the output itself: upsampled
+into it, passed through an in-place sigmoid and met with ``x``, so the output is the only
+allocation of the forward; in the backward the chunk of ``grad_x`` holds ``g x m (1 - m)`` until
+the reduction has read it. Otherwise (half types, channel groups) a dense scratch buffer of one
+chunk is used. A chunk's mask never exceeds ``CHUNK_BYTES`` (32 MiB): a memory bound, not a speed
+knob tuned to a machine, so an input larger than a chunk never has a full-size float32 mask
+materialised beside a half-precision output (what matters on a GPU). Chunks are as large as the
+bound allows, and balanced, because every kernel launch is also a synchronisation point of the
+CPU thread pool: few, large kernels hold up far better on a busy machine than many cache-sized
+ones (measurements in docs/performance.md). Fewer fresh full-resolution tensors matter on CPU:
+the first touch of a fresh allocation pays a page fault per 4 KiB page, which costs about as
+much as the arithmetic of the op.
 
 The backward recomputes the mask chunk by chunk from the saved ``x`` and ``logits``::
 
@@ -102,50 +107,75 @@ class _Plan:
         self.fmt = fmt if fmt is not None else torch.contiguous_format
         self.channels_last = self.fmt == torch.channels_last
         itemsize = torch.finfo(self.cdt).bits // 8
-        if self.channels_last:  # groups of channels, every image and row
+        # channels_last: whole images when one fits in a chunk, else groups of channels (every
+        # image and row); NCHW: rows of the (B·C·H, W) view
+        self.by_image = self.channels_last and c * hh * ww * itemsize <= CHUNK_BYTES
+        if self.by_image:
+            self.spans = _spans(b, c * hh * ww * itemsize)
+        elif self.channels_last:
             self.spans = _spans(c, b * hh * ww * itemsize)
-        else:  # rows of the (B·C·H, W) view
+        else:
             self.spans = _spans(b * c * hh, ww * itemsize)
+        # a chunk of a full-resolution tensor is dense in memory (so it can serve as the mask's
+        # scratch space) unless it is a group of channels of a channels_last tensor
+        self.dense_chunks = self.by_image or not self.channels_last
         self.device = x.device
 
     def small(self, logits: torch.Tensor) -> torch.Tensor:
         """What the mask chunks are upsampled from: the logits in the compute dtype
         (channels_last), or ``A_H @ L`` as (B·C·H, 1, w) rows (NCHW)."""
-        lg = logits.to(self.cdt)
         if self.channels_last:
-            return lg
+            # upsample_bilinear2d into a channels_last output is an order of magnitude slower
+            # from NCHW logits than from channels_last ones (a small copy)
+            return logits.to(self.cdt).contiguous(memory_format=torch.channels_last)
+        lg = logits.to(self.cdt)
         b, c, hh, _, h, w = self.shape
         a_h = interp_matrix(hh, h, align_corners=self.align_corners, dtype=self.cdt, device=self.device)
         return torch.matmul(a_h, lg).reshape(b * c * hh, 1, w)
 
+    def _chunk_shape(self, n: int) -> tuple[int, ...]:
+        """Shape of a chunk of ``n`` units, (B, n, H, W) or (n, C, H, W) or (n, W) rows."""
+        b, c, hh, ww, _, _ = self.shape
+        if self.by_image:
+            return (n, c, hh, ww)
+        return (b, n, hh, ww) if self.channels_last else (n, ww)
+
     def buffer(self) -> torch.Tensor:
-        """The mask buffer of the largest chunk (channels_last for channels_last)."""
-        b, _, hh, ww, _, _ = self.shape
+        """Flat scratch space for the largest chunk, in the compute dtype (see :meth:`scratch`)."""
         n = max(s1 - s0 for s0, s1 in self.spans)
-        if self.channels_last:
-            return torch.empty(
-                b, n, hh, ww, dtype=self.cdt, device=self.device, memory_format=torch.channels_last
-            )
-        return torch.empty(n, ww, dtype=self.cdt, device=self.device)
+        return torch.empty(math.prod(self._chunk_shape(n)), dtype=self.cdt, device=self.device)
 
     def chunk(self, t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
         """The part of a full-resolution tensor (in ``self.fmt``) that chunk ``s0:s1`` covers."""
+        if self.by_image:
+            return t[s0:s1]
         if self.channels_last:
             return t[:, s0:s1]
         b, c, hh, ww, _, _ = self.shape
         return t.view(b * c * hh, ww)[s0:s1]
 
-    def mask(self, small: torch.Tensor, s0: int, s1: int, buf: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(Up(L))`` on chunk ``s0:s1``, written into ``buf``."""
+    def scratch(self, buf: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
+        """Chunk ``s0:s1``'s shape on the front of a :meth:`buffer`, dense in ``self.fmt`` (the
+        ATen upsampling kernels are much slower on strided tensors)."""
+        shape = self._chunk_shape(s1 - s0)
+        flat = buf[: math.prod(shape)]
+        if not self.channels_last:
+            return flat.view(shape)
+        b, c, hh, ww = shape
+        return flat.view(b, hh, ww, c).permute(0, 3, 1, 2)
+
+    def mask(self, small: torch.Tensor, s0: int, s1: int, dst: torch.Tensor) -> torch.Tensor:
+        """``sigmoid(Up(L))`` on chunk ``s0:s1``, written into ``dst`` (a dense tensor of the
+        chunk's shape, in the compute dtype) and returned."""
         _, _, hh, ww, _, _ = self.shape
         ac = self.align_corners
-        if self.channels_last:
-            m = buf[:, : s1 - s0]
-            _aten.upsample_bilinear2d.out(small[:, s0:s1], [hh, ww], ac, None, None, out=m)
+        if self.by_image:
+            _aten.upsample_bilinear2d.out(small[s0:s1], [hh, ww], ac, None, None, out=dst)
+        elif self.channels_last:
+            _aten.upsample_bilinear2d.out(small[:, s0:s1], [hh, ww], ac, None, None, out=dst)
         else:
-            m = buf[: s1 - s0]
-            _aten.upsample_linear1d.out(small[s0:s1], [ww], ac, None, out=m.unsqueeze(1))
-        return m.sigmoid_()
+            _aten.upsample_linear1d.out(small[s0:s1], [ww], ac, None, out=dst.unsqueeze(1))
+        return dst.sigmoid_()
 
 
 def forward(
@@ -159,10 +189,13 @@ def forward(
     work = out if _layout(out) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
     xc = x.contiguous(memory_format=plan.fmt)
     small = plan.small(logits)
-    buf = plan.buffer()
+    # the mask of a chunk is built in the output itself when it can hold it, else in a buffer
+    in_place = plan.dense_chunks and work.dtype == plan.cdt
+    buf = None if in_place else plan.buffer()
     for s0, s1 in plan.spans:
-        m = plan.mask(small, s0, s1, buf)
-        _apply_gain(plan.chunk(xc, s0, s1), m, offset, plan.chunk(work, s0, s1))
+        o_c = plan.chunk(work, s0, s1)
+        m = plan.mask(small, s0, s1, o_c if buf is None else plan.scratch(buf, s0, s1))
+        _apply_gain(plan.chunk(xc, s0, s1), m, offset, o_c)
     if work is not out:
         out.copy_(work)
     return out
@@ -195,7 +228,10 @@ def backward(
         gx_work = gx if _layout(gx) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
     small = plan.small(logits)
     buf = plan.buffer()
-    tmp = torch.empty_like(buf) if need_logits else None
+    # ``g x m (1 - m)`` of a chunk goes into the chunk of grad_x (overwritten afterwards) when
+    # that can hold it, else into a second buffer
+    in_place = gx_work is not None and plan.dense_chunks and gx_work.dtype == plan.cdt
+    tmp = torch.empty_like(buf) if need_logits and not in_place else None  # flat, like buf
     red = None  # the logits gradient in the compute dtype
     a_w = None
     if need_logits:
@@ -206,12 +242,23 @@ def backward(
             red = torch.empty(b * c * hh, w, dtype=plan.cdt, device=x.device)
             a_w = interp_matrix(ww, w, align_corners=align_corners, dtype=plan.cdt, device=x.device)
     for s0, s1 in plan.spans:
-        m = plan.mask(small, s0, s1, buf)
+        m = plan.mask(small, s0, s1, plan.scratch(buf, s0, s1))
         g_c, x_c = plan.chunk(gc, s0, s1), plan.chunk(xc, s0, s1)
-        if tmp is not None and red is not None:
-            d = tmp[:, : s1 - s0] if plan.channels_last else tmp[: s1 - s0]
+        gx_c = None if gx_work is None else plan.chunk(gx_work, s0, s1)
+        if red is not None:
+            if in_place:
+                assert gx_c is not None
+                d = gx_c
+            else:
+                assert tmp is not None
+                d = plan.scratch(tmp, s0, s1)
             _sigmoid_grad_times(g_c, x_c, m, d)
-            if plan.channels_last:
+            if plan.by_image:
+                _aten.upsample_bilinear2d_backward.grad_input(
+                    d, [hh, ww], [s1 - s0, c, h, w], align_corners, None, None,
+                    grad_input=red[s0:s1],
+                )
+            elif plan.channels_last:
                 _aten.upsample_bilinear2d_backward.grad_input(
                     d, [hh, ww], [b, s1 - s0, h, w], align_corners, None, None,
                     grad_input=red[:, s0:s1],
@@ -219,8 +266,8 @@ def backward(
             else:
                 assert a_w is not None
                 torch.mm(d, a_w, out=red[s0:s1])
-        if gx_work is not None:
-            _apply_gain(g_c, m, offset, plan.chunk(gx_work, s0, s1))
+        if gx_c is not None:
+            _apply_gain(g_c, m, offset, gx_c)
     if gl is not None and red is not None:
         if plan.channels_last:
             gl.copy_(red)
