@@ -184,12 +184,12 @@ def test_chunks_cover_the_tensor_within_the_memory_bound(b, c, hh, ww, cl, dtype
     plan = _ld_torch._Plan(x, logits, True)
     itemsize = 8 if dtype == torch.float64 else 4  # half types compute in float32
     # channels_last chunks are whole images when one fits in the bound, else groups of
-    # channels; NCHW chunks are rows of the (B*C*H, W) view
+    # channels; NCHW chunks are planes of the (B*C, H, W) view
     one_image = c * hh * ww * itemsize <= _ld_torch.CHUNK_BYTES
     # (a tensor that is both NCHW- and channels_last-contiguous is taken as NCHW)
     assert plan.by_image == (plan.channels_last and one_image)
     if not plan.channels_last:
-        unit, total = ww, b * c * hh
+        unit, total = hh * ww, b * c
     elif one_image:
         unit, total = c * hh * ww, b
     else:

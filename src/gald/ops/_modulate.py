@@ -320,8 +320,9 @@ def ld_modulate(
     autocast region does not change this. The torch kernel is bitwise reproducible on CPU.
     Double backward is not supported.
 
-    Complexity: time O(B C H W) (a few operations per element; the NCHW backward adds a
-    reduction of ``w`` multiply-adds per element); autograd saves ``x`` and ``logits`` only;
+    Complexity: time O(B C H W) (a few operations per element; in NCHW the torch kernel builds
+    the mask with ``h`` multiply-adds per element and its backward reduces with ``w`` more);
+    autograd saves ``x`` and ``logits`` only;
     extra memory is a constant (chunk buffers of at most 32 MiB) plus O(B C H w) in the
     backward.
     """
