@@ -7,7 +7,8 @@ format uses the ATen kernels that are fastest for it:
 - NCHW: the logits are first interpolated along ``W`` (a small (B·C, h, W) map ``S = L A_W^T``);
   the mask planes are then one batched matmul ``A_H S`` (about twice as fast on CPU as
   ``upsample_bilinear2d`` or a 1-D interpolation of rows). The backward reduces along ``W`` with
-  one matmul per chunk, ``(g x m (1 - m)) A_W``, and along ``H`` with a small batched matmul.
+  one matmul per chunk, ``A_W^T (g x m (1 - m))^T`` (as a wide (w, rows) product: about 20 %
+  faster on CPU than the tall-and-skinny (rows, w) one), and along ``H`` with a small matmul.
 - channels_last: the mask is ``upsample_bilinear2d`` of channels_last logits (from NCHW logits
   the same kernel is about ten times slower); the backward reduction is
   ``upsample_bilinear2d_backward``.
@@ -121,8 +122,12 @@ class _Plan:
         self.dense_chunks = self.by_image or not self.channels_last
         self.device = x.device
         # NCHW: the interpolation matrices A_H (H, h) and A_W (W, w)
-        self.a_h = interp_matrix(hh, h, align_corners=align_corners, dtype=self.cdt, device=x.device)
-        self.a_w = interp_matrix(ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device)
+        self.a_h = interp_matrix(
+            hh, h, align_corners=align_corners, dtype=self.cdt, device=x.device
+        )
+        self.a_w = interp_matrix(
+            ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device
+        )
 
     def small(self, logits: torch.Tensor) -> torch.Tensor:
         """What the mask chunks are upsampled from: the logits in the compute dtype
@@ -238,8 +243,9 @@ def backward(
         if plan.channels_last:
             red = torch.empty(b, c, h, w, dtype=plan.cdt, device=x.device)
         else:
-            # (g x m (1 - m)) A_W for every plane, then A_H^T on the small map
-            red = torch.empty(b * c, hh, w, dtype=plan.cdt, device=x.device)
+            # A_W^T (g x m (1 - m))^T for every row of every plane: (w, B·C·H); then A_H^T
+            red = torch.empty(w, b * c * hh, dtype=plan.cdt, device=x.device)
+            a_w_t = plan.a_w.t().contiguous()
     for s0, s1 in plan.spans:
         m = plan.mask(small, s0, s1, plan.scratch(buf, s0, s1))
         g_c, x_c = plan.chunk(gc, s0, s1), plan.chunk(xc, s0, s1)
@@ -254,23 +260,36 @@ def backward(
             _sigmoid_grad_times(g_c, x_c, m, d)
             if plan.by_image:
                 _aten.upsample_bilinear2d_backward.grad_input(
-                    d, [hh, ww], [s1 - s0, c, h, w], align_corners, None, None,
+                    d,
+                    [hh, ww],
+                    [s1 - s0, c, h, w],
+                    align_corners,
+                    None,
+                    None,
                     grad_input=red[s0:s1],
                 )
             elif plan.channels_last:
                 _aten.upsample_bilinear2d_backward.grad_input(
-                    d, [hh, ww], [b, s1 - s0, h, w], align_corners, None, None,
+                    d,
+                    [hh, ww],
+                    [b, s1 - s0, h, w],
+                    align_corners,
+                    None,
+                    None,
                     grad_input=red[:, s0:s1],
                 )
             else:
-                torch.matmul(d, plan.a_w, out=red[s0:s1])
+                torch.mm(a_w_t, d.reshape(-1, ww).t(), out=red[:, s0 * hh : s1 * hh])
         if gx_c is not None:
             _apply_gain(g_c, m, offset, gx_c)
     if gl is not None and red is not None:
         if plan.channels_last:
             gl.copy_(red)
         else:
-            gl.copy_(torch.matmul(plan.a_h.t(), red.view(b, c, hh, w)))  # (h, H) @ (B, C, H, w)
+            # (w, B·C, H) @ (H, h) -> (w, B·C, h) -> (B, C, h, w)
+            gl.copy_(
+                torch.matmul(red.view(w, b * c, hh), plan.a_h).permute(1, 2, 0).view(b, c, h, w)
+            )
     if gx is not None and gx_work is not None and gx_work is not gx:
         gx.copy_(gx_work)
     return gx, gl
