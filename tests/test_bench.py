@@ -246,6 +246,16 @@ def test_overhead_wording() -> None:
         > 0.3
         > Ratio.of(Stats(drifting.times), Stats(steady.times)).rel_halfwidth
     )
+    # one round hit by a stall (here 8x slower) neither moves the medians nor swamps the interval
+    base = Stats(
+        [0.212, 0.208, 0.215, 0.211, 0.213], round_medians=[0.419, 0.208, 0.212, 0.213, 0.211]
+    )
+    fast = Stats(
+        [0.127, 0.125, 0.126, 0.128, 0.124], round_medians=[0.123, 0.125, 0.125, 1.054, 0.127]
+    )
+    stalled = Ratio.of(base, fast)
+    assert not stalled.within_noise and format_speed(stalled) == "1.68x faster"
+    assert stalled.rel_halfwidth < 0.1
     # an interval that excludes zero but is wider than the baseline: no four-digit figure
     huge = Ratio(15.8, 0.6)
     assert not huge.within_noise and format_overhead(huge) == "too noisy (> +1000 %)"

@@ -13,10 +13,13 @@ interval printed (about 95 %) is the wider of the two:
 - from the blocks: the standard error of a median is estimated from the IQR
   (``sigma ~ IQR / 1.349``, ``se(median) ~ 1.2533 * sigma / sqrt(n)``), the relative errors of
   numerator and denominator add in quadrature, times 1.96;
-- from the rounds: the ratio of the two candidates' medians in each round (a paired comparison),
-  whose log has a standard error ``sd / sqrt(rounds)``, times Student's t for ``rounds - 1``
-  degrees of freedom. This one sees a machine whose state drifts during the run, which blocks
-  measured back to back do not.
+- from the rounds: the ratio of the two candidates' medians in each round (a paired comparison).
+  The spread of its log is taken robustly (``sigma ~ 1.4826 * MAD``, the standard error of the
+  median of the rounds ``~ 1.2533 * sigma / sqrt(rounds)``), times Student's t for
+  ``rounds - 1`` degrees of freedom. This one sees a machine whose state drifts during the
+  run, which blocks measured back to back do not; being robust, a single round hit by a
+  one-off stall (a page-fault storm, another process) does not swamp it, just as it does not
+  move the medians that are reported.
 """
 
 from __future__ import annotations
@@ -128,7 +131,9 @@ class Ratio:
         rounds = len(a.round_medians)
         if rounds >= 3 and rounds == len(b.round_medians):
             logs = [math.log(x / y) for x, y in zip(a.round_medians, b.round_medians)]
-            rel_rounds = t95(rounds - 1) * statistics.stdev(logs) / math.sqrt(rounds)
+            centre = statistics.median(logs)
+            sigma = 1.4826 * statistics.median(abs(v - centre) for v in logs)
+            rel_rounds = t95(rounds - 1) * 1.2533 * sigma / math.sqrt(rounds)
             rel = max(rel, rel_rounds) if not math.isnan(rel) else rel_rounds
         return cls(value, rel)
 
