@@ -42,3 +42,17 @@ def assert_close(
     bound = atol + rtol * expected.abs()
     err = (got - expected).abs()
     assert bool((err <= bound).all()), f"max abs error {err.max().item():.3e}"
+
+
+def require_triton_interpreter() -> None:
+    """Skip unless triton is installed and its interpreter can run the LD kernels (triton 3.7 or
+    newer: older interpreters turn a runtime loop bound into a one-element NumPy array, which
+    ``int()`` refuses under NumPy 2, and their ``tl.dot`` has no float64). The real GPU
+    compilation is tested on every triton version (``test_kernels_compile_for_cuda``)."""
+    import pytest
+
+    triton = pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+    from gald.ops import _triton_ld
+
+    if _triton_ld._triton_version() < (3, 7):
+        pytest.skip(f"Triton's interpreter before 3.7 cannot run the kernels (triton {triton.__version__})")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import gald
+from _helpers import require_triton_interpreter
 from gald.bench import block
 from gald.bench.__main__ import main
 from gald.bench._config import Config
@@ -300,6 +301,7 @@ def test_flop_formula_matches_a_hand_count() -> None:
 
 
 def test_gpu_check_path_under_the_triton_interpreter(tmp_path) -> None:
+    require_triton_interpreter()
     out = tmp_path / "ld.json"
     env = dict(os.environ, TRITON_INTERPRET="1")
     cmd = [

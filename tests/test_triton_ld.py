@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from _helpers import require_triton_interpreter
 from gald.ops import _modulate, _triton_ld, ld_modulate
 
 KERNEL_FILE = Path(_triton_ld.__file__)
@@ -47,7 +48,7 @@ LAYOUTS = ["nchw", "cl", "slice"]
 
 @pytest.fixture(scope="module")
 def kernels() -> ModuleType:
-    pytest.importorskip("triton", reason="triton is not installed: the kernels cannot run")
+    require_triton_interpreter()
     spec = importlib.util.spec_from_file_location("gald.ops._triton_ld_interpreted", KERNEL_FILE)
     assert spec is not None
     assert spec.loader is not None
@@ -243,8 +244,8 @@ def test_empty_batch(kernels):
 
 @pytest.mark.parametrize(
     ("dtype", "channels_inner"),
-    [(torch.float32, False), (torch.bfloat16, True)],
-    ids=["fp32-nchw", "bf16-cl"],
+    [(torch.float32, False), (torch.bfloat16, True), (torch.float16, False), (torch.float64, True)],
+    ids=["fp32-nchw", "bf16-cl", "fp16-nchw", "fp64-cl"],
 )
 def test_kernels_compile_for_cuda(dtype, channels_inner):
     # The interpreter does not lower anything; this runs the real pipeline (Triton IR -> PTX ->
@@ -260,6 +261,9 @@ def test_kernels_compile_for_cuda(dtype, channels_inner):
         pytest.skip("this triton ships no ptxas")
     if not isinstance(_triton_ld._ld_fwd_kernel, JITFunction):
         pytest.skip("gald.ops._triton_ld was imported with TRITON_INTERPRET=1")
+    refused = _triton_ld.unsupported_dtype(dtype)
+    if refused is not None:  # the dispatcher and the entry points refuse it (test below)
+        pytest.skip(f"the kernels refuse {dtype} on this triton: {refused}")
 
     ty = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
     data = "*" + ty[dtype]
@@ -383,6 +387,28 @@ def test_cpu_tensors_without_the_interpreter_raise_a_clear_error():
         _triton_ld.ld_modulate_fwd_triton(x, logits, 1.0, True)
     with pytest.raises(RuntimeError, match=r"run on CUDA tensors .* got a tensor on cpu"):
         _triton_ld.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+
+
+def test_float64_needs_triton_3_5(monkeypatch):
+    # tl.dot of float64 compiles from triton 3.5 on: before, "auto" takes the torch kernel for
+    # float64 CUDA tensors and the Triton entry points refuse it, naming the version
+    pytest.importorskip("triton", reason="triton is not installed")
+    cuda64 = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float64)
+    cuda32 = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    assert _triton_ld.unsupported_dtype(torch.float64) is None or _triton_ld._triton_version() < (3, 5)
+    monkeypatch.setattr(_triton_ld, "_triton_version", lambda: (3, 4))
+    assert "triton >= 3.5" in str(_triton_ld.unsupported_dtype(torch.float64))
+    assert _triton_ld.unsupported_dtype(torch.float32) is None
+    assert _modulate.resolve_impl(cuda64, "auto") == "torch"  # type: ignore[arg-type]
+    assert _modulate.resolve_impl(cuda32, "auto") == "triton"  # type: ignore[arg-type]
+    x, logits, g = random_inputs((1, 2, 5, 7, 2, 3), torch.float64)
+    with pytest.raises(RuntimeError, match=r"float64 needs triton >= 3.5 .* use impl='torch'"):
+        _triton_ld.ld_modulate_fwd_triton(x, logits, 1.0, True)
+    with pytest.raises(RuntimeError, match=r"float64 needs triton >= 3.5 .* use impl='torch'"):
+        _triton_ld.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+    monkeypatch.setattr(_triton_ld, "_triton_version", lambda: (3, 5))
+    assert _triton_ld.unsupported_dtype(torch.float64) is None
+    assert _modulate.resolve_impl(cuda64, "auto") == "triton"  # type: ignore[arg-type]
 
 
 def test_missing_triton_raises_a_clear_error(monkeypatch):

@@ -24,6 +24,14 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     Inside the region, cast the operands with :func:`compute_dtype` yourself and cast the
     result back after.
     """
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    # ``torch.amp.is_autocast_available`` would say whether the device type has autocast, but
+    # TorchDynamo of torch 2.9 and earlier cannot trace it (a graph break, an error under
+    # ``fullgraph=True``); asking and catching the error for a device type without autocast
+    # (``meta``) traces on every supported version.
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return contextlib.nullcontext()
+    if enabled:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

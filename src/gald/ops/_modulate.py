@@ -268,15 +268,18 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
 def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     """The kernel ``impl`` stands for on ``x``: ``"reference"``, ``"torch"`` or ``"triton"``.
 
-    ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports, else the
-    torch kernel; while a TorchScript tracer or the ONNX exporter runs it is the reference
+    ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports and runs
+    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel; while a TorchScript tracer or the ONNX exporter runs it is the reference
     formula, so exported graphs hold standard ops only.
     """
     if impl is None or impl == "auto":
         if _exporting():
             return "reference"
         if x.device.type == "cuda" and triton_available():
-            return "triton"
+            kernels = _triton()
+            assert kernels is not None
+            if kernels.unsupported_dtype(x.dtype) is None:
+                return "triton"
         return "torch"
     if impl not in IMPLS:
         raise ValueError(f"ld_modulate: impl must be one of {IMPLS}, got {impl!r}")
@@ -304,7 +307,7 @@ def ld_modulate(
         offset: constant added to the mask (``1`` = the authors' ``x + x * M``).
         align_corners: as in ``F.interpolate``.
         impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors when
-            triton imports and the torch kernel otherwise (the reference formula while a tracer
+            triton imports (for float64, triton >= 3.5) and the torch kernel otherwise (the reference formula while a tracer
             or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
             temporaries bounded by a constant); ``"triton"`` the Triton kernel (``RuntimeError`` when
             triton is unavailable); ``"reference"`` the plain-ops formula (the oracle: autograd

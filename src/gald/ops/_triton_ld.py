@@ -78,9 +78,35 @@ try:
 except ImportError:  # the kernels are optional (extra ``gald[triton]``)
     TRITON_AVAILABLE = False
 
-__all__ = ["TRITON_AVAILABLE", "ld_modulate_bwd_triton", "ld_modulate_fwd_triton"]
+__all__ = [
+    "TRITON_AVAILABLE",
+    "ld_modulate_bwd_triton",
+    "ld_modulate_fwd_triton",
+    "unsupported_dtype",
+]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# ``tl.dot`` of float64 (the backward's window product) compiles from triton 3.5 on
+_FP64_MIN_TRITON = (3, 5)
+
+
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def unsupported_dtype(dtype: torch.dtype) -> str | None:
+    """Why the installed triton cannot run the kernels in ``dtype``, or ``None`` if it can."""
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"x must be float32, float64, float16 or bfloat16, got {dtype}"
+    if dtype == torch.float64 and TRITON_AVAILABLE and _triton_version() < _FP64_MIN_TRITON:
+        need = ".".join(map(str, _FP64_MIN_TRITON))
+        return (
+            f"float64 needs triton >= {need} (tl.dot of float64), this is triton "
+            f"{triton.__version__}"
+        )
+    return None
+
 
 # Forward tiles: up to this many elements along the contiguous axis, about this many per program.
 _FWD_MAX_INNER = 128
@@ -345,9 +371,10 @@ def _check(
     check_feature(x, None, name="x", who=who)
     check_feature(logits, None, name="logits", who=who)
     if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(
-            f"{who}: x must be float32, float64, float16 or bfloat16, got {x.dtype}"
-        )
+        raise TypeError(f"{who}: {unsupported_dtype(x.dtype)}")
+    reason = unsupported_dtype(x.dtype)
+    if reason is not None:
+        raise RuntimeError(f"{who}: {reason}; use impl='torch'")
     if logits.shape[:2] != x.shape[:2]:
         raise ValueError(
             f"{who}: logits must be (B, C, h, w) with the (B, C) of x = {tuple(x.shape[:2])}, "
