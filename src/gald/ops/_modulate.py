@@ -51,11 +51,6 @@ def _triton() -> ModuleType | None:
     return _triton_module
 
 
-def triton_available() -> bool:
-    """Whether ``impl="triton"`` can run (triton imports and the kernels are present)."""
-    return _triton() is not None
-
-
 # --------------------------------------------------------------------------------------------
 # The reference (oracle) formula
 
@@ -269,17 +264,16 @@ def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     """The kernel ``impl`` stands for on ``x``: ``"reference"``, ``"torch"`` or ``"triton"``.
 
     ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports and runs
-    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel; while a TorchScript tracer or the ONNX exporter runs it is the reference
-    formula, so exported graphs hold standard ops only.
+    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel; while a TorchScript
+    tracer or the ONNX exporter runs it is the reference formula, so exported graphs hold
+    standard ops only.
     """
     if impl is None or impl == "auto":
         if _exporting():
             return "reference"
-        if x.device.type == "cuda" and triton_available():
-            kernels = _triton()
-            assert kernels is not None
-            if kernels.unsupported_dtype(x.dtype) is None:
-                return "triton"
+        kernels = _triton() if x.device.type == "cuda" else None
+        if kernels is not None and kernels.unsupported_dtype(x.dtype) is None:
+            return "triton"
         return "torch"
     if impl not in IMPLS:
         raise ValueError(f"ld_modulate: impl must be one of {IMPLS}, got {impl!r}")
@@ -307,8 +301,8 @@ def ld_modulate(
         offset: constant added to the mask (``1`` = the authors' ``x + x * M``).
         align_corners: as in ``F.interpolate``.
         impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors when
-            triton imports (for float64, triton >= 3.5) and the torch kernel otherwise (the reference formula while a tracer
-            or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
+            triton imports (for float64, triton >= 3.5) and the torch kernel otherwise (the
+            reference formula while a tracer or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
             temporaries bounded by a constant); ``"triton"`` the Triton kernel (``RuntimeError`` when
             triton is unavailable); ``"reference"`` the plain-ops formula (the oracle: autograd
             saves the full-resolution mask).

@@ -370,10 +370,10 @@ def _check(
 ) -> None:
     check_feature(x, None, name="x", who=who)
     check_feature(logits, None, name="logits", who=who)
-    if x.dtype not in _SUPPORTED_DTYPES:
-        raise TypeError(f"{who}: {unsupported_dtype(x.dtype)}")
     reason = unsupported_dtype(x.dtype)
-    if reason is not None:
+    if x.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"{who}: {reason}")
+    if reason is not None:  # a supported dtype this triton cannot compile
         raise RuntimeError(f"{who}: {reason}; use impl='torch'")
     if logits.shape[:2] != x.shape[:2]:
         raise ValueError(
