@@ -93,7 +93,7 @@ def test_slow_reference_is_f_interpolate():
     offset=st.sampled_from([0.0, 1.0, 2.0, -0.5]),
     layout=st.sampled_from(["nchw", "cl", "slice"]),
     impl=st.sampled_from(["reference", "torch", "auto"]),
-    chunk_bytes=st.sampled_from([1, 100, _ld_torch.CHUNK_BYTES]),
+    chunk_bytes=st.sampled_from([1, 100, _ld_torch.CPU_CHUNK_BYTES]),
     seed=st.integers(0, 2**16),
 )
 def test_every_impl_matches_slow_reference(
@@ -109,7 +109,7 @@ def test_every_impl_matches_slow_reference(
 
     xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(_ld_torch, "CHUNK_BYTES", chunk_bytes)
+        set_chunk_bytes(mp, chunk_bytes)
         out = ld_modulate(xr, lr, offset, align_corners=align_corners, impl=impl)
         gx, gl = torch.autograd.grad(out, (xr, lr), g)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
@@ -167,6 +167,18 @@ def test_autocast_keeps_float32_exact():
     torch.testing.assert_close(got, ld_modulate(x, logits), rtol=0, atol=0)
 
 
+def set_chunk_bytes(mp: pytest.MonkeyPatch, n: int) -> None:
+    """Chunks of at most ``n`` bytes on every device."""
+    mp.setattr(_ld_torch, "CPU_CHUNK_BYTES", n)
+    mp.setattr(_ld_torch, "CHUNK_BYTES", n)
+
+
+def test_chunk_bound_is_a_cache_tile_on_cpu_and_a_memory_bound_elsewhere():
+    assert _ld_torch.chunk_bytes(torch.device("cpu")) == _ld_torch.CPU_CHUNK_BYTES
+    assert _ld_torch.chunk_bytes(torch.device("meta")) == _ld_torch.CHUNK_BYTES
+    assert _ld_torch.CPU_CHUNK_BYTES < _ld_torch.CHUNK_BYTES
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     b=st.integers(1, 4),
@@ -175,42 +187,39 @@ def test_autocast_keeps_float32_exact():
     ww=st.integers(1, 300),
     cl=st.booleans(),
     dtype=st.sampled_from([torch.float16, torch.float32, torch.float64]),
+    bound=st.sampled_from([1000, 4 << 20, 32 << 20]),
 )
-def test_chunks_cover_the_tensor_within_the_memory_bound(b, c, hh, ww, cl, dtype):
+def test_chunks_cover_the_tensor_within_the_memory_bound(b, c, hh, ww, cl, dtype, bound):
     x = torch.empty(b, c, hh, ww, dtype=dtype, device="meta")
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     logits = torch.empty(b, c, 3, 3, dtype=dtype, device="meta")
-    plan = _ld_torch._Plan(x, logits, True)
+    with pytest.MonkeyPatch.context() as mp:
+        set_chunk_bytes(mp, bound)
+        plan = _ld_torch._Plan(x, logits, True)
+        buf = plan.buffer()
     itemsize = 8 if dtype == torch.float64 else 4  # half types compute in float32
-    # channels_last chunks are whole images when one fits in the bound, else groups of
-    # channels; NCHW chunks are planes of the (B*C, H, W) view
-    one_image = c * hh * ww * itemsize <= _ld_torch.CHUNK_BYTES
-    # (a tensor that is both NCHW- and channels_last-contiguous is taken as NCHW)
-    assert plan.by_image == (plan.channels_last and one_image)
-    if not plan.channels_last:
-        unit, total = hh * ww, b * c
-    elif one_image:
-        unit, total = c * hh * ww, b
-    else:
-        unit, total = b * hh * ww, c
+    # NCHW chunks are planes of the (B*C, H, W) view, channels_last chunks image rows of the
+    # (B*H, W, C) view (a tensor that is both NCHW- and channels_last-contiguous is NCHW)
+    cl_only = cl and not x.is_contiguous()
+    assert plan.channels_last == cl_only
+    unit, total = (ww * c, b * hh) if cl_only else (hh * ww, b * c)
     spans = plan.spans
     assert spans[0][0] == 0 and spans[-1][1] == total
     assert all(a[1] == n[0] for a, n in itertools.pairwise(spans))
     for s0, s1 in spans:
         # never more than the bound, unless a single unit is larger than it
-        assert (s1 - s0) * unit * itemsize <= max(_ld_torch.CHUNK_BYTES, unit * itemsize)
+        assert (s1 - s0) * unit * itemsize <= max(bound, unit * itemsize)
     sizes = [s1 - s0 for s0, s1 in spans]
     assert max(sizes) - min(sizes) <= 1  # balanced
-    per_chunk = max(1, _ld_torch.CHUNK_BYTES // (unit * itemsize))
+    per_chunk = max(1, bound // (unit * itemsize))
     assert len(spans) == math.ceil(total / per_chunk)  # as few chunks as the bound allows
-    buf = plan.buffer()
-    assert buf.numel() * buf.element_size() <= max(_ld_torch.CHUNK_BYTES, unit * itemsize)
-    for s0, s1 in spans:  # a chunk of a tensor and of the buffer have the same shape
-        assert plan.chunk(x, s0, s1).shape == plan.scratch(buf, s0, s1).shape
-        assert plan.scratch(buf, s0, s1).is_contiguous(memory_format=plan.fmt)
-        if plan.dense_chunks:  # may serve as scratch space for the mask
-            assert plan.chunk(x, s0, s1).is_contiguous(memory_format=plan.fmt)
+    assert buf.numel() * buf.element_size() <= max(bound, unit * itemsize)
+    units = plan.units_of(x)  # a view: chunks of it are dense, like those of the buffer
+    assert units.data_ptr() == x.data_ptr() and units.shape[0] == total
+    for s0, s1 in spans:
+        assert units[s0:s1].shape == buf[: s1 - s0].shape
+        assert units[s0:s1].is_contiguous()
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,7 +238,7 @@ GRADCHECK_CASES = [
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_gradcheck(case, monkeypatch):
     b, c, hh, ww, h, w, layout = case
-    monkeypatch.setattr(_ld_torch, "CHUNK_BYTES", 40)
+    set_chunk_bytes(monkeypatch, 40)
     x = make_x(b, c, hh, ww, layout).requires_grad_()
     logits = torch.randn(b, c, h, w, dtype=torch.float64, requires_grad=True)
     for ac, offset in ((True, 1.0), (False, 2.0)):
@@ -347,7 +356,7 @@ def test_backward_keeps_only_x_and_logits():
 
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 def test_bitwise_reproducible_on_cpu(layout, monkeypatch):
-    monkeypatch.setattr(_ld_torch, "CHUNK_BYTES", 500)
+    set_chunk_bytes(monkeypatch, 500)
     x = make_x(2, 3, 19, 17, layout, dtype=torch.float32).requires_grad_()
     logits = torch.randn(2, 3, 5, 4, requires_grad=True)
     g = torch.randn(2, 3, 19, 17)

@@ -1,43 +1,44 @@
 r"""The plain-PyTorch kernels of the LD modulation (CPU, and the fallback on any device).
 
 ``out = x * (offset + sigmoid(Up(logits)))``. Bilinear upsampling is separable,
-``Up(L) = A_H L A_W^T`` with the interpolation matrices of :mod:`gald.ops._interp`; each memory
-format uses the ATen kernels that are fastest for it:
+``Up(L) = A_H L A_W^T`` with the interpolation matrices of :mod:`gald.ops._interp`, so the mask is
+two small matmuls and its adjoint (the backward reduction) two more; the same scheme serves both
+memory formats, each cut into chunks that are dense in memory:
 
-- NCHW: the logits are first interpolated along ``W`` (a small (B·C, h, W) map ``S = L A_W^T``);
-  the mask planes are then one batched matmul ``A_H S`` (about twice as fast on CPU as
-  ``upsample_bilinear2d`` or a 1-D interpolation of rows). The backward reduces along ``W`` with
-  one matmul per chunk, ``A_W^T (g x m (1 - m))^T`` (as a wide (w, rows) product: about 20 %
-  faster on CPU than the tall-and-skinny (rows, w) one), and along ``H`` with a small matmul.
-- channels_last: the mask is ``upsample_bilinear2d`` of channels_last logits (from NCHW logits
-  the same kernel is about ten times slower); the backward reduction is
-  ``upsample_bilinear2d_backward``.
+- NCHW: the chunks are planes of the (B·C, H, W) view. The logits are first interpolated along
+  ``W`` (a small (B·C, h, W) map ``S = L A_W^T``); the mask of a chunk of planes is then one
+  batched matmul ``A_H S``. The backward reduces along ``W`` with one matmul per chunk,
+  ``A_W^T (g x m (1 - m))^T`` (as a wide (w, rows) product: about 20 % faster on CPU than the
+  tall-and-skinny (rows, w) one), and along ``H`` with one small matmul at the end.
+- channels_last: the chunks are image rows of the (B·H, W, C) view. The logits are first
+  interpolated along ``H`` (a small (B·H, w, C) map ``S = A_H L``); the mask of a chunk of rows
+  is one batched matmul ``A_W S``, and the backward reduces along ``W`` with ``A_W^T (...)`` per
+  chunk and along ``H`` with one small matmul at the end.
 
-The work goes in chunks (planes of the (B·C, H, W) view for NCHW; whole images for channels_last
-when one fits in a chunk, else groups of channels). When the output chunk is dense and in the
-compute dtype (float32/float64 inputs) the mask of a chunk is built in the output itself: upsampled
-into it, passed through an in-place sigmoid and met with ``x``, so the output is the only
-allocation of the forward; in the backward the chunk of ``grad_x`` holds ``g x m (1 - m)`` until
-the reduction has read it. Otherwise (half types, channel groups) a dense scratch buffer of one
-chunk is used. A chunk's mask never exceeds ``CHUNK_BYTES`` (32 MiB): a memory bound, not a speed
-knob tuned to a machine, so an input larger than a chunk never has a full-size float32 mask
-materialised beside a half-precision output (what matters on a GPU). Chunks are as large as the
-bound allows, and balanced, because every kernel launch is also a synchronisation point of the
-CPU thread pool: few, large kernels hold up far better on a busy machine than many cache-sized
-ones (measurements in docs/performance.md). Fewer fresh full-resolution tensors matter on CPU:
-the first touch of a fresh allocation pays a page fault per 4 KiB page, which costs about as
-much as the arithmetic of the op.
+Matmuls and elementwise ops only: every kernel used here is deterministic on CPU and on CUDA
+(cuBLAS caveats in docs/performance.md), so the results are bitwise reproducible.
+
+When the output chunk is dense and in the compute dtype (float32/float64 inputs) the mask of a
+chunk is built in the output itself, passed through an in-place sigmoid and met with ``x``, so the
+output is the only full-size allocation of the forward. In the backward the mask of a chunk goes
+into a scratch buffer of one chunk, and ``g x m (1 - m)`` into the chunk of ``grad_x`` until the
+reduction has read it (it is then overwritten with ``g (offset + m)``), so ``grad_x`` is the only
+full-size allocation. Half-type inputs are computed in float32 (mask, sigmoid, products, the
+reduction) and rounded once; their float32 mask goes into a scratch buffer of one chunk (and
+``g x m (1 - m)`` into a second one in the backward).
+
+Chunk size (:func:`chunk_bytes`): on CPU a chunk is a cache tile of a few MiB. The mask a chunk's
+first op writes is read back by the next one while still in cache, and a scratch buffer this small
+is recycled by the memory allocator from one call to the next, where a larger one is mapped afresh
+at every call and pays a page fault per 4 KiB page on first touch (about as much as the arithmetic
+of the op; measurements in docs/performance.md). On other devices (the CUDA fallback) a chunk is
+a memory bound of 32 MiB, large enough that kernel launches do not dominate: an input larger than
+that never has a full-size float32 mask materialised beside a half-precision output.
 
 The backward recomputes the mask chunk by chunk from the saved ``x`` and ``logits``::
 
     grad_x      = g * (offset + m)
     grad_logits = Up^T(g * x * m * (1 - m))
-
-Half-precision inputs are computed in float32 (mask, sigmoid, products, the reduction) and
-rounded once. On CPU every kernel used here is deterministic, so the results are bitwise
-reproducible. On CUDA the NCHW path is too (matmuls and elementwise ops; cuBLAS caveats in
-docs/performance.md), but the channels_last backward is not: ``upsample_bilinear2d_backward``
-accumulates with atomic adds there. (On CUDA the default is the Triton kernel, which is.)
 """
 
 from __future__ import annotations
@@ -49,11 +50,19 @@ import torch
 from .._amp import compute_dtype
 from ._interp import interp_matrix
 
+CPU_CHUNK_BYTES = 4 << 20
+"""Bytes of one chunk of the float32 (float64) mask on CPU (unless one unit is larger)."""
+
 CHUNK_BYTES = 32 << 20
-"""Upper bound on the bytes of one chunk of the float32 (float64) mask (unless one row, or one
-channel in channels_last, is larger)."""
+"""Bytes of one chunk of the float32 (float64) mask on other devices (unless one unit is
+larger)."""
 
 _aten = torch.ops.aten
+
+
+def chunk_bytes(device: torch.device) -> int:
+    """The chunk bound for tensors on ``device``: a cache tile on CPU, a memory bound elsewhere."""
+    return CPU_CHUNK_BYTES if device.type == "cpu" else CHUNK_BYTES
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format | None:
@@ -64,16 +73,16 @@ def _layout(t: torch.Tensor) -> torch.memory_format | None:
     return None
 
 
-def _spans(n: int, unit_bytes: int) -> list[tuple[int, int]]:
-    """``[0, n)`` cut into the fewest spans of at most ``CHUNK_BYTES`` each (at least one unit
+def _spans(n: int, unit_bytes: int, bound: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into the fewest spans of at most ``bound`` bytes each (at least one unit
     each), of sizes that differ by at most one."""
-    per = max(1, CHUNK_BYTES // max(1, unit_bytes))
+    per = max(1, bound // max(1, unit_bytes))
     count = math.ceil(n / per)
     return [(n * i // count, n * (i + 1) // count) for i in range(count)]
 
 
 def _apply_gain(base: torch.Tensor, m: torch.Tensor, offset: float, out: torch.Tensor) -> None:
-    """``out = base * (offset + m)``; ``m`` may be modified."""
+    """``out = base * (offset + m)``; ``m`` may be modified and may be ``out``."""
     if offset == 1.0:
         torch.addcmul(base, base, m, out=out)
     elif offset == 0.0:
@@ -96,92 +105,90 @@ def _sigmoid_grad_times(
 
 
 class _Plan:
-    """Shapes, compute dtype, memory format and chunks of one call."""
+    """Shapes, compute dtype, memory format, interpolation matrices and chunks of one call.
+
+    A *unit* is a plane (B·C, H, W) in NCHW and an image row (B·H, W, C) in channels_last; a
+    chunk is a span of units, dense in memory.
+    """
 
     def __init__(self, x: torch.Tensor, logits: torch.Tensor, align_corners: bool) -> None:
         b, c, hh, ww = x.shape
         h, w = logits.shape[-2:]
         self.cdt = compute_dtype(x.dtype)
-        self.align_corners = align_corners
         self.shape = (b, c, hh, ww, h, w)
         fmt = _layout(x)
         self.fmt = fmt if fmt is not None else torch.contiguous_format
         self.channels_last = self.fmt == torch.channels_last
-        itemsize = torch.finfo(self.cdt).bits // 8
-        # channels_last: whole images when one fits in a chunk, else groups of channels (every
-        # image and row); NCHW: planes of the (B·C, H, W) view
-        self.by_image = self.channels_last and c * hh * ww * itemsize <= CHUNK_BYTES
-        if self.by_image:
-            self.spans = _spans(b, c * hh * ww * itemsize)
-        elif self.channels_last:
-            self.spans = _spans(c, b * hh * ww * itemsize)
-        else:
-            self.spans = _spans(b * c, hh * ww * itemsize)
-        # a chunk of a full-resolution tensor is dense in memory (so it can serve as the mask's
-        # scratch space) unless it is a group of channels of a channels_last tensor
-        self.dense_chunks = self.by_image or not self.channels_last
         self.device = x.device
-        # NCHW: the interpolation matrices A_H (H, h) and A_W (W, w)
         self.a_h = interp_matrix(
             hh, h, align_corners=align_corners, dtype=self.cdt, device=x.device
         )
         self.a_w = interp_matrix(
             ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device
         )
+        self.a_w_t = self.a_w.t().contiguous()
+        self.unit_shape = (ww, c) if self.channels_last else (hh, ww)
+        self.units = b * hh if self.channels_last else b * c
+        itemsize = torch.finfo(self.cdt).bits // 8
+        self.spans = _spans(
+            self.units, math.prod(self.unit_shape) * itemsize, chunk_bytes(x.device)
+        )
+
+    def units_of(self, t: torch.Tensor) -> torch.Tensor:
+        """A full-resolution tensor in ``self.fmt`` as the (units, *unit_shape) view."""
+        b, c, hh, ww, _, _ = self.shape
+        if self.channels_last:
+            return t.permute(0, 2, 3, 1).view(b * hh, ww, c)
+        return t.view(b * c, hh, ww)
 
     def small(self, logits: torch.Tensor) -> torch.Tensor:
-        """What the mask chunks are upsampled from: the logits in the compute dtype
-        (channels_last), or ``L @ A_W^T`` as (B·C, h, W) (NCHW)."""
+        """The logits interpolated along the first axis of the layout: ``A_H L`` as
+        (B·H, w, C) (channels_last), or ``L A_W^T`` as (B·C, h, W) (NCHW)."""
+        b, c, hh, _, h, w = self.shape
+        lg = logits.to(self.cdt)
         if self.channels_last:
-            # upsample_bilinear2d into a channels_last output is an order of magnitude slower
-            # from NCHW logits than from channels_last ones (a small copy)
-            return logits.to(self.cdt).contiguous(memory_format=torch.channels_last)
-        b, c, _, _, h, w = self.shape
-        return torch.matmul(logits.to(self.cdt).reshape(b * c, h, w), self.a_w.t())
-
-    def _chunk_shape(self, n: int) -> tuple[int, ...]:
-        """Shape of a chunk of ``n`` units: (B, n, H, W), (n, C, H, W) or (n, H, W) planes."""
-        b, c, hh, ww, _, _ = self.shape
-        if self.by_image:
-            return (n, c, hh, ww)
-        return (b, n, hh, ww) if self.channels_last else (n, hh, ww)
+            rows = torch.matmul(self.a_h, lg.permute(0, 2, 3, 1).reshape(b, h, w * c))
+            return rows.view(b * hh, w, c)
+        return torch.matmul(lg.reshape(b * c, h, w), self.a_w.t())
 
     def buffer(self) -> torch.Tensor:
-        """Flat scratch space for the largest chunk, in the compute dtype (see :meth:`scratch`)."""
+        """Scratch space for the largest chunk, (n, *unit_shape), in the compute dtype."""
         n = max(s1 - s0 for s0, s1 in self.spans)
-        return torch.empty(math.prod(self._chunk_shape(n)), dtype=self.cdt, device=self.device)
-
-    def chunk(self, t: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
-        """The part of a full-resolution tensor (in ``self.fmt``) that chunk ``s0:s1`` covers."""
-        if self.by_image:
-            return t[s0:s1]
-        if self.channels_last:
-            return t[:, s0:s1]
-        b, c, hh, ww, _, _ = self.shape
-        return t.view(b * c, hh, ww)[s0:s1]
-
-    def scratch(self, buf: torch.Tensor, s0: int, s1: int) -> torch.Tensor:
-        """Chunk ``s0:s1``'s shape on the front of a :meth:`buffer`, dense in ``self.fmt`` (the
-        ATen upsampling kernels are much slower on strided tensors)."""
-        shape = self._chunk_shape(s1 - s0)
-        flat = buf[: math.prod(shape)]
-        if not self.channels_last:
-            return flat.view(shape)
-        b, c, hh, ww = shape
-        return flat.view(b, hh, ww, c).permute(0, 3, 1, 2)
+        return torch.empty(n, *self.unit_shape, dtype=self.cdt, device=self.device)
 
     def mask(self, small: torch.Tensor, s0: int, s1: int, dst: torch.Tensor) -> torch.Tensor:
-        """``sigmoid(Up(L))`` on chunk ``s0:s1``, written into ``dst`` (a dense tensor of the
-        chunk's shape, in the compute dtype) and returned."""
-        _, _, hh, ww, _, _ = self.shape
-        ac = self.align_corners
-        if self.by_image:
-            _aten.upsample_bilinear2d.out(small[s0:s1], [hh, ww], ac, None, None, out=dst)
-        elif self.channels_last:
-            _aten.upsample_bilinear2d.out(small[:, s0:s1], [hh, ww], ac, None, None, out=dst)
-        else:
-            torch.matmul(self.a_h, small[s0:s1], out=dst)
+        """``sigmoid(Up(L))`` on chunk ``s0:s1``, written into ``dst`` (a dense
+        (s1 - s0, *unit_shape) tensor in the compute dtype) and returned."""
+        a = self.a_w if self.channels_last else self.a_h
+        torch.matmul(a, small[s0:s1], out=dst)
         return dst.sigmoid_()
+
+    def reduction(self) -> torch.Tensor:
+        """Where :meth:`reduce` accumulates: (w, B·C·H) (NCHW) or (B·H, w, C) (channels_last)."""
+        b, c, hh, _, _, w = self.shape
+        if self.channels_last:
+            return torch.empty(b * hh, w, c, dtype=self.cdt, device=self.device)
+        return torch.empty(w, b * c * hh, dtype=self.cdt, device=self.device)
+
+    def reduce(self, d: torch.Tensor, s0: int, s1: int, red: torch.Tensor) -> None:
+        """The adjoint of the per-chunk interpolation: ``d`` of chunk ``s0:s1`` reduced along
+        ``W`` into its part of ``red``."""
+        a_w_t = self.a_w_t
+        if self.channels_last:
+            torch.matmul(a_w_t, d, out=red[s0:s1])
+        else:
+            hh, ww = self.unit_shape
+            torch.mm(a_w_t, d.reshape(-1, ww).t(), out=red[:, s0 * hh : s1 * hh])
+
+    def finish(self, red: torch.Tensor) -> torch.Tensor:
+        """The logits gradient (B, C, h, w) from the reduction: the adjoint along ``H``."""
+        b, c, hh, _, h, w = self.shape
+        if self.channels_last:
+            # (h, H) @ (B, H, w·C) -> (B, h, w, C), a channels_last (B, C, h, w)
+            out = torch.matmul(self.a_h.t(), red.view(b, hh, w * c))
+            return out.view(b, h, w, c).permute(0, 3, 1, 2)
+        # (w, B·C, H) @ (H, h) -> (w, B·C, h) -> (B, C, h, w)
+        return torch.matmul(red.view(w, b * c, hh), self.a_h).permute(1, 2, 0).view(b, c, h, w)
 
 
 def forward(
@@ -193,15 +200,15 @@ def forward(
         return out
     plan = _Plan(x, logits, align_corners)
     work = out if _layout(out) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
-    xc = x.contiguous(memory_format=plan.fmt)
+    xu = plan.units_of(x.contiguous(memory_format=plan.fmt))
+    wu = plan.units_of(work)
     small = plan.small(logits)
     # the mask of a chunk is built in the output itself when it can hold it, else in a buffer
-    in_place = plan.dense_chunks and work.dtype == plan.cdt
-    buf = None if in_place else plan.buffer()
+    buf = None if work.dtype == plan.cdt else plan.buffer()
     for s0, s1 in plan.spans:
-        o_c = plan.chunk(work, s0, s1)
-        m = plan.mask(small, s0, s1, o_c if buf is None else plan.scratch(buf, s0, s1))
-        _apply_gain(plan.chunk(xc, s0, s1), m, offset, o_c)
+        o_c = wu[s0:s1]
+        m = plan.mask(small, s0, s1, o_c if buf is None else buf[: s1 - s0])
+        _apply_gain(xu[s0:s1], m, offset, o_c)
     if work is not out:
         out.copy_(work)
     return out
@@ -226,70 +233,33 @@ def backward(
             gl.zero_()
         return gx, gl
     plan = _Plan(x, logits, align_corners)
-    b, c, hh, ww, h, w = plan.shape
-    xc = x.contiguous(memory_format=plan.fmt)
-    gc = grad.contiguous(memory_format=plan.fmt)
+    xu = plan.units_of(x.contiguous(memory_format=plan.fmt))
+    gu = plan.units_of(grad.contiguous(memory_format=plan.fmt))
     gx_work = None
     if gx is not None:
         gx_work = gx if _layout(gx) == plan.fmt else torch.empty_like(x, memory_format=plan.fmt)
+    gxu = None if gx_work is None else plan.units_of(gx_work)
     small = plan.small(logits)
-    buf = plan.buffer()
-    # ``g x m (1 - m)`` of a chunk goes into the chunk of grad_x (overwritten afterwards) when
-    # that can hold it, else into a second buffer
-    in_place = gx_work is not None and plan.dense_chunks and gx_work.dtype == plan.cdt
-    tmp = torch.empty_like(buf) if need_logits and not in_place else None  # flat, like buf
-    red = None  # the logits gradient in the compute dtype
-    if need_logits:
-        if plan.channels_last:
-            red = torch.empty(b, c, h, w, dtype=plan.cdt, device=x.device)
-        else:
-            # A_W^T (g x m (1 - m))^T for every row of every plane: (w, B·C·H); then A_H^T
-            red = torch.empty(w, b * c * hh, dtype=plan.cdt, device=x.device)
-            a_w_t = plan.a_w.t().contiguous()
+    # the mask of a chunk goes into a buffer; g x m (1 - m) into the chunk of grad_x when that
+    # can hold it (it is overwritten with g (offset + m) once the reduction has read it), else
+    # into a second buffer
+    in_place = gxu is not None and gxu.dtype == plan.cdt
+    m_buf = plan.buffer()
+    d_buf = plan.buffer() if need_logits and not in_place else None
+    red = plan.reduction() if need_logits else None
     for s0, s1 in plan.spans:
-        m = plan.mask(small, s0, s1, plan.scratch(buf, s0, s1))
-        g_c, x_c = plan.chunk(gc, s0, s1), plan.chunk(xc, s0, s1)
-        gx_c = None if gx_work is None else plan.chunk(gx_work, s0, s1)
+        n = s1 - s0
+        gx_c = None if gxu is None else gxu[s0:s1]
+        m = plan.mask(small, s0, s1, m_buf[:n])
         if red is not None:
-            if in_place:
-                assert gx_c is not None
-                d = gx_c
-            else:
-                assert tmp is not None
-                d = plan.scratch(tmp, s0, s1)
-            _sigmoid_grad_times(g_c, x_c, m, d)
-            if plan.by_image:
-                _aten.upsample_bilinear2d_backward.grad_input(
-                    d,
-                    [hh, ww],
-                    [s1 - s0, c, h, w],
-                    align_corners,
-                    None,
-                    None,
-                    grad_input=red[s0:s1],
-                )
-            elif plan.channels_last:
-                _aten.upsample_bilinear2d_backward.grad_input(
-                    d,
-                    [hh, ww],
-                    [b, s1 - s0, h, w],
-                    align_corners,
-                    None,
-                    None,
-                    grad_input=red[:, s0:s1],
-                )
-            else:
-                torch.mm(a_w_t, d.reshape(-1, ww).t(), out=red[:, s0 * hh : s1 * hh])
+            d = gx_c if d_buf is None else d_buf[:n]
+            assert d is not None
+            _sigmoid_grad_times(gu[s0:s1], xu[s0:s1], m, d)
+            plan.reduce(d, s0, s1, red)
         if gx_c is not None:
-            _apply_gain(g_c, m, offset, gx_c)
+            _apply_gain(gu[s0:s1], m, offset, gx_c)
     if gl is not None and red is not None:
-        if plan.channels_last:
-            gl.copy_(red)
-        else:
-            # (w, B·C, H) @ (H, h) -> (w, B·C, h) -> (B, C, h, w)
-            gl.copy_(
-                torch.matmul(red.view(w, b * c, hh), plan.a_h).permute(1, 2, 0).view(b, c, h, w)
-            )
+        gl.copy_(plan.finish(red))
     if gx is not None and gx_work is not None and gx_work is not gx:
         gx.copy_(gx_work)
     return gx, gl
