@@ -314,14 +314,15 @@ def ld_modulate(
 
     dtypes: float32 and float64 are exact to rounding; float16 and bfloat16 compute the mask,
     the sigmoid and the reduction of the backward in float32 and round once. An enclosing
-    autocast region does not change this. The torch kernel is bitwise reproducible on CPU.
+    autocast region does not change this. The torch kernel (matmuls and elementwise ops, no
+    atomic adds) is bitwise reproducible on CPU and on CUDA (cuBLAS permitting).
     Double backward is not supported.
 
-    Complexity: time O(B C H W) (a few operations per element; in NCHW the torch kernel builds
-    the mask with ``h`` multiply-adds per element and its backward reduces with ``w`` more);
-    autograd saves ``x`` and ``logits`` only;
-    extra memory is a constant (chunk buffers of at most 32 MiB) plus O(B C H w) in the
-    backward.
+    Complexity: time O(B C H W) (a few operations per element; the torch kernel builds the
+    mask with ``h`` (NCHW) or ``w`` (channels_last) multiply-adds per element and its backward
+    reduces with ``w`` more); autograd saves ``x`` and ``logits`` only; extra memory is a
+    constant (scratch chunks of at most 4 MiB on CPU and 32 MiB on other devices, unless one
+    plane (NCHW) or image row (channels_last) is larger) plus O(B C H w).
     """
     _check_inputs(x, logits, offset, align_corners)
     which = resolve_impl(x, impl)
