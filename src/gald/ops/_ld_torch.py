@@ -43,6 +43,7 @@ The backward recomputes the mask chunk by chunk from the saved ``x`` and ``logit
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -126,7 +127,6 @@ class _Plan:
         self.a_w = interp_matrix(
             ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device
         )
-        self.a_w_t = self.a_w.t().contiguous()
         self.unit_shape = (ww, c) if self.channels_last else (hh, ww)
         self.units = b * hh if self.channels_last else b * c
         itemsize = torch.finfo(self.cdt).bits // 8
@@ -169,6 +169,11 @@ class _Plan:
         if self.channels_last:
             return torch.empty(b * hh, w, c, dtype=self.cdt, device=self.device)
         return torch.empty(w, b * c * hh, dtype=self.cdt, device=self.device)
+
+    @functools.cached_property
+    def a_w_t(self) -> torch.Tensor:
+        """``A_W^T``, contiguous (the reduction's left operand; a strided view is slower)."""
+        return self.a_w.t().contiguous()
 
     def reduce(self, d: torch.Tensor, s0: int, s1: int, red: torch.Tensor) -> None:
         """The adjoint of the per-chunk interpolation: ``d`` of chunk ``s0:s1`` reduced along
