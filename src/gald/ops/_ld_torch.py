@@ -128,11 +128,9 @@ class _Plan:
             ww, w, align_corners=align_corners, dtype=self.cdt, device=x.device
         )
         self.unit_shape = (ww, c) if self.channels_last else (hh, ww)
-        self.units = b * hh if self.channels_last else b * c
+        units = b * hh if self.channels_last else b * c
         itemsize = torch.finfo(self.cdt).bits // 8
-        self.spans = _spans(
-            self.units, math.prod(self.unit_shape) * itemsize, chunk_bytes(x.device)
-        )
+        self.spans = _spans(units, math.prod(self.unit_shape) * itemsize, chunk_bytes(x.device))
 
     def units_of(self, t: torch.Tensor) -> torch.Tensor:
         """A full-resolution tensor in ``self.fmt`` as the (units, *unit_shape) view."""
