@@ -51,7 +51,7 @@ def _has_matplotlib() -> bool:
         (["--ga", "cgnl,nope"], "unknown GA 'nope'"),
         (["--device", "cuda"], "no CUDA device is available"),
         (["--rounds", "2"], "expected an integer >= 3"),
-        (["--min-time", "0"], "expected a positive number"),
+        (["--min-time", "0"], "expected a positive, finite number"),
         (["--dtype", "float64"], "invalid choice"),
         (["--ga", "none"], "--ga none measures nothing without --ld"),
         (["--ga", "none", "--ld", "--plot", "x.png"], "--plot draws the GA table"),
@@ -66,9 +66,11 @@ def test_cli_rejects_bad_arguments(argv, message, capsys, monkeypatch) -> None:
 
 
 def test_cli_reports_a_shape_too_small_for_the_model(capsys) -> None:
-    assert main(["--shape", "1,8,2,2", "--min-time", "0.01", "--quiet"]) == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["--shape", "1,8,2,2", "--min-time", "0.01", "--quiet"])
+    assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "error:" in err and "(1, 8, 2, 2)" in err
+    assert "error: --shape 1,8,2,2 is too small" in err and "GALD(cgnl)" in err
 
 
 def test_help_shows_every_default_without_markup(capsys) -> None:
@@ -389,13 +391,20 @@ class _Stream:
 
 
 @pytest.mark.parametrize(
-    ("tty", "enabled", "shown"), [(True, True, True), (False, True, False), (True, False, False)]
+    ("out_tty", "err_tty", "enabled", "shown"),
+    [
+        (True, True, True, True),
+        (True, False, True, False),
+        (False, True, True, False),  # stdout redirected: silent, as the issue asks
+        (True, True, False, False),  # --quiet
+    ],
 )
-def test_progress_line_only_on_a_terminal(tty, enabled, shown, monkeypatch) -> None:
+def test_progress_line_only_on_a_terminal(out_tty, err_tty, enabled, shown, monkeypatch) -> None:
     from gald.bench._timing import Progress
 
-    stream = _Stream(tty)
+    stream = _Stream(err_tty)
     monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(sys, "stdout", _Stream(out_tty))
     progress = Progress(10.0, enabled=enabled)
     progress.advance(5.0, "cgnl train step with LD")
     progress.close()

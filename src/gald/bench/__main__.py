@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ._args import check_outputs, positive_seconds
 from ._config import DTYPES, Config
 from ._timing import Progress, busy_note, environment, load_average
 
@@ -33,16 +34,6 @@ def _shape(text: str) -> tuple[int, int, int, int]:
             f"expected B,C,H,W (four positive integers, e.g. 2,512,97,97), got {text!r}"
         )
     return parts[0], parts[1], parts[2], parts[3]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
 
 
 def _int_at_least(minimum: int):
@@ -99,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--min-time",
-        type=_positive_float,
+        type=positive_seconds,
         default=2.0,
         metavar="SECONDS",
         help="measured time per model and quantity, spread over the rounds",
@@ -169,6 +160,20 @@ def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
     return names
 
 
+def _too_small(gas: list[str], ld: bool, shape: tuple[int, int, int, int]) -> str | None:
+    """Why the models asked for cannot run at ``shape`` (checked on the meta device, before
+    anything runs), or ``None``."""
+    from . import block
+    from . import ld as ld_bench
+    from ._sizes import Factories, too_small
+
+    channels = shape[1]
+    parts: dict[str, Factories] = {f"--ga {ga}": block.candidates(ga, channels) for ga in gas}
+    if ld:
+        parts["--ld"] = ld_bench.candidates(channels)
+    return too_small(parts, shape)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ablation" in argv:
@@ -185,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
             "--device cuda: no CUDA device is available here (torch "
             f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
         )
+    check_outputs(parser, json=args.json, plot=args.plot)
     if args.plot:
         from ._plot import plot_available
 
         ok, why = plot_available()
         if not ok:
             parser.error(f"--plot: {why}")
+    problem = _too_small(gas, args.ld, args.shape)
+    if problem:
+        parser.error(problem)
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(args.threads)

@@ -20,6 +20,10 @@ interval printed (about 95 %) is the wider of the two:
   run, which blocks measured back to back do not; being robust, a single round hit by a
   one-off stall (a page-fault storm, another process) does not swamp it, just as it does not
   move the medians that are reported.
+
+The interval is multiplicative, ``[r / (1 + h), r * (1 + h)]`` for a relative half-width ``h``:
+the interval of ``b / a`` is then exactly the reciprocal of that of ``a / b``, so a comparison
+and its inverse always get the same verdict (:attr:`Ratio.verdict`).
 """
 
 from __future__ import annotations
@@ -117,9 +121,14 @@ class Stats:
         }
 
 
+# a 95 % interval whose ends differ by this factor or more gives no usable figure
+NOISY_FACTOR = 2.0
+
+
 @dataclass
 class Ratio:
-    """``a / b`` of two medians with an approximate 95 % interval (relative half-width)."""
+    """``a / b`` of two medians with an approximate 95 % interval (relative half-width ``h``:
+    the interval is ``[value / (1 + h), value * (1 + h)]``)."""
 
     value: float
     rel_halfwidth: float  # of the ratio, relative; nan when unknown
@@ -139,7 +148,7 @@ class Ratio:
 
     @property
     def low(self) -> float:
-        return self.value * (1.0 - self.rel_halfwidth)
+        return self.value / (1.0 + self.rel_halfwidth)
 
     @property
     def high(self) -> float:
@@ -150,6 +159,20 @@ class Ratio:
         """The interval contains 1 (no difference), or the spread is unknown."""
         return not (self.low > 1.0 or self.high < 1.0)
 
+    @property
+    def verdict(self) -> str:
+        """What a table may say, by one rule for every table: ``"spread unknown"``, ``"within
+        noise"`` (the interval contains 1), ``"too noisy"`` (its ends differ by a factor of
+        :data:`NOISY_FACTOR` or more: no usable figure) or ``"measured"``. The same for
+        ``a / b`` and ``b / a``: their intervals are reciprocal."""
+        if math.isnan(self.rel_halfwidth):
+            return "spread unknown"
+        if self.within_noise:
+            return "within noise"
+        if (1.0 + self.rel_halfwidth) ** 2 >= NOISY_FACTOR:
+            return "too noisy"
+        return "measured"
+
     def as_dict(self) -> dict[str, Any]:
         known = not math.isnan(self.rel_halfwidth)
         return {
@@ -159,35 +182,42 @@ class Ratio:
             "overhead_pct": 100.0 * (self.value - 1.0),
             "overhead_pct_halfwidth": 100.0 * self.value * self.rel_halfwidth if known else None,
             "within_noise": self.within_noise,
+            "verdict": self.verdict,
         }
 
 
 def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
-    """``+12.3 % ± 4.1 %``, or ``within noise (±…)`` when the interval contains zero.
+    """``+12.3 % ± 4.1 %``; ``within noise (±…)`` or ``too noisy…`` by :attr:`Ratio.verdict`.
 
     ``emphasis`` sets a measured figure in Markdown bold (``**+12.3 %** ± 4.1 %``)."""
     pct = 100.0 * (r.value - 1.0)
-    if math.isnan(r.rel_halfwidth):
+    verdict = r.verdict
+    if verdict == "spread unknown":
         return f"{pct:+.1f} % (spread unknown)"
     half = 100.0 * r.value * r.rel_halfwidth
-    if r.within_noise:
+    if verdict == "within noise":
         if half >= 100:
             return "within noise (spread > 100 %)"
         return f"within noise (±{half:.0f} %)" if half >= 10 else f"within noise (±{half:.1f} %)"
-    if half >= 100:
-        # an interval wider than the baseline itself: the order of magnitude, not a figure
+    if verdict == "too noisy":
+        # the order of magnitude, not a figure
         return f"too noisy: {pct:+.0f} % ± {half:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
     figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
     return f"{figure} ± {half:.1f} %"
 
 
 def format_speed(r: Ratio) -> str:
-    """``r`` = baseline time / candidate time: ``2.10x faster``, ``1.3x slower`` or noise."""
-    if not math.isnan(r.rel_halfwidth) and r.within_noise:
+    """``r`` = baseline time / candidate time: ``2.10x faster``, ``1.3x slower``, or by
+    :attr:`Ratio.verdict` ``same within noise`` / ``too noisy (2.1x–5.3x slower)``."""
+    verdict = r.verdict
+    if verdict == "within noise":
         return "same within noise"
-    if r.value >= 1.0:
-        return f"{r.value:.2f}x faster"
-    return f"{1.0 / r.value:.2f}x slower"
+    faster = r.value >= 1.0
+    word = "faster" if faster else "slower"
+    if verdict == "too noisy":
+        low, high = (r.low, r.high) if faster else (1.0 / r.high, 1.0 / r.low)
+        return f"too noisy ({low:.2g}x–{high:.2g}x {word})"
+    return f"{r.value if faster else 1.0 / r.value:.2f}x {word}"
 
 
 def format_time(d: Mapping[str, Any]) -> str:
@@ -202,7 +232,7 @@ def format_time(d: Mapping[str, Any]) -> str:
 def ratio_from(d: Mapping[str, Any]) -> Ratio:
     """The :class:`Ratio` of a :meth:`Ratio.as_dict` record."""
     low = d["ratio_low"]
-    return Ratio(d["ratio"], math.nan if low is None else 1.0 - low / d["ratio"])
+    return Ratio(d["ratio"], math.nan if low is None else d["ratio"] / low - 1.0)
 
 
 def format_mib(b: int | None) -> str:
@@ -449,10 +479,11 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 class Progress:
-    """One status line on stderr, redrawn in place; silent unless stderr is a terminal."""
+    """One status line on stderr, redrawn in place; silent unless both stdout and stderr are
+    terminals (output redirected to a file or a pipe stays free of it)."""
 
     def __init__(self, total_s: float, *, enabled: bool) -> None:
-        self.enabled = enabled and sys.stderr.isatty()
+        self.enabled = enabled and sys.stdout.isatty() and sys.stderr.isatty()
         self.total = max(total_s, 1e-9)
         self.start = time.perf_counter()
         self.done = 0.0

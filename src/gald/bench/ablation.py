@@ -51,6 +51,7 @@ from ._ablation_task import (
     make_batch,
     metrics,
 )
+from ._args import check_outputs, finite_float
 
 METRICS = ("large", "small", "boundary", "miou")
 COMPARISONS = (("ga", "none"), ("ld", "ga"), ("ld", "none"), ("ld", "frozen"))
@@ -367,7 +368,9 @@ def _parser() -> argparse.ArgumentParser:
         default=d.eval_images,
         help=f"held-out images (default {d.eval_images})",
     )
-    p.add_argument("--offset", type=float, default=d.offset, help=f"LD offset (default {d.offset})")
+    p.add_argument(
+        "--offset", type=finite_float, default=d.offset, help=f"LD offset (default {d.offset})"
+    )
     p.add_argument(
         "--final-act",
         action=argparse.BooleanOptionalAction,
@@ -393,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.size < 8:
         parser.error(f"--size must be >= 8, got {args.size}")
+    check_outputs(parser, json=args.json)
     cfg = AblationConfig(
         ga=args.ga,
         seeds=args.seeds,

@@ -78,6 +78,14 @@ def build(ga: str, channels: int, *, ld: bool, seed: int = 0) -> GALD:
     return GALD(channels, ga, ld=ld, **kwargs)
 
 
+def candidates(ga: str, channels: int) -> dict[str, Callable[[], GALD]]:
+    """How to build the two models measured for ``ga``, by label."""
+    return {
+        f"GALD({ga}) with LD": functools.partial(build, ga, channels, ld=True),
+        f"GALD({ga}) without LD": functools.partial(build, ga, channels, ld=False),
+    }
+
+
 class _Pair:
     """The with-LD and without-LD models of one GA and their timed closures."""
 
@@ -272,4 +280,4 @@ def render(results: dict[str, Any], cfg_text: str) -> str:
     return title + "\n" + format_table(*table(results))
 
 
-__all__ = ["build", "count_flops", "render", "run", "table"]
+__all__ = ["build", "candidates", "count_flops", "render", "run", "table"]

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._timing import format_overhead, format_pct, ratio_from
+from ._timing import format_overhead, format_pct, format_speed, ratio_from
 
 MARKER = re.compile(
     r"(<!-- bench:start(?: (?P<kind>[a-z]+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)", re.S
@@ -41,8 +41,8 @@ def _overhead(d: dict[str, Any]) -> str:
 
 
 def _speed(d: dict[str, Any]) -> str:
-    if d["within_noise"] and d["ratio_low"] is not None:
-        return "same within noise"
+    if ratio_from(d).verdict in ("within noise", "too noisy"):
+        return format_speed(ratio_from(d))
     r, low, high = d["ratio"], d["ratio_low"], d["ratio_high"]
     if r < 1 and low is not None:  # the interval in the unit of the figure: times slower
         low, high = 1 / high, 1 / low
@@ -66,7 +66,9 @@ def where(res: dict[str, Any]) -> str:
     if cfg["device"] == "cpu":
         parts = []
         if env.get("cpus_in_use_at_start") is not None:
-            parts.append(f"CPUs in use by other processes at the start: {env['cpus_in_use_at_start']}")
+            parts.append(
+                f"CPUs in use by other processes at the start: {env['cpus_in_use_at_start']}"
+            )
         if env.get("load_average_1min") is not None:
             avg = f"1-minute load average {env['load_average_1min']} at the start"
             if env.get("load_average_1min_end") is not None:

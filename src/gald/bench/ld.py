@@ -75,6 +75,17 @@ class AuthorsLD(nn.Module):
         return x + x * mask
 
 
+def candidates(channels: int) -> dict[str, Callable[[], nn.Module]]:
+    """How to build the two modules :func:`run_vs_authors` measures, by label (for the check
+    of the input size, before the run)."""
+    return {
+        "the authors' LD branch": functools.partial(AuthorsLD, channels),
+        "gald's LocalDistribution(padding=0)": functools.partial(
+            LocalDistribution, channels, padding=0
+        ),
+    }
+
+
 def ld_branch_size(side: int, stages: int = 3) -> int:
     """Side of the LD logits: ``stages`` depthwise k=3, stride-2, padding-0 convs."""
     for _ in range(stages):

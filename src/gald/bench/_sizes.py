@@ -1,0 +1,103 @@
+"""Whether the benchmarked models run at the requested input, checked before anything is timed.
+
+Every model is dry-run in train mode (where BatchNorm needs more than one value per channel) on
+the ``meta`` device: shapes only, no memory and no compute, so the requested shape itself is
+checked at any size. When a model fails there, the same dry runs find the smallest square input
+that works (a bisection: the models' constraints, strided convs and BatchNorm, only loosen as
+the side grows), so the message can name it. A failure that no size explains (an op without a
+meta implementation, say) is left to the real run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+Factories = Mapping[str, Callable[[], nn.Module]]
+"""What a part of the run measures: a label per model (``"the authors' LD branch"``) and how
+to build it."""
+
+
+def _build(factories: Factories) -> dict[str, nn.Module] | None:
+    try:
+        with torch.device("meta"):
+            return {label: make().train() for label, make in factories.items()}
+    except Exception:  # a model that cannot be built fails in the real run, with its message
+        return None
+
+
+def _failure(models: Mapping[str, nn.Module], shape: tuple[int, ...]) -> tuple[str, str] | None:
+    """The label of the first model that cannot run at ``shape`` and the first line of why."""
+    x = torch.empty(shape, device="meta")
+    for label, model in models.items():
+        try:
+            with torch.no_grad():
+                model(x)
+        except (ValueError, RuntimeError) as exc:
+            return label, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return None
+
+
+def smallest_side(
+    models: Mapping[str, nn.Module], batch: int, channels: int, *, limit: int = 1 << 12
+) -> int | None:
+    """The smallest ``s`` at which every model runs on a ``(batch, channels, s, s)`` input;
+    ``None`` when none up to ``limit`` does (the failure is not about the size)."""
+
+    def runs(side: int) -> bool:
+        return _failure(models, (batch, channels, side, side)) is None
+
+    high = 1
+    while not runs(high):
+        if high >= limit:
+            return None
+        high *= 2
+    low = high // 2  # fails (or 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if runs(mid):
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def too_small(parts: Mapping[str, Factories], shape: tuple[int, int, int, int]) -> str | None:
+    """``None`` when every model of every part (keyed by the option that asks for it, e.g.
+    ``"--ga cgnl"``) runs at ``shape``; else a message naming each part that does not, the sides
+    it needs and the smallest input that runs them all."""
+    b, c, h, w = shape
+    built = {option: _build(factories) for option, factories in parts.items()}
+    models = {option: m for option, m in built.items() if m is not None}
+    lines = []
+    for option, ms in models.items():
+        failed = _failure(ms, shape)
+        if failed is None:
+            continue
+        label, why = failed
+        side = smallest_side(ms, b, c)
+        if side is None or side <= min(h, w):
+            continue  # not a matter of size: the real run reports it
+        line = f"  {option}: {label} needs H, W >= {side} at batch size {b}"
+        if b == 1:
+            side2 = smallest_side(ms, 2, c)
+            if side2 is not None and side2 < side:
+                line += f" (>= {side2} at batch size 2)"
+        lines.append(f"{line}; at {h}x{w} it fails with: {why}")
+    if not lines:
+        return None
+    need = max(smallest_side(ms, b, c) or 0 for ms in models.values())
+    smallest = f"--shape {b},{c},{need},{need}"
+    if b == 1:
+        sides2 = [smallest_side(ms, 2, c) or 0 for ms in models.values()]
+        if max(sides2) < need:
+            smallest += f" (or, with a batch of 2, --shape 2,{c},{max(sides2)},{max(sides2)})"
+    return "\n".join(
+        [
+            f"--shape {b},{c},{h},{w} is too small for what it is asked to run:",
+            *lines,
+            f"the smallest square input that runs all of it: {smallest}",
+        ]
+    )

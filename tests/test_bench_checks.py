@@ -1,0 +1,197 @@
+"""``python -m gald.bench``: bad inputs fail up front (output paths, shapes too small for a
+requested model, non-finite numbers), and the faster/slower verdict is one symmetric rule."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from gald.bench import ablation, block
+from gald.bench import ld as ld_bench
+from gald.bench.__main__ import main
+from gald.bench._timing import Ratio, Stats, format_overhead, format_speed
+
+SMALL = ["--min-time", "0.05", "--rounds", "3", "--threads", "1", "--quiet"]
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch) -> None:
+    """Fail the test if a benchmark starts: every check here must come before."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a benchmark ran before the bad input was reported")
+
+    monkeypatch.setattr(block, "run", fail)
+    monkeypatch.setattr(ld_bench, "run_vs_authors", fail)
+    monkeypatch.setattr(ablation, "run", fail)
+
+
+def _error(capsys, fn, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        fn(argv)
+    assert exc.value.code == 2
+    return " ".join(capsys.readouterr().err.split())  # argparse may wrap
+
+
+# --------------------------------------------------------------------------------------------
+# --json / --plot paths
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_output_in_a_missing_directory_fails_before_the_run(
+    option, tmp_path, capsys, nothing_runs
+) -> None:
+    path = tmp_path / "missing" / "r.out"
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, option, str(path)])
+    assert f"error: {option}: expected a writable file path in an existing directory" in err
+    assert repr(str(path)) in err and "does not exist" in err
+    assert not path.parent.exists()
+
+
+def test_output_that_is_a_directory_fails(tmp_path, capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--json", str(tmp_path)])
+    assert "--json:" in err and "that is a directory" in err
+
+
+def test_output_in_a_read_only_directory_fails(tmp_path, capsys, nothing_runs, monkeypatch) -> None:
+    # os.access stands in for a read-only directory (CI runs as root, which writes anywhere)
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
+    )
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--json", str(tmp_path / "r.json")])
+    assert "--json:" in err and "is not writable" in err
+
+
+def test_ablation_json_in_a_missing_directory_fails(tmp_path, capsys, nothing_runs) -> None:
+    path = tmp_path / "missing" / "a.json"
+    err = _error(capsys, ablation.main, ["--json", str(path)])
+    assert "--json:" in err and "does not exist" in err
+
+
+# --------------------------------------------------------------------------------------------
+# shapes too small for a requested model
+
+
+def _runs(model: torch.nn.Module, shape: tuple[int, int, int, int]) -> bool:
+    """A real (CPU) train-mode forward: the ground truth the meta dry run must match."""
+    try:
+        model.train()(torch.randn(shape))
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def test_ld_too_small_names_the_authors_branch_and_the_smallest_shape(
+    tmp_path, capsys, nothing_runs
+) -> None:
+    # the case of the report: the GA table ran, then --ld died and the JSON was lost
+    argv = ["--shape", "1,16,17,17", *SMALL, "--ga", "cgnl,psp", "--ld"]
+    err = _error(capsys, main, [*argv, "--json", str(tmp_path / "r.json")])
+    assert "error: --shape 1,16,17,17 is too small" in err
+    assert "--ld: the authors' LD branch needs H, W >= 23 at batch size 1" in err
+    assert "Expected more than 1 value per channel" in err
+    assert "--ga cgnl" not in err and "--ga psp" not in err  # those run at 17x17
+    assert "--shape 1,16,23,23" in err and "--shape 2,16,15,15" in err
+    assert not (tmp_path / "r.json").exists()
+    # the sides named are the real ones, not the meta device's
+    authors = ld_bench.AuthorsLD(16)
+    assert _runs(authors, (1, 16, 23, 23)) and not _runs(authors, (1, 16, 22, 22))
+    assert _runs(authors, (2, 16, 15, 15)) and not _runs(authors, (2, 16, 14, 14))
+
+
+def test_ga_too_small_names_the_ga_instead_of_a_raw_batchnorm_error(capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--shape", "1,16,3,3", *SMALL])
+    assert "--ga cgnl: GALD(cgnl) with LD needs H, W >= 9 at batch size 1" in err
+    assert "--shape 1,16,9,9" in err
+    model = block.build("cgnl", 16, ld=True)
+    assert _runs(model, (1, 16, 9, 9)) and not _runs(model, (1, 16, 8, 8))
+
+
+def test_shapes_that_fit_pass_the_check() -> None:
+    from gald.bench.__main__ import _too_small
+
+    assert _too_small(["cgnl", "psp"], True, (1, 16, 23, 23)) is None
+    assert _too_small(["cgnl"], True, (2, 16, 15, 15)) is None
+    assert _too_small(["cgnl"], False, (2, 512, 97, 97)) is None  # meta: instant at any size
+    # not square: a wide input can run where its short side alone would not
+    assert _too_small(["cgnl"], True, (1, 16, 17, 40)) is None
+    assert _runs(ld_bench.AuthorsLD(16), (1, 16, 17, 40))
+
+
+# --------------------------------------------------------------------------------------------
+# non-finite numbers
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "x"])
+def test_min_time_must_be_positive_and_finite(value, capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--shape", "1,16,17,17", f"--min-time={value}"])
+    assert "argument --min-time: expected a positive, finite number of seconds" in err
+    assert repr(value) in err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
+def test_ablation_offset_must_be_finite(value, capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--ablation", f"--offset={value}"])
+    assert f"argument --offset: expected a finite number, got {value!r}" in err
+
+
+def test_ablation_offset_accepts_finite_numbers(monkeypatch) -> None:
+    seen = []
+    monkeypatch.setattr(ablation, "run", lambda cfg: seen.append(cfg.offset) or {})
+    monkeypatch.setattr(ablation, "render", lambda res: "")
+    assert ablation.main(["--offset", "-0.5", "--seeds", "1", "--steps", "1"]) == 0
+    assert seen == [-0.5]
+
+
+# --------------------------------------------------------------------------------------------
+# one symmetric verdict for overheads and speedups
+
+
+@pytest.mark.parametrize(
+    ("value", "half"),
+    [(43.46, 0.98), (43.46, 0.3), (2.0, 0.45), (2.0, 0.3), (1.3, 0.4), (1.05, 0.01), (3.0, 0.5)],
+)
+def test_a_ratio_and_its_inverse_get_the_same_verdict(value, half) -> None:
+    r, inv = Ratio(value, half), Ratio(1 / value, half)
+    assert r.verdict == inv.verdict
+    assert r.low == pytest.approx(1 / inv.high) and r.high == pytest.approx(1 / inv.low)
+    for x in (r, inv):
+        speed, overhead = format_speed(x), format_overhead(x)
+        assert (speed == "same within noise") == overhead.startswith("within noise")
+        assert speed.startswith("too noisy") == overhead.startswith("too noisy")
+        assert speed.startswith("too noisy") == (x.verdict == "too noisy")
+
+
+def test_speed_of_a_huge_spread_is_not_a_figure() -> None:
+    # the report: "43.46x slower" printed where the inverse said "within noise"
+    slow, fast = Ratio(1 / 43.46, 0.98), Ratio(43.46, 0.98)
+    assert slow.verdict == fast.verdict == "too noisy"
+    assert format_speed(slow) == "too noisy (22x–86x slower)"
+    assert format_speed(fast) == "too noisy (22x–86x faster)"
+    assert format_overhead(fast) == "too noisy (> +1000 %)"
+    # measured: a figure, and the same figure both ways
+    assert format_speed(Ratio(2.0, 0.1)) == "2.00x faster"
+    assert format_speed(Ratio(0.5, 0.1)) == "2.00x slower"
+    assert format_speed(Ratio(0.5, math.nan)) == "2.00x slower"  # spread unknown: as before
+
+
+def test_verdict_from_measured_stats_is_symmetric() -> None:
+    a = Stats([0.2, 1.0, 3.0, 0.5, 2.0], round_medians=[0.3, 2.5, 0.9])
+    b = Stats([0.05, 0.06, 0.04, 0.05, 0.05], round_medians=[0.05, 0.05, 0.05])
+    ab, ba = Ratio.of(a, b), Ratio.of(b, a)
+    assert ab.rel_halfwidth == pytest.approx(ba.rel_halfwidth)
+    assert ab.verdict == ba.verdict == "too noisy"
+    assert format_speed(ab).endswith("faster)") and format_speed(ba).endswith("slower)")
+
+
+def test_docs_speed_uses_the_same_rule() -> None:
+    from gald.bench.docs import _speed
+
+    noisy = Ratio(1 / 43.46, 0.98).as_dict()
+    assert noisy["verdict"] == "too noisy"
+    assert _speed(noisy) == "too noisy (22x–86x slower)"
+    assert _speed(Ratio(1.0, 0.2).as_dict()) == "same within noise"
