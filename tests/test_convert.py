@@ -228,6 +228,25 @@ def test_checkpoint_of_another_depth_or_class_count(tmp_path) -> None:
         gald.convert.load_official_galdnet(path)
 
 
+def test_loading_by_hand_names_the_depth_and_the_stem() -> None:
+    with torch.device("meta"):
+        ref101 = RefGALDNet(101, 3)
+        net50 = GALDNet.official(depth=50, num_classes=3)
+        net101 = GALDNet.official(depth=101, num_classes=3)
+        plain = GALDNet(3, backbone=DilatedResNet(50, deep_stem=False), aux=False)
+    converted = official_to_galdnet({"module." + k: v for k, v in ref101.state_dict().items()})
+    with pytest.raises(
+        ValueError,
+        match=r"^DilatedResNet \(keys backbone\.\*\): the state dict is a ResNet-101 \(23 blocks "
+        r"in layer3\); this DilatedResNet has depth=50 .*: build it with depth=101$",
+    ):
+        net50.load_state_dict(converted)
+    with pytest.raises(ValueError, match=r"keys backbone\.\*\): the state dict has the deep stem"):
+        plain.load_state_dict(converted, strict=False)
+    # a matching checkpoint loads strictly, as before
+    assert not any(net101.load_state_dict(converted, assign=True))
+
+
 def test_strict_loading_lists_missing_unexpected_and_misshaped_keys() -> None:
     from gald.convert import _load_strict
 

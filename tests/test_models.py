@@ -306,8 +306,14 @@ def test_input_too_small_for_the_official_head(r50: DilatedResNet) -> None:
     assert r50.feature_size(110) == 14 and r50.feature_size(111) == 15
     with pytest.raises(
         ValueError, match=r"GALDNet: images is too small: .* >= 111 .*\(1, 3, 110, 200\)"
-    ):
+    ) as err:
         net(torch.randn(1, 3, 110, 200))
+    # a remedy that GALDNet has (it takes no padding argument)
+    assert "padding=1" not in str(err.value)
+    assert (
+        "(zero-pad them to at least 111x111 and crop the logits back, as "
+        "gald.models.slide_inference with crop_size >= 111 does)" in str(err.value)
+    )
     # any other backbone: the check after the backbone names both sizes
     tiny = GALDNet(CLASSES, backbone=Tiny(), head={"channels": 16, "padding": 0}, aux=False)
     assert tiny.min_input_size == 1 and tiny.head.min_size == 15
@@ -336,6 +342,83 @@ def test_torchvision_style_imagenet_weights_load_into_the_plain_stem(
     mapped = gald.convert.imagenet_to_backbone(sd)
     assert sorted(mapped) == sorted(net.state_dict())
     net.load_state_dict(mapped, strict=True)
+
+
+@pytest.fixture(scope="module")
+def meta_resnets() -> dict[str, DilatedResNet]:
+    with torch.device("meta"):
+        return {
+            "50": DilatedResNet(50),
+            "101": DilatedResNet(101),
+            "50-plain": DilatedResNet(50, deep_stem=False),
+        }
+
+
+def _imagenet_sd(net: DilatedResNet) -> dict[str, torch.Tensor]:
+    sd = dict(net.state_dict())
+    sd.update({"fc.weight": torch.zeros(1000, 2048), "fc.bias": torch.zeros(1000)})
+    return gald.convert.imagenet_to_backbone(sd)
+
+
+def test_checkpoint_of_another_depth_is_named(meta_resnets) -> None:
+    r50, r101 = meta_resnets["50"], meta_resnets["101"]
+    with pytest.raises(
+        ValueError,
+        match=r"^DilatedResNet: the state dict is a ResNet-101 \(23 blocks in layer3\); this "
+        r"DilatedResNet has depth=50 \(\[3, 4, 6, 3\] blocks\): build it with depth=101$",
+    ):
+        r50.load_state_dict(_imagenet_sd(r101))
+    with pytest.raises(
+        ValueError, match=r"is a ResNet-50 \(6 blocks in layer3\); .* has depth=101 .*depth=50$"
+    ):
+        r101.load_state_dict(r50.state_dict())
+    sd = {k: v for k, v in r50.state_dict().items() if not k.startswith("layer3.5.")}
+    with pytest.raises(
+        ValueError,
+        match=r"has ResNet layers with \[3, 4, 5, 3\] blocks; this DilatedResNet has depth=50",
+    ):
+        r50.load_state_dict(sd)
+    # strict=False keeps torch's semantics: extra and missing blocks are reported, not raised
+    result = r50.load_state_dict(r101.state_dict(), strict=False, assign=True)
+    assert "layer3.6.conv1.weight" in result.unexpected_keys and not result.missing_keys
+    result = r101.load_state_dict(r50.state_dict(), strict=False, assign=True)
+    assert "layer3.22.bn3.weight" in result.missing_keys and not result.unexpected_keys
+
+
+def test_checkpoint_of_the_other_stem_is_named(meta_resnets) -> None:
+    deep, plain = meta_resnets["50"], meta_resnets["50-plain"]
+    for strict in (True, False):  # a stem mismatch is a shape mismatch: never allowed
+        with pytest.raises(
+            ValueError,
+            match=r"the state dict has a 7x7 stem \(conv1\.weight of shape \(64, 3, 7, 7\)\); "
+            r"this DilatedResNet has the deep stem: build DilatedResNet\(deep_stem=False\)",
+        ):
+            deep.load_state_dict(_imagenet_sd(plain), strict=strict)
+        with pytest.raises(
+            ValueError, match=r"has the deep stem .*build DilatedResNet\(deep_stem=True\)"
+        ):
+            plain.load_state_dict(deep.state_dict(), strict=strict)
+    # an ImageNet checkpoint with the stem as conv1, bn1, conv2, bn2, conv3, bn3, not converted
+    names = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2",
+             "conv1.6": "conv3", "bn1": "bn3"}  # fmt: skip
+    split = {}
+    for key, value in deep.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        split[f"{names.get(module, module)}.{leaf}"] = value
+    assert "conv2.weight" in split
+    with pytest.raises(ValueError, match="separate conv1, conv2, conv3 .*imagenet_to_backbone"):
+        deep.load_state_dict(split)
+
+
+def test_matching_checkpoints_still_load(meta_resnets) -> None:
+    for net in meta_resnets.values():
+        assert not any(net.load_state_dict(net.state_dict(), assign=True))  # strict: all match
+    r50 = meta_resnets["50"]
+    partial = {k: v for k, v in r50.state_dict().items() if k.startswith("layer1.")}
+    result = r50.load_state_dict(partial, strict=False, assign=True)
+    assert "conv1.0.weight" in result.missing_keys and not result.unexpected_keys
+    with pytest.raises(RuntimeError, match="Missing key"):  # no layer keys: torch's own message
+        r50.load_state_dict({"module." + k: v for k, v in r50.state_dict().items()}, assign=True)
 
 
 @given(

@@ -16,7 +16,7 @@ from torch import nn
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int
 from ..head import AuxHead, GALDHead
-from .resnet import DilatedResNet
+from .resnet import DilatedResNet, _check_checkpoint
 
 __all__ = ["GALDNet"]
 
@@ -292,8 +292,27 @@ class GALDNet(nn.Module):
             aux=True,
         )
 
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, first raising a ``ValueError`` that names the
+        depth or the stem layout when the checkpoint's backbone has another one than a
+        :class:`DilatedResNet` backbone."""
+        if isinstance(self.backbone, DilatedResNet):
+            _check_checkpoint(self.backbone, state_dict, "backbone.", strict)
+        return super().load_state_dict(state_dict, strict, assign)
+
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        check_feature(images, None, name="images", min_hw=self.min_input_size, who="GALDNet")
+        least = self.min_input_size
+        check_feature(
+            images,
+            None,
+            name="images",
+            min_hw=least,
+            who="GALDNet",
+            remedy=f"zero-pad them to at least {least}x{least} and crop the logits back, as "
+            f"gald.models.slide_inference with crop_size >= {least} does",
+        )
         c3, c4 = _pick(self.backbone(images), self.in_features, "GALDNet")
         head_min = getattr(self.head, "min_size", 1)
         if isinstance(head_min, int) and (c4.shape[-2] < head_min or c4.shape[-1] < head_min):

@@ -8,13 +8,15 @@ multi-grid as in DeepLabv3 (Chen et al., 2017); the configuration of the GALD-Ne
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from .._layers import LayerFactory
 from .._validate import check_feature, check_positive_int_sequence
+from ..convert import _layer_blocks
 
 __all__ = ["DilatedResNet"]
 
@@ -24,6 +26,9 @@ _EXPANSION = 4
 
 class _Bottleneck(nn.Module):
     """1x1 -> 3x3 (stride, dilation) -> 1x1, each followed by norm; ReLU after the residual sum."""
+
+    # each norm is applied straight to its conv's output: gald.fuse folds them
+    _fuse_pairs = (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3"))
 
     def __init__(
         self,
@@ -62,6 +67,49 @@ class _Bottleneck(nn.Module):
 
 def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
     return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_checkpoint(
+    net: DilatedResNet, state_dict: Mapping[str, Any], prefix: str, strict: bool
+) -> None:
+    """Raise a ``ValueError`` naming what was expected and received when the state dict's keys
+    under ``prefix`` hold a ResNet of another depth (with ``strict`` only: otherwise missing and
+    unexpected keys are allowed) or a stem of the other layout (shape mismatches either way).
+    Anything else is left to :meth:`torch.nn.Module.load_state_dict`."""
+    where = f"DilatedResNet (keys {prefix}*)" if prefix else "DilatedResNet"
+    if f"{prefix}conv2.weight" in state_dict:
+        raise ValueError(
+            f"{where}: the state dict has the deep stem as separate conv1, conv2, conv3 (an "
+            "ImageNet checkpoint): convert it with gald.convert.imagenet_to_backbone"
+        )
+    plain, deep = f"{prefix}conv1.weight" in state_dict, f"{prefix}conv1.0.weight" in state_dict
+    if net.deep_stem and plain:
+        shape = getattr(state_dict[f"{prefix}conv1.weight"], "shape", None)
+        raise ValueError(
+            f"{where}: the state dict has a 7x7 stem (conv1.weight of shape "
+            f"{tuple(shape) if shape is not None else '?'}); this DilatedResNet has the deep "
+            "stem: build DilatedResNet(deep_stem=False)"
+        )
+    if not net.deep_stem and deep:
+        raise ValueError(
+            f"{where}: the state dict has the deep stem (conv1.0 ... conv1.6); this "
+            "DilatedResNet has the 7x7 stem: build DilatedResNet(deep_stem=True)"
+        )
+    blocks = _layer_blocks([k for k in state_dict if isinstance(k, str)], prefix)
+    expected = _LAYERS[net.depth]
+    if not strict or not any(blocks) or blocks == expected:
+        return
+    found = next((d for d, layers in _LAYERS.items() if layers == blocks), None)
+    received = (
+        f"is a ResNet-{found} ({blocks[2]} blocks in layer3)"
+        if found is not None
+        else f"has ResNet layers with {list(blocks)} blocks"
+    )
+    raise ValueError(
+        f"{where}: the state dict {received}; this DilatedResNet has depth={net.depth} "
+        f"({list(expected)} blocks)"
+        + (f": build it with depth={found}" if found is not None else "")
+    )
 
 
 def _pool_out_ceil(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -146,6 +194,8 @@ class DilatedResNet(nn.Module):
         else:
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(stem_width)
+        # bn1 follows the stem's last conv: gald.fuse folds it
+        self._fuse_pairs = (("conv1.6" if deep_stem else "conv1", "bn1"),)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
 
@@ -194,6 +244,14 @@ class DilatedResNet(nn.Module):
         if self.output_stride == 16:
             s = _conv_out(s, 3, 2, 1)  # layer3
         return max(s, 0)
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """:meth:`torch.nn.Module.load_state_dict`, first raising a ``ValueError`` that names the
+        depth or the stem layout when the checkpoint has another one."""
+        _check_checkpoint(self, state_dict, "", strict)
+        return super().load_state_dict(state_dict, strict, assign)
 
     def extra_repr(self) -> str:
         return (

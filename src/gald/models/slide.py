@@ -125,7 +125,7 @@ def slide_inference(
             use two thirds of the crop).
         num_classes: channels of the logits.
         flip: average with the left-right mirrored windows.
-        scales: image scales to average over.
+        scales: image scales to average over (finite and positive).
 
     Shape:
         - Input: :math:`(B, C, H, W)`
@@ -145,8 +145,8 @@ def slide_inference(
     if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales:
         raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales!r}")
     for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
-            raise ValueError(f"scales must hold positive numbers, got {scales!r}")
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf:
+            raise ValueError(f"scales must hold finite positive numbers, got {scales!r}")
 
     height, width = images.shape[-2:]
     result: torch.Tensor | None = None
