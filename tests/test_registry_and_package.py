@@ -165,6 +165,49 @@ def test_registered_with_a_taken_name() -> None:
     assert snapshot() == before
 
 
+def test_a_class_under_two_names_keeps_its_first_ga_name() -> None:
+    before = snapshot()
+
+    class Mine(Tiny):
+        pass
+
+    gald.register_ga("x1")(Mine)
+    gald.register_ga("x2")(Mine)
+    try:
+        assert Mine.ga_name == "x1"  # type: ignore[attr-defined]
+        gald.unregister_ga("x2")
+        assert Mine.ga_name == "x1"  # type: ignore[attr-defined]
+        gald.register_ga("x2")(Mine)
+        gald.unregister_ga("x1")  # its ga_name goes: the name it still has takes over
+        assert Mine.ga_name == "x2"  # type: ignore[attr-defined]
+    finally:
+        gald.unregister_ga("x2")
+    assert "ga_name" not in Mine.__dict__  # with the last name
+    assert snapshot() == before
+
+
+def test_registered_alias_keeps_the_builtin_ga_name() -> None:
+    before = snapshot()
+    cgnl = gald.ga.CGNL
+    with gald.registered("alias", cgnl):
+        assert gald.get_ga_class("alias") is cgnl
+        assert cgnl.ga_name == "cgnl"  # type: ignore[attr-defined]
+    assert cgnl.ga_name == "cgnl" and snapshot() == before  # type: ignore[attr-defined]
+
+    class Mine(Tiny):
+        pass
+
+    with gald.registered("mine", Mine):
+        gald.register_ga("mine_too")(Mine)  # a second name inside the block
+        assert Mine.ga_name == "mine"  # type: ignore[attr-defined]
+    assert "ga_name" not in Mine.__dict__ and snapshot() == before
+    with gald.registered("mine", Mine):
+        gald.register_ga("new")(Tiny)
+        gald.register_ga("new_too")(Tiny)  # a class first registered inside the block
+        assert Tiny.ga_name == "new"  # type: ignore[attr-defined]
+    assert "ga_name" not in Tiny.__dict__ and snapshot() == before
+
+
 def test_public_api_is_small_and_importable() -> None:
     for name in gald.__all__:
         assert hasattr(gald, name), name

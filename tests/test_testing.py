@@ -254,6 +254,66 @@ def test_randomize_keeps_zero_gates_from_making_checks_vacuous() -> None:
         check_ga(ZeroGated, channels=C, randomize=False, only=("batch_independence",))
 
 
+class AssertsNonEmpty(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[0] > 0, "empty batch"  # the module's own assertion
+        return super().forward(x)
+
+
+class CrashAlways(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("boom")
+
+
+def test_the_modules_own_assertion_is_labelled_and_chained() -> None:
+    with pytest.raises(AssertionError) as info:
+        check_ga(AssertsNonEmpty, channels=C)
+    first = str(info.value).splitlines()[0]
+    assert first == "shapes: input shape (0, 8, 1, 1): eval-mode forward raised AssertionError: empty batch"
+    assert type(info.value) is AssertionError  # not a subclass: reads as usual in a traceback
+    cause = info.value.__cause__
+    assert type(cause) is AssertionError and str(cause).startswith("empty batch")
+
+
+@pytest.mark.parametrize("prop", PROPERTIES)
+def test_every_forward_error_is_labelled_with_its_property(prop: str) -> None:
+    # the reference forwards (float32 under autocast, eager under compile, ...) included
+    with pytest.raises(AssertionError) as info:
+        check_ga(CrashAlways, channels=C, only=(prop,))
+    first = str(info.value).splitlines()[0]
+    match = FIRST_LINE.match(first)
+    assert match is not None and match["prop"] == prop, first
+    assert match["where"].startswith("input shape"), first
+    assert "raised RuntimeError: boom" in match["measured"], first
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_builtin_ema_needs_em_grad_as_the_docs_say() -> None:
+    # docs/testing.md and the gald.testing docstring name EMA as the one built-in that fails
+    # with its defaults: the EM loop runs under no_grad, so conv1 gets no gradient
+    from gald.ga import EMA
+
+    with pytest.raises(AssertionError, match=r"^gradients: .*parameter 'conv1\.weight' .*received no gradient"):
+        check_ga(EMA, channels=C, compile=False)
+    assert check_ga(partial(EMA, em_grad=True), channels=C, only=("gradients", "gradcheck"))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
+    assert "`em_grad=True`" in docs and "`conv1`" in docs
+
+
+class ZeroInitLast(SqueezeExcitation):
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        nn.init.zeros_(self.fc2.weight)  # zero-initialised last layer: fc1's gradient is 0
+        nn.init.zeros_(self.fc2.bias)  # type: ignore[arg-type]
+
+
+def test_an_exactly_zero_parameter_gradient_is_accepted() -> None:
+    layer = ZeroInitLast(C).train()
+    layer(torch.randn(2, C, 3, 3)).sum().backward()
+    assert layer.fc1.weight.grad is not None and not layer.fc1.weight.grad.any()
+    assert check_ga(ZeroInitLast, channels=C, randomize=False, only=("gradients",)) == ["gradients"]
+
+
 # ---- check_gald -----------------------------------------------------------------------------
 
 

@@ -7,8 +7,10 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 
 from __future__ import annotations
 
+import math
+import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -21,11 +23,13 @@ def check_feature(
     name: str = "x",
     min_hw: int = 1,
     who: str = "",
+    remedy: str | None = "use padding=1 to accept any size",
 ) -> torch.Tensor:
     """Check that ``x`` is a floating (B, C, H, W) tensor with ``channels`` channels.
 
     ``min_hw`` is the smallest height and width the caller can process; smaller inputs raise a
-    ``ValueError`` that names it.
+    ``ValueError`` that names it and, in parentheses, ``remedy`` (the default suits the layers
+    with a ``padding`` argument; ``None`` for no remedy).
     """
     prefix = f"{who}: " if who else ""
     if not isinstance(x, torch.Tensor):
@@ -42,9 +46,10 @@ def check_feature(
             f"got shape {tuple(x.shape)}"
         )
     if min_hw > 1 and (x.shape[-2] < min_hw or x.shape[-1] < min_hw):
+        hint = f" ({remedy})" if remedy else ""
         raise ValueError(
             f"{prefix}{name} is too small: height and width must be >= {min_hw} for this "
-            f"configuration (use padding=1 to accept any size), got shape {tuple(x.shape)}"
+            f"configuration{hint}, got shape {tuple(x.shape)}"
         )
     return x
 
@@ -68,18 +73,28 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     return result
 
 
+def check_float(value: object, name: str) -> float:
+    """``value`` as a Python float: any finite real number (Python and numpy ints and floats),
+    but not a bool, NaN or an infinity."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be a finite number, got {result}")
+    return result
+
+
 def check_probability(value: object, name: str) -> float:
     """A float in [0, 1) (a dropout probability)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name} must be in [0, 1), got {value}")
-    return float(value)
+    result = check_float(value, name)
+    if not 0.0 <= result < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {result}")
+    return result
 
 
 def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
-    """A list or tuple of ints >= 1, returned as a tuple (a string is not accepted)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    """Ints >= 1 from any iterable but a string (a list, a tuple, a numpy array), as a tuple."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
     return tuple(check_positive_int(v, f"{name}[]") for v in value)
 

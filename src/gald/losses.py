@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validate import check_int, check_positive_int
+from ._validate import check_float, check_int, check_positive_int
 
 __all__ = ["OhemCrossEntropy"]
 
@@ -58,8 +58,7 @@ class OhemCrossEntropy(nn.Module):
     ) -> None:
         super().__init__()
         ignore_index = check_int(ignore_index, "ignore_index")
-        if isinstance(thresh, bool) or not isinstance(thresh, (int, float)):
-            raise TypeError(f"thresh must be a float, got {type(thresh).__name__}")
+        thresh = check_float(thresh, "thresh")
         if not 0.0 <= thresh <= 1.0:
             raise ValueError(f"thresh must be in [0, 1], got {thresh}")
         min_kept = check_positive_int(min_kept, "min_kept", minimum=0)
@@ -72,7 +71,7 @@ class OhemCrossEntropy(nn.Module):
                     f"{tuple(weight.shape)} and dtype {weight.dtype}"
                 )
         self.ignore_index = ignore_index
-        self.thresh = float(thresh)
+        self.thresh = thresh
         self.min_kept = min_kept
         self.weight: torch.Tensor | None
         self.register_buffer("weight", weight)

@@ -38,11 +38,24 @@ def _check_class(cls: object, what: str = "cls") -> type[nn.Module]:
     return cls
 
 
+def _names_of(cls: type[nn.Module]) -> list[str]:
+    return [n for n, c in _GA_REGISTRY.items() if c is cls]
+
+
+def _label(cls: type[nn.Module], name: str) -> None:
+    """Set ``cls.ga_name`` to ``name`` unless ``cls`` is registered under it already: the first
+    name a class is registered under stays its ``ga_name``."""
+    if cls.__dict__.get("ga_name") not in _names_of(cls):
+        cls.ga_name = name  # type: ignore[attr-defined]
+
+
 def register_ga(name: str) -> Callable[[T], T]:
     """Class decorator that registers a GA layer under ``name``.
 
     Registering a second class under a taken name raises ``ValueError``; use
-    :func:`unregister_ga` first, or :func:`registered` for a temporary registration.
+    :func:`unregister_ga` first, or :func:`registered` for a temporary registration. The class's
+    ``ga_name`` attribute is set to ``name``, unless the class is already registered under
+    another name: a class registered under several names keeps the first as its ``ga_name``.
     """
     _check_name(name)
 
@@ -50,8 +63,8 @@ def register_ga(name: str) -> Callable[[T], T]:
         _check_class(cls)
         if name in _GA_REGISTRY and _GA_REGISTRY[name] is not cls:
             raise ValueError(f"GA name {name!r} is already registered to {_GA_REGISTRY[name]}")
+        _label(cls, name)
         _GA_REGISTRY[name] = cls
-        cls.ga_name = name  # type: ignore[attr-defined]
         return cls
 
     return wrap
@@ -60,6 +73,8 @@ def register_ga(name: str) -> Callable[[T], T]:
 def unregister_ga(name: str) -> type[nn.Module]:
     """Remove ``name`` from the registry and return the class it pointed to.
 
+    When ``name`` was the class's ``ga_name``, that attribute moves to another name the class is
+    still registered under, and is deleted with the last one.
     Raises ``ValueError`` for a name that is not registered.
     """
     _ensure_loaded()
@@ -68,7 +83,11 @@ def unregister_ga(name: str) -> type[nn.Module]:
         raise ValueError(f"unknown GA module {name!r}; expected one of {sorted(_GA_REGISTRY)}")
     cls = _GA_REGISTRY.pop(name)
     if cls.__dict__.get("ga_name") == name:
-        del cls.ga_name  # type: ignore[attr-defined]
+        others = _names_of(cls)
+        if others:
+            cls.ga_name = others[0]  # type: ignore[attr-defined]
+        else:
+            del cls.ga_name  # type: ignore[attr-defined]
     return cls
 
 
@@ -80,7 +99,8 @@ def registered(
 
     On exit, normal or by exception, the registry is restored exactly: names registered inside
     the block (also with :func:`register_ga`) are removed again and a replaced entry comes back,
-    and so are the ``ga_name`` attributes the registrations set on the classes.
+    and so are the ``ga_name`` attributes the registrations set on the classes. A class that is
+    already registered under another name keeps that one as its ``ga_name`` inside the block.
 
     A name that is already registered to another class raises ``ValueError`` unless
     ``replace=True``, which shadows the existing entry inside the block only. Registering a class
@@ -111,16 +131,20 @@ def registered(
     snapshot = dict(_GA_REGISTRY)
     # the ga_name attribute of every class involved, as it is now
     labels = {c: c.__dict__.get("ga_name", _MISSING) for c in {cls, *snapshot.values()}}
+    _label(cls, name)
     _GA_REGISTRY[name] = cls
-    cls.ga_name = name  # type: ignore[attr-defined]
     try:
         yield cls
     finally:
-        added = {c: n for n, c in _GA_REGISTRY.items() if c not in labels}
+        # classes registered inside the block with register_ga, with their names
+        added: dict[type[nn.Module], set[str]] = {}
+        for n, c in _GA_REGISTRY.items():
+            if c not in labels:
+                added.setdefault(c, set()).add(n)
         _GA_REGISTRY.clear()
         _GA_REGISTRY.update(snapshot)
-        for c, n in added.items():  # registered inside the block with register_ga
-            if c.__dict__.get("ga_name") == n:
+        for c, names in added.items():
+            if c.__dict__.get("ga_name") in names:
                 del c.ga_name  # type: ignore[attr-defined]
         for c, label in labels.items():
             if label is _MISSING:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
 _EPS = 1e-6  # the authors' epsilon, both in the responsibilities and in the L2 norm
@@ -118,8 +118,7 @@ class EMA(nn.Module):
         self.channels = check_positive_int(channels, "channels")
         self.num_bases = check_positive_int(num_bases, "num_bases")
         self.iterations = check_positive_int(iterations, "iterations")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
-            raise TypeError(f"momentum must be a float in [0, 1], got {type(momentum).__name__}")
+        momentum = check_float(momentum, "momentum")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = float(momentum)

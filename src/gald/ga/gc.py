@@ -14,7 +14,7 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
 POOLINGS: Final = ("att", "avg")
@@ -116,8 +116,7 @@ class GlobalContext(nn.Module):
     ) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels")
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)):
-            raise TypeError(f"ratio must be a float, got {type(ratio).__name__}")
+        ratio = check_float(ratio, "ratio")
         if not ratio > 0:
             raise ValueError(f"ratio must be > 0, got {ratio}")
         hidden = int(channels * ratio)  # as mmcv's ContextBlock

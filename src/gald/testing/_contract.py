@@ -77,13 +77,21 @@ def _as_hw(value: object, name: str) -> tuple[int, int]:
     return side, side
 
 
-def _fail(prop: str, shape: object, measured: str, detail: str = "") -> NoReturn:
+_LABELLED = "_gald_testing_failure"
+
+
+def _fail(
+    prop: str, shape: object, measured: str, detail: str = "", cause: BaseException | None = None
+) -> NoReturn:
     where = "construction" if shape is None else f"input shape {tuple(shape)}"  # type: ignore[arg-type]
     lines = [f"{prop}: {where}: {measured}"]
     if detail and detail.strip() != _first_line(detail):
         lines.append(detail.strip())
     lines.append(f"(pass {prop}=False to check_ga to skip this property)")
-    raise AssertionError("\n".join(lines))
+    failure = AssertionError("\n".join(lines))
+    # a plain AssertionError for the user; the mark tells it from the module's own assertions
+    setattr(failure, _LABELLED, True)
+    raise failure from cause
 
 
 @dataclass
@@ -160,18 +168,20 @@ def _assert_near(
 
 
 def _describe(err: BaseException) -> str:
-    return f"{type(err).__name__}: {_first_line(str(err))}"
+    first = _first_line(str(err))
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
 @contextmanager
 def _forward_errors(prop: str, x: torch.Tensor, what: str = "forward") -> Iterator[None]:
+    """Label any exception of the block, the module's own ``AssertionError`` included, as a
+    failure of ``prop`` (chained to the original); failures already labelled pass through."""
     try:
         yield
-    except AssertionError:
-        raise
     except Exception as err:
-        _fail(prop, x.shape, f"{what} raised {_describe(err)}", str(err))
-        raise  # unreachable; _fail raises
+        if getattr(err, _LABELLED, False):
+            raise
+        _fail(prop, x.shape, f"{what} raised {_describe(err)}", str(err), err)
 
 
 def _check_output(prop: str, x: torch.Tensor, y: object, ctx: _Context) -> torch.Tensor:
@@ -285,9 +295,11 @@ def _check_gradcheck(ctx: _Context) -> None:
     try:
         torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=ctx.atol, rtol=1e-3, fast_mode=True)
     except GradcheckError as err:
-        _fail("gradcheck", x.shape, _gradcheck_error_summary(str(err)), str(err))
+        _fail("gradcheck", x.shape, _gradcheck_error_summary(str(err)), str(err), err)
     except Exception as err:
-        _fail("gradcheck", x.shape, f"float64 forward/backward raised {_describe(err)}", str(err))
+        _fail(
+            "gradcheck", x.shape, f"float64 forward/backward raised {_describe(err)}", str(err), err
+        )
 
 
 def _check_batch_independence(ctx: _Context) -> None:
@@ -325,7 +337,8 @@ def _check_autocast(ctx: _Context) -> None:
     x = ctx.input(2, ctx.typical())
     device_type = x.device.type
     with torch.no_grad():
-        ref = module(x)
+        with _forward_errors("autocast", x, "float32 reference forward"):
+            ref = module(x)
         for dtype in ctx.autocast_dtypes:
             with (
                 _forward_errors("autocast", x, f"forward under {dtype} autocast"),
@@ -386,7 +399,8 @@ def _check_compile(ctx: _Context) -> None:
     module = ctx.prepared().eval()
     x = ctx.input(2, ctx.typical())
     with torch.no_grad():
-        ref = module(x)
+        with _forward_errors("compile", x, "eager reference forward"):
+            ref = module(x)
         torch.compiler.reset()
         compiled = torch.compile(module, fullgraph=True, backend="eager")
         with _forward_errors("compile", x, 'torch.compile(fullgraph=True, backend="eager")'):
@@ -400,9 +414,9 @@ def _check_state_dict(ctx: _Context) -> None:
     module = ctx.prepared().eval()
     x = ctx.input(2, ctx.typical())
     buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    buffer.seek(0)
     with _forward_errors("state_dict", x, "saving and loading the state_dict"):
+        torch.save(module.state_dict(), buffer)
+        buffer.seek(0)
         state = torch.load(buffer, weights_only=True)
         fresh = ctx.build()
         fresh.load_state_dict(state, strict=True)
@@ -435,6 +449,7 @@ def _check_device(ctx: _Context) -> None:
             None,
             f"building under torch.device({_OTHER_DEVICE!r}) raised {_describe(err)}",
             str(err),
+            err,
         )
     for kind, named in (
         ("parameter", module.named_parameters()),
@@ -454,7 +469,8 @@ def _check_device(ctx: _Context) -> None:
     module = ctx.prepared().eval()
     x = ctx.input(2, ctx.typical())
     with torch.no_grad():
-        ref = module(x)
+        with _forward_errors("device", x, "reference forward"):
+            ref = module(x)
         with (
             _forward_errors("device", x, f"forward under torch.device({_OTHER_DEVICE!r})"),
             torch.device(_OTHER_DEVICE),
@@ -518,7 +534,8 @@ def check_ga(
     fresh module on every call (``functools.partial(MyGA, reduction=4)``, a lambda). The layer
     maps (B, channels, H, W) to (B, out_channels, H, W) (``out_channels`` defaults to
     ``channels``). Inputs are float32 on the CPU. Exceptions the factory raises propagate
-    unchanged.
+    unchanged; an exception the module raises during a check (its own ``AssertionError``
+    included) fails that property, chained to the original.
 
     Properties (each switched off by passing ``<name>=False``):
 
@@ -526,7 +543,9 @@ def check_ga(
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
       and a generic one.
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
-      finite gradients (the input's not all zero).
+      finite gradients (the input's not all zero). A parameter's gradient must not be ``None``;
+      exactly zero is accepted, as behind a zero-initialised last layer, which is in the graph
+      and learns once that layer moves.
     - ``batch_independence``: in eval mode, changing one sample changes that sample's output
       only.
     - ``gradcheck``: float64 ``torch.autograd.gradcheck`` (fast mode) with respect to the input
@@ -552,7 +571,11 @@ def check_ga(
     ``only`` (a collection of property names) runs just those properties.
 
     Returns the names of the properties checked. Raises ``AssertionError`` on the first failing
-    property; its first line names the property, the input shape and the measured error.
+    property; its first line names the property, the input shape and the measured error or
+    what failed.
+
+    Every built-in GA passes with its default arguments except :class:`gald.ga.EMA`, which needs
+    ``em_grad=True`` (see :mod:`gald.testing`).
     """
     fac = _as_factory(factory)
     channels = check_positive_int(channels, "channels")

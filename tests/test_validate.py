@@ -1,0 +1,137 @@
+"""The shared argument checks of ``gald._validate``: numpy scalars and arrays are accepted
+wherever Python numbers and lists are."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gald
+from gald._validate import (
+    check_feature,
+    check_float,
+    check_positive_int_sequence,
+    check_probability,
+)
+from gald.losses import OhemCrossEntropy
+
+REALS = st.one_of(
+    st.integers(-(10**6), 10**6),
+    st.integers(-(10**6), 10**6).map(np.int64),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(allow_nan=False, allow_infinity=False, width=32).map(np.float32),
+    st.floats(allow_nan=False, allow_infinity=False).map(np.float64),
+)
+
+
+@given(REALS)
+def test_check_float_takes_any_real_number(value: object) -> None:
+    result = check_float(value, "x")
+    assert type(result) is float and result == float(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (True, TypeError, "x must be a float, got bool True"),
+        (np.bool_(True), TypeError, "x must be a float, got bool"),
+        ("0.5", TypeError, "x must be a float, got str '0.5'"),
+        (1j, TypeError, "x must be a float, got complex"),
+        (torch.tensor(0.5), TypeError, "x must be a float, got Tensor"),
+        (math.nan, ValueError, "x must be a finite number, got nan"),
+        (np.float32("nan"), ValueError, "x must be a finite number, got nan"),
+        (math.inf, ValueError, "x must be a finite number, got inf"),
+        (-np.float64("inf"), ValueError, "x must be a finite number, got -inf"),
+    ],
+)
+def test_check_float_refuses(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_float(value, "x")
+
+
+@given(st.floats(0.0, 1.0, exclude_max=True, width=32))
+def test_probability_from_numpy(p: float) -> None:
+    assert check_probability(np.float32(p), "dropout") == pytest.approx(p)
+    assert check_probability(0, "dropout") == 0.0
+
+
+def test_probability_range() -> None:
+    for bad in (1, 1.0, -0.1, np.float32(1.5)):
+        with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
+            check_probability(bad, "dropout")
+    with pytest.raises(ValueError, match="dropout must be a finite number, got nan"):
+        check_probability(math.nan, "dropout")
+    with pytest.raises(ValueError, match="dropout must be a finite number, got inf"):
+        check_probability(math.inf, "dropout")
+
+
+def test_ohem_thresh_takes_numpy_and_ints() -> None:
+    assert OhemCrossEntropy(thresh=np.float32(0.5)).thresh == 0.5  # type: ignore[arg-type]
+    assert OhemCrossEntropy(thresh=1).thresh == 1.0
+    assert type(OhemCrossEntropy(thresh=np.float64(0.7)).thresh) is float
+    with pytest.raises(TypeError, match="thresh must be a float, got bool"):
+        OhemCrossEntropy(thresh=True)
+    with pytest.raises(ValueError, match="thresh must be a finite number, got nan"):
+        OhemCrossEntropy(thresh=math.nan)
+    with pytest.raises(ValueError, match=r"thresh must be in \[0, 1\]"):
+        OhemCrossEntropy(thresh=np.float32(1.5))  # type: ignore[arg-type]
+
+
+@given(st.lists(st.integers(1, 64), max_size=5))
+def test_positive_int_sequence_from_any_iterable(values: list[int]) -> None:
+    expected = tuple(values)
+    for form in (
+        values,
+        tuple(values),
+        np.array(values, dtype=np.int64),
+        tuple(np.int32(v) for v in values),
+        torch.tensor(values, dtype=torch.long),
+        iter(values),
+    ):
+        result = check_positive_int_sequence(form, "rates")
+        assert result == expected and all(type(v) is int for v in result)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ("12", TypeError, "rates must be a sequence of ints, got str"),
+        (b"12", TypeError, "rates must be a sequence of ints, got bytes"),
+        (3, TypeError, "rates must be a sequence of ints, got int"),
+        ([1, 2.0], TypeError, r"rates\[\] must be an int, got float"),
+        (np.array([1.0, 2.0]), TypeError, r"rates\[\] must be an int, got float64"),
+        ([1, 0], ValueError, r"rates\[\] must be >= 1, got 0"),
+    ],
+)
+def test_positive_int_sequence_refuses(value: object, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_positive_int_sequence(value, "rates")
+
+
+def test_numpy_arguments_reach_a_layer() -> None:
+    layer = gald.create_ga(
+        "aspp", 8, inner_channels=4, rates=np.array([1, 2]), dropout=np.float32(0.1)
+    )
+    assert layer.rates == (1, 2) and layer.dropout == pytest.approx(0.1)  # type: ignore[union-attr]
+
+
+def test_check_feature_remedy() -> None:
+    x = torch.zeros(1, 3, 2, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"too small: .* >= 3 for this configuration \(use padding=1 to accept any size\), got",
+    ):
+        check_feature(x, 3, min_hw=3, who="LD")
+    with pytest.raises(
+        ValueError, match=r"for this configuration \(resize the images\), got shape"
+    ) as info:
+        check_feature(x, None, name="images", min_hw=3, who="GALDNet", remedy="resize the images")
+    assert "padding" not in str(info.value)
+    with pytest.raises(ValueError, match=r"for this configuration, got shape \(1, 3, 2, 2\)$"):
+        check_feature(x, None, min_hw=3, remedy=None)
+    assert check_feature(torch.zeros(1, 3, 3, 3), 3, min_hw=3, remedy=None).shape == (1, 3, 3, 3)
