@@ -146,7 +146,7 @@ def test_fused_module_trains_without_norms():
 @pytest.mark.parametrize(
     ("conv", "bn", "exc", "pattern"),
     [
-        (nn.Linear(2, 2), nn.BatchNorm2d(2), TypeError, r"conv must be an nn.Conv2d, got Linear"),
+        (nn.Linear(2, 2), nn.BatchNorm2d(2), TypeError, r"conv must be an nn.Conv1d or nn.Conv2d, got Linear"),
         (nn.Conv2d(2, 2, 1), nn.ReLU(), TypeError, r"bn must be a BatchNorm module, got ReLU"),
         (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), ValueError, r"eval mode.*training=True"),
         (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(3).eval(), ValueError, r"3 features.*=2"),

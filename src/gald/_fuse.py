@@ -2,7 +2,9 @@ r"""BatchNorm folding for inference: ``gald.fuse(module)``.
 
 Every eval-mode BatchNorm that directly follows a conv inside an ``nn.Sequential`` (the
 :class:`~gald.LocalDistribution` branch, the :class:`~gald.GALD` ``down`` stage, the heads and
-most context modules) is folded into that conv and replaced by ``nn.Identity``:
+most context modules), or that a module declares as applied straight to a conv's output in its
+forward code (the ``_fuse_pairs`` protocol below), is folded into that conv and replaced by
+``nn.Identity``:
 
 .. math::
     W' = W \cdot \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
@@ -11,6 +13,13 @@ most context modules) is folded into that conv and replaced by ``nn.Identity``:
 The fold is computed in float64 and cast back to the conv's dtype, so the fused module matches
 the unfused one to rounding. BatchNorms without running statistics are left untouched (they do
 not compute a fixed affine map).
+
+The ``_fuse_pairs`` protocol (private): a module class whose forward applies a BatchNorm
+attribute directly, and only, to a conv attribute's output (``self.bn(self.conv(y))``, the
+conv's output used nowhere else) declares it as ``_fuse_pairs = (("conv", "bn"), ...)``, with
+attribute names (the conv's may be a dotted path to the last conv of a ``Sequential``). :func:`fuse` folds each such pair and sets the BatchNorm attribute to
+``nn.Identity``, so the forward code runs unchanged; the unfused module's state dict is not
+affected by the declaration.
 
 Time O(C k^2) per folded pair, once.
 """
@@ -26,16 +35,23 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["fuse", "fuse_conv_bn"]
 
 
-def fuse_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> None:
+_CONVS = (nn.Conv1d, nn.Conv2d)
+
+
+def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
     """Fold the eval-mode ``bn`` (applied right after ``conv``) into ``conv``, in place.
 
+    ``conv`` is an ``nn.Conv2d`` or an ``nn.Conv1d``; ``bn`` any BatchNorm with
+    ``conv.out_channels`` features (a ``BatchNorm2d`` applied to a (B, C, L, 1) view of a Conv1d
+    output folds as well).
+
     Raises:
-        TypeError: ``conv`` is not an ``nn.Conv2d`` or ``bn`` not a BatchNorm.
+        TypeError: ``conv`` is not an ``nn.Conv1d`` or ``nn.Conv2d``, or ``bn`` not a BatchNorm.
         ValueError: ``bn`` is in training mode, has no running statistics, or its number of
             features differs from ``conv.out_channels``.
     """
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"conv must be an nn.Conv2d, got {type(conv).__name__}")
+    if not isinstance(conv, _CONVS):
+        raise TypeError(f"conv must be an nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
     if not isinstance(bn, _BatchNorm):
         raise TypeError(f"bn must be a BatchNorm module, got {type(bn).__name__}")
     if bn.training or bn.running_mean is None or bn.running_var is None:
@@ -57,7 +73,7 @@ def fuse_conv_bn(conv: nn.Conv2d, bn: _BatchNorm) -> None:
             shift = shift + bn.bias.detach().to(torch.float64)
         if conv.bias is not None:
             shift = shift + conv.bias.detach().to(torch.float64) * scale
-        new_w = (w * scale.view(-1, 1, 1, 1)).to(conv.weight.dtype)
+        new_w = (w * scale.view(-1, *[1] * (w.dim() - 1))).to(conv.weight.dtype)
         conv.weight.copy_(new_w)
         new_b = shift.to(device=conv.weight.device, dtype=conv.weight.dtype)
         if conv.bias is None:
@@ -71,35 +87,68 @@ def _shared_convs(module: nn.Module) -> set[int]:
     other use)."""
     seen: dict[int, int] = {}
     for _, sub in module.named_modules(remove_duplicate=False):
-        if isinstance(sub, nn.Conv2d):
+        if isinstance(sub, _CONVS):
             seen[id(sub)] = seen.get(id(sub), 0) + 1
     return {k for k, n in seen.items() if n > 1}
 
 
+def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
+    """Fold ``bn`` into ``conv`` when ``bn`` is an eval-mode BatchNorm with running statistics
+    and ``conv``'s width and ``conv`` a Conv1d/Conv2d used at one place only; say whether it did."""
+    if not isinstance(conv, _CONVS) or id(conv) in shared:
+        return False
+    if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
+        return False
+    if bn.num_features != conv.out_channels:
+        return False
+    fuse_conv_bn(conv, bn)
+    return True
+
+
 def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
-    """Fold every eval-mode BatchNorm that directly follows a Conv2d of matching width."""
+    """Fold every eval-mode BatchNorm that directly follows a conv of matching width."""
     folded = 0
     for i in range(len(seq) - 1):
-        conv, bn = seq[i], seq[i + 1]
-        if not isinstance(conv, nn.Conv2d) or id(conv) in shared:
-            continue
-        if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
-            continue
-        if bn.num_features != conv.out_channels:
-            continue
-        fuse_conv_bn(conv, bn)
-        seq[i + 1] = nn.Identity()
-        folded += 1
+        if _try_fold(seq[i], seq[i + 1], shared):
+            seq[i + 1] = nn.Identity()
+            folded += 1
+    return folded
+
+
+def _fold_declared(module: nn.Module, shared: set[int]) -> int:
+    """Fold the (conv, bn) attribute pairs that ``module`` declares in ``_fuse_pairs``."""
+    folded = 0
+    for conv_name, bn_name in getattr(module, "_fuse_pairs", ()):
+        try:
+            conv: nn.Module | None = module.get_submodule(conv_name)  # dotted names allowed
+        except AttributeError:
+            conv = None
+        if _try_fold(conv, getattr(module, bn_name, None), shared):
+            setattr(module, bn_name, nn.Identity())
+            folded += 1
     return folded
 
 
 def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Fold, for inference, every eval-mode BatchNorm that directly follows a ``Conv2d`` inside
-    an ``nn.Sequential``: the LD branches, the GALD ``down`` stages, the heads' conv blocks and
-    the conv -> BN pairs of a wrapped context module (torchvision's and smp's ASPP, PSP blocks).
+    """Fold, for inference, every eval-mode BatchNorm applied directly to a conv's output.
 
-    Inside an ``nn.Sequential`` a conv's output reaches only the next layer, so the fold is
-    exact; a conv used at two places in the model is left alone.
+    Folded (into the conv, the BatchNorm replaced by ``nn.Identity``):
+
+    - a BatchNorm that directly follows a ``Conv2d`` or ``Conv1d`` inside an ``nn.Sequential``:
+      the LD branches, the GALD ``down`` stages, the heads' conv blocks and the conv -> BN pairs
+      of a wrapped context module (torchvision's and smp's ASPP, PSP blocks);
+    - the (conv, BatchNorm) attribute pairs a module declares in its ``_fuse_pairs`` because its
+      forward code applies the norm straight to the conv's output: the output norms of
+      ``nonlocal`` (``conv_out``/``norm``) and ``glore`` (``conv_extend``/``blocker``), and the
+      six conv -> norm pairs of ``dualgcn`` (``phi``, ``theta``, ``conv_adj``, ``conv_wg``,
+      ``conv3`` and the coordinate graph's ``conv_wg``).
+
+    With these, no BatchNorm of a :class:`~gald.GALD` or :class:`~gald.GALDHead` with a
+    registered GA is left. Left alone: a BatchNorm after a non-conv op (a pooling, a sum, an
+    activation, or a norm first in a ``Sequential``), one inside a module's forward code that
+    does not declare it, a BatchNorm in training mode or without running statistics, and any
+    norm of a conv used at two places in the model (folding it would change the other use).
+    Other norms (``GroupNorm``, ``LayerNorm``, ``FrozenBatchNorm2d``) are never touched.
 
     Args:
         module: any module, in eval mode (``module.eval()``).
@@ -132,4 +181,5 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     for sub in list(target.modules()):
         if isinstance(sub, nn.Sequential):
             _fold_sequential(sub, shared)
+        _fold_declared(sub, shared)
     return target

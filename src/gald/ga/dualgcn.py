@@ -64,6 +64,8 @@ class _SpatialGCN(nn.Module):
     ``C2 x C2`` Conv1d without bias and ``W_o`` a 1x1 conv ``C2 -> C`` with bias.
     """
 
+    _fuse_pairs = (("conv_wg", "bn_wg"),)  # bn_wg(conv_wg(y)) in forward: gald.fuse folds it
+
     def __init__(
         self, channels: int, norm_layer: LayerFactory, act_layer: LayerFactory
     ) -> None:
@@ -151,6 +153,14 @@ class DualGCN(nn.Module):
         torch.Size([1, 64, 9, 7])
     """
 
+    # (conv, norm) applied as norm(conv(t)) in forward: gald.fuse folds them
+    _fuse_pairs = (
+        ("phi", "bn_phi"),
+        ("theta", "bn_theta"),
+        ("conv_adj", "bn_adj"),
+        ("conv_wg", "bn_wg"),
+        ("conv3", "bn3"),
+    )
 
     def __init__(
         self,

@@ -77,6 +77,8 @@ class GloRe(nn.Module):
         torch.Size([2, 64, 9, 7])
     """
 
+    # (conv, norm) applied as norm(conv(y)) in forward: gald.fuse folds them
+    _fuse_pairs = (("conv_extend", "blocker"),)
 
     def __init__(
         self,

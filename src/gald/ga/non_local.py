@@ -136,6 +136,9 @@ class NonLocal2d(nn.Module):
         torch.Size([2, 64, 9, 7])
     """
 
+    # (conv, norm) applied as norm(conv(y)) in forward: gald.fuse folds them
+    _fuse_pairs = (("conv_out", "norm"),)
+
     def __init__(
         self,
         channels: int,
