@@ -3,6 +3,7 @@ the impl switch, gradient checkpointing, and branches with hooks or stochastic l
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -249,6 +250,25 @@ def test_grad_checkpointing_gives_identical_gradients(channels_last: bool) -> No
     _assert_same(_train_step(ld, x, g), plain, rtol=0, atol=0)
     with pytest.raises(TypeError, match="enable must be a bool, got int"):
         ld.set_grad_checkpointing(1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_grad_checkpointing_updates_running_statistics_once(momentum: float | None) -> None:
+    # the recomputation in backward runs the branch's BatchNorms in train mode again; it must
+    # not update their running statistics (or num_batches_tracked) a second time
+    def norm(c: int) -> nn.Module:
+        return nn.BatchNorm2d(c, momentum=momentum)
+
+    plain = _randomise(gald.LocalDistribution(6, norm_layer=norm)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    for _ in range(3):
+        x = torch.randn(2, 6, 19, 17, requires_grad=True)
+        for ld in (plain, ckpt):
+            ld(x).square().sum().backward()
+    for (name, want), (_, got) in zip(plain.named_buffers(), ckpt.named_buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert int(ckpt.branch[0][1].num_batches_tracked) == 3
 
 
 def test_grad_checkpointing_saves_less() -> None:

@@ -158,6 +158,29 @@ def test_half_types_compute_in_float32(dtype, layout):
     torch.testing.assert_close(gl.double(), want_gl, rtol=eps, atol=eps * want_gl.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "slice"])
+@pytest.mark.parametrize("offset", [0.0, 2.0, -0.5])
+def test_half_types_in_many_chunks(dtype, layout, offset, monkeypatch):
+    # the path of the CUDA fallback: half-precision x split into many chunks (a bound of 300
+    # bytes holds a few rows or planes), each chunk's mask and reduction computed in float32
+    set_chunk_bytes(monkeypatch, 300)
+    gen = torch.Generator().manual_seed(5)
+    x = make_x(2, 3, 15, 11, layout, dtype=torch.float32, gen=gen).to(dtype)
+    logits = (3 * torch.randn(2, 3, 4, 3, generator=gen)).to(dtype)
+    g = torch.randn(2, 3, 15, 11, generator=gen).to(dtype)
+    want, want_gx, want_gl = slow_grads(x, logits, g, offset, True)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = ld_modulate(xr, lr, offset, impl="torch")
+    gx, gl = torch.autograd.grad(out, (xr, lr), g)
+    assert out.dtype == gx.dtype == gl.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    scale = max(1.0, abs(offset) + 1)
+    torch.testing.assert_close(out.double(), want, rtol=eps, atol=eps * scale)
+    torch.testing.assert_close(gx.double(), want_gx, rtol=eps, atol=eps * scale)
+    torch.testing.assert_close(gl.double(), want_gl, rtol=eps, atol=eps * want_gl.abs().max().item())
+
+
 def test_autocast_keeps_float32_exact():
     x = torch.randn(1, 3, 11, 9)
     logits = torch.randn(1, 3, 3, 3)

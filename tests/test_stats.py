@@ -96,6 +96,34 @@ def test_random_gate_matches_direct_computation() -> None:
     assert st.samples == 6
 
 
+@pytest.mark.parametrize(
+    ("act", "final_act", "low_included"),
+    [
+        (nn.ReLU, True, True),
+        (nn.ReLU6, True, True),
+        (nn.ReLU, False, False),
+        (nn.GELU, True, False),
+        (nn.SiLU, True, False),
+        (nn.LeakyReLU, True, False),
+        (nn.Tanh, True, False),
+    ],
+)
+def test_reported_range_holds_for_every_final_activation(act, final_act, low_included) -> None:
+    # [offset + 0.5, offset + 1) only when the last stage ends in a non-negative activation;
+    # otherwise the logits can be negative and the gate goes below offset + 0.5
+    ld = gald.LocalDistribution(6, offset=2.0, act_layer=act, final_act=final_act)
+    with torch.no_grad():
+        for p in ld.parameters():
+            p.normal_(0.0, 2.0)
+    assert ld.gate_range == (2.5 if low_included else 2.0, 3.0, low_included)
+    st = gald.ld_statistics(ld, [torch.randn(2, 6, 24, 24) * 3 for _ in range(2)])[""]
+    assert (st.low, st.high, st.low_included) == ld.gate_range
+    assert st.low <= st.min <= st.max <= st.high
+    if not low_included:
+        assert st.min < 2.5  # the range reported is really needed
+    assert ("[2.5, 3)" if low_included else "(2, 3)") in str(gald.ld_statistics(ld, [torch.ones(1, 6, 9, 9)]))
+
+
 def test_several_lds_in_a_head_and_a_wrapped_model() -> None:
     head = _randomise(gald.GALDHead(8, 3, channels=8, ga_module="psp"), 4)
     names = [n for n, m in head.named_modules() if isinstance(m, gald.LocalDistribution)]

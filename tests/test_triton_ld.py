@@ -173,7 +173,7 @@ def test_offset_is_exact_in_fp64(kernels):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_single_and_half_precision_compute_in_fp32(kernels, layout, dtype):
     # The kernel computes in fp32 and rounds once, so it lies within half an ulp of the fp32
     # reference evaluated on the same (already rounded) inputs. Triton's interpreter (3.x)
@@ -229,6 +229,63 @@ def test_through_the_op_and_autograd(kernels, monkeypatch):
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(gx, want_gx)
     torch.testing.assert_close(gl, want_gl)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gradcheck_and_opcheck_through_the_op(kernels, monkeypatch, layout):
+    # the custom op's autograd formula and registration with the Triton kernels behind it
+    monkeypatch.setattr(_modulate, "_triton_module", kernels)
+    x, logits, _ = random_inputs((1, 2, 5, 4, 2, 3), torch.float64, seed=3, layout=layout)
+    x.requires_grad_()
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, lg: ld_modulate(x, lg, 1.5, align_corners=False, impl="triton"),
+        (x, logits),
+        fast_mode=True,
+    )
+    torch.library.opcheck(
+        torch.ops.gald.ld_modulate.default,
+        (x, logits, 1.5, True, "triton"),
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+def test_launches_run_on_the_device_of_the_input(kernels, monkeypatch):
+    # every launch happens inside _on_device(x), which makes x's CUDA device current (not the
+    # current device); on CPU tensors (the interpreter) it is a no-op
+    entered: list[torch.device] = []
+    real = kernels._on_device
+
+    def recording(x):
+        entered.append(x.device)
+        return real(x)
+
+    monkeypatch.setattr(kernels, "_on_device", recording)
+    x, logits, g = random_inputs((1, 2, 5, 4, 2, 3), torch.float32)
+    kernels.ld_modulate_fwd_triton(x, logits, 1.0, True)
+    n_fwd = len(entered)
+    kernels.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+    assert n_fwd >= 1
+    assert len(entered) > n_fwd
+    assert set(entered) == {x.device}
+
+    made_current: list[object] = []
+
+    class FakeGuard:
+        def __init__(self, device):
+            made_current.append(device)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeGuard)
+    cuda1 = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with real(cuda1):
+        pass
+    assert made_current == [torch.device("cuda", 1)]
 
 
 def test_empty_batch(kernels):

@@ -7,19 +7,41 @@ github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
-from ._validate import check_feature, check_positive_int
+from ._validate import check_feature, check_float, check_positive_int
 from .ops import ld_modulate
 
 __all__ = ["IMPLS", "LocalDistribution", "strided_min_size"]
 
 IMPLS = ("auto", "triton", "torch")
 """The kernels a :class:`LocalDistribution` (and :class:`~gald.GALD`) may be told to use."""
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Leave every buffer of ``module`` as it was on entry (BatchNorm running statistics and
+    ``num_batches_tracked``): the recomputation of a checkpointed branch must not update them a
+    second time."""
+    saved = {name: b.clone() for name, b in module.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, b in module.named_buffers():
+                if name in saved:
+                    b.copy_(saved[name])
+
+
+_NON_NEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+"""Activations whose output is never negative (the gate of an LD ending in one is >= offset+0.5)."""
 
 
 def _check_impl(impl: object) -> str:
@@ -52,8 +74,9 @@ class LocalDistribution(nn.Module):
 
     .. note::
         With ``final_act=True`` (the default, as in the authors' code) a ReLU precedes the
-        sigmoid, so ``M`` lies in ``[0.5, 1)``, not ``(0, 1)``. ``final_act=False`` frees the
-        full range.
+        sigmoid, so ``M`` lies in ``[0.5, 1)``, not ``(0, 1)``. ``final_act=False`` (or a final
+        activation that can go negative, such as GELU) frees the full range; see
+        :attr:`gate_range`.
 
     Complexity: time O(B C H W (k^2 / 3 + h')), with ``h' ~ H/8`` the logits side; autograd
     keeps ``x``, the branch activations (O(B C H W / 4), none with checkpointing) and the logits.
@@ -95,9 +118,7 @@ class LocalDistribution(nn.Module):
         self.num_stages = check_positive_int(num_stages, "num_stages")
         self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         self.padding = check_positive_int(padding, "padding", minimum=0)
-        if not isinstance(offset, (int, float)) or isinstance(offset, bool):
-            raise TypeError(f"offset must be a float, got {type(offset).__name__}")
-        self.offset = float(offset)
+        self.offset = check_float(offset, "offset")
         self.final_act = bool(final_act)
         self.impl = _check_impl(impl)
         self.grad_checkpointing = False
@@ -122,12 +143,28 @@ class LocalDistribution(nn.Module):
             f"final_act={self.final_act}, offset={self.offset}, impl={self.impl!r}"
         )
 
+    @property
+    def gate_range(self) -> tuple[float, float, bool]:
+        """``(low, high, low_included)``: the values the gate ``offset + M`` can take.
+
+        ``M = sigmoid(logits)`` lies in ``(0, 1)``; when the last stage ends with an activation
+        whose output is never negative (ReLU, ReLU6, Sigmoid, Hardsigmoid, Softplus) the logits
+        are ``>= 0`` and ``M`` lies in ``[0.5, 1)``. Any other final activation (GELU, SiLU,
+        LeakyReLU, ...) or ``final_act=False`` leaves the full ``(0, 1)``.
+        """
+        last = list(self.branch.modules())[-1]  # the last stage's act (or its norm)
+        if self.final_act and isinstance(last, _NON_NEGATIVE):
+            return self.offset + 0.5, self.offset + 1.0, True
+        return self.offset, self.offset + 1.0, False
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the branch in backward instead of keeping its activations (timm's switch).
 
         Saves about a quarter of the input's size per LD in training at the cost of running the
         branch twice. The branch then runs under ``torch.utils.checkpoint`` (non-reentrant),
-        which restores the RNG state, so stochastic layers see the same randomness both times.
+        which restores the RNG state, so stochastic layers see the same randomness both times,
+        and the recomputation leaves the branch's buffers untouched, so BatchNorm running
+        statistics are updated once per step, as without checkpointing.
         """
         if not isinstance(enable, bool):
             raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
@@ -137,7 +174,17 @@ class LocalDistribution(nn.Module):
         """Low-resolution mask logits ``branch(x)``, shape (B, C, h, w), in the dtype of ``x``."""
         check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
         if self.grad_checkpointing and torch.is_grad_enabled():
-            logits = checkpoint(self.branch, x, use_reentrant=False)
+            if torch.compiler.is_compiling():
+                # dynamo traces checkpointing as one region whose recomputation the compiler
+                # plans itself (buffer updates are applied once); it accepts no context_fn
+                logits = checkpoint(self.branch, x, use_reentrant=False)
+            else:
+                logits = checkpoint(
+                    self.branch,
+                    x,
+                    use_reentrant=False,
+                    context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(self.branch)),
+                )
         else:
             logits = self.branch(x)
         # under autocast the branch may return a lower precision than x

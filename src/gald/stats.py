@@ -45,13 +45,17 @@ class GateStats:
             per-sample spatial mean gate. ``0`` means every sample gets the same gate.
         far_fraction: fraction of positions whose gate differs from the mean of its
             (sample, channel) map by more than 5 % of that mean.
-        low, high: the range the gate can take under this LD's settings (``final_act=True``:
-            ``[offset + 0.5, offset + 1)``; ``False``: ``(offset, offset + 1)``). In floating
-            point the sigmoid of a large logit rounds to 1, so ``max`` may equal ``high``.
+        low, high: the range the gate can take under this LD's settings
+            (:attr:`gald.LocalDistribution.gate_range`: ``[offset + 0.5, offset + 1)`` when the
+            last stage ends in a non-negative activation such as the default ReLU,
+            ``(offset, offset + 1)`` with ``final_act=False`` or another activation). In
+            floating point the sigmoid of a large logit rounds to 1, so ``max`` may equal
+            ``high``.
         offset, final_act: the LD's settings.
         samples: number of samples seen; channels: number of channels.
         channel_mean: the mean gate of every channel (length ``channels``), the constant
             per-channel scale an LD with a flat gate amounts to.
+        low_included: whether ``low`` itself can occur (``[low, high)`` or ``(low, high)``).
     """
 
     mean: float
@@ -69,6 +73,7 @@ class GateStats:
     samples: int
     channels: int
     channel_mean: tuple[float, ...] = ()
+    low_included: bool = True
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +98,7 @@ class LDStatistics(dict[str, GateStats]):
         header = ["LD", "range", *(c[0] for c in _COLUMNS), "samples"]
         rows = [header]
         for name, s in self.items():
-            left = "[" if s.final_act else "("
+            left = "[" if s.low_included else "("
             rng = f"{left}{s.low:g}, {s.high:g})"
             if s.samples == 0:
                 rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), "0 (not called)"])
@@ -156,6 +161,7 @@ class _GateAccumulator:
     def __init__(self, ld: LocalDistribution) -> None:
         self.offset = float(ld.offset)
         self.final_act = bool(ld.final_act)
+        self.low, self.high, self.low_included = ld.gate_range
         self.per_channel = _Moments()  # gate values per channel, over samples and positions
         self.sample_means = _Moments()  # per-(sample, channel) spatial means, over samples
         self.min = math.inf
@@ -192,13 +198,13 @@ class _GateAccumulator:
         self.positions += gate.numel()
 
     def result(self) -> GateStats:
-        low = self.offset + (0.5 if self.final_act else 0.0)
-        high = self.offset + 1.0
+        low, high = self.low, self.high
         pc, sm = self.per_channel, self.sample_means
         if pc.mean is None or pc.m2 is None or sm.mean is None or sm.m2 is None:
             nan = math.nan
             return GateStats(
-                nan, nan, nan, nan, nan, nan, nan, nan, low, high, self.offset, self.final_act, 0, 0
+                nan, nan, nan, nan, nan, nan, nan, nan, low, high, self.offset, self.final_act, 0, 0,
+                low_included=self.low_included,
             )
         channels = pc.mean.numel()
         # overall moments from the per-channel ones (every channel has the same count)
@@ -228,6 +234,7 @@ class _GateAccumulator:
             samples=sm.n,
             channels=channels,
             channel_mean=tuple(mean_c.tolist()),
+            low_included=self.low_included,
         )
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature
+from .._validate import check_feature, check_float
 from . import _ld_torch
 
 IMPLS = ("auto", "reference", "torch", "triton")
@@ -252,8 +252,7 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
         raise ValueError(
             f"ld_modulate: logits must be on the device of x ({x.device}), got {logits.device}"
         )
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)):
-        raise TypeError(f"ld_modulate: offset must be a float, got {type(offset).__name__}")
+    check_float(offset, "ld_modulate: offset")
     if not isinstance(align_corners, bool):
         raise TypeError(
             f"ld_modulate: align_corners must be a bool, got {type(align_corners).__name__}"
@@ -312,7 +311,9 @@ def ld_modulate(
         - logits: :math:`(B, C, h, w)`, any ``h, w >= 1``.
         - Output: :math:`(B, C, H, W)`, the memory format of ``x``.
 
-    dtypes: float32 and float64 are exact to rounding; float16 and bfloat16 compute the mask,
+    dtypes: float32 and float64 are exact to rounding (the torch kernel at PyTorch's default
+    float32 matmul precision; under ``torch.set_float32_matmul_precision("high")`` or TF32 its
+    interpolation matmuls round like any matmul); float16 and bfloat16 compute the mask,
     the sigmoid and the reduction of the backward in float32 and round once. An enclosing
     autocast region does not change this. The torch kernel (matmuls and elementwise ops, no
     atomic adds) is bitwise reproducible on CPU and on CUDA (cuBLAS permitting).
