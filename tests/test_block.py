@@ -117,7 +117,7 @@ def test_padding0_minimum() -> None:
     block = gald.GALD(16, "cgnl", padding=0).eval()
     assert block.min_size == 15
     assert block(torch.randn(1, 16, 15, 15)).shape == (1, 16, 15, 15)
-    with pytest.raises(ValueError, match=r"GALD: x is too small.*>= 15"):
+    with pytest.raises(ValueError, match=r"GALD\(CGNL\): x is too small.*>= 15"):
         block(torch.randn(1, 16, 15, 14))
     ga_only = gald.GALD(16, "cgnl", padding=0, ld=False)
     assert ga_only.min_size == 3
@@ -125,7 +125,7 @@ def test_padding0_minimum() -> None:
 
 def test_bad_input() -> None:
     block = gald.GALD(16, "cgnl")
-    with pytest.raises(ValueError, match=r"GALD: x must have 16 channels"):
+    with pytest.raises(ValueError, match=r"GALD\(CGNL\): x must have 16 channels"):
         block(torch.randn(1, 4, 8, 8))
     with pytest.raises(ValueError, match=r"4-D"):
         block(torch.randn(16, 8, 8))

@@ -149,8 +149,14 @@ def test_errors_name_argument_expected_and_received() -> None:
         gald.wrap(model, "1")
     gald.wrap(model, "1", in_channels=8)  # the dry run finds 7 output channels
     assert model[1].out_channels == 7
-    with pytest.raises(ValueError, match="output channels of _Crashes.*pass out_channels"):
+    with pytest.raises(ValueError, match=r"_Crashes refuses a \(1, 8, s, s\).*boom.*in_channels=8"):
         gald.GALD(8, _Crashes())
+    # a wrong in_channels is caught at construction, also when out_channels is given
+    aspp_like = nn.Sequential(nn.Conv2d(256, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
+    with pytest.raises(ValueError, match=r"Sequential refuses a \(1, 128, s, s\).*in_channels=128"):
+        gald.GALD(128, aspp_like, out_channels=64)
+    with pytest.raises(ValueError, match="out_channels=32 does not match the wrapped Sequential"):
+        gald.GALD(256, aspp_like, out_channels=32, downsample=False)
     with pytest.raises(ValueError, match="leads to a Parameter, not an nn.Module"):
         gald.wrap(nn.BatchNorm2d(3), "weight")
     with pytest.raises(ValueError, match="dotted path"):
@@ -175,9 +181,19 @@ def test_wrong_width_at_forward_names_the_module() -> None:
         block(torch.randn(1, 8, 8, 8))
 
 
+def test_wrong_input_width_at_forward_names_the_module() -> None:
+    block = gald.GALD(8, nn.Conv2d(8, 4, 1))
+    with pytest.raises(ValueError, match=r"GALD\(Conv2d\): x must have 8 channels.*\(1, 6, 9, 9\)"):
+        block(torch.randn(1, 6, 9, 9))
+
+
 def test_default_ga_width_error_names_user_argument() -> None:
-    with pytest.raises(ValueError, match=r"in_channels=40.*smallest in_channels it accepts is 16"):
+    # CGNL with 8 groups takes multiples of 16; the message lists the widths it accepts
+    with pytest.raises(ValueError, match=r"in_channels=40.*accepts: 16, 32, 48, 64, \.\.\."):
         gald.GALD(40)
+    # inside a head the user's argument is `channels`
+    with pytest.raises(ValueError, match=r"GALDHead\(channels=40\).*accepts: 16, 32"):
+        gald.GALDHead(64, 5, channels=40)
 
 
 def test_ld_false_with_norm_layer_and_head_ablation() -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layers import LayerFactory, depthwise_stage
-from ._validate import check_factory, check_feature, check_positive_int
+from ._validate import check_factory, check_feature, check_float, check_positive_int
 from .ld import IMPLS, LocalDistribution
 from .registry import create_ga, get_ga_class
 
@@ -44,20 +44,18 @@ def _label(module: nn.Module) -> str:
 def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
 
-    Read from an ``out_channels`` attribute when the module has one (every width-changing gald
-    layer does); otherwise found by a dry run: the module runs once in eval mode, without
-    gradients, on a small zero input on the device and dtype of its parameters (sides 16, then
-    33 and 65 if a smaller input is refused). The module's training flag is restored and, in
-    eval mode, no BatchNorm statistic or other buffer changes. A module built on the meta device
-    is probed with a meta tensor (shapes only, no compute).
+    Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
+    input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller
+    input is refused). The module's training flag is restored and, in eval mode, no BatchNorm
+    statistic or other buffer changes. A module built on the meta device is probed with a meta
+    tensor (shapes only, no compute). The dry run also checks ``in_channels``: a module that
+    refuses every probe (a convolution built for another width, say) is reported here rather
+    than at the first forward.
 
     Raises:
         ValueError: the module refuses every probe input or does not return a 4-D tensor;
-            the message names the module's class and says to pass ``out_channels``.
+            the message names the module's class, ``in_channels`` and each probe's error.
     """
-    declared = getattr(module, "out_channels", None)
-    if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
-        return declared
     ref: torch.Tensor | None = next(iter(module.parameters()), None)
     if ref is None:
         ref = next(iter(module.buffers()), None)
@@ -85,23 +83,31 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     finally:
         module.train(was_training)
     raise ValueError(
-        f"cannot infer the output channels of {_label(module)} from a dry run with "
-        f"in_channels={in_channels} ({'; '.join(errors)}); pass out_channels (and check "
-        "in_channels)"
+        f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
+        f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "
+        "takes)"
     )
 
 
-def _smallest_width(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int = 1024) -> int:
-    """The smallest ``channels`` that ``cls(channels, **kwargs)`` accepts (0 if none <= limit);
-    the candidates are built on the meta device, so the search allocates nothing."""
+def _accepted_widths(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int = 1024) -> str:
+    """The first few ``channels`` that ``cls(channels, **kwargs)`` accepts, for an error hint.
+
+    Only gald's own layers are searched (built on the meta device, so nothing is allocated); a
+    user's class is never constructed more than the user asked for.
+    """
+    if not cls.__module__.startswith("gald."):
+        return ""
+    found: list[int] = []
     with torch.device("meta"):
         for c in range(1, limit + 1):
             try:
                 cls(c, **kwargs)
-            except (ValueError, TypeError):
+            except Exception:  # refused at this width
                 continue
-            return c
-    return 0
+            found.append(c)
+            if len(found) == 4:
+                break
+    return ", ".join(map(str, found)) + (", ..." if len(found) == 4 else "")
 
 
 def _build_ga(
@@ -120,19 +126,13 @@ def _build_ga(
                 f"already), got keys {sorted(ga_kwargs)}"
             )
         ga_module = create_ga(ga_module, in_channels)  # checks a declared input width
-        if out_channels is None:
-            return ga_module, infer_out_channels(ga_module, in_channels)
-        try:
-            found = infer_out_channels(ga_module, in_channels)
-        except ValueError:  # cannot be checked now; the forward checks every call
-            return ga_module, out_channels
-        if found != out_channels:
+        found = infer_out_channels(ga_module, in_channels)
+        if out_channels is not None and out_channels != found:
             raise ValueError(
-                f"out_channels={out_channels} does not match the wrapped "
-                f"{_label(ga_module)}, which returns {found} channels for in_channels="
-                f"{in_channels}"
+                f"out_channels={out_channels} does not match the wrapped {_label(ga_module)}, "
+                f"which returns {found} channels for in_channels={in_channels}"
             )
-        return ga_module, out_channels
+        return ga_module, found
     if isinstance(ga_module, str):
         cls = get_ga_class(ga_module)
     elif isinstance(ga_module, type) and issubclass(ga_module, nn.Module):
@@ -158,8 +158,8 @@ def _build_ga(
     try:
         ga = create_ga(cls, in_channels, **kwargs)
     except (ValueError, TypeError) as exc:
-        smallest = _smallest_width(cls, kwargs)
-        hint = f"; the smallest in_channels it accepts is {smallest}" if smallest else ""
+        accepted = _accepted_widths(cls, kwargs)
+        hint = f"; in_channels it accepts: {accepted}" if accepted else ""
         raise type(exc)(
             f"GALD: the GA {name!r} cannot be built with in_channels={in_channels} and "
             f"ga_kwargs={dict(ga_kwargs)}{hint} ({exc})"
@@ -186,8 +186,8 @@ class GALD(nn.Module):
 
     The GA may change the width (``in_channels -> out_channels``), as the context modules of
     real heads do (torchvision's and smp's ASPP 2048 -> 256). For a registry name or a class,
-    ``out_channels`` is passed to the GA; for a module instance it is inferred when omitted
-    (see :func:`infer_out_channels`).
+    ``out_channels`` is passed to the GA; for a module instance it is found by a dry run, which
+    also checks ``in_channels`` and a given ``out_channels`` (see :func:`infer_out_channels`).
 
     ``init="identity"`` is for wrapping a *trained* context module (fine-tuning a pretrained
     segmentation model): the block then computes exactly the wrapped module's function at
@@ -303,7 +303,7 @@ class GALD(nn.Module):
             )
             # the smallest input whose stride-2 down stage still gives the GA its minimum side
             min_size = max(1, 2 * (min_size - 1) + 3 - 2 * self.padding)
-        self.offset = 2.0 if offset is None else offset
+        self.offset = 2.0 if offset is None else check_float(offset, "offset")
         self.ld: LocalDistribution | None = None
         self.alpha: nn.Parameter | None = None
         if ld:
@@ -357,7 +357,9 @@ class GALD(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature(x, self.in_channels, min_hw=self.min_size, who=type(self).__name__)
+        check_feature(
+            x, self.in_channels, min_hw=self.min_size, who=f"GALD({_label(self.ga)})"
+        )
         if self.down is not None:
             d = self.down(x)
             y = self.ga(d)

@@ -83,15 +83,18 @@ class GALDHead(nn.Module):
                 "GALDHead keeps the GALD block at `channels`; out_channels is not a head argument"
             )
         self.conva = _conv_norm_act(in_channels, channels, norm_layer, act_layer)
-        self.gald = GALD(
-            channels,
-            ga_module,
-            ga_kwargs=ga_kwargs,
-            padding=padding,
-            norm_layer=norm_layer,
-            act_layer=act_layer,
-            **gald_kwargs,
-        )
+        try:
+            self.gald = GALD(
+                channels,
+                ga_module,
+                ga_kwargs=ga_kwargs,
+                padding=padding,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                **gald_kwargs,
+            )
+        except (ValueError, TypeError) as exc:  # the block's in_channels is the head's channels
+            raise type(exc)(f"GALDHead(channels={channels}): {exc}") from exc
         if self.gald.out_channels != channels:
             raise ValueError(
                 f"the GA of a GALDHead must keep the width channels={channels}, got a GA "
@@ -159,6 +162,9 @@ class AuxHead(nn.Module):
         - Input: :math:`(B, C_{in}, H, W)`
         - Output: :math:`(B, \text{num\_classes}, H, W)`
     """
+
+    # norm(conv(x)) in forward: gald.fuse folds the pair
+    _fuse_pairs = (("conv", "norm"),)
 
     def __init__(
         self,
