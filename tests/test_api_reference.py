@@ -31,7 +31,8 @@ DOCS = ROOT / "docs"
 API = DOCS / "api"
 MKDOCS = ROOT / "mkdocs.yml"
 
-# gald.testing is imported on its own (it needs hypothesis), so gald.__all__ does not list it.
+# gald.testing is imported on its own (a test-time API, not loaded by `import gald`), so
+# gald.__all__ does not list it.
 EXTRA_PUBLIC_MODULES = ("gald.testing",)
 _DIRECTIVE = re.compile(r"^:::\s+(\S+)\s*$", re.M)
 

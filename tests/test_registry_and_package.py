@@ -239,4 +239,7 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
     assert package - names == set()
     assert {"src/gald/testing/__init__.py", "README.md", "LICENSE", "pyproject.toml", "PKG-INFO"} <= names
     assert "docs/testing.md" in names
+    assert "src/gald/py.typed" in names  # downstream type checkers read the annotations
+    # the images the shipped pages embed and the data their benchmark blocks are made from
+    assert {"docs/img/gald-block.svg", "docs/benchmarks.png", "docs/data/all.json"} <= names
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]

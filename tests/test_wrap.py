@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -67,6 +67,26 @@ def test_width_property(cin: int, cout: int, downsample: bool) -> None:
     assert block.out_channels == cout
     x = torch.randn(2, cin, 9, 7)
     assert block(x).shape == (2, cout, 9, 7)
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    ga=st.sampled_from(["aspp", "psp"]),
+    cin=st.integers(1, 20),
+    cout=st.integers(1, 20),
+    downsample=st.booleans(),
+)
+def test_width_changing_registry_ga_trains(ga: str, cin: int, cout: int, downsample: bool) -> None:
+    # the registry's width-changing layers at random widths, train mode, forward and backward
+    kwargs = {"rates": (1, 2), "inner_channels": 4} if ga == "aspp" else {"branch_channels": 4}
+    block = gald.GALD(cin, ga, out_channels=cout, ga_kwargs=kwargs, downsample=downsample).train()
+    assert block.out_channels == cout and block.ld is not None and block.ld.channels == cout
+    x = torch.randn(2, cin, 11, 9, requires_grad=True)
+    y = block(x)
+    assert y.shape == (2, cout, 11, 9)
+    y.square().mean().backward()
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+    assert all(p.grad is not None for p in block.ld.parameters())
 
 
 def test_identity_init_equals_original() -> None:

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="with --ld, also time torch.compile of the authors' formulation (auto: on CUDA)",
     )
+    parser.add_argument(
+        "--first-call",
+        action="store_true",
+        help="also the first-call latency: the first and second forward of gald.GALD(64) on "
+        "(1, 64, 33, 33), each in 3 fresh processes",
+    )
     parser.add_argument("--json", metavar="PATH", help="write every figure and the environment")
     parser.add_argument(
         "--plot",
@@ -181,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     gas = _gas(parser, args.ga)
-    if not gas and not args.ld:
-        parser.error("--ga none measures nothing without --ld")
+    if not gas and not args.ld and not args.first_call:
+        parser.error("--ga none measures nothing without --ld or --first-call")
     if not gas and args.plot:
         parser.error("--plot draws the GA table: it needs --ga NAME[,NAME...] or all, not none")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -279,6 +285,15 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 out["kernels"] = {"skipped": why}
                 print(f"\nTriton kernels not measured: {why}")
+        if args.first_call:
+            from . import first_call
+
+            started = time.perf_counter()
+            out["first_call"] = first_call.run(args.device, args.threads)
+            out["durations_s"]["first_call"] = round(time.perf_counter() - started, 1)
+            if gas or args.ld:
+                print()
+            print(first_call.render(out["first_call"]), flush=True)
     except ValueError as exc:  # e.g. a shape too small for the model
         progress.close()
         print(

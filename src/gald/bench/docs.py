@@ -1,22 +1,31 @@
-"""Rewrite the generated benchmark tables in the docs from one ``--json`` run.
+"""Rewrite the generated benchmark blocks of the docs from the ``--json`` runs they name.
 
 Usage::
 
-    python -m gald.bench --ga all --ld --json results.json
-    python -m gald.bench.docs results.json [FILE ...]   # default: README.md docs/benchmarks.md
+    python -m gald.bench --ga all --ld --json docs/data/all.json --plot docs/benchmarks.png
+    python -m gald.bench.docs                # rewrites README.md, docs/benchmarks.md and
+                                             # docs/performance.md from the files they name
+    python -m gald.bench.docs --check        # exit status 1 if a block is out of date
 
 Only the text between a start marker and the next ``<!-- bench:end -->`` is replaced; the rest
-of each file is left as it is. A start marker names what goes there:
+of each file is left as it is. A start marker names what goes there and the JSON file(s) it is
+made from, relative to the Markdown file (``<!-- bench:start block data/all.json -->``); a
+marker without a file takes the one given with ``--results``. Kinds:
 
-- ``<!-- bench:start -->`` or ``<!-- bench:start summary -->``: a short summary (the LD overhead
-  inside GALD(cgnl), or the first GA measured, and where it was measured);
-- ``<!-- bench:start block -->``: the table of every GA with and without LD;
-- ``<!-- bench:start ld -->``: the LD against the authors' formulation (needs ``--ld``);
-- ``<!-- bench:start kernels -->``: the Triton kernels' checks and bandwidth (needs ``--ld`` on
-  CUDA);
-- ``<!-- bench:start environment -->``: the machine and software.
+- ``summary``: a short summary (the LD overhead inside GALD(cgnl), or the first GA measured,
+  and where it was measured);
+- ``block``: the table of every GA with and without LD;
+- ``ld``: the LD against the authors' formulation (needs ``--ld``);
+- ``kernels``: the Triton kernels' checks and bandwidth (needs ``--ld`` on CUDA);
+- ``environment``: the machine and software;
+- ``first``: the first-call latency (needs ``--first-call``);
+- ``runs`` (several files): one line per ``--ld`` run, the LD against the authors;
+- ``spread`` (several files): repeated runs of the same commands side by side, with whether
+  their intervals overlap and how far apart their medians are.
 
-Every block states the date, the device and the command, so the docs cannot drift apart.
+Every block states the date, the device and the command, so the docs cannot drift apart; the
+JSON files are kept beside the docs, so ``--check`` (run by the test suite) finds a block that
+no longer matches its data.
 """
 
 from __future__ import annotations
@@ -32,8 +41,11 @@ from typing import Any
 from ._timing import format_overhead, format_pct, format_speed, ratio_from
 
 MARKER = re.compile(
-    r"(<!-- bench:start(?: (?P<kind>[a-z]+))? -->\n)(?P<body>.*?)(<!-- bench:end -->)", re.S
+    r"(<!-- bench:start(?: (?P<kind>[a-z]+))?(?P<paths>(?: [^\s>]+\.json)*) -->\n)"
+    r"(?P<body>.*?)(<!-- bench:end -->)",
+    re.S,
 )
+DEFAULT_FILES = ("README.md", "docs/benchmarks.md", "docs/performance.md")
 
 
 def _overhead(d: dict[str, Any]) -> str:
@@ -143,17 +155,209 @@ def render_environment(res: dict[str, Any]) -> str:
     return "\n".join(f"- {k}: {v}" for k, v in env.items())
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
-    "summary": render_summary,
-    "block": render_block,
-    "ld": render_ld,
-    "kernels": render_kernels,
-    "environment": render_environment,
+def _command(res: dict[str, Any]) -> str:
+    """The run's command without its output options (``--json``, ``--plot``, ``--quiet``)."""
+    words = res.get("command", "python -m gald.bench").split()
+    kept: list[str] = []
+    skip = False
+    for w in words:
+        if skip:
+            skip = False
+            continue
+        if w in ("--json", "--plot"):
+            skip = True
+            continue
+        if w == "--quiet" or w.startswith(("--json=", "--plot=")):
+            continue
+        kept.append(w)
+    return " ".join(kept)
+
+
+def _machine(results: list[dict[str, Any]]) -> str:
+    """Where and when several runs were made (one sentence)."""
+    dates = sorted(r["environment"]["date"] for r in results)
+    when = dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"
+    machines = sorted({_device(r) for r in results})
+    torches = sorted({r["environment"]["torch"] for r in results})
+    return (
+        f"Measured {when} on {' and '.join(machines)}, torch {', '.join(torches)}, one process "
+        "per run, one after the other."
+    )
+
+
+def _device(res: dict[str, Any]) -> str:
+    env, cfg = res["environment"], res["config"]
+    if cfg["device"] == "cpu":
+        return f'CPU "{env["device_name"]}" ({env["logical_cpus"]} logical CPUs)'
+    return str(env["device_name"])
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f}"
+
+
+def _ms(t: dict[str, Any]) -> str:
+    return f"{t['median_ms']:.3g}"
+
+
+def render_runs(results: list[dict[str, Any]]) -> str:
+    """One line per ``--ld`` run: the library's LD against the authors' formulation."""
+    rows = []
+    for res in results:
+        if "ld" not in res:
+            raise ValueError(f"a runs block needs --ld results; {_command(res)!r} has none")
+        ld, cfg = res["ld"], res["config"]
+        train, inf, mem = ld["train_step"], ld["inference"], ld["memory"]
+        base = mem["authors"]["saved_bytes"]
+        ckpt = "gald, grad checkpointing"
+        fmt = "channels_last" if cfg["channels_last"] else "NCHW"
+        rows.append(
+            [
+                f"`{_command(res)}`",
+                f"{fmt}, {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}",
+                f"{_speed(train['gald']['speedup_vs_authors'])} "
+                f"({_ms(train['gald'])} vs {_ms(train['authors'])} ms)",
+                _speed(train[ckpt]["speedup_vs_authors"]),
+                f"{_speed(inf['gald']['speedup_vs_authors'])} "
+                f"({_ms(inf['gald'])} vs {_ms(inf['authors'])} ms)",
+                f"{mem['gald']['saved_bytes'] / base:.2f}x",
+                f"{mem[ckpt]['saved_bytes'] / base:.2f}x",
+                res["environment"]["date"],
+            ]
+        )
+    headers = [
+        "command",
+        "format",
+        "train step",
+        "train, checkpointing",
+        "inference (BN folded)",
+        "saved",
+        "saved, checkpointing",
+        "measured",
+    ]
+    shapes = sorted({tuple(r["ld"]["shape"]) for r in results})
+    return (
+        f"Input {', '.join(map(str, shapes))}, {results[0]['config']['dtype']}. "
+        f"{_machine(results)} Speed: times faster than the authors' formulation (95 % interval; "
+        "the two medians); saved: bytes saved for backward relative to the authors.\n\n"
+        + _table(headers, rows)
+    )
+
+
+def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return bool(a["ratio_low"] <= b["ratio_high"] and b["ratio_low"] <= a["ratio_high"])
+
+
+def render_spread(results: list[dict[str, Any]]) -> str:
+    """Repeated runs of the same commands: overheads, medians, overlap and distance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for res in results:
+        if "block" not in res:
+            raise ValueError(f"a spread block needs GA-table results; {_command(res)!r} has none")
+        groups.setdefault(_command(res), []).append(res)
+    rows, notes = [], []
+    for command, runs in groups.items():
+        firsts = []
+        for i, res in enumerate(runs, 1):
+            row = res["block"]["rows"][0]
+            models, ov = row["models"], row["overhead"]
+            firsts.append(row)
+            rows.append(
+                [
+                    f"`{command}`" if i == 1 else "",
+                    str(i),
+                    _overhead(ov["inference"]),
+                    _overhead(ov["train_step"]),
+                    f"{_ms(models['with LD']['inference'])} / "
+                    f"{_ms(models['without LD']['inference'])}",
+                    f"{_ms(models['with LD']['train_step'])} / "
+                    f"{_ms(models['without LD']['train_step'])}",
+                    res["environment"]["date"],
+                ]
+            )
+        if len(runs) < 2:
+            continue
+        overlap = all(
+            _overlap(a["overhead"][k], b["overhead"][k])
+            for k in ("inference", "train_step")
+            for a in firsts
+            for b in firsts
+        )
+        medians = [
+            [r["models"][m][k]["median_ms"] for r in firsts]
+            for m in ("with LD", "without LD")
+            for k in ("inference", "train_step")
+        ]
+        apart = max(max(v) / min(v) - 1 for v in medians)
+        notes.append(
+            f"`{command}` ({firsts[0]['ga']}): the overhead intervals of the {len(runs)} runs "
+            f"{'overlap' if overlap else 'do not all overlap'}; the medians of the runs are "
+            f"within {apart:.0%} of each other."
+        )
+    headers = [
+        "command",
+        "run",
+        "inference overhead",
+        "train-step overhead",
+        "inference ms (with / without LD)",
+        "train step ms (with / without LD)",
+        "measured",
+    ]
+    return (
+        f"{_machine(results)} LD overheads with ~95 % intervals.\n\n{_table(headers, rows)}\n\n"
+        + "\n".join(f"- {n}" for n in notes)
+    )
+
+
+def render_first_call(res: dict[str, Any]) -> str:
+    if "first_call" not in res:
+        return "_(this run was made without `--first-call`)_"
+    from .first_call import render
+
+    cases = render(res["first_call"]).splitlines()
+    return "\n".join(f"- {c}" for c in cases) + f"\n\n{where(res)}"
+
+
+def _one(render: Callable[[dict[str, Any]], str]) -> Callable[[list[dict[str, Any]]], str]:
+    def wrapped(results: list[dict[str, Any]]) -> str:
+        if len(results) != 1:
+            raise ValueError(f"this block is made from one JSON file, got {len(results)}")
+        return render(results[0])
+
+    return wrapped
+
+
+RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
+    "summary": _one(render_summary),
+    "block": _one(render_block),
+    "ld": _one(render_ld),
+    "kernels": _one(render_kernels),
+    "environment": _one(render_environment),
+    "first": _one(render_first_call),
+    "runs": render_runs,
+    "spread": render_spread,
 }
 
 
-def rewrite(text: str, res: dict[str, Any]) -> tuple[str, int]:
-    """``text`` with every marked block regenerated from ``res``; and how many were."""
+def load(path: Path) -> dict[str, Any]:
+    """A ``python -m gald.bench --json`` result; ``ValueError`` naming the file otherwise."""
+    try:
+        res = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(res, dict) or "environment" not in res or "config" not in res:
+        raise ValueError(f"{path} is not a python -m gald.bench --json result")
+    return res
+
+
+def rewrite(
+    text: str, res: dict[str, Any] | None = None, *, base: Path | None = None
+) -> tuple[str, int]:
+    """``text`` with every marked block regenerated; and how many were.
+
+    A marker's JSON files are read relative to ``base`` (the Markdown file's folder); a marker
+    that names none takes ``res``.
+    """
     count = 0
 
     def sub(m: re.Match[str]) -> str:
@@ -163,8 +367,15 @@ def rewrite(text: str, res: dict[str, Any]) -> tuple[str, int]:
             raise ValueError(
                 f"unknown bench marker kind {kind!r}; expected one of {sorted(RENDERERS)}"
             )
+        paths = m.group("paths").split()
+        if paths:
+            results = [load((base or Path(".")) / p) for p in paths]
+        elif res is not None:
+            results = [res]
+        else:
+            raise ValueError(f"the {kind} marker names no JSON file and no --results was given")
         count += 1
-        return f"{m.group(1)}{RENDERERS[kind](res).rstrip()}\n{m.group(4)}"
+        return f"{m.group(1)}{RENDERERS[kind](results).rstrip()}\n{m.group(5)}"
 
     return MARKER.sub(sub, text), count
 
@@ -172,25 +383,42 @@ def rewrite(text: str, res: dict[str, Any]) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m gald.bench.docs",
-        description="Rewrite the marked benchmark blocks of the docs from one --json run.",
+        description="Rewrite the marked benchmark blocks of the docs from the --json runs "
+        "their markers name.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("results", help="the JSON written by python -m gald.bench --json")
     parser.add_argument(
-        "files", nargs="*", default=["README.md", "docs/benchmarks.md"], help="files to rewrite"
+        "files", nargs="*", default=list(DEFAULT_FILES), help="Markdown files to rewrite"
+    )
+    parser.add_argument(
+        "--results", metavar="PATH", help="the JSON for markers that name no file"
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit with status 1 if a block differs from its data",
     )
     args = parser.parse_args(argv)
+    res = None
     try:
-        res = json.loads(Path(args.results).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        parser.error(f"cannot read {args.results}: {exc}")
-    if "block" not in res or "environment" not in res:
-        parser.error(f"{args.results} is not a python -m gald.bench --json result")
-    for name in args.files:
-        path = Path(name)
-        text, n = rewrite(path.read_text(), res)
-        path.write_text(text)
-        print(f"{name}: {n} block{'s' if n != 1 else ''} rewritten", file=sys.stderr)
+        if args.results is not None:
+            res = load(Path(args.results))
+        stale = []
+        for name in args.files:
+            path = Path(name)
+            old = path.read_text()
+            text, n = rewrite(old, res, base=path.parent)
+            if text != old:
+                stale.append(name)
+                if not args.check:
+                    path.write_text(text)
+            verb = "checked" if args.check else "rewritten"
+            print(f"{name}: {n} block{'s' if n != 1 else ''} {verb}", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}", file=sys.stderr)
+        return 1
     return 0
 
 

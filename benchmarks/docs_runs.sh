@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every run whose numbers appear in README.md and docs/: each writes the JSON file that the
+# docs' generated blocks name, then `python -m gald.bench.docs` rewrites those blocks. Run it
+# from the repository root on an idle machine (about 15 minutes on a 2-core CPU).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run() { echo "+ python -m gald.bench $*" >&2; python -m gald.bench --quiet "$@" >/dev/null; }
+d=docs/data
+
+# the GA table, the LD against the authors, the figure (README, benchmarks page)
+run --ga all --ld --json "$d/all.json" --plot docs/benchmarks.png
+# run-to-run spread: the same commands twice, one after the other (benchmarks page)
+for i in 1 2; do run --shape 1,64,33,33 --json "$d/spread-small-$i.json"; done
+for i in 1 2; do run --json "$d/spread-default-$i.json"; done
+# the LD against the authors in both memory formats and thread counts (performance page)
+for i in 1 2; do
+  run --ga none --ld --json "$d/ld-nchw-$i.json"
+  run --ga none --ld --channels-last --json "$d/ld-cl-$i.json"
+done
+run --ga none --ld --threads 1 --json "$d/ld-nchw-1thread.json"
+run --ga none --ld --threads 1 --channels-last --json "$d/ld-cl-1thread.json"
+# first-call latency in fresh processes (performance page)
+run --ga none --first-call --json "$d/first-call.json"
+
+python -m gald.bench.docs

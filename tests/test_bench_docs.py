@@ -1,0 +1,111 @@
+"""The generated benchmark blocks of the docs: every block names the JSON it is made from, the
+committed pages match their committed data, and the multi-run kinds (``runs``, ``spread``,
+``first``) compute what they state."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+from gald.bench import first_call
+from gald.bench.__main__ import main as bench_main
+from gald.bench.docs import DEFAULT_FILES, MARKER, load, main, render_spread, rewrite
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "docs" / "data"
+
+
+@pytest.mark.parametrize("name", DEFAULT_FILES)
+def test_committed_pages_match_their_data(name: str) -> None:
+    path = ROOT / name
+    text = path.read_text()
+    markers = list(MARKER.finditer(text))
+    assert markers, f"{name} has no generated block"
+    for m in markers:  # every block names its data: no page depends on an unnamed run
+        assert m.group("paths").split(), f"{name}: a {m.group('kind')} block names no JSON file"
+    new, n = rewrite(text, base=path.parent)
+    assert n == len(markers)
+    assert new == text, f"{name} is out of date: run python -m gald.bench.docs"
+
+
+def test_every_data_file_is_used_and_written_by_the_runs_script() -> None:
+    named = set()
+    for name in DEFAULT_FILES:
+        path = ROOT / name
+        for m in MARKER.finditer(path.read_text()):
+            named |= {(path.parent / p).resolve() for p in m.group("paths").split()}
+    on_disk = {p.resolve() for p in DATA.glob("*.json")}
+    assert named == on_disk
+    script = (ROOT / "benchmarks" / "docs_runs.sh").read_text()
+    for p in on_disk:
+        stem = p.stem.rstrip("0123456789").rstrip("-")
+        assert f'"$d/{stem}' in script, f"{p.name} is written by no command of docs_runs.sh"
+        assert load(p)["command"].startswith("python -m gald.bench ")
+
+
+def _spread_pair(scale: float, shift: float) -> list[dict]:
+    """Two runs of one command: the second's medians scaled, its overhead interval shifted."""
+    first = load(DATA / "spread-small-1.json")
+    second = copy.deepcopy(first)
+    row = second["block"]["rows"][0]
+    for model in row["models"].values():
+        for key in ("inference", "train_step"):
+            model[key]["median_ms"] *= scale
+    for key in ("inference", "train_step"):
+        ov = row["overhead"][key]
+        for k in ("ratio", "ratio_low", "ratio_high"):
+            ov[k] += shift
+    return [first, second]
+
+
+def test_spread_states_overlap_and_distance() -> None:
+    same = render_spread(_spread_pair(1.10, 0.0))
+    assert "intervals of the 2 runs overlap" in same
+    assert "within 10% of each other" in same
+    apart = render_spread(_spread_pair(1.0, 100.0))
+    assert "do not all overlap" in apart
+    assert "within 0% of each other" in apart
+
+
+def test_check_reports_a_stale_block_and_rewrite_fixes_it(tmp_path, capsys) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "r.json").write_text((DATA / "ld-nchw-1.json").read_text())
+    page = tmp_path / "page.md"
+    page.write_text("kept\n<!-- bench:start runs data/r.json -->\nold\n<!-- bench:end -->\n")
+    assert main(["--check", str(page)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert "old" in page.read_text()  # --check writes nothing
+    assert main([str(page)]) == 0
+    assert "| `python -m gald.bench --ga none --ld` |" in page.read_text()
+    assert main(["--check", str(page)]) == 0
+    page.write_text("<!-- bench:start block -->\n<!-- bench:end -->\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--check", str(page)])
+    assert exc.value.code == 2
+    assert "names no JSON file" in capsys.readouterr().err
+
+
+def test_first_call_measures_fresh_processes() -> None:
+    res = first_call.run("cpu", 1, processes=1)
+    forward, step = res["cases"]["forward"][0], res["cases"]["checkpointed_step"][0]
+    assert forward["first_ms"] > 0 and forward["second_ms"] > 0
+    # eager calls without checkpointing never import the compiler; checkpointing does
+    assert forward["dynamo_imported"] is False
+    assert step["dynamo_imported"] is True
+    text = first_call.render(res)
+    assert "1 fresh processes" in text and "torch._dynamo imported in 0 of 1" in text
+
+
+def test_cli_first_call_goes_to_json(tmp_path, monkeypatch) -> None:
+    fake = {"first_ms": 50.0, "second_ms": 5.0, "dynamo_imported": False}
+    monkeypatch.setattr(first_call, "_one", lambda device, threads, step: dict(fake))
+    out = tmp_path / "r.json"
+    assert bench_main(["--ga", "none", "--first-call", "--quiet", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["first_call"]["cases"]) == set(first_call.CASES)
+    assert first_call.extra_ms(res["first_call"]["cases"]["forward"]) == [45.0] * 3
+    new, _ = rewrite("<!-- bench:start first -->\n<!-- bench:end -->\n", res)
+    assert "first call 50 ms, second 5 ms, so the first is 45 ms slower" in new
