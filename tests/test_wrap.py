@@ -171,6 +171,8 @@ def test_errors_name_argument_expected_and_received() -> None:
     assert model[1].out_channels == 7
     with pytest.raises(ValueError, match=r"_Crashes refuses a \(1, 8, s, s\).*boom.*in_channels=8"):
         gald.GALD(8, _Crashes())
+    with pytest.raises(ValueError, match="in_channels=32 does not match the wrapped Conv2d, which declares in_channels=64"):
+        gald.GALD(32, nn.Conv2d(64, 16, 1))
     # a wrong in_channels is caught at construction, also when out_channels is given
     aspp_like = nn.Sequential(nn.Conv2d(256, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
     with pytest.raises(ValueError, match=r"Sequential refuses a \(1, 128, s, s\).*in_channels=128"):

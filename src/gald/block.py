@@ -125,7 +125,15 @@ def _build_ga(
                 "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
                 f"already), got keys {sorted(ga_kwargs)}"
             )
-        ga_module = create_ga(ga_module, in_channels)  # checks a declared input width
+        for attr in ("in_channels", "channels"):  # a declared input width, as create_ga reads it
+            declared = getattr(ga_module, attr, None)
+            if isinstance(declared, int) and not isinstance(declared, bool):
+                if declared != in_channels:
+                    raise ValueError(
+                        f"in_channels={in_channels} does not match the wrapped "
+                        f"{_label(ga_module)}, which declares {attr}={declared}"
+                    )
+                break
         found = infer_out_channels(ga_module, in_channels)
         if out_channels is not None and out_channels != found:
             raise ValueError(
