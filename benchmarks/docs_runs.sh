@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every run whose numbers appear in README.md and docs/: each writes the JSON file that the
 # docs' generated blocks name, then `python -m gald.bench.docs` rewrites those blocks. Run it
-# from the repository root on an idle machine (about 15 minutes on a 2-core CPU).
+# from the repository root on an idle machine (about 20 minutes on a 2-core CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run() { echo "+ python -m gald.bench $*" >&2; python -m gald.bench --quiet "$@" >/dev/null; }
@@ -21,5 +21,11 @@ run --ga none --ld --threads 1 --json "$d/ld-nchw-1thread.json"
 run --ga none --ld --threads 1 --channels-last --json "$d/ld-cl-1thread.json"
 # first-call latency in fresh processes (performance page)
 run --ga none --first-call --json "$d/first-call.json"
+# the paired-seed ablation of the LD (the "what the LD does" page)
+echo "+ python -m gald.bench --ablation --json $d/ablation.json" >&2
+python -m gald.bench --ablation --json "$d/ablation.json" >/dev/null
+echo "+ python -m gald.bench --ablation --seeds 5 --no-final-act --offset 1 --json $d/ablation-free-gate.json" >&2
+python -m gald.bench --ablation --seeds 5 --no-final-act --offset 1 \
+  --json "$d/ablation-free-gate.json" >/dev/null
 
 python -m gald.bench.docs

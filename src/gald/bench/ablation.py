@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import time
@@ -52,6 +53,7 @@ from ._ablation_task import (
     metrics,
 )
 from ._args import check_outputs, finite_float
+from ._timing import environment
 
 METRICS = ("large", "small", "boundary", "miou")
 COMPARISONS = (("ga", "none"), ("ld", "ga"), ("ld", "none"), ("ld", "frozen"))
@@ -312,7 +314,7 @@ def render(res: dict[str, Any]) -> str:
         out.append("")
         g = res["gate"]
         low, high = g[0]["low"], g[0]["high"]
-        bracket = "[" if cfg["final_act"] else "("
+        bracket = "[" if g[0].get("low_included", cfg["final_act"]) else "("
 
         def avg(key: str) -> float:
             return statistics.fmean(x[key] for x in g)
@@ -389,6 +391,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = _parser()
     args = parser.parse_args(argv)
     for name in ("seeds", "steps", "batch_size", "channels", "eval_images"):
@@ -442,9 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             "full-size training."
         )
         sys.stdout.flush()
+        env = environment(torch.device("cpu"), torch.get_num_threads())
         res = run(cfg)
     finally:
         torch.set_num_threads(threads_before)
+    res["command"] = " ".join(["python -m gald.bench --ablation", *map(shlex.quote, argv)])
+    res["environment"] = env
     print()
     print(render(res))
     if args.json:

@@ -3,8 +3,9 @@
 Usage::
 
     python -m gald.bench --ga all --ld --json docs/data/all.json --plot docs/benchmarks.png
-    python -m gald.bench.docs                # rewrites README.md, docs/benchmarks.md and
-                                             # docs/performance.md from the files they name
+    python -m gald.bench.docs                # rewrites README.md, docs/benchmarks.md,
+                                             # docs/performance.md and docs/ld.md from the
+                                             # files their markers name
     python -m gald.bench.docs --check        # exit status 1 if a block is out of date
 
 Only the text between a start marker and the next ``<!-- bench:end -->`` is replaced; the rest
@@ -19,6 +20,7 @@ marker without a file takes the one given with ``--results``. Kinds:
 - ``kernels``: the Triton kernels' checks and bandwidth (needs ``--ld`` on CUDA);
 - ``environment``: the machine and software;
 - ``first``: the first-call latency (needs ``--first-call``);
+- ``ablation``: the paired-seed ablation (``python -m gald.bench --ablation --json``);
 - ``runs`` (several files): one line per ``--ld`` run, the LD against the authors;
 - ``spread`` (several files): repeated runs of the same commands side by side, with whether
   their intervals overlap and how far apart their medians are.
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -45,7 +48,7 @@ MARKER = re.compile(
     r"(?P<body>.*?)(<!-- bench:end -->)",
     re.S,
 )
-DEFAULT_FILES = ("README.md", "docs/benchmarks.md", "docs/performance.md")
+DEFAULT_FILES = ("README.md", "docs/benchmarks.md", "docs/performance.md", "docs/ld.md")
 
 
 def _overhead(d: dict[str, Any]) -> str:
@@ -318,6 +321,73 @@ def render_first_call(res: dict[str, Any]) -> str:
     return "\n".join(f"- {c}" for c in cases) + f"\n\n{where(res)}"
 
 
+def render_ablation(res: dict[str, Any]) -> str:
+    """The paired-seed ablation (``python -m gald.bench --ablation --json``) as Markdown."""
+    if "paired" not in res:
+        raise ValueError(f"an ablation block needs --ablation results; {_command(res)!r} is not")
+    from .ablation import METRICS, ROWS, _mean_std
+
+    runs, cfg, env = res["runs"], res["config"], res["environment"]
+    seeds = len(runs)
+
+    def pm(values: list[float]) -> str:
+        mean, std = _mean_std(values)
+        return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+    headers = ["variant", "large regions", "small objects", "boundary band", "mIoU"]
+    rows = [
+        [label, *(pm([r[name][m] for r in runs.values()]) for m in METRICS)]
+        for name, label in ROWS.items()
+        if all(name in r for r in runs.values())
+    ]
+    paired_rows, beyond = [], []
+    for key, per_metric in res["paired"].items():
+        cells = [key.replace("-", " − ")]
+        for m in METRICS:
+            d = per_metric[m]
+            std = "" if math.isnan(d["std"]) else f" ± {d['std']:.1f}"
+            cells.append(f"{d['mean']:+.1f}{std} ({d['wins']}/{d['n']})".replace("-", "−"))
+            if not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]:
+                beyond.append(f"{key.replace('-', ' − ')} on {'mIoU' if m == 'miou' else m}")
+        paired_rows.append(cells)
+    verdict = (
+        "Paired 95 % intervals that exclude 0: " + ", ".join(beyond) + "."
+        if beyond
+        else "No paired 95 % interval excludes 0."
+    )
+    if seeds < 3:
+        verdict = "Too few seeds for a paired interval."
+    gate = ""
+    if res["gate"]:
+        g = res["gate"]
+
+        def avg(key: str) -> float:
+            return sum(x[key] for x in g) / len(g)
+
+        left = "[" if g[0].get("low_included", cfg["final_act"]) else "("
+        gate = (
+            f" The trained gate `offset + M` on the held-out set (range {left}{g[0]['low']:g}, "
+            f"{g[0]['high']:g}), mean over seeds): mean {avg('mean'):.2f}, spatial CV "
+            f"{avg('spatial_cv'):.1%}, {avg('channel_cv'):.2%} across channels, "
+            f"{avg('sample_cv'):.1%} across samples, {avg('far_fraction'):.1%} of positions more "
+            "than 5 % from their map's mean."
+        )
+    where_ = (
+        f"Measured {env['date']} on CPU \"{env['device_name']}\" ({env['logical_cpus']} logical "
+        f"CPUs), torch {env['torch']}, {res['threads']} thread"
+        f"{'s' if res['threads'] != 1 else ''}; GA {cfg['ga']}, offset {cfg['offset']:g}, "
+        f"final_act={cfg['final_act']}, {cfg['steps']} steps, {seeds} seed{'s' if seeds != 1 else ''}; "
+        f"{res['seconds'] / 60:.1f} min wall, {res['cpu_seconds'] / 60:.1f} min of CPU; "
+        f"command: `{_command(res)}`."
+    )
+    return (
+        f"{where_} IoU in %, mean ± std over the seeds:\n\n{_table(headers, rows)}\n\n"
+        "Paired differences (IoU points, mean ± std over the same seeds; seeds where the first "
+        f"is better):\n\n{_table(['comparison', 'large', 'small', 'boundary', 'mIoU'], paired_rows)}"
+        f"\n\n{verdict}{gate}"
+    )
+
+
 def _one(render: Callable[[dict[str, Any]], str]) -> Callable[[list[dict[str, Any]]], str]:
     def wrapped(results: list[dict[str, Any]]) -> str:
         if len(results) != 1:
@@ -334,6 +404,7 @@ RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "kernels": _one(render_kernels),
     "environment": _one(render_environment),
     "first": _one(render_first_call),
+    "ablation": _one(render_ablation),
     "runs": render_runs,
     "spread": render_spread,
 }
