@@ -53,7 +53,9 @@ print(json.dumps({{
 
 def _one(device: str, threads: int, step: bool) -> dict[str, Any]:
     script = _SCRIPT.format(threads=threads, shape=SHAPE, device=device, step=step)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600
+    )
     if done.returncode != 0:
         raise RuntimeError(f"the first-call process failed: {done.stderr.strip()[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
