@@ -17,7 +17,7 @@ from torch import nn
 from ._layers import LayerFactory, depthwise_stage
 from ._validate import check_factory, check_feature, check_float, check_positive_int
 from .ld import IMPLS, LocalDistribution
-from .registry import create_ga, get_ga_class
+from .registry import _declared_width, create_ga, get_ga_class
 
 __all__ = ["GALD", "infer_out_channels"]
 
@@ -125,15 +125,12 @@ def _build_ga(
                 "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
                 f"already), got keys {sorted(ga_kwargs)}"
             )
-        for attr in ("in_channels", "channels"):  # a declared input width, as create_ga reads it
-            declared = getattr(ga_module, attr, None)
-            if isinstance(declared, int) and not isinstance(declared, bool):
-                if declared != in_channels:
-                    raise ValueError(
-                        f"in_channels={in_channels} does not match the wrapped "
-                        f"{_label(ga_module)}, which declares {attr}={declared}"
-                    )
-                break
+        declared = _declared_width(ga_module)
+        if declared is not None and declared[1] != in_channels:
+            raise ValueError(
+                f"in_channels={in_channels} does not match the wrapped {_label(ga_module)}, "
+                f"which declares {declared[0]}={declared[1]}"
+            )
         found = infer_out_channels(ga_module, in_channels)
         if out_channels is not None and out_channels != found:
             raise ValueError(

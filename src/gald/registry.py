@@ -178,6 +178,16 @@ def get_ga_class(name: str) -> type[nn.Module]:
         ) from None
 
 
+def _declared_width(module: nn.Module) -> tuple[str, int] | None:
+    """The input width a module declares, as ``(attribute, value)``: its int ``in_channels``
+    attribute, else its int ``channels`` attribute, else ``None``."""
+    for attr in ("in_channels", "channels"):
+        value = getattr(module, attr, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return attr, value
+    return None
+
+
 def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: Any) -> nn.Module:
     """Build a GA layer with ``channels`` input channels.
 
@@ -200,15 +210,13 @@ def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: An
                 "kwargs must be empty when ga is an nn.Module instance (it is already built), "
                 f"got {sorted(kwargs)}"
             )
-        for attr in ("in_channels", "channels"):
-            declared = getattr(ga, attr, None)
-            if isinstance(declared, int) and not isinstance(declared, bool):
-                if declared != channels:
-                    raise ValueError(
-                        f"ga is a {type(ga).__name__} instance with {attr}={declared}, "
-                        f"expected {attr}={channels} (the channels argument)"
-                    )
-                break
+        declared = _declared_width(ga)
+        if declared is not None and declared[1] != channels:
+            attr, width = declared
+            raise ValueError(
+                f"ga is a {type(ga).__name__} instance with {attr}={width}, "
+                f"expected {attr}={channels} (the channels argument)"
+            )
         return ga
     if isinstance(ga, str):
         return get_ga_class(ga)(channels, **kwargs)
