@@ -19,6 +19,8 @@ for i in 1 2; do
 done
 run --ga none --ld --threads 1 --json "$d/ld-nchw-1thread.json"
 run --ga none --ld --threads 1 --channels-last --json "$d/ld-cl-1thread.json"
+# each GA alone: parameters, FLOPs, saved bytes; no timing (GA page)
+run --ga all --cost --json "$d/cost.json"
 # first-call latency in fresh processes (performance page)
 run --ga none --first-call --json "$d/first-call.json"
 # the paired-seed ablation of the LD (the "what the LD does" page)

@@ -51,6 +51,13 @@ def test_output_in_a_missing_directory_fails_before_the_run(
     assert not path.parent.exists()
 
 
+@pytest.mark.parametrize("name", ["r.txt", "noext"])
+def test_plot_must_be_a_png(name, tmp_path, capsys, nothing_runs) -> None:
+    path = tmp_path / name
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--plot", str(path)])
+    assert "--plot: expected a path ending in .png" in err and repr(str(path)) in err
+
+
 def test_output_that_is_a_directory_fails(tmp_path, capsys, nothing_runs) -> None:
     err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--json", str(tmp_path)])
     assert "--json:" in err and "that is a directory" in err
@@ -141,7 +148,7 @@ def test_ablation_offset_must_be_finite(value, capsys, nothing_runs) -> None:
 
 def test_ablation_offset_accepts_finite_numbers(monkeypatch) -> None:
     seen = []
-    monkeypatch.setattr(ablation, "run", lambda cfg: seen.append(cfg.offset) or {})
+    monkeypatch.setattr(ablation, "run", lambda cfg, log=print: seen.append(cfg.offset) or {})
     monkeypatch.setattr(ablation, "render", lambda res: "")
     assert ablation.main(["--offset", "-0.5", "--seeds", "1", "--steps", "1"]) == 0
     assert seen == [-0.5]
@@ -195,3 +202,53 @@ def test_docs_speed_uses_the_same_rule() -> None:
     assert noisy["verdict"] == "too noisy"
     assert _speed(noisy) == "too noisy (22x–86x slower)"
     assert _speed(Ratio(1.0, 0.2).as_dict()) == "same within noise"
+
+
+def test_printed_interval_is_the_one_the_verdict_uses() -> None:
+    # the interval is [v / (1 + h), v * (1 + h)]: a measured (bold) overhead never shows a range
+    # that crosses 0, and the ends printed are the interval's own
+    r = Ratio(1.2, 0.19)
+    assert r.verdict == "measured" and r.low > 1.0
+    assert format_overhead(r, emphasis=True) == "**+20.0 %** [+0.8, +42.8]"
+    assert r.as_dict()["overhead_pct_low"] == pytest.approx(100 * (1.2 / 1.19 - 1))
+    assert r.as_dict()["overhead_pct_high"] == pytest.approx(100 * (1.2 * 1.19 - 1))
+    assert format_overhead(Ratio(1.05, 0.1)) == "within noise [-5, +16 %]"  # wider than 10: whole %
+    assert format_overhead(Ratio(1.01, 0.02)) == "within noise [-1.0, +3.0 %]"
+
+
+def test_ablation_size_too_small_to_train_fails_before_the_run(capsys, nothing_runs) -> None:
+    argv = ["--seeds", "1", "--steps", "3", "--size", "16", "--eval-images", "2", "--batch-size", "1"]
+    err = _error(capsys, ablation.main, argv)
+    assert "--size 16 with --batch-size 1: the ld variant cannot train on it" in err
+    assert "Expected more than 1 value per channel" in err
+
+
+def test_a_compile_failure_is_a_note_not_a_crash(monkeypatch, capsys) -> None:
+    # inductor can fail on some inputs (an AssertionError at tiny shapes on CPU): the run goes
+    # on without that candidate and says why
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise AssertionError("inductor failed here")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kw: Broken())
+    argv = ["--shape", "2,16,24,24", *SMALL, "--ga", "none", "--ld", "--compile", "on", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "authors, torch.compile not measured: it failed on this input" in out
+    assert "inductor failed here" in out and "train step: gald" in out
+
+
+def test_duplicate_gas_once_and_compile_needs_ld(capsys, nothing_runs) -> None:
+    from gald.bench.__main__ import _gas, build_parser
+
+    assert _gas(build_parser(), "psp,cgnl,psp") == ["psp", "cgnl"]
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--compile", "on"])
+    assert "--compile on times torch.compile of the authors' LD: it needs --ld" in err
+
+
+def test_ablation_quiet_keeps_results_and_the_caveat(capsys) -> None:
+    argv = ["--seeds", "1", "--steps", "2", "--size", "16", "--eval-images", "2", "--quiet"]
+    assert ablation.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "says little about full-size training" in out and "Per variant" in out
+    assert "seed 0" not in out and "At the default size" not in out

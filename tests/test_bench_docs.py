@@ -109,3 +109,16 @@ def test_cli_first_call_goes_to_json(tmp_path, monkeypatch) -> None:
     assert first_call.extra_ms(res["first_call"]["cases"]["forward"]) == [45.0] * 3
     new, _ = rewrite("<!-- bench:start first -->\n<!-- bench:end -->\n", res)
     assert "first call 50 ms, second 5 ms, so the first is 45 ms slower" in new
+
+
+def test_cli_first_call_failure_keeps_the_other_results(tmp_path, monkeypatch, capsys) -> None:
+    def fail(device, threads, step):
+        raise RuntimeError("the first-call process failed: boom")
+
+    monkeypatch.setattr(first_call, "_one", fail)
+    out = tmp_path / "r.json"
+    argv = ["--shape", "1,16,17,17", "--min-time", "0.02", "--rounds", "3", "--quiet"]
+    assert bench_main([*argv, "--first-call", "--json", str(out)]) == 1
+    res = json.loads(out.read_text())
+    assert "block" in res and res["first_call"] == {"error": "the first-call process failed: boom"}
+    assert "first call not measured" in capsys.readouterr().out

@@ -139,3 +139,16 @@ def test_nan_propagates() -> None:
     x[..., 0, 0] = float("nan")
     y = block(x)
     assert y.shape == x.shape and torch.isnan(y).any()
+
+
+def test_too_small_message_suggests_padding_only_where_it_helps() -> None:
+    x = torch.randn(1, 16, 5, 5)
+    # padding 0, kernel 3: padding=1 accepts any size, and the message says so
+    with pytest.raises(ValueError, match=r">= 15 for this configuration \(use padding=1"):
+        gald.GALD(16, "gc", padding=0)(x)
+    # kernel 5 needs 15 even with padding 1: no such advice
+    with pytest.raises(ValueError, match=r">= 15 for this configuration, got shape") as err:
+        gald.GALD(16, "gc", kernel_size=5)(x)
+    assert "padding" not in str(err.value)
+    with pytest.raises(ValueError, match=r"LocalDistribution: .*>= 15 for this configuration, got"):
+        gald.LocalDistribution(16, kernel_size=5)(x)

@@ -271,6 +271,25 @@ def test_grad_checkpointing_updates_running_statistics_once(momentum: float | No
     assert int(ckpt.branch[0][1].num_batches_tracked) == 3
 
 
+def test_grad_checkpointing_backward_twice() -> None:
+    # retain_graph: the second backward recomputes the branch again (gradient penalties,
+    # autograd.grad then backward); the gradients add up as without checkpointing
+    plain = _randomise(gald.LocalDistribution(4)).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing()
+    x = torch.randn(2, 4, 15, 13)
+    grads = []
+    for ld in (plain, ckpt):
+        xr = x.clone().requires_grad_()
+        y = ld(xr).square().sum()
+        y.backward(retain_graph=True)
+        y.backward()
+        grads.append(xr.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+    for (name, want), (_, got) in zip(plain.named_buffers(), ckpt.named_buffers(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+
+
 def test_grad_checkpointing_saves_less() -> None:
     def saved_bytes(ld: nn.Module, x: torch.Tensor) -> int:
         storages: dict[int, int] = {}

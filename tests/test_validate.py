@@ -135,3 +135,18 @@ def test_check_feature_remedy() -> None:
     with pytest.raises(ValueError, match=r"for this configuration, got shape \(1, 3, 2, 2\)$"):
         check_feature(x, None, min_hw=3, remedy=None)
     assert check_feature(torch.zeros(1, 3, 3, 3), 3, min_hw=3, remedy=None).shape == (1, 3, 3, 3)
+
+
+def test_huge_ints_and_unordered_or_scalar_sequences_are_named() -> None:
+    with pytest.raises(ValueError, match=r"offset must be a finite number, got an int too large"):
+        check_float(10**400, "offset")
+    for value, got in (
+        (np.array(3), "ndarray with 0 dimensions"),
+        (torch.tensor(3), "Tensor with 0 dimensions"),
+        ({6: 0, 12: 0}, "dict"),  # a mapping's keys are not the user's sequence
+        ({1, 2}, "set"),  # nor is a set's order
+        (np.ones((2, 2), dtype=int), "ndarray with 2 dimensions"),
+    ):
+        with pytest.raises(TypeError, match=f"rates must be a sequence of ints, got {got}"):
+            check_positive_int_sequence(value, "rates")
+    assert check_positive_int_sequence(torch.tensor([6, 12]), "rates") == (6, 12)

@@ -173,12 +173,17 @@ def test_errors_name_argument_expected_and_received() -> None:
         gald.GALD(8, _Crashes())
     with pytest.raises(ValueError, match="in_channels=32 does not match the wrapped Conv2d, which declares in_channels=64"):
         gald.GALD(32, nn.Conv2d(64, 16, 1))
-    # a wrong in_channels is caught at construction, also when out_channels is given
+    # a wrong in_channels is caught at construction
     aspp_like = nn.Sequential(nn.Conv2d(256, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
     with pytest.raises(ValueError, match=r"Sequential refuses a \(1, 128, s, s\).*in_channels=128"):
-        gald.GALD(128, aspp_like, out_channels=64)
+        gald.GALD(128, aspp_like)
     with pytest.raises(ValueError, match="out_channels=32 does not match the wrapped Sequential"):
         gald.GALD(256, aspp_like, out_channels=32, downsample=False)
+    # with out_channels given, a module that refuses the small probes is still wrapped (it may
+    # need larger inputs); its first forward reports what is wrong
+    block = gald.GALD(8, _Crashes(), out_channels=8)
+    with pytest.raises(RuntimeError, match="boom"):
+        block(torch.randn(1, 8, 9, 9))
     with pytest.raises(ValueError, match="leads to a Parameter, not an nn.Module"):
         gald.wrap(nn.BatchNorm2d(3), "weight")
     with pytest.raises(ValueError, match="dotted path"):
@@ -201,6 +206,37 @@ def test_wrong_width_at_forward_names_the_module() -> None:
     block.ga = nn.Conv2d(8, 5, 1)  # edited after construction
     with pytest.raises(ValueError, match=r"GA Conv2d must return \(B, 8, 4, 4\).*got \(1, 5, 4, 4\)"):
         block(torch.randn(1, 8, 8, 8))
+
+
+class _To32(nn.Module):
+    """A user's context module that changes the width without an out_channels argument."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(channels, 32, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def test_users_class_that_changes_the_width() -> None:
+    block = gald.GALD(64, _To32)  # built as _To32(64); the dry run finds 32
+    assert block.out_channels == 32 and block.ld is not None and block.ld.channels == 32
+    assert block(torch.randn(2, 64, 17, 17)).shape == (2, 32, 17, 17)
+    assert gald.GALD(64, _To32, out_channels=32).out_channels == 32
+    with pytest.raises(ValueError, match=r"out_channels=16 does not match the GA '_To32'.*returns 32"):
+        gald.GALD(64, _To32, out_channels=16)
+    # a head keeps its width: said at construction, not at the first forward
+    with pytest.raises(ValueError, match="keep the width channels=48, got a GA returning 32"):
+        gald.GALDHead(64, 3, channels=48, ga_module=_To32)
+
+
+def test_dry_run_restores_every_submodule_mode() -> None:
+    # a frozen (eval-mode) norm inside a module in training mode stays frozen
+    module = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).train()
+    module[1].eval()
+    gald.GALD(8, module)
+    assert module.training and module[0].training and not module[1].training
 
 
 def test_wrong_input_width_at_forward_names_the_module() -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
@@ -78,7 +79,13 @@ def check_float(value: object, name: str) -> float:
     but not a bool, NaN or an infinity."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:  # an int beyond float's range
+        raise ValueError(
+            f"{name} must be a finite number, got an int too large for a float "
+            f"({len(str(value))} digits)"
+        ) from None
     if not math.isfinite(result):
         raise ValueError(f"{name} must be a finite number, got {result}")
     return result
@@ -93,9 +100,14 @@ def check_probability(value: object, name: str) -> float:
 
 
 def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
-    """Ints >= 1 from any iterable but a string (a list, a tuple, a numpy array), as a tuple."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
-        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+    """Ints >= 1 from an ordered iterable (a list, a tuple, a 1-D numpy array or tensor), as a
+    tuple; not a string, a mapping or a set (their order is not the user's)."""
+    unordered = isinstance(value, (str, bytes, Mapping, AbstractSet))
+    if unordered or not isinstance(value, Iterable) or getattr(value, "ndim", 1) != 1:
+        got = type(value).__name__
+        if getattr(value, "ndim", 1) != 1:
+            got += f" with {value.ndim} dimensions"  # type: ignore[attr-defined]
+        raise TypeError(f"{name} must be a sequence of ints, got {got}")
     return tuple(check_positive_int(v, f"{name}[]") for v in value)
 
 

@@ -57,8 +57,8 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     """Replace the submodule at the dotted path ``name`` by a :class:`~gald.GALD` around it.
 
     The channels are inferred: ``in_channels`` from the module's ``in_channels`` attribute or
-    its first ``Conv2d``, ``out_channels`` as :class:`~gald.GALD` does for a module instance (an
-    ``out_channels`` attribute, else a dry run). The new block takes the device, dtype and
+    its first ``Conv2d``, ``out_channels`` as :class:`~gald.GALD` does for a module instance (a
+    dry run, which also checks ``in_channels``). The new block takes the device, dtype and
     training mode of the module it wraps. Paths use attribute names and ``nn.Sequential`` /
     ``nn.ModuleList`` indices alike (``"classifier.0"``, ``"decoder.aspp"``).
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage
+from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import check_factory, check_feature, check_float, check_positive_int
 from .ld import IMPLS, LocalDistribution
 from .registry import _declared_width, create_ga, get_ga_class
@@ -46,8 +46,9 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
     input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller
-    input is refused). The module's training flag is restored and, in eval mode, no BatchNorm
-    statistic or other buffer changes. A module built on the meta device is probed with a meta
+    input is refused). The training flag of the module and of each of its submodules is
+    restored and, in eval mode, no BatchNorm statistic or other buffer changes; forward hooks
+    registered on the module see the probe. A module built on the meta device is probed with a meta
     tensor (shapes only, no compute). The dry run also checks ``in_channels``: a module that
     refuses every probe (a convolution built for another width, say) is reported here rather
     than at the first forward.
@@ -61,7 +62,7 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
         ref = next(iter(module.buffers()), None)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    was_training = module.training
+    modes = [(m, m.training) for m in module.modules()]  # each submodule's own flag
     errors: list[str] = []
     try:
         module.eval()
@@ -81,11 +82,12 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
                     )
                 return int(out.shape[1])
     finally:
-        module.train(was_training)
+        for m, training in modes:
+            m.training = training
     raise ValueError(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
         f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "
-        "takes)"
+        "takes), or pass out_channels to wrap a module that cannot run on a small input here"
     )
 
 
@@ -131,7 +133,14 @@ def _build_ga(
                 f"in_channels={in_channels} does not match the wrapped {_label(ga_module)}, "
                 f"which declares {declared[0]}={declared[1]}"
             )
-        found = infer_out_channels(ga_module, in_channels)
+        try:
+            found = infer_out_channels(ga_module, in_channels)
+        except ValueError:
+            if out_channels is None:
+                raise
+            # the user's width stands for a module that cannot run on the probes here (one that
+            # needs larger inputs, or another device); the forward checks every call
+            return ga_module, out_channels
         if out_channels is not None and out_channels != found:
             raise ValueError(
                 f"out_channels={out_channels} does not match the wrapped {_label(ga_module)}, "
@@ -153,13 +162,15 @@ def _build_ga(
     for key, value in (("norm_layer", norm_layer), ("act_layer", act_layer)):
         if key not in kwargs and _accepts(cls, key):
             kwargs[key] = value
+    own = cls.__module__.startswith("gald.")  # gald's layers declare out_channels when it differs
     if out_channels is not None and out_channels != in_channels:
-        if not _accepts(cls, "out_channels"):
+        if _accepts(cls, "out_channels"):
+            kwargs["out_channels"] = out_channels
+        elif own:
             raise ValueError(
                 f"out_channels={out_channels} differs from in_channels={in_channels}, but the GA "
                 f"{name!r} ({cls.__name__}) keeps the width: it has no out_channels argument"
             )
-        kwargs["out_channels"] = out_channels
     try:
         ga = create_ga(cls, in_channels, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -169,11 +180,23 @@ def _build_ga(
             f"GALD: the GA {name!r} cannot be built with in_channels={in_channels} and "
             f"ga_kwargs={dict(ga_kwargs)}{hint} ({exc})"
         ) from exc
-    if out_channels is None:
-        out_channels = getattr(ga, "out_channels", in_channels)
-        if not isinstance(out_channels, int):  # a user's layer with another attribute type
-            out_channels = in_channels
-    return ga, out_channels
+    if own:
+        width = getattr(ga, "out_channels", in_channels)
+        return ga, width if isinstance(width, int) else in_channels
+    # a user's class may change the width without an out_channels argument: the dry run says
+    try:
+        found = infer_out_channels(ga, in_channels)
+    except ValueError:
+        if out_channels is None:
+            raise
+        return ga, out_channels  # runs only on larger inputs or another device: as given
+    if out_channels is not None and out_channels != found:
+        has_arg = "" if _accepts(cls, "out_channels") else " (it has no out_channels argument)"
+        raise ValueError(
+            f"out_channels={out_channels} does not match the GA {name!r} ({cls.__name__}), which "
+            f"returns {found} channels for in_channels={in_channels}{has_arg}"
+        )
+    return ga, found
 
 
 class GALD(nn.Module):
@@ -191,8 +214,13 @@ class GALD(nn.Module):
 
     The GA may change the width (``in_channels -> out_channels``), as the context modules of
     real heads do (torchvision's and smp's ASPP 2048 -> 256). For a registry name or a class,
-    ``out_channels`` is passed to the GA; for a module instance it is found by a dry run, which
-    also checks ``in_channels`` and a given ``out_channels`` (see :func:`infer_out_channels`).
+    ``out_channels`` is passed to the GA when it takes that argument; the block's width is what
+    gald's own layers declare, and for a class of yours or a module instance it is found by a
+    dry run, which also checks ``in_channels`` and a given ``out_channels`` (see
+    :func:`infer_out_channels`).
+    A module that refuses every probe input is reported at construction, unless
+    ``out_channels`` is given: that wraps a module which only runs on larger inputs or on
+    another device.
 
     ``init="identity"`` is for wrapping a *trained* context module (fine-tuning a pretrained
     segmentation model): the block then computes exactly the wrapped module's function at
@@ -326,6 +354,15 @@ class GALD(nn.Module):
             if init == "identity":
                 self.alpha = nn.Parameter(torch.zeros(self.out_channels))
         self.min_size = min_size
+        # what to suggest for a too-small input: padding=1 only where it lifts the minimum
+        any_size_at_padding_1 = ga_min == 1 and (
+            self.ld is None or strided_min_size(self.ld.num_stages, self.ld.kernel_size, 1) == 1
+        )
+        self._small_input_remedy: str | None = (
+            "use padding=1 to accept any size"
+            if self.padding == 0 and any_size_at_padding_1
+            else None
+        )
 
     def extra_repr(self) -> str:
         parts = [
@@ -363,7 +400,11 @@ class GALD(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(
-            x, self.in_channels, min_hw=self.min_size, who=f"GALD({_label(self.ga)})"
+            x,
+            self.in_channels,
+            min_hw=self.min_size,
+            who=f"GALD({_label(self.ga)})",
+            remedy=self._small_input_remedy,
         )
         if self.down is not None:
             d = self.down(x)

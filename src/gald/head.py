@@ -105,6 +105,7 @@ class GALDHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
         self.min_size = self.gald.min_size
+        self._small_input_remedy = self.gald._small_input_remedy
 
     @classmethod
     def official(
@@ -138,7 +139,13 @@ class GALDHead(nn.Module):
         self.gald.set_grad_checkpointing(enable)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_feature(x, self.in_channels, min_hw=self.min_size, who=type(self).__name__)
+        check_feature(
+            x,
+            self.in_channels,
+            min_hw=self.min_size,
+            who=type(self).__name__,
+            remedy=self._small_input_remedy,
+        )
         y = self.convb(self.gald(self.conva(x)))
         y = self.bottleneck(torch.cat([x, y], dim=1))
         return self.cls(self.dropout(y))

@@ -8,7 +8,6 @@ github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +24,23 @@ IMPLS = ("auto", "triton", "torch")
 """The kernels a :class:`LocalDistribution` (and :class:`~gald.GALD`) may be told to use."""
 
 
-@contextlib.contextmanager
-def _buffers_kept(module: nn.Module) -> Iterator[None]:
+class _BuffersKept:
     """Leave every buffer of ``module`` as it was on entry (BatchNorm running statistics and
     ``num_batches_tracked``): the recomputation of a checkpointed branch must not update them a
-    second time."""
-    saved = {name: b.clone() for name, b in module.named_buffers()}
-    try:
-        yield
-    finally:
+    second time. Re-enterable: each backward through the same graph (``retain_graph=True``)
+    recomputes the branch again, inside the same object."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.saved: list[dict[str, torch.Tensor]] = []
+
+    def __enter__(self) -> None:
+        self.saved.append({name: b.clone() for name, b in self.module.named_buffers()})
+
+    def __exit__(self, *exc: object) -> None:
+        saved = self.saved.pop()
         with torch.no_grad():
-            for name, b in module.named_buffers():
+            for name, b in self.module.named_buffers():
                 if name in saved:
                     b.copy_(saved[name])
 
@@ -123,6 +128,12 @@ class LocalDistribution(nn.Module):
         self.impl = _check_impl(impl)
         self.grad_checkpointing = False
         self.min_size = strided_min_size(num_stages, kernel_size, padding)
+        # what to suggest for a too-small input: padding=1 only where it lifts the minimum
+        self._small_input_remedy: str | None = (
+            "use padding=1 to accept any size"
+            if self.padding == 0 and strided_min_size(num_stages, kernel_size, 1) == 1
+            else None
+        )
         self.branch = nn.Sequential(
             *(
                 depthwise_stage(
@@ -172,7 +183,13 @@ class LocalDistribution(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """Low-resolution mask logits ``branch(x)``, shape (B, C, h, w), in the dtype of ``x``."""
-        check_feature(x, self.channels, min_hw=self.min_size, who=type(self).__name__)
+        check_feature(
+            x,
+            self.channels,
+            min_hw=self.min_size,
+            who=type(self).__name__,
+            remedy=self._small_input_remedy,
+        )
         if self.grad_checkpointing and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # dynamo traces checkpointing as one region whose recomputation the compiler
@@ -183,7 +200,7 @@ class LocalDistribution(nn.Module):
                     self.branch,
                     x,
                     use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _buffers_kept(self.branch)),
+                    context_fn=lambda: (contextlib.nullcontext(), _BuffersKept(self.branch)),
                 )
         else:
             logits = self.branch(x)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import subprocess
 import sys
 import time
 from typing import Any
@@ -115,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --ld, also time torch.compile of the authors' formulation (auto: on CUDA)",
     )
     parser.add_argument(
+        "--cost",
+        action="store_true",
+        help="instead of timing the GA layers of --ga inside GALD, list each alone: parameters, "
+        "forward GFLOPs at --shape and at the size GALD runs it at, bytes saved for backward "
+        "(no timing: the same on any machine)",
+    )
+    parser.add_argument(
         "--first-call",
         action="store_true",
         help="also the first-call latency: the first and second forward of gald.GALD(64) on "
@@ -163,7 +171,7 @@ def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
         parser.error(
             f"--ga: unknown GA {', '.join(map(repr, unknown))}; known: {', '.join(known)}, or all"
         )
-    return names
+    return list(dict.fromkeys(names))  # each once, in the order given
 
 
 def _too_small(gas: list[str], ld: bool, shape: tuple[int, int, int, int]) -> str | None:
@@ -189,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
     gas = _gas(parser, args.ga)
     if not gas and not args.ld and not args.first_call:
         parser.error("--ga none measures nothing without --ld or --first-call")
+    if args.cost and not gas:
+        parser.error("--cost lists the GA layers of --ga: it needs --ga NAME[,NAME...] or all")
+    if args.cost and args.plot:
+        parser.error("--plot draws the timing table, which --cost replaces")
+    if args.compile == "on" and not args.ld:
+        parser.error("--compile on times torch.compile of the authors' LD: it needs --ld")
     if not gas and args.plot:
         parser.error("--plot draws the GA table: it needs --ga NAME[,NAME...] or all, not none")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -197,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
         )
     check_outputs(parser, json=args.json, plot=args.plot)
+    if args.plot and not args.plot.lower().endswith(".png"):
+        parser.error(f"--plot: expected a path ending in .png (the figure is a PNG), got {args.plot!r}")
     if args.plot:
         from ._plot import plot_available
 
@@ -253,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         from . import block
 
         out["durations_s"] = {}
-        if gas:
+        if gas and not args.cost:
             started = time.perf_counter()
             res = block.run(cfg, gas)
             progress.close()
@@ -285,15 +301,30 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 out["kernels"] = {"skipped": why}
                 print(f"\nTriton kernels not measured: {why}")
+        if args.cost:
+            from . import cost
+
+            started = time.perf_counter()
+            out["cost"] = cost.run(gas, args.shape)
+            out["durations_s"]["cost"] = round(time.perf_counter() - started, 1)
+            if args.ld:
+                print()
+            print(cost.render(out["cost"]), flush=True)
         if args.first_call:
             from . import first_call
 
             started = time.perf_counter()
-            out["first_call"] = first_call.run(args.device, args.threads)
-            out["durations_s"]["first_call"] = round(time.perf_counter() - started, 1)
             if gas or args.ld:
                 print()
-            print(first_call.render(out["first_call"]), flush=True)
+            try:
+                out["first_call"] = first_call.run(args.device, args.threads)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep the other results
+                out["first_call"] = {"error": str(exc)}
+                print(f"first call not measured: {exc}", flush=True)
+                status = 1
+            else:
+                print(first_call.render(out["first_call"]), flush=True)
+            out["durations_s"]["first_call"] = round(time.perf_counter() - started, 1)
     except ValueError as exc:  # e.g. a shape too small for the model
         progress.close()
         print(

@@ -180,30 +180,34 @@ class Ratio:
             "ratio_low": self.low if known else None,
             "ratio_high": self.high if known else None,
             "overhead_pct": 100.0 * (self.value - 1.0),
-            "overhead_pct_halfwidth": 100.0 * self.value * self.rel_halfwidth if known else None,
+            "overhead_pct_low": 100.0 * (self.low - 1.0) if known else None,
+            "overhead_pct_high": 100.0 * (self.high - 1.0) if known else None,
             "within_noise": self.within_noise,
             "verdict": self.verdict,
         }
 
 
 def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
-    """``+12.3 % ± 4.1 %``; ``within noise (±…)`` or ``too noisy…`` by :attr:`Ratio.verdict`.
+    """``+12.3 % [+8.9, +15.8]`` (the figure and the ends of its ~95 % interval, which is not
+    symmetric: ``[value / (1 + h), value * (1 + h)]``); ``within noise [...]`` or ``too
+    noisy...`` by :attr:`Ratio.verdict`.
 
-    ``emphasis`` sets a measured figure in Markdown bold (``**+12.3 %** ± 4.1 %``)."""
+    ``emphasis`` sets a measured figure in Markdown bold (``**+12.3 %** [+8.9, +15.8]``)."""
     pct = 100.0 * (r.value - 1.0)
     verdict = r.verdict
     if verdict == "spread unknown":
         return f"{pct:+.1f} % (spread unknown)"
-    half = 100.0 * r.value * r.rel_halfwidth
+    lo, hi = 100.0 * (r.low - 1.0), 100.0 * (r.high - 1.0)
     if verdict == "within noise":
-        if half >= 100:
+        if hi - lo >= 100:
             return "within noise (spread > 100 %)"
-        return f"within noise (±{half:.0f} %)" if half >= 10 else f"within noise (±{half:.1f} %)"
+        digits = 0 if hi - lo >= 10 else 1
+        return f"within noise [{lo:+.{digits}f}, {hi:+.{digits}f} %]"
     if verdict == "too noisy":
         # the order of magnitude, not a figure
-        return f"too noisy: {pct:+.0f} % ± {half:.0f} %" if pct < 1000 else "too noisy (> +1000 %)"
+        return f"too noisy: {pct:+.0f} % [{lo:+.0f}, {hi:+.0f}]" if pct < 1000 else "too noisy (> +1000 %)"
     figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
-    return f"{figure} ± {half:.1f} %"
+    return f"{figure} [{lo:+.1f}, {hi:+.1f}]"
 
 
 def format_speed(r: Ratio) -> str:

@@ -387,6 +387,9 @@ def _parser() -> argparse.ArgumentParser:
         "processes compete for the cores",
     )
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument(
+        "--quiet", action="store_true", help="no per-seed progress lines or duration estimate"
+    )
     return p
 
 
@@ -415,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     try:  # a GA that cannot take this width fails here, before anything runs
-        build_variants(
+        variants = build_variants(
             cfg.first_seed,
             ga=cfg.ga,
             channels=cfg.channels,
@@ -425,6 +428,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, TypeError) as e:
         parser.error(f"--ga {cfg.ga} with --channels {cfg.channels}: {e}")
+    # one training-mode forward of a zero batch per variant (BatchNorm needs more than one
+    # value per channel at the LD's coarsest stage): a size that cannot train fails now
+    probe = torch.zeros(cfg.batch_size, 3, cfg.size, cfg.size)
+    for name, model in variants.items():
+        try:
+            with torch.no_grad():
+                model.train()(probe)
+        except (ValueError, RuntimeError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            parser.error(
+                f"--size {cfg.size} with --batch-size {cfg.batch_size}: the {name} variant "
+                f"cannot train on it ({why}); use a larger --size or --batch-size"
+            )
     threads_before = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -436,17 +452,18 @@ def main(argv: list[str] | None = None) -> int:
             f"LD offset {cfg.offset:g}, final_act={cfg.final_act}, "
             f"{torch.get_num_threads()} thread(s)."
         )
-        print(
-            f"At the default size this takes {DEFAULT_MINUTES}; the time scales with "
-            "seeds x steps x size^2."
-        )
+        if not args.quiet:
+            print(
+                f"At the default size this takes {DEFAULT_MINUTES}; the time scales with "
+                "seeds x steps x size^2."
+            )
         print(
             "A result at this scale (small synthetic task, CPU-sized model) says little about "
             "full-size training."
         )
         sys.stdout.flush()
         env = environment(torch.device("cpu"), torch.get_num_threads())
-        res = run(cfg)
+        res = run(cfg, log=(lambda line: None) if args.quiet else print)
     finally:
         torch.set_num_threads(threads_before)
     res["command"] = " ".join(["python -m gald.bench --ablation", *map(shlex.quote, argv)])

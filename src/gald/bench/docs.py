@@ -3,9 +3,9 @@
 Usage::
 
     python -m gald.bench --ga all --ld --json docs/data/all.json --plot docs/benchmarks.png
-    python -m gald.bench.docs                # rewrites README.md, docs/benchmarks.md,
-                                             # docs/performance.md and docs/ld.md from the
-                                             # files their markers name
+    python -m gald.bench.docs                # rewrites README.md and docs/{benchmarks,
+                                             # performance,ld,ga}.md from the files their
+                                             # markers name
     python -m gald.bench.docs --check        # exit status 1 if a block is out of date
 
 Only the text between a start marker and the next ``<!-- bench:end -->`` is replaced; the rest
@@ -21,6 +21,7 @@ marker without a file takes the one given with ``--results``. Kinds:
 - ``environment``: the machine and software;
 - ``first``: the first-call latency (needs ``--first-call``);
 - ``ablation``: the paired-seed ablation (``python -m gald.bench --ablation --json``);
+- ``cost``: each GA alone, machine-independent (``--cost``);
 - ``runs`` (several files): one line per ``--ld`` run, the LD against the authors;
 - ``spread`` (several files): repeated runs of the same commands side by side, with whether
   their intervals overlap and how far apart their medians are.
@@ -48,7 +49,13 @@ MARKER = re.compile(
     r"(?P<body>.*?)(<!-- bench:end -->)",
     re.S,
 )
-DEFAULT_FILES = ("README.md", "docs/benchmarks.md", "docs/performance.md", "docs/ld.md")
+DEFAULT_FILES = (
+    "README.md",
+    "docs/benchmarks.md",
+    "docs/performance.md",
+    "docs/ld.md",
+    "docs/ga.md",
+)
 
 
 def _overhead(d: dict[str, Any]) -> str:
@@ -133,6 +140,7 @@ def render_ld(res: dict[str, Any]) -> str:
         f"Input {tuple(ld['shape'])} (x itself: {ld['x_bytes'] / 2**20:.1f} MiB). {where(res)}"
         f"\n\n{_table(headers, body)}\n\nLargest relative L2 difference to the authors' outputs "
         f"and input gradients: {worst_check(ld):.1e}."
+        + "".join(f" {note}." for note in ld.get("notes", ()))
     )
 
 
@@ -315,10 +323,18 @@ def render_spread(results: list[dict[str, Any]]) -> str:
 def render_first_call(res: dict[str, Any]) -> str:
     if "first_call" not in res:
         return "_(this run was made without `--first-call`)_"
+    if "error" in res["first_call"]:
+        return f"_Not measured: {res['first_call']['error']}_"
     from .first_call import render
 
+    env = res["environment"]
     cases = render(res["first_call"]).splitlines()
-    return "\n".join(f"- {c}" for c in cases) + f"\n\n{where(res)}"
+    threads = res["first_call"]["threads"]
+    return "\n".join(f"- {c}" for c in cases) + (
+        f"\n\nMeasured {env['date']} on {_device(res)}, torch {env['torch']}, Python "
+        f"{env['python']}, {threads} thread{'s' if threads != 1 else ''}, float32; command: "
+        f"`{res.get('command', 'python -m gald.bench')}`."
+    )
 
 
 def render_ablation(res: dict[str, Any]) -> str:
@@ -388,6 +404,20 @@ def render_ablation(res: dict[str, Any]) -> str:
     )
 
 
+def render_cost(res: dict[str, Any]) -> str:
+    """Each GA alone (``python -m gald.bench --ga all --cost --json``): machine-independent."""
+    if "cost" not in res:
+        raise ValueError(f"a cost block needs --cost results; {_command(res)!r} has none")
+    from .cost import table
+
+    env = res["environment"]
+    headers, rows = table(res["cost"])
+    return (
+        f"Computed {env['date']} with torch {env['torch']}; command: `{_command(res)}`.\n\n"
+        + _table(headers, rows)
+    )
+
+
 def _one(render: Callable[[dict[str, Any]], str]) -> Callable[[list[dict[str, Any]]], str]:
     def wrapped(results: list[dict[str, Any]]) -> str:
         if len(results) != 1:
@@ -405,6 +435,7 @@ RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "environment": _one(render_environment),
     "first": _one(render_first_call),
     "ablation": _one(render_ablation),
+    "cost": _one(render_cost),
     "runs": render_runs,
     "spread": render_spread,
 }

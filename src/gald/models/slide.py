@@ -8,12 +8,13 @@ fill the window, logits averaged where crops overlap.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_feature, check_positive_int
+from .._validate import check_feature, check_float, check_positive_int
 
 __all__ = ["slide_inference"]
 
@@ -142,11 +143,15 @@ def slide_inference(
     num_classes = check_positive_int(num_classes, "num_classes")
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
-    if isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence) or not scales:
-        raise ValueError(f"scales must be a non-empty sequence of positive floats, got {scales!r}")
-    for s in scales:
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf:
-            raise ValueError(f"scales must hold finite positive numbers, got {scales!r}")
+    if isinstance(scales, (str, bytes, Mapping, AbstractSet)) or not isinstance(scales, Iterable):
+        raise TypeError(
+            f"scales must be a sequence of positive floats, got {type(scales).__name__}"
+        )
+    scales = [check_float(s, "scales[]") for s in scales]
+    if not scales:
+        raise ValueError("scales must not be empty, got an empty sequence")
+    if not all(s > 0 for s in scales):
+        raise ValueError(f"scales must hold positive numbers, got {scales}")
 
     height, width = images.shape[-2:]
     result: torch.Tensor | None = None
