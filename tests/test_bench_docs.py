@@ -122,3 +122,22 @@ def test_cli_first_call_failure_keeps_the_other_results(tmp_path, monkeypatch, c
     res = json.loads(out.read_text())
     assert "block" in res and res["first_call"] == {"error": "the first-call process failed: boom"}
     assert "first call not measured" in capsys.readouterr().out
+
+
+def test_cost_lists_each_ga_alone(tmp_path) -> None:
+    import gald
+
+    out = tmp_path / "c.json"
+    argv = ["--ga", "gc,psp", "--cost", "--shape", "1,16,9,9", "--quiet", "--json", str(out)]
+    assert bench_main(argv) == 0
+    res = json.loads(out.read_text())
+    assert "block" not in res  # --cost replaces the timing table
+    assert res["cost"]["inner_shape"] == [1, 16, 5, 5]  # GALD's down stage: ceil(9 / 2)
+    rows = {r["ga"]: r for r in res["cost"]["rows"]}
+    assert list(rows) == ["gc", "psp"]
+    for name, row in rows.items():
+        layer = gald.create_ga(name, 16)
+        assert row["params"] == sum(p.numel() for p in layer.parameters())
+        assert row["gflops"] > row["gflops_inner"] > 0 and row["saved_bytes"] > 0
+    new, _ = rewrite("<!-- bench:start cost -->\n<!-- bench:end -->\n", res)
+    assert "| `psp` |" in new and "saved MiB 9×9" in new
