@@ -63,11 +63,16 @@ def _spread_pair(scale: float, shift: float) -> list[dict]:
 
 def test_spread_states_overlap_and_distance() -> None:
     same = render_spread(_spread_pair(1.10, 0.0))
-    assert "intervals of the 2 runs overlap" in same
+    assert "intervals of the 2 runs overlap (inference and train step)" in same
     assert "within 10% of each other" in same
     apart = render_spread(_spread_pair(1.0, 100.0))
-    assert "do not all overlap" in apart
+    assert "do not all overlap (inference nor train step)" in apart
     assert "within 0% of each other" in apart
+    mixed = _spread_pair(1.0, 0.0)
+    for k in ("ratio", "ratio_low", "ratio_high"):
+        mixed[1]["block"]["rows"][0]["overhead"]["inference"][k] += 100.0
+    said = render_spread(mixed)
+    assert "overlap for the train-step overhead, not for the inference overhead" in said
 
 
 def test_check_reports_a_stale_block_and_rewrite_fixes_it(tmp_path, capsys) -> None:

@@ -288,12 +288,20 @@ def render_spread(results: list[dict[str, Any]]) -> str:
             )
         if len(runs) < 2:
             continue
-        overlap = all(
-            _overlap(a["overhead"][k], b["overhead"][k])
-            for k in ("inference", "train_step")
-            for a in firsts
-            for b in firsts
-        )
+        overlaps = {
+            label: all(
+                _overlap(a["overhead"][k], b["overhead"][k]) for a in firsts for b in firsts
+            )
+            for label, k in (("inference", "inference"), ("train-step", "train_step"))
+        }
+        if all(overlaps.values()):
+            said = "overlap (inference and train step)"
+        elif not any(overlaps.values()):
+            said = "do not all overlap (inference nor train step)"
+        else:
+            yes = next(k for k, v in overlaps.items() if v)
+            no = next(k for k, v in overlaps.items() if not v)
+            said = f"overlap for the {yes} overhead, not for the {no} overhead"
         medians = [
             [r["models"][m][k]["median_ms"] for r in firsts]
             for m in ("with LD", "without LD")
@@ -302,8 +310,8 @@ def render_spread(results: list[dict[str, Any]]) -> str:
         apart = max(max(v) / min(v) - 1 for v in medians)
         notes.append(
             f"`{command}` ({firsts[0]['ga']}): the overhead intervals of the {len(runs)} runs "
-            f"{'overlap' if overlap else 'do not all overlap'}; the medians of the runs are "
-            f"within {apart:.0%} of each other."
+            f"{said}; the runs' medians (times with and without LD) are within {apart:.0%} of "
+            "each other."
         )
     headers = [
         "command",
