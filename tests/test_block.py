@@ -152,3 +152,13 @@ def test_too_small_message_suggests_padding_only_where_it_helps() -> None:
     assert "padding" not in str(err.value)
     with pytest.raises(ValueError, match=r"LocalDistribution: .*>= 15 for this configuration, got"):
         gald.LocalDistribution(16, kernel_size=5)(x)
+
+
+def test_compile_fullgraph_with_dynamic_shapes() -> None:
+    # dynamic=True traces the LD offset as a symbolic float: the checks must trace too
+    block = gald.GALD(16, "psp").eval()
+    compiled = torch.compile(block, fullgraph=True, dynamic=True, backend="eager")
+    for shape in ((2, 16, 19, 17), (1, 16, 23, 29)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), block(x))

@@ -304,3 +304,54 @@ def test_out_channels_inferred_on_the_meta_device() -> None:
         block = gald.GALD(16, nn.Conv2d(16, 8, 1))
     assert block.out_channels == 8
     assert all(p.device.type == "meta" for p in block.parameters())
+
+
+def test_wrap_edge_cases_of_real_modules() -> None:
+    # a meta-device model, identity init: every new part lands on meta too
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.Conv2d(8, 16, 3, padding=1)))
+    gald.wrap(model, "1", init="identity")
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    # a half-precision module: GALD around it joins its dtype, and runs
+    half = nn.Conv2d(8, 8, 1).to(torch.bfloat16)
+    block = gald.GALD(8, half).eval()
+    assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    assert block(torch.randn(1, 8, 9, 9, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    # a frozen norm inside the wrapped module stays frozen after wrap
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)))
+    model.train()
+    model[1][1].eval()
+    gald.wrap(model, "1")
+    assert model.training and model[1].ga.training and not model[1].ga[1].training
+    # a scripted module: its input width read from the scripted Conv2d
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), torch.jit.script(nn.Sequential(nn.Conv2d(8, 4, 1))))
+    assert gald.wrap(model, "1")[1].in_channels == 8
+    with pytest.raises(ValueError, match=r"got '' \(the model itself.*gald.GALD\(in_channels"):
+        gald.wrap(model, "")
+
+
+class _ChannelsIsTheOutput(nn.Module):
+    """Records its output width as `channels` (as some pooling modules do)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.channels = cout
+        self.proj = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class _TupleOut(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, x
+
+
+def test_dry_run_outranks_attributes_and_types_fail_at_construction() -> None:
+    # the module runs with 32 channels: its `channels` attribute is not its input width
+    model = nn.Sequential(nn.Conv2d(3, 32, 1), _ChannelsIsTheOutput(32, 16))
+    gald.wrap(model, "1", in_channels=32)
+    assert model[1].out_channels == 16
+    # a tuple output is refused at construction, even with out_channels given
+    with pytest.raises(TypeError, match="_TupleOut must return a \\(B, C, H, W\\) tensor.*got tuple"):
+        gald.GALD(8, _TupleOut(), out_channels=8)

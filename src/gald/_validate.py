@@ -7,9 +7,9 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from collections.abc import Set as AbstractSet
 from typing import Any
@@ -86,7 +86,7 @@ def check_float(value: object, name: str) -> float:
             f"{name} must be a finite number, got an int too large for a float "
             f"({len(str(value))} digits)"
         ) from None
-    if not math.isfinite(result):
+    if not abs(result) <= sys.float_info.max:  # nan and the infinities; traceable by dynamo
         raise ValueError(f"{name} must be a finite number, got {result}")
     return result
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from ._validate import check_positive_int
@@ -18,7 +17,12 @@ M = TypeVar("M", bound=nn.Module)
 def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     """(parent, attribute, target) of the dotted path ``name`` inside ``model``."""
     parts = name.split(".")
-    if not name or any(not p for p in parts):
+    if not name:
+        raise ValueError(
+            "name must be a dotted path like 'decoder.aspp', got '' (the model itself: to put a "
+            "GALD block around a whole module, build gald.GALD(in_channels, module))"
+        )
+    if any(not p for p in parts):
         raise ValueError(f"name must be a dotted path like 'decoder.aspp', got {name!r}")
     parent: nn.Module = model
     for depth, part in enumerate(parts):
@@ -45,8 +49,11 @@ def _infer_in_channels(module: nn.Module) -> int:
     if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
         return declared
     for sub in module.modules():
-        if isinstance(sub, nn.Conv2d):
-            return sub.in_channels
+        # a scripted module keeps its submodules' attributes, under their original class names
+        if isinstance(sub, nn.Conv2d) or getattr(sub, "original_name", None) == "Conv2d":
+            width = getattr(sub, "in_channels", None)
+            if isinstance(width, int):
+                return width
     raise ValueError(
         f"cannot infer the input channels of {type(module).__name__} (it has no in_channels "
         "attribute and no Conv2d); pass in_channels"
@@ -100,17 +107,11 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         in_channels = _infer_in_channels(target)
     else:
         in_channels = check_positive_int(in_channels, "in_channels")
-    block = GALD(in_channels, target, **gald_kwargs)
-    ref = next(iter(target.parameters()), None)
-    if ref is not None:
-        dtype = ref.dtype if ref.is_floating_point() else None
-        # the new down / LD / alpha modules join the wrapped module's device and dtype
-        for child_name, child in block.named_children():
-            if child_name != "ga":
-                child.to(device=ref.device, dtype=dtype)
-        if block.alpha is not None:
-            with torch.no_grad():
-                block.alpha.data = block.alpha.data.to(device=ref.device, dtype=dtype)
-    block.train(target.training)
+    block = GALD(in_channels, target, **gald_kwargs)  # joins the module's device and dtype
+    # the new parts take the wrapped module's mode; the module's own submodules keep theirs
+    block.training = target.training
+    for child_name, child in block.named_children():
+        if child_name != "ga":
+            child.train(target.training)
     setattr(parent, attr, block)
     return model

@@ -41,21 +41,27 @@ def _label(module: nn.Module) -> str:
     return type(module).__name__
 
 
+class _ProbesRefused(ValueError):
+    """A module refused every input of :func:`infer_out_channels`'s dry run."""
+
+
 def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
     input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller
     input is refused). The training flag of the module and of each of its submodules is
-    restored and, in eval mode, no BatchNorm statistic or other buffer changes; forward hooks
-    registered on the module see the probe. A module built on the meta device is probed with a meta
-    tensor (shapes only, no compute). The dry run also checks ``in_channels``: a module that
+    restored and, in eval mode, BatchNorm statistics do not change; hooks and any state the
+    module's own forward updates in eval mode see each probe tried. A module built on the meta
+    device is probed with a meta tensor (shapes only, no compute). The dry run also checks ``in_channels``: a module that
     refuses every probe (a convolution built for another width, say) is reported here rather
     than at the first forward.
 
     Raises:
-        ValueError: the module refuses every probe input or does not return a 4-D tensor;
-            the message names the module's class, ``in_channels`` and each probe's error.
+        ValueError: the module refuses every probe input; the message
+            names the module's class, ``in_channels`` and each probe's error.
+        TypeError: the module returns something else than a tensor.
+        ValueError: the module returns a tensor that is not 4-D.
     """
     ref: torch.Tensor | None = next(iter(module.parameters()), None)
     if ref is None:
@@ -74,8 +80,14 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
                 except Exception as exc:  # the module refuses this probe: try the next size
                     errors.append(f"{side}x{side}: {type(exc).__name__}: {exc}")
                     continue
-                if not isinstance(out, torch.Tensor) or out.ndim != 4:
-                    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
+                        f"GALD, got {type(out).__name__} for an input of shape "
+                        f"{tuple(probe.shape)}"
+                    )
+                if out.ndim != 4:
+                    got = tuple(out.shape)
                     raise ValueError(
                         f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
                         f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
@@ -84,7 +96,7 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     finally:
         for m, training in modes:
             m.training = training
-    raise ValueError(
+    raise _ProbesRefused(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
         f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "
         "takes), or pass out_channels to wrap a module that cannot run on a small input here"
@@ -127,15 +139,17 @@ def _build_ga(
                 "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
                 f"already), got keys {sorted(ga_kwargs)}"
             )
-        declared = _declared_width(ga_module)
-        if declared is not None and declared[1] != in_channels:
-            raise ValueError(
-                f"in_channels={in_channels} does not match the wrapped {_label(ga_module)}, "
-                f"which declares {declared[0]}={declared[1]}"
-            )
         try:
             found = infer_out_channels(ga_module, in_channels)
-        except ValueError:
+        except _ProbesRefused as exc:
+            # an in_channels or channels attribute that disagrees explains the refusal (when the
+            # module runs, such an attribute may well mean something else, and is not read)
+            declared = _declared_width(ga_module)
+            if declared is not None and declared[1] != in_channels:
+                raise ValueError(
+                    f"in_channels={in_channels} does not match the wrapped "
+                    f"{_label(ga_module)}, which declares {declared[0]}={declared[1]}"
+                ) from exc
             if out_channels is None:
                 raise
             # the user's width stands for a module that cannot run on the probes here (one that
@@ -186,7 +200,7 @@ def _build_ga(
     # a user's class may change the width without an out_channels argument: the dry run says
     try:
         found = infer_out_channels(ga, in_channels)
-    except ValueError:
+    except _ProbesRefused:
         if out_channels is None:
             raise
         return ga, out_channels  # runs only on larger inputs or another device: as given
@@ -220,7 +234,8 @@ class GALD(nn.Module):
     :func:`infer_out_channels`).
     A module that refuses every probe input is reported at construction, unless
     ``out_channels`` is given: that wraps a module which only runs on larger inputs or on
-    another device.
+    another device. Around a module instance, the parts built here (``down``, the LD,
+    ``alpha``) take the device and floating dtype of the module's first parameter.
 
     ``init="identity"`` is for wrapping a *trained* context module (fine-tuning a pretrained
     segmentation model): the block then computes exactly the wrapped module's function at
@@ -353,6 +368,8 @@ class GALD(nn.Module):
             min_size = max(min_size, self.ld.min_size)
             if init == "identity":
                 self.alpha = nn.Parameter(torch.zeros(self.out_channels))
+        if isinstance(ga_module, nn.Module):
+            self._join(ga_module)
         self.min_size = min_size
         # what to suggest for a too-small input: padding=1 only where it lifts the minimum
         any_size_at_padding_1 = ga_min == 1 and (
@@ -363,6 +380,22 @@ class GALD(nn.Module):
             if self.padding == 0 and any_size_at_padding_1
             else None
         )
+
+    def _join(self, module: nn.Module) -> None:
+        """Move the parts built here (``down``, the LD, ``alpha``) to the device and floating
+        dtype of the wrapped module's first parameter or buffer (a half-precision, CUDA or meta
+        module is wrapped as it is)."""
+        ref: torch.Tensor | None = next(iter(module.parameters()), None)
+        if ref is None:
+            ref = next(iter(module.buffers()), None)
+        if ref is None:
+            return
+        dtype = ref.dtype if ref.is_floating_point() else None
+        for name, child in self.named_children():
+            if name != "ga":
+                child.to(device=ref.device, dtype=dtype)
+        if self.alpha is not None:
+            self.alpha = nn.Parameter(self.alpha.detach().to(device=ref.device, dtype=dtype))
 
     def extra_repr(self) -> str:
         parts = [

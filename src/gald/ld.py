@@ -192,8 +192,9 @@ class LocalDistribution(nn.Module):
         )
         if self.grad_checkpointing and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
-                # dynamo traces checkpointing as one region whose recomputation the compiler
-                # plans itself (buffer updates are applied once); it accepts no context_fn
+                # dynamo traces checkpointing as one region; with an AOT backend (inductor,
+                # aot_eager) the compiler plans the recomputation and applies buffer updates
+                # once. It accepts no context_fn.
                 logits = checkpoint(self.branch, x, use_reentrant=False)
             else:
                 logits = checkpoint(
