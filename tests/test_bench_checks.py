@@ -252,3 +252,18 @@ def test_ablation_quiet_keeps_results_and_the_caveat(capsys) -> None:
     out = capsys.readouterr().out
     assert "says little about full-size training" in out and "Per variant" in out
     assert "seed 0" not in out and "At the default size" not in out
+
+
+def test_more_argument_mistakes_fail_before_the_run(tmp_path, capsys, nothing_runs) -> None:
+    shape = ["--shape", "1,16,17,17", *SMALL]
+    same = str(tmp_path / "r.png")
+    err = _error(capsys, main, [*shape, "--json", same, "--plot", same])
+    assert "--json and --plot name the same file" in err
+    err = _error(capsys, main, [*shape, "--ga", "all", "--cost", "--dtype", "bfloat16"])
+    assert "--cost counts float32 NCHW layers" in err
+    err = _error(capsys, main, [*shape, "--ga", "all,psp"])
+    assert "--ga: all and none stand alone" in err
+    err = _error(capsys, main, [*shape, "--ga", "none", "--cost"])
+    assert "--cost lists the GA layers of --ga" in err
+    err = _error(capsys, main, [*shape, "--ga", "nope"])
+    assert "or all, or none" in err

@@ -146,3 +146,39 @@ def test_cost_lists_each_ga_alone(tmp_path) -> None:
         assert row["gflops"] > row["gflops_inner"] > 0 and row["saved_bytes"] > 0
     new, _ = rewrite("<!-- bench:start cost -->\n<!-- bench:end -->\n", res)
     assert "| `psp` |" in new and "saved MiB 9×9" in new
+
+
+@pytest.mark.parametrize(
+    ("page", "message"),
+    [
+        # a lost end would swallow the text up to the next block's end
+        (
+            "<!-- bench:start environment data/r.json -->\nhand-written\n"
+            "<!-- bench:start runs data/r.json -->\n<!-- bench:end -->\n",
+            "line 3: a bench:start before the bench:end",
+        ),
+        ("<!--bench:start runs data/r.json-->\n<!-- bench:end -->\n", "line 1: malformed marker"),
+        ("<!-- bench:start runs  data/r.json -->\n<!-- bench:end -->\n", "malformed marker"),
+        ("<!-- bench:start runs data/r.JSON -->\n<!-- bench:end -->\n", "malformed marker"),
+        ("<!-- bench:start runs data/r.json -->\ntext\n", "line 1: a bench:start without a"),
+        ("text\n<!-- bench:end -->\n", "line 2: a bench:end without a bench:start"),
+        (
+            "<!-- bench:start runs data/r.json data/r.json -->\n<!-- bench:end -->\n",
+            "lists a file twice",
+        ),
+        # a file of the wrong kind for its block: named, with the file
+        ("<!-- bench:start block data/r.json -->\n<!-- bench:end -->\n", "block from data/r.json"),
+        ("<!-- bench:start ld data/a.json -->\n<!-- bench:end -->\n", "not `python -m gald.bench --ablation"),
+    ],
+)
+def test_malformed_pages_and_wrong_data_fail_clearly(page: str, message: str, tmp_path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "r.json").write_text((DATA / "ld-nchw-1.json").read_text())
+    (tmp_path / "data" / "a.json").write_text((DATA / "ablation.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        rewrite(page, base=tmp_path)
+
+
+def test_prose_that_quotes_a_marker_is_not_one() -> None:
+    text = "Write `<!-- bench:start KIND FILE... -->` and `<!-- bench:end -->` around a block.\n"
+    assert rewrite(text) == (text, 0)

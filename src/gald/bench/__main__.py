@@ -16,6 +16,7 @@ import shlex
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -165,11 +166,14 @@ def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
         return []
     names = [t.strip() for t in text.split(",") if t.strip()]
     if not names:
-        parser.error("--ga: expected NAME[,NAME...] or all, got an empty list")
+        parser.error("--ga: expected NAME[,NAME...], all or none, got an empty list")
+    if {"all", "none"} & set(names):
+        parser.error(f"--ga: all and none stand alone, not in a list; got {text!r}")
     unknown = [n for n in names if n not in known]
     if unknown:
         parser.error(
-            f"--ga: unknown GA {', '.join(map(repr, unknown))}; known: {', '.join(known)}, or all"
+            f"--ga: unknown GA {', '.join(map(repr, unknown))}; known: {', '.join(known)}; or "
+            "all, or none"
         )
     return list(dict.fromkeys(names))  # each once, in the order given
 
@@ -195,10 +199,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     gas = _gas(parser, args.ga)
-    if not gas and not args.ld and not args.first_call:
-        parser.error("--ga none measures nothing without --ld or --first-call")
     if args.cost and not gas:
         parser.error("--cost lists the GA layers of --ga: it needs --ga NAME[,NAME...] or all")
+    if args.cost and (args.dtype != "float32" or args.channels_last):
+        parser.error(
+            "--cost counts float32 NCHW layers (FLOPs do not depend on the format; bytes follow "
+            "the dtype): drop --dtype and --channels-last"
+        )
+    if not gas and not args.ld and not args.first_call:
+        parser.error("--ga none measures nothing without --ld or --first-call")
     if args.cost and args.plot:
         parser.error("--plot draws the timing table, which --cost replaces")
     if args.compile == "on" and not args.ld:
@@ -211,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{torch.__version__}, torch.cuda.is_available() is False); use --device cpu"
         )
     check_outputs(parser, json=args.json, plot=args.plot)
+    if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
+        parser.error(f"--json and --plot name the same file {args.json!r}; give two paths")
     if args.plot and not args.plot.lower().endswith(".png"):
         parser.error(f"--plot: expected a path ending in .png (the figure is a PNG), got {args.plot!r}")
     if args.plot:

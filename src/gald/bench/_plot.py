@@ -60,7 +60,9 @@ def plot(results: dict[str, Any], path: str) -> None:
     env, cfg = results["environment"], results["config"]
     fig.suptitle(
         f"GALD with and without LD, input {tuple(cfg['shape'])}, {cfg['device']} "
-        f"({env['device_name']}), {cfg['dtype']}, threads: {env['threads']}, {env['date']}; "
+        f"({env['device_name']}), {cfg['dtype']}, "
+        f"{'channels_last' if cfg['channels_last'] else 'NCHW'}, threads: {env['threads']}, "
+        f"{env['date']}; "
         "bars: median, whiskers: interquartile range",
         fontsize=10,
     )

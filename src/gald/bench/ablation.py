@@ -348,7 +348,7 @@ def render(res: dict[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     d = AblationConfig()
     p = argparse.ArgumentParser(
-        prog="python -m gald.bench.ablation",
+        prog="python -m gald.bench --ablation",
         description="Paired-seed ablation of the GALD head's context slot: none / GA / GA + LD "
         "on a synthetic segmentation task (CPU scale; says little about full-size training).",
     )

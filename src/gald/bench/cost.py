@@ -54,8 +54,8 @@ def table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         [
             f"`{r['ga']}`",
             f"{r['params']:,}",
-            f"{r['gflops']:.2f}",
-            f"{r['gflops_inner']:.2f}",
+            f"{r['gflops']:.4g}",
+            f"{r['gflops_inner']:.4g}",
             f"{r['saved_bytes'] / 2**20:.1f}",
         ]
         for r in res["rows"]

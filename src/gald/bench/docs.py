@@ -105,7 +105,20 @@ def where(res: dict[str, Any]) -> str:
     )
 
 
+def _needs(res: dict[str, Any], key: str, what: str) -> None:
+    """A ``ValueError`` when ``res`` is not the kind of run a block is made from."""
+    if key not in res:
+        raise ValueError(f"this block needs {what}; `{_command(res)}` has none")
+
+
+def _bench_run(res: dict[str, Any]) -> None:
+    """A ``ValueError`` for an ablation result where a ``python -m gald.bench`` run belongs."""
+    if "paired" in res:
+        raise ValueError(f"this block is made from a python -m gald.bench run, not `{_command(res)}`")
+
+
 def render_summary(res: dict[str, Any]) -> str:
+    _needs(res, "block", "the GA table (a run with --ga NAME or all, without --cost)")
     rows = res["block"]["rows"]
     row = next((r for r in rows if r["ga"] == "cgnl"), rows[0])  # the authors' GA first
     ov = row["overhead"]
@@ -119,6 +132,7 @@ def render_summary(res: dict[str, Any]) -> str:
 
 
 def render_block(res: dict[str, Any]) -> str:
+    _needs(res, "block", "the GA table (a run with --ga NAME or all, without --cost)")
     from .block import table
 
     headers, body = table(res["block"], overhead_cell=_overhead)
@@ -130,6 +144,7 @@ def render_block(res: dict[str, Any]) -> str:
 
 
 def render_ld(res: dict[str, Any]) -> str:
+    _bench_run(res)
     if "ld" not in res:
         return "_(this run was made without `--ld`)_"
     from .ld import table_vs_authors, worst_check
@@ -145,6 +160,7 @@ def render_ld(res: dict[str, Any]) -> str:
 
 
 def render_kernels(res: dict[str, Any]) -> str:
+    _bench_run(res)
     k = res.get("kernels")
     if not k:
         return "_(this run was made without `--ld`)_"
@@ -225,7 +241,7 @@ def render_runs(results: list[dict[str, Any]]) -> str:
         rows.append(
             [
                 f"`{_command(res)}`",
-                f"{fmt}, {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}",
+                f"{cfg['dtype']}, {fmt}, {cfg['threads']} thread{'s' if cfg['threads'] != 1 else ''}",
                 f"{_speed(train['gald']['speedup_vs_authors'])} "
                 f"({_ms(train['gald'])} vs {_ms(train['authors'])} ms)",
                 _speed(train[ckpt]["speedup_vs_authors"]),
@@ -238,7 +254,7 @@ def render_runs(results: list[dict[str, Any]]) -> str:
         )
     headers = [
         "command",
-        "format",
+        "setting",
         "train step",
         "train, checkpointing",
         "inference (BN folded)",
@@ -248,11 +264,16 @@ def render_runs(results: list[dict[str, Any]]) -> str:
     ]
     shapes = sorted({tuple(r["ld"]["shape"]) for r in results})
     return (
-        f"Input {', '.join(map(str, shapes))}, {results[0]['config']['dtype']}. "
+        f"Input {', '.join(map(str, shapes))}. "
         f"{_machine(results)} Speed: times faster than the authors' formulation (95 % interval; "
         "the two medians); saved: bytes saved for backward relative to the authors.\n\n"
         + _table(headers, rows)
     )
+
+
+def _busy(res: dict[str, Any]) -> str:
+    used = res["environment"].get("cpus_in_use_at_start")
+    return "-" if used is None else f"{used:g}"
 
 
 def _overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -283,6 +304,7 @@ def render_spread(results: list[dict[str, Any]]) -> str:
                     f"{_ms(models['without LD']['inference'])}",
                     f"{_ms(models['with LD']['train_step'])} / "
                     f"{_ms(models['without LD']['train_step'])}",
+                    _busy(res),
                     res["environment"]["date"],
                 ]
             )
@@ -320,15 +342,18 @@ def render_spread(results: list[dict[str, Any]]) -> str:
         "train-step overhead",
         "inference ms (with / without LD)",
         "train step ms (with / without LD)",
+        "CPUs busy at start",
         "measured",
     ]
     return (
-        f"{_machine(results)} LD overheads with ~95 % intervals.\n\n{_table(headers, rows)}\n\n"
-        + "\n".join(f"- {n}" for n in notes)
+        f"{_machine(results)} LD overheads with ~95 % intervals; \"CPUs busy\": the CPUs other "
+        "processes used just before the run (a busy machine makes runs disagree).\n\n"
+        f"{_table(headers, rows)}\n\n" + "\n".join(f"- {n}" for n in notes)
     )
 
 
 def render_first_call(res: dict[str, Any]) -> str:
+    _bench_run(res)
     if "first_call" not in res:
         return "_(this run was made without `--first-call`)_"
     if "error" in res["first_call"]:
@@ -468,6 +493,7 @@ def rewrite(
     A marker's JSON files are read relative to ``base`` (the Markdown file's folder); a marker
     that names none takes ``res``.
     """
+    _check_markers(text)
     count = 0
 
     def sub(m: re.Match[str]) -> str:
@@ -478,16 +504,50 @@ def rewrite(
                 f"unknown bench marker kind {kind!r}; expected one of {sorted(RENDERERS)}"
             )
         paths = m.group("paths").split()
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"the {kind} marker lists a file twice: {' '.join(paths)}")
         if paths:
             results = [load((base or Path(".")) / p) for p in paths]
         elif res is not None:
             results = [res]
         else:
             raise ValueError(f"the {kind} marker names no JSON file and no --results was given")
+        try:
+            body = RENDERERS[kind](results).rstrip()
+        except ValueError as exc:
+            raise ValueError(f"the {kind} block from {' '.join(paths) or '--results'}: {exc}") from exc
         count += 1
-        return f"{m.group(1)}{RENDERERS[kind](results).rstrip()}\n{m.group(5)}"
+        return f"{m.group(1)}{body}\n{m.group(5)}"
 
     return MARKER.sub(sub, text), count
+
+
+def _check_markers(text: str) -> None:
+    """Every line that mentions ``bench:start`` or ``bench:end`` is a well-formed marker, and
+    starts and ends alternate: a typo or a lost end would otherwise skip a block silently, or
+    swallow the text up to the next block's end."""
+    start = re.compile(r"<!-- bench:start(?: [a-z]+)?(?: [^\s>]+\.json)* -->")
+    open_line = None
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not (line.startswith("<!--") and "bench:" in line):
+            continue  # prose that quotes a marker (in backticks) is not one
+        if "bench:start" in line:
+            if not start.fullmatch(line):
+                raise ValueError(f"line {number}: malformed marker {line!r}")
+            if open_line is not None:
+                raise ValueError(
+                    f"line {number}: a bench:start before the bench:end of line {open_line}'s"
+                )
+            open_line = number
+        elif "bench:end" in line:
+            if line != "<!-- bench:end -->":
+                raise ValueError(f"line {number}: malformed marker {line!r}")
+            if open_line is None:
+                raise ValueError(f"line {number}: a bench:end without a bench:start")
+            open_line = None
+    if open_line is not None:
+        raise ValueError(f"line {open_line}: a bench:start without a bench:end")
 
 
 def main(argv: list[str] | None = None) -> int:
