@@ -61,6 +61,13 @@ def test_every_registered_ga_is_listed() -> None:
     assert set(_LEFT) == set(list_ga())
 
 
+def _assert_fused_equals(model: nn.Module, fused: nn.Module, x: torch.Tensor, tol: float) -> None:
+    """The fused model's output equals the unfused one's, relative to the output's size."""
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(fused(x), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
 @pytest.mark.parametrize(("name", "kwargs"), _CONFIGS, ids=lambda v: str(v))
 def test_fuse_folds_every_foldable_batchnorm_of_every_ga(name: str, kwargs: dict[str, Any]) -> None:
     for model, x, prefix in _models(name, kwargs):
@@ -70,24 +77,14 @@ def test_fuse_folds_every_foldable_batchnorm_of_every_ga(name: str, kwargs: dict
         fused = gald.fuse(model)
         assert _batchnorms(fused) == {prefix + n for n in _LEFT[name]}
         assert _batchnorms(model) == before  # fuse works on a copy
-        with torch.no_grad():
-            want = model(x)
-            torch.testing.assert_close(
-                fused(x), want, rtol=1e-5, atol=1e-5 * want.abs().max().item()
-            )
+        _assert_fused_equals(model, fused, x, 1e-5)
 
 
 @pytest.mark.parametrize("name", list_ga())
 def test_fused_equals_unfused_in_float64(name: str) -> None:
     for model, x, _ in _models(name, {}):
         model = randomise(model).double().eval()
-        fused = gald.fuse(model)
-        x = x.double()
-        with torch.no_grad():
-            want = model(x)
-            torch.testing.assert_close(
-                fused(x), want, rtol=1e-10, atol=1e-10 * want.abs().max().item()
-            )
+        _assert_fused_equals(model, gald.fuse(model), x.double(), 1e-10)
 
 
 @pytest.mark.parametrize("name", list_ga())

@@ -17,9 +17,10 @@ not compute a fixed affine map).
 The ``_fuse_pairs`` protocol (private): a module class whose forward applies a BatchNorm
 attribute directly, and only, to a conv attribute's output (``self.bn(self.conv(y))``, the
 conv's output used nowhere else) declares it as ``_fuse_pairs = (("conv", "bn"), ...)``, with
-attribute names (the conv's may be a dotted path to the last conv of a ``Sequential``). :func:`fuse` folds each such pair and sets the BatchNorm attribute to
-``nn.Identity``, so the forward code runs unchanged; the unfused module's state dict is not
-affected by the declaration.
+attribute names (the conv's may be a dotted path to the last conv of a ``Sequential``).
+:func:`fuse` folds each such pair and sets the BatchNorm attribute to ``nn.Identity``, so the
+forward code runs unchanged; the unfused module's state dict is not affected by the
+declaration.
 
 Time O(C k^2) per folded pair, once.
 """

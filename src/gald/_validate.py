@@ -16,6 +16,9 @@ from typing import Any
 
 import torch
 
+PADDING_REMEDY = "use padding=1 to accept any size"
+"""The advice for a too-small input to a layer whose ``padding=0`` sets its minimum size."""
+
 
 def check_feature(
     x: object,
@@ -24,7 +27,7 @@ def check_feature(
     name: str = "x",
     min_hw: int = 1,
     who: str = "",
-    remedy: str | None = "use padding=1 to accept any size",
+    remedy: str | None = PADDING_REMEDY,
 ) -> torch.Tensor:
     """Check that ``x`` is a floating (B, C, H, W) tensor with ``channels`` channels.
 
@@ -99,16 +102,22 @@ def check_probability(value: object, name: str) -> float:
     return result
 
 
-def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
-    """Ints >= 1 from an ordered iterable (a list, a tuple, a 1-D numpy array or tensor), as a
-    tuple; not a string, a mapping or a set (their order is not the user's)."""
+def check_ordered_items(value: object, name: str, what: str) -> list[Any]:
+    """The items of an ordered iterable (a list, a tuple, a 1-D numpy array or tensor); a
+    ``TypeError`` saying ``name`` must be a sequence of ``what`` for a string, a mapping or a set
+    (their order is not the user's), a scalar or an array of another rank."""
     unordered = isinstance(value, (str, bytes, Mapping, AbstractSet))
     if unordered or not isinstance(value, Iterable) or getattr(value, "ndim", 1) != 1:
         got = type(value).__name__
         if getattr(value, "ndim", 1) != 1:
             got += f" with {value.ndim} dimensions"  # type: ignore[attr-defined]
-        raise TypeError(f"{name} must be a sequence of ints, got {got}")
-    return tuple(check_positive_int(v, f"{name}[]") for v in value)
+        raise TypeError(f"{name} must be a sequence of {what}, got {got}")
+    return list(value)
+
+
+def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
+    """Ints >= 1 from an ordered iterable (see :func:`check_ordered_items`), as a tuple."""
+    return tuple(check_positive_int(v, f"{name}[]") for v in check_ordered_items(value, name, "ints"))
 
 
 def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> None:

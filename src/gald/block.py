@@ -14,8 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage, strided_min_size
-from ._validate import check_factory, check_feature, check_float, check_positive_int
+from ._layers import LayerFactory, depthwise_stage
+from ._validate import (
+    PADDING_REMEDY,
+    check_factory,
+    check_feature,
+    check_float,
+    check_positive_int,
+)
 from .ld import IMPLS, LocalDistribution
 from .registry import _declared_width, create_ga, get_ga_class
 
@@ -41,6 +47,12 @@ def _label(module: nn.Module) -> str:
     return type(module).__name__
 
 
+def _first_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The module's first parameter, else its first buffer: where its device and dtype are read."""
+    ref: torch.Tensor | None = next(iter(module.parameters()), None)
+    return ref if ref is not None else next(iter(module.buffers()), None)
+
+
 class _ProbesRefused(ValueError):
     """A module refused every input of :func:`infer_out_channels`'s dry run."""
 
@@ -53,9 +65,9 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     input is refused). The training flag of the module and of each of its submodules is
     restored and, in eval mode, BatchNorm statistics do not change; hooks and any state the
     module's own forward updates in eval mode see each probe tried. A module built on the meta
-    device is probed with a meta tensor (shapes only, no compute). The dry run also checks ``in_channels``: a module that
-    refuses every probe (a convolution built for another width, say) is reported here rather
-    than at the first forward.
+    device is probed with a meta tensor (shapes only, no compute). The dry run also checks
+    ``in_channels``: a module that refuses every probe (a convolution built for another width,
+    say) is reported here rather than at the first forward.
 
     Raises:
         ValueError: the module refuses every probe input; the message
@@ -63,9 +75,7 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
         TypeError: the module returns something else than a tensor.
         ValueError: the module returns a tensor that is not 4-D.
     """
-    ref: torch.Tensor | None = next(iter(module.parameters()), None)
-    if ref is None:
-        ref = next(iter(module.buffers()), None)
+    ref = _first_tensor(module)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     modes = [(m, m.training) for m in module.modules()]  # each submodule's own flag
@@ -101,6 +111,42 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
         f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "
         "takes), or pass out_channels to wrap a module that cannot run on a small input here"
     )
+
+
+def _width_by_dry_run(
+    ga: nn.Module,
+    in_channels: int,
+    out_channels: int | None,
+    what: str,
+    *,
+    explain_declared: bool = False,
+    hint: str = "",
+) -> int:
+    """The width ``ga`` returns (a dry run), checked against a given ``out_channels``.
+
+    A module that refuses every probe is taken at the given ``out_channels`` (it may only run
+    on larger inputs or on another device); without one, the refusal is raised. With
+    ``explain_declared``, a declared input width that disagrees with ``in_channels`` explains
+    the refusal instead.
+    """
+    try:
+        found = infer_out_channels(ga, in_channels)
+    except _ProbesRefused as exc:
+        declared = _declared_width(ga) if explain_declared else None
+        if declared is not None and declared[1] != in_channels:
+            raise ValueError(
+                f"in_channels={in_channels} does not match {what}, which declares "
+                f"{declared[0]}={declared[1]}"
+            ) from exc
+        if out_channels is None:
+            raise
+        return out_channels
+    if out_channels is not None and out_channels != found:
+        raise ValueError(
+            f"out_channels={out_channels} does not match {what}, which returns {found} channels "
+            f"for in_channels={in_channels}{hint}"
+        )
+    return found
 
 
 def _accepted_widths(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int = 1024) -> str:
@@ -139,28 +185,16 @@ def _build_ga(
                 "ga_kwargs must be empty when ga_module is an nn.Module instance (it is built "
                 f"already), got keys {sorted(ga_kwargs)}"
             )
-        try:
-            found = infer_out_channels(ga_module, in_channels)
-        except _ProbesRefused as exc:
-            # an in_channels or channels attribute that disagrees explains the refusal (when the
-            # module runs, such an attribute may well mean something else, and is not read)
-            declared = _declared_width(ga_module)
-            if declared is not None and declared[1] != in_channels:
-                raise ValueError(
-                    f"in_channels={in_channels} does not match the wrapped "
-                    f"{_label(ga_module)}, which declares {declared[0]}={declared[1]}"
-                ) from exc
-            if out_channels is None:
-                raise
-            # the user's width stands for a module that cannot run on the probes here (one that
-            # needs larger inputs, or another device); the forward checks every call
-            return ga_module, out_channels
-        if out_channels is not None and out_channels != found:
-            raise ValueError(
-                f"out_channels={out_channels} does not match the wrapped {_label(ga_module)}, "
-                f"which returns {found} channels for in_channels={in_channels}"
-            )
-        return ga_module, found
+        # an in_channels or channels attribute is only read to explain a refusal: when the
+        # module runs, such an attribute may well mean something else
+        width = _width_by_dry_run(
+            ga_module,
+            in_channels,
+            out_channels,
+            f"the wrapped {_label(ga_module)}",
+            explain_declared=True,
+        )
+        return ga_module, width
     if isinstance(ga_module, str):
         cls = get_ga_class(ga_module)
     elif isinstance(ga_module, type) and issubclass(ga_module, nn.Module):
@@ -198,19 +232,11 @@ def _build_ga(
         width = getattr(ga, "out_channels", in_channels)
         return ga, width if isinstance(width, int) else in_channels
     # a user's class may change the width without an out_channels argument: the dry run says
-    try:
-        found = infer_out_channels(ga, in_channels)
-    except _ProbesRefused:
-        if out_channels is None:
-            raise
-        return ga, out_channels  # runs only on larger inputs or another device: as given
-    if out_channels is not None and out_channels != found:
-        has_arg = "" if _accepts(cls, "out_channels") else " (it has no out_channels argument)"
-        raise ValueError(
-            f"out_channels={out_channels} does not match the GA {name!r} ({cls.__name__}), which "
-            f"returns {found} channels for in_channels={in_channels}{has_arg}"
-        )
-    return ga, found
+    has_arg = "" if _accepts(cls, "out_channels") else " (it has no out_channels argument)"
+    width = _width_by_dry_run(
+        ga, in_channels, out_channels, f"the GA {name!r} ({cls.__name__})", hint=has_arg
+    )
+    return ga, width
 
 
 class GALD(nn.Module):
@@ -371,23 +397,18 @@ class GALD(nn.Module):
         if isinstance(ga_module, nn.Module):
             self._join(ga_module)
         self.min_size = min_size
-        # what to suggest for a too-small input: padding=1 only where it lifts the minimum
-        any_size_at_padding_1 = ga_min == 1 and (
-            self.ld is None or strided_min_size(self.ld.num_stages, self.ld.kernel_size, 1) == 1
-        )
-        self._small_input_remedy: str | None = (
-            "use padding=1 to accept any size"
-            if self.padding == 0 and any_size_at_padding_1
-            else None
-        )
+        # what to suggest for a too-small input: padding=1 only where it lifts the minimum (the
+        # LD, built with this padding, knows for its branch; the GA's own minimum stays)
+        remedy = PADDING_REMEDY if self.padding == 0 else None
+        if self.ld is not None:
+            remedy = self.ld._small_input_remedy
+        self._small_input_remedy: str | None = remedy if ga_min == 1 else None
 
     def _join(self, module: nn.Module) -> None:
         """Move the parts built here (``down``, the LD, ``alpha``) to the device and floating
         dtype of the wrapped module's first parameter or buffer (a half-precision, CUDA or meta
         module is wrapped as it is)."""
-        ref: torch.Tensor | None = next(iter(module.parameters()), None)
-        if ref is None:
-            ref = next(iter(module.buffers()), None)
+        ref = _first_tensor(module)
         if ref is None:
             return
         dtype = ref.dtype if ref.is_floating_point() else None

@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
-from ._validate import check_feature, check_float, check_positive_int
+from ._validate import PADDING_REMEDY, check_feature, check_float, check_positive_int
 from .ops import ld_modulate
 
 __all__ = ["IMPLS", "LocalDistribution", "strided_min_size"]
@@ -130,7 +130,7 @@ class LocalDistribution(nn.Module):
         self.min_size = strided_min_size(num_stages, kernel_size, padding)
         # what to suggest for a too-small input: padding=1 only where it lifts the minimum
         self._small_input_remedy: str | None = (
-            "use padding=1 to accept any size"
+            PADDING_REMEDY
             if self.padding == 0 and strided_min_size(num_stages, kernel_size, 1) == 1
             else None
         )

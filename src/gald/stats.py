@@ -91,6 +91,11 @@ _COLUMNS = (
 )
 
 
+def gate_range_text(low: float, high: float, low_included: bool) -> str:
+    """The gate's range as an interval: ``[2.5, 3)`` or ``(2, 3)``."""
+    return f"{'[' if low_included else '('}{low:g}, {high:g})"
+
+
 class LDStatistics(dict[str, GateStats]):
     """A ``dict`` from module name to :class:`GateStats`; ``str()`` gives a table."""
 
@@ -98,8 +103,7 @@ class LDStatistics(dict[str, GateStats]):
         header = ["LD", "range", *(c[0] for c in _COLUMNS), "samples"]
         rows = [header]
         for name, s in self.items():
-            left = "[" if s.low_included else "("
-            rng = f"{left}{s.low:g}, {s.high:g})"
+            rng = gate_range_text(s.low, s.high, s.low_included)
             if s.samples == 0:
                 rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), "0 (not called)"])
                 continue

@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from ._args import first_line
+
 Factories = Mapping[str, Callable[[], nn.Module]]
 """What a part of the run measures: a label per model (``"the authors' LD branch"``) and how
 to build it."""
@@ -36,7 +38,7 @@ def _failure(models: Mapping[str, nn.Module], shape: tuple[int, ...]) -> tuple[s
             with torch.no_grad():
                 model(x)
         except (ValueError, RuntimeError) as exc:
-            return label, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            return label, first_line(exc)
     return None
 
 

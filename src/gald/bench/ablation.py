@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import list_ga
-from ..stats import ld_statistics
+from ..stats import gate_range_text, ld_statistics
 from ._ablation_model import VARIANTS, build_variants, freeze_gate
 from ._ablation_task import (
     NUM_CLASSES,
@@ -52,7 +52,7 @@ from ._ablation_task import (
     make_batch,
     metrics,
 )
-from ._args import check_outputs, finite_float
+from ._args import check_outputs, finite_float, first_line
 from ._timing import environment
 
 METRICS = ("large", "small", "boundary", "miou")
@@ -313,15 +313,14 @@ def render(res: dict[str, Any]) -> str:
     if res["gate"]:
         out.append("")
         g = res["gate"]
-        low, high = g[0]["low"], g[0]["high"]
-        bracket = "[" if g[0].get("low_included", cfg["final_act"]) else "("
+        rng = gate_range_text(g[0]["low"], g[0]["high"], g[0].get("low_included", cfg["final_act"]))
 
         def avg(key: str) -> float:
             return statistics.fmean(x[key] for x in g)
 
         out.append(
-            f"Gate offset + M of the trained LD on the held-out set (range {bracket}{low:g}, "
-            f"{high:g}), mean over seeds): mean {avg('mean'):.3f}, min {min(x['min'] for x in g):.3f}, "
+            f"Gate offset + M of the trained LD on the held-out set (range {rng}, mean over "
+            f"seeds): mean {avg('mean'):.3f}, min {min(x['min'] for x in g):.3f}, "
             f"max {max(x['max'] for x in g):.3f}, spatial CV {avg('spatial_cv'):.2%}, "
             f"channel CV {avg('channel_cv'):.2%}, sample CV {avg('sample_cv'):.2%}, "
             f"positions >5% off their map's mean {avg('far_fraction'):.2%}"
@@ -436,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
             with torch.no_grad():
                 model.train()(probe)
         except (ValueError, RuntimeError) as e:
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            why = first_line(e)
             parser.error(
                 f"--size {cfg.size} with --batch-size {cfg.batch_size}: the {name} variant "
                 f"cannot train on it ({why}); use a larger --size or --batch-size"

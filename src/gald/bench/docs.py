@@ -81,9 +81,6 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 def where(res: dict[str, Any]) -> str:
     env, cfg = res["environment"], res["config"]
     fmt = "channels_last" if cfg["channels_last"] else "NCHW"
-    device = env["device_name"]
-    if cfg["device"] == "cpu":
-        device = f'CPU "{device}" ({env["logical_cpus"]} logical CPUs)'
     load = ""
     if cfg["device"] == "cpu":
         parts = []
@@ -98,7 +95,7 @@ def where(res: dict[str, Any]) -> str:
             parts.append(avg)
         load = f" {'; '.join(parts)}." if parts else ""
     return (
-        f"Measured {env['date']} on {device}, torch {env['torch']}, Python {env['python']}, "
+        f"Measured {env['date']} on {_device(res)}, torch {env['torch']}, Python {env['python']}, "
         f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}, {cfg['dtype']}, {fmt}; "
         "command: "
         f"`{res.get('command', 'python -m gald.bench')}`.{load}"
@@ -213,14 +210,11 @@ def _machine(results: list[dict[str, Any]]) -> str:
 
 
 def _device(res: dict[str, Any]) -> str:
-    env, cfg = res["environment"], res["config"]
-    if cfg["device"] == "cpu":
+    """The machine of a run (a benchmark or an ablation: both record their environment)."""
+    env = res["environment"]
+    if env["device"] == "cpu":
         return f'CPU "{env["device_name"]}" ({env["logical_cpus"]} logical CPUs)'
     return str(env["device_name"])
-
-
-def _mib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**20:.1f}"
 
 
 def _ms(t: dict[str, Any]) -> str:
@@ -231,8 +225,7 @@ def render_runs(results: list[dict[str, Any]]) -> str:
     """One line per ``--ld`` run: the library's LD against the authors' formulation."""
     rows = []
     for res in results:
-        if "ld" not in res:
-            raise ValueError(f"a runs block needs --ld results; {_command(res)!r} has none")
+        _needs(res, "ld", "--ld results")
         ld, cfg = res["ld"], res["config"]
         train, inf, mem = ld["train_step"], ld["inference"], ld["memory"]
         base = mem["authors"]["saved_bytes"]
@@ -284,8 +277,7 @@ def render_spread(results: list[dict[str, Any]]) -> str:
     """Repeated runs of the same commands: overheads, medians, overlap and distance."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for res in results:
-        if "block" not in res:
-            raise ValueError(f"a spread block needs GA-table results; {_command(res)!r} has none")
+        _needs(res, "block", "GA-table results")
         groups.setdefault(_command(res), []).append(res)
     rows, notes = [], []
     for command, runs in groups.items():
@@ -372,8 +364,8 @@ def render_first_call(res: dict[str, Any]) -> str:
 
 def render_ablation(res: dict[str, Any]) -> str:
     """The paired-seed ablation (``python -m gald.bench --ablation --json``) as Markdown."""
-    if "paired" not in res:
-        raise ValueError(f"an ablation block needs --ablation results; {_command(res)!r} is not")
+    _needs(res, "paired", "--ablation results")
+    from ..stats import gate_range_text
     from .ablation import METRICS, ROWS, _mean_std
 
     runs, cfg, env = res["runs"], res["config"], res["environment"]
@@ -413,17 +405,16 @@ def render_ablation(res: dict[str, Any]) -> str:
         def avg(key: str) -> float:
             return sum(x[key] for x in g) / len(g)
 
-        left = "[" if g[0].get("low_included", cfg["final_act"]) else "("
+        rng = gate_range_text(g[0]["low"], g[0]["high"], g[0].get("low_included", cfg["final_act"]))
         gate = (
-            f" The trained gate `offset + M` on the held-out set (range {left}{g[0]['low']:g}, "
-            f"{g[0]['high']:g}), mean over seeds): mean {avg('mean'):.2f}, spatial CV "
+            f" The trained gate `offset + M` on the held-out set (range {rng}, mean over "
+            f"seeds): mean {avg('mean'):.2f}, spatial CV "
             f"{avg('spatial_cv'):.1%}, {avg('channel_cv'):.2%} across channels, "
             f"{avg('sample_cv'):.1%} across samples, {avg('far_fraction'):.1%} of positions more "
             "than 5 % from their map's mean."
         )
     where_ = (
-        f"Measured {env['date']} on CPU \"{env['device_name']}\" ({env['logical_cpus']} logical "
-        f"CPUs), torch {env['torch']}, {res['threads']} thread"
+        f"Measured {env['date']} on {_device(res)}, torch {env['torch']}, {res['threads']} thread"
         f"{'s' if res['threads'] != 1 else ''}; GA {cfg['ga']}, offset {cfg['offset']:g}, "
         f"final_act={cfg['final_act']}, {cfg['steps']} steps, {seeds} seed{'s' if seeds != 1 else ''}; "
         f"{res['seconds'] / 60:.1f} min wall, {res['cpu_seconds'] / 60:.1f} min of CPU; "
@@ -439,8 +430,7 @@ def render_ablation(res: dict[str, Any]) -> str:
 
 def render_cost(res: dict[str, Any]) -> str:
     """Each GA alone (``python -m gald.bench --ga all --cost --json``): machine-independent."""
-    if "cost" not in res:
-        raise ValueError(f"a cost block needs --cost results; {_command(res)!r} has none")
+    _needs(res, "cost", "--cost results")
     from .cost import table
 
     env = res["environment"]

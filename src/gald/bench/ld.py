@@ -36,6 +36,7 @@ from torch import nn
 from .. import fuse
 from ..ld import LocalDistribution
 from ..ops import ld_modulate
+from ._args import first_line
 from ._config import DTYPES, Config
 from ._timing import (
     Ratio,
@@ -181,7 +182,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         except Exception as exc:  # torch.compile of the authors' module: the compiler's error
             if "torch.compile" not in name:
                 raise
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            why = first_line(exc)
             notes.append(f"{name} not measured: it failed on this input ({type(exc).__name__}: {why})")
             del train[name], inputs[name]
             continue

@@ -8,13 +8,12 @@ fill the window, logits averaged where crops overlap.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from collections.abc import Set as AbstractSet
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_feature, check_float, check_positive_int
+from .._validate import check_feature, check_float, check_ordered_items, check_positive_int
 
 __all__ = ["slide_inference"]
 
@@ -143,11 +142,10 @@ def slide_inference(
     num_classes = check_positive_int(num_classes, "num_classes")
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
-    if isinstance(scales, (str, bytes, Mapping, AbstractSet)) or not isinstance(scales, Iterable):
-        raise TypeError(
-            f"scales must be a sequence of positive floats, got {type(scales).__name__}"
-        )
-    scales = [check_float(s, "scales[]") for s in scales]
+    scales = [
+        check_float(s, "scales[]")
+        for s in check_ordered_items(scales, "scales", "positive floats")
+    ]
     if not scales:
         raise ValueError("scales must not be empty, got an empty sequence")
     if not all(s > 0 for s in scales):
