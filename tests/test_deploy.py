@@ -60,15 +60,38 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     )
 
 
+def _autocast_nodes(graph: torch.fx.Graph) -> list[str]:
+    return [
+        str(n.target)
+        for n in graph.nodes
+        if n.op == "call_function" and "autocast" in str(n.target)
+    ]
+
+
 def _export_and_compare(model: nn.Module, shapes: tuple[tuple[int, ...], ...], what: str) -> None:
     dyn = torch.export.Dim.DYNAMIC
     x = _input(shapes[0])
     program = torch.export.export(model, (x,), dynamic_shapes=({0: dyn, 2: dyn, 3: dyn},))
+    # the float32 regions of the layers go through gald._amp.autocast_off, which leaves no
+    # autocast node in the graph when autocast is off (their accuracy under autocast is part of
+    # gald.testing.check_ga)
+    assert not _autocast_nodes(program.graph), f"export {what}: {_autocast_nodes(program.graph)}"
     exported = program.module()
     with torch.no_grad():
         for i, shape in enumerate(shapes):
             inp = _input(shape, seed=2 + i)
             _close(exported(inp), model(inp), f"export {what} {shape}")
+
+
+def test_the_autocast_check_can_fail() -> None:
+    """``torch.autocast(enabled=False)`` itself would leave such a node."""
+
+    class Plain(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cpu", enabled=False):
+                return torch.softmax(x, dim=-1)
+
+    assert _autocast_nodes(torch.export.export(Plain(), (torch.randn(2, 3),)).graph)
 
 
 def test_torch_export_dynamic_shapes_gald() -> None:

@@ -61,6 +61,8 @@ def _train_worker(
     device = torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:  # a forked rank: one intra-op thread each, as DataLoader workers do
+        torch.set_num_threads(1)
     dist.init_process_group(
         backend,
         init_method=f"file://{init_file}",
@@ -102,11 +104,14 @@ def _train_worker(
 
 
 def _run_ddp(tmp_path: Path, *, world: int, backend: str, sync_bn: bool) -> list[dict[str, Any]]:
-    mp.spawn(
+    # CPU ranks are forked (a spawned rank re-imports torch, seconds per process); CUDA ranks
+    # must be spawned (CUDA cannot be re-initialised in a forked child)
+    mp.start_processes(
         _train_worker,
         args=(world, str(tmp_path / "init"), str(tmp_path), backend, sync_bn),
         nprocs=world,
         join=True,
+        start_method="spawn" if backend == "nccl" else "fork",
     )
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 

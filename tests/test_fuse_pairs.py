@@ -179,12 +179,11 @@ def test_conv1d_batchnorm1d_in_a_sequential_and_by_hand() -> None:
         torch.testing.assert_close(conv(x), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("deep_stem", [True, False])
-def test_whole_galdnet_and_aux_head_leave_no_batchnorm(deep_stem: bool) -> None:
-    # the backbone's bottlenecks and stem and the auxiliary head declare their pairs too
+def test_whole_galdnet_and_aux_head_leave_no_batchnorm() -> None:
+    # the backbone's bottlenecks and deep stem and the auxiliary head declare their pairs too
     from gald.models import DilatedResNet, GALDNet
 
-    net = GALDNet(5, backbone=DilatedResNet(50, deep_stem=deep_stem))
+    net = GALDNet(5, backbone=DilatedResNet(50))
     net = randomise(net).eval().double()
     x = torch.randn(1, 3, 49, 49, dtype=torch.float64)
     with torch.no_grad():
@@ -196,3 +195,17 @@ def test_whole_galdnet_and_aux_head_leave_no_batchnorm(deep_stem: bool) -> None:
         # random weights through 50 layers make large logits: compare relative to their size
         scale = want[key].abs().max()
         torch.testing.assert_close(got[key] / scale, want[key] / scale, rtol=0, atol=1e-10)
+
+
+def test_the_plain_stem_folds_too() -> None:
+    # the 7x7 stem (deep_stem=False) declares its own pair; the rest is the network above
+    from gald.models import DilatedResNet
+
+    net = randomise(DilatedResNet(50, deep_stem=False)).eval().double()
+    fused = gald.fuse(net)
+    assert _batchnorms(fused) == set()
+    x = torch.randn(2, 3, 21, 23, dtype=torch.float64)
+    with torch.no_grad():
+        want = net.relu(net.bn1(net.conv1(x)))
+        got = fused.relu(fused.bn1(fused.conv1(x)))
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -10,7 +10,7 @@ meta implementation, say) is left to the real run.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -43,20 +43,32 @@ def _failure(models: Mapping[str, nn.Module], shape: tuple[int, ...]) -> tuple[s
 
 
 def smallest_side(
-    models: Mapping[str, nn.Module], batch: int, channels: int, *, limit: int = 1 << 12
+    models: Mapping[str, nn.Module],
+    batch: int,
+    channels: int,
+    *,
+    fails_at: int = 0,
+    runs_at: int | None = None,
+    limit: int = 1 << 12,
 ) -> int | None:
     """The smallest ``s`` at which every model runs on a ``(batch, channels, s, s)`` input;
-    ``None`` when none up to ``limit`` does (the failure is not about the size)."""
+    ``None`` when none up to ``limit`` does (the failure is not about the size).
+
+    ``fails_at`` is a side already known to fail and ``runs_at`` one expected to run (checked
+    once): each narrows the search, so a failing shape costs a handful of dry runs."""
 
     def runs(side: int) -> bool:
         return _failure(models, (batch, channels, side, side)) is None
 
-    high = 1
-    while not runs(high):
-        if high >= limit:
-            return None
-        high *= 2
-    low = high // 2  # fails (or 0)
+    low = fails_at  # fails (0: nothing known)
+    if runs_at is not None and runs_at > low and runs(runs_at):
+        high = runs_at
+    else:
+        high = max(1, 2 * low)
+        while not runs(high):
+            if high >= limit:
+                return None
+            low, high = high, 2 * high
     while high - low > 1:
         mid = (low + high) // 2
         if runs(mid):
@@ -69,33 +81,41 @@ def smallest_side(
 def too_small(parts: Mapping[str, Factories], shape: tuple[int, int, int, int]) -> str | None:
     """``None`` when every model of every part (keyed by the option that asks for it, e.g.
     ``"--ga cgnl"``) runs at ``shape``; else a message naming each part that does not, the sides
-    it needs and the smallest input that runs them all."""
+    it needs and the smallest input that runs them all.
+
+    The search leans on the models' constraints loosening as the input grows (in its side and
+    in its batch): a part that fails at ``H x W`` fails at the square of side ``min(H, W)``, and
+    a side that runs at batch ``B`` runs at batch 2 too."""
     b, c, h, w = shape
     built = {option: _build(factories) for option, factories in parts.items()}
     models = {option: m for option, m in built.items() if m is not None}
-    lines = []
+    lines, sides, sides2 = [], [], []
+    passing = []
     for option, ms in models.items():
         failed = _failure(ms, shape)
         if failed is None:
+            passing.append(ms)
             continue
         label, why = failed
-        side = smallest_side(ms, b, c)
-        if side is None or side <= min(h, w):
+        side = smallest_side(ms, b, c, fails_at=min(h, w))
+        if side is None:
             continue  # not a matter of size: the real run reports it
+        sides.append(side)
         line = f"  {option}: {label} needs H, W >= {side} at batch size {b}"
         if b == 1:
-            side2 = smallest_side(ms, 2, c)
+            side2 = smallest_side(ms, 2, c, runs_at=side)
+            sides2.append(side2 or side)
             if side2 is not None and side2 < side:
                 line += f" (>= {side2} at batch size 2)"
         lines.append(f"{line}; at {h}x{w} it fails with: {why}")
     if not lines:
         return None
-    need = max(smallest_side(ms, b, c) or 0 for ms in models.values())
+    need = _raise_to_fit(passing, b, c, max(sides))
     smallest = f"--shape {b},{c},{need},{need}"
     if b == 1:
-        sides2 = [smallest_side(ms, 2, c) or 0 for ms in models.values()]
-        if max(sides2) < need:
-            smallest += f" (or, with a batch of 2, --shape 2,{c},{max(sides2)},{max(sides2)})"
+        need2 = _raise_to_fit(passing, 2, c, max(sides2))
+        if need2 < need:
+            smallest += f" (or, with a batch of 2, --shape 2,{c},{need2},{need2})"
     return "\n".join(
         [
             f"--shape {b},{c},{h},{w} is too small for what it is asked to run:",
@@ -103,3 +123,13 @@ def too_small(parts: Mapping[str, Factories], shape: tuple[int, int, int, int]) 
             f"the smallest square input that runs all of it: {smallest}",
         ]
     )
+
+
+def _raise_to_fit(
+    parts: Sequence[Mapping[str, nn.Module]], batch: int, channels: int, side: int
+) -> int:
+    """``side``, or the larger side some of ``parts`` (which ran at the requested shape) need."""
+    for ms in parts:
+        if _failure(ms, (batch, channels, side, side)) is not None:
+            side = smallest_side(ms, batch, channels, fails_at=side) or side
+    return side
