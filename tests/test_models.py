@@ -243,6 +243,21 @@ def test_width_mismatch_caught_at_construction() -> None:
         )
 
 
+def test_numpy_ints_select_features_and_widths() -> None:
+    import numpy as np
+
+    net = GALDNet(
+        CLASSES,
+        backbone=Tiny("list"),
+        in_features=(np.int64(1), np.int64(2)),
+        in_channels=(np.int64(6), np.int32(8)),
+        head={"channels": 16},
+    )
+    assert net.in_features == (1, 2) and net.in_channels == (6, 8)
+    assert all(type(v) is int for v in (*net.in_features, *net.in_channels))
+    assert net.eval()(torch.randn(1, 3, 9, 9))["out"].shape == (1, CLASSES, 9, 9)
+
+
 def test_declared_width_wrong_is_caught_at_the_head() -> None:
     net = GALDNet(CLASSES, backbone=Tiny(), in_channels=(6, 16), head={"channels": 16}, aux=False)
     with pytest.raises(ValueError, match=r"GALDHead: x must have 16 channels"):
@@ -275,7 +290,9 @@ def test_single_tensor_backbone_is_rejected() -> None:
         ({"in_features": ("layer3",)}, TypeError, "in_features must be None or a pair"),
         ({"in_features": "ab"}, TypeError, "in_features must be None or a pair"),
         ({"in_features": (0, 7)}, ValueError, r"cannot pick in_features=\(0, 7\)"),
-        ({"in_channels": (6, 0)}, ValueError, "in_channels must be None or a pair of positive"),
+        ({"in_channels": (6, 0)}, ValueError, r"in_channels\[1\] must be >= 1, got 0"),
+        ({"in_channels": (6,)}, TypeError, r"in_channels must be None or a pair of ints"),
+        ({"in_features": (0, 1.0)}, TypeError, r"in_features\[1\] must be an int, got float"),
         ({"depth": 50}, ValueError, "depth and output_stride configure the default backbone"),
         ({"output_stride": 16}, ValueError, "depth and output_stride configure the default"),
         ({"head": "cgnl"}, TypeError, "head must be None, a dict of GALDHead arguments"),

@@ -197,23 +197,36 @@ def test_half_precision_logits_accumulate_in_float32() -> None:
             r"stride must be at most crop_size .* stride=\(9, 9\) and crop_size=\(8, 8\)",
         ),
         ({"stride": (4, 9)}, ValueError, "stride must be at most crop_size"),
-        ({"crop_size": 0}, ValueError, r"crop_size must be positive, got \(0, 0\)"),
-        ({"crop_size": (8, -1)}, ValueError, "crop_size must be positive"),
-        ({"stride": 0}, ValueError, r"stride must be positive, got \(0, 0\)"),
-        ({"crop_size": (8, 8, 8)}, TypeError, r"crop_size must be an int or a pair of ints"),
-        ({"stride": 2.5}, TypeError, "stride must be an int or a pair of ints"),
+        ({"crop_size": 0}, ValueError, "crop_size must be >= 1, got 0"),
+        ({"crop_size": (8, -1)}, ValueError, r"crop_size\[1\] must be >= 1, got -1"),
+        ({"stride": 0}, ValueError, "stride must be >= 1, got 0"),
+        (
+            {"crop_size": (8, 8, 8)},
+            ValueError,
+            r"crop_size must be an int or a pair .* got 3 items",
+        ),
+        ({"stride": 2.5}, TypeError, "stride must be an int, got float 2.5"),
         ({"num_classes": 0}, ValueError, "num_classes must be >= 1, got 0"),
         ({"num_classes": 4}, ValueError, r"num_classes=4 but the model returned 3 channels"),
         ({"scales": ()}, ValueError, "scales must not be empty"),
-        ({"scales": (1.0, 0.0)}, ValueError, r"scales must hold positive numbers, got \[1.0, 0.0\]"),
+        (
+            {"scales": (1.0, 0.0)},
+            ValueError,
+            r"scales must hold positive numbers, got \[1.0, 0.0\]",
+        ),
         ({"scales": (float("inf"),)}, ValueError, r"scales\[\] must be a finite number, got inf"),
-        ({"scales": (1.0, float("nan"))}, ValueError, r"scales\[\] must be a finite number, got nan"),
+        (
+            {"scales": (1.0, float("nan"))},
+            ValueError,
+            r"scales\[\] must be a finite number, got nan",
+        ),
         ({"scales": (-float("inf"),)}, ValueError, r"scales\[\] must be a finite number, got -inf"),
         ({"scales": ("1",)}, TypeError, "scales\\[\\] must be a float, got str"),
         ({"scales": (10**400,)}, ValueError, "scales\\[\\] must be a finite number, got an int"),
         ({"scales": {1.0}}, TypeError, "scales must be a sequence of positive floats, got set"),
-        ({"crop_size": (8, True)}, TypeError, "crop_size must be an int or a pair of ints"),
-        ({"stride": float("inf")}, TypeError, "stride must be an int or a pair of ints"),
+        ({"crop_size": (8, True)}, TypeError, r"crop_size\[1\] must be an int, got bool"),
+        ({"crop_size": {8, 9}}, TypeError, "crop_size must be a sequence of two ints"),
+        ({"stride": float("inf")}, TypeError, "stride must be an int, got float inf"),
         ({"flip": 1}, TypeError, "flip must be a bool"),
     ],
 )
@@ -250,4 +263,14 @@ def test_scales_take_numpy_numbers() -> None:
     want = slide_inference(Net(), x, scales=(1.0, 0.5), **args)
     for scales in ([np.float32(1.0), np.float64(0.5)], np.array([1.0, 0.5])):
         got = slide_inference(Net(), x, scales=scales, **args)
+        torch.testing.assert_close(got, want)
+
+
+def test_sizes_take_numpy_ints() -> None:
+    import numpy as np
+
+    x = torch.randn(1, 3, 10, 11)
+    want = slide_inference(Net(), x, crop_size=(8, 6), stride=4, num_classes=K)
+    for crop, stride in (((np.int64(8), np.int32(6)), np.int64(4)), (np.array([8, 6]), 4)):
+        got = slide_inference(Net(), x, crop_size=crop, stride=stride, num_classes=K)
         torch.testing.assert_close(got, want)

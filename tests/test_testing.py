@@ -153,10 +153,14 @@ class NeedsThree(SqueezeExcitation):
 
 def test_sound_layer_passes_every_property() -> None:
     assert check_ga(SqueezeExcitation, channels=C) == list(PROPERTIES)
-    assert check_ga(partial(SqueezeExcitation, reduction=2), channels=C, out_channels=C, compile=False)
+    assert check_ga(
+        partial(SqueezeExcitation, reduction=2), channels=C, out_channels=C, compile=False
+    )
 
 
-FIRST_LINE = re.compile(r"^(?P<prop>\w+): (?P<where>input shape \([\d, ]+\)|construction): (?P<measured>.+)$")
+FIRST_LINE = re.compile(
+    r"^(?P<prop>\w+): (?P<where>input shape \([\d, ]+\)|construction): (?P<measured>.+)$"
+)
 
 
 @pytest.mark.parametrize(
@@ -166,13 +170,29 @@ FIRST_LINE = re.compile(r"^(?P<prop>\w+): (?P<where>input shape \([\d, ]+\)|cons
         (WrongShape, "shapes", r"output shape \(0, 7, 1, 1\), expected \(0, 8, 1, 1\)"),
         (UnusedParameter, "gradients", r"parameter 'temperature' \(1,\) received no gradient"),
         (CrashesOnEmpty, "shapes", r"eval-mode forward raised RuntimeError: .*0 elements"),
-        (BufferOnDefaultDevice, "device", r"buffer 'scale' is on cpu after building under torch.device\('meta'\)"),
+        (
+            BufferOnDefaultDevice,
+            "device",
+            r"buffer 'scale' is on cpu after building under torch.device\('meta'\)",
+        ),
         (TensorOnDefaultDeviceInForward, "device", r"forward under torch.device\('meta'\) raised"),
-        (WrongGradient, "gradcheck", r"Jacobians disagree with respect to the (input|parameters): max per-element difference [\d.e+-]+"),
+        (
+            WrongGradient,
+            "gradcheck",
+            r"Jacobians disagree with respect to the (input|parameters): max per-element difference [\d.e+-]+",
+        ),
         (Fp16Overflow, "autocast", r"\d+ non-finite output values under torch.float16 autocast"),
         (LayoutDependent, "memory_format", r"channels_last input gives an output [\d.e+-]+ away"),
-        (DataDependentBranch, "compile", r"torch.compile\(fullgraph=True, backend=\"eager\"\) raised"),
-        (StateOutsideStateDict, "state_dict", r"a fresh module loaded with the state_dict differs by [\d.e+-]+"),
+        (
+            DataDependentBranch,
+            "compile",
+            r"torch.compile\(fullgraph=True, backend=\"eager\"\) raised",
+        ),
+        (
+            StateOutsideStateDict,
+            "state_dict",
+            r"a fresh module loaded with the state_dict differs by [\d.e+-]+",
+        ),
     ],
 )
 def test_broken_layer_fails_on_its_property(cls: type[nn.Module], prop: str, measured: str) -> None:
@@ -194,7 +214,9 @@ def test_broken_layer_fails_on_its_property(cls: type[nn.Module], prop: str, mea
 
 def test_only_and_switches() -> None:
     assert check_ga(MixesBatch, channels=C, only=("shapes", "gradients")) == ["shapes", "gradients"]
-    assert check_ga(SqueezeExcitation, channels=C, only=["shapes", "compile"], compile=False) == ["shapes"]
+    assert check_ga(SqueezeExcitation, channels=C, only=["shapes", "compile"], compile=False) == [
+        "shapes"
+    ]
     with pytest.raises(ValueError, match=r"only names unknown properties \['shape'\]"):
         check_ga(SqueezeExcitation, only=("shape",))
     with pytest.raises(TypeError, match="only must be a collection of property names"):
@@ -210,17 +232,60 @@ def test_bad_factory_and_arguments() -> None:
         check_ga(lambda c: torch.zeros(c))  # type: ignore[arg-type,return-value]
     with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
         check_ga(SqueezeExcitation, channels=0)
-    with pytest.raises(ValueError, match=r"min_size must be an int or an \(h, w\) pair"):
+    with pytest.raises(ValueError, match=r"min_size must be an int or a pair .* got 3 items"):
         check_ga(SqueezeExcitation, min_size=(1, 2, 3))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="autocast_dtypes must hold floating torch dtypes"):
         check_ga(SqueezeExcitation, autocast_dtypes=(torch.int8,))
+    with pytest.raises(TypeError, match="autocast_dtypes must be a sequence of torch dtypes"):
+        check_ga(SqueezeExcitation, autocast_dtypes=torch.float16)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": "x"}, TypeError, "seed must be an int, got str"),
+        ({"atol": "x"}, TypeError, "atol must be a float, got str"),
+        ({"rtol": -1e-4}, ValueError, r"rtol must be >= 0, got -0.0001"),
+        ({"autocast_tol": None}, TypeError, "autocast_tol must be a float, got NoneType"),
+        ({"autocast_tol": float("nan")}, ValueError, "autocast_tol must be a finite number"),
+        ({"randomize": "no"}, TypeError, "randomize must be a bool, got str"),
+        ({"only": ()}, ValueError, "only is empty: nothing would be checked"),
+    ],
+)
+def test_bad_numbers_and_switches(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        check_ga(SqueezeExcitation, **kwargs)
+
+
+def test_numpy_numbers_are_accepted() -> None:
+    import numpy as np
+
+    done = check_ga(
+        SqueezeExcitation,
+        channels=np.int64(C),
+        seed=np.int32(1),
+        atol=np.float32(1e-5),
+        min_size=(np.int64(2), np.int64(3)),
+        only=("shapes",),
+    )
+    assert done == ["shapes"]
+
+
+def test_check_gald_refuses_gald_kwargs_that_are_not_a_mapping() -> None:
+    with pytest.raises(
+        TypeError, match="gald_kwargs must be a mapping of GALD arguments, got list"
+    ):
+        check_gald("gc", gald_kwargs=[("ld", False)])  # type: ignore[arg-type]
 
 
 def test_declared_min_size_is_respected() -> None:
     assert declared_min_size(NeedsThree(C)) == (3, 3)
     assert declared_min_size(SqueezeExcitation(C)) == (1, 1)
     check_ga(NeedsThree, channels=C, only=("shapes", "batch_independence"))
-    with pytest.raises(AssertionError, match=r"^shapes: input shape \(0, 8, 1, 1\): eval-mode forward raised ValueError: too small"):
+    with pytest.raises(
+        AssertionError,
+        match=r"^shapes: input shape \(0, 8, 1, 1\): eval-mode forward raised ValueError: too small",
+    ):
         check_ga(NeedsThree, channels=C, min_size=1, only=("shapes",))
     # an (h, w) pair: the smallest map checked is exactly 3 x 3
     check_ga(NeedsThree, channels=C, min_size=(3, 3), only=("shapes",))
@@ -250,7 +315,9 @@ class ZeroGated(SqueezeExcitation):
 
 def test_randomize_keeps_zero_gates_from_making_checks_vacuous() -> None:
     check_ga(ZeroGated, channels=C, only=("batch_independence", "gradients"))
-    with pytest.raises(AssertionError, match=r"^batch_independence: .*changed its own output by only 0 "):
+    with pytest.raises(
+        AssertionError, match=r"^batch_independence: .*changed its own output by only 0 "
+    ):
         check_ga(ZeroGated, channels=C, randomize=False, only=("batch_independence",))
 
 
@@ -269,7 +336,10 @@ def test_the_modules_own_assertion_is_labelled_and_chained() -> None:
     with pytest.raises(AssertionError) as info:
         check_ga(AssertsNonEmpty, channels=C)
     first = str(info.value).splitlines()[0]
-    assert first == "shapes: input shape (0, 8, 1, 1): eval-mode forward raised AssertionError: empty batch"
+    assert (
+        first
+        == "shapes: input shape (0, 8, 1, 1): eval-mode forward raised AssertionError: empty batch"
+    )
     assert type(info.value) is AssertionError  # not a subclass: reads as usual in a traceback
     cause = info.value.__cause__
     assert type(cause) is AssertionError and str(cause).startswith("empty batch")
@@ -293,7 +363,9 @@ def test_builtin_ema_needs_em_grad_as_the_docs_say() -> None:
     # with its defaults: the EM loop runs under no_grad, so conv1 gets no gradient
     from gald.ga import EMA
 
-    with pytest.raises(AssertionError, match=r"^gradients: .*parameter 'conv1\.weight' .*received no gradient"):
+    with pytest.raises(
+        AssertionError, match=r"^gradients: .*parameter 'conv1\.weight' .*received no gradient"
+    ):
         check_ga(EMA, channels=C, compile=False)
     assert check_ga(partial(EMA, em_grad=True), channels=C, only=("gradients", "gradcheck"))
     docs = (Path(__file__).resolve().parents[1] / "docs" / "testing.md").read_text()
@@ -320,14 +392,21 @@ def test_an_exactly_zero_parameter_gradient_is_accepted() -> None:
 def test_check_gald_with_a_home_made_layer() -> None:
     checked = check_gald(SqueezeExcitation, in_channels=C, compile=False)
     assert checked == [p for p in PROPERTIES if p != "compile"]
-    check_gald(lambda c: SqueezeExcitation(c, reduction=2), in_channels=C, only=("shapes", "gradients"))
+    check_gald(
+        lambda c: SqueezeExcitation(c, reduction=2), in_channels=C, only=("shapes", "gradients")
+    )
 
 
 def test_check_gald_with_a_width_changing_layer() -> None:
     widen = partial(SqueezeExcitation, out_channels=12)
     checked = check_gald(widen, in_channels=C, out_channels=12, compile=False, gradcheck=False)
     assert "shapes" in checked
-    check_gald(partial(SqueezeExcitation, out_channels=12), in_channels=C, out_channels=12, only=("shapes",))
+    check_gald(
+        partial(SqueezeExcitation, out_channels=12),
+        in_channels=C,
+        out_channels=12,
+        only=("shapes",),
+    )
     # declared as width-keeping: GALD refuses to build it
     with pytest.raises(ValueError, match="out_channels"):
         check_gald(widen, in_channels=C, only=("shapes",))
@@ -378,14 +457,21 @@ def test_strategy_arguments() -> None:
         feature_maps(3, dtype=torch.int64)
     with pytest.raises(TypeError, match="memory_format must be a torch.memory_format"):
         feature_maps(3, memory_format=())
-    with pytest.raises(TypeError, match="no int 'in_channels' or 'channels' attribute; pass channels="):
+    with pytest.raises(TypeError, match="scale must be a float, got str"):
+        feature_maps(3, scale="x")  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match="no int 'in_channels' or 'channels' attribute; pass channels="
+    ):
         ga_inputs(nn.Identity())
     assert ga_inputs(nn.Identity(), channels=2) is not None
 
 
 def test_strategies_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "hypothesis", None)
-    with pytest.raises(ImportError, match=r"need hypothesis: pip install hypothesis \(or pip install 'gald\[testing\]'\)"):
+    with pytest.raises(
+        ImportError,
+        match=r"need hypothesis: pip install hypothesis \(or pip install 'gald\[testing\]'\)",
+    ):
         feature_maps(3)
 
 

@@ -117,14 +117,30 @@ def check_ordered_items(value: object, name: str, what: str) -> list[Any]:
 
 def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
     """Ints >= 1 from an ordered iterable (see :func:`check_ordered_items`), as a tuple."""
-    return tuple(check_positive_int(v, f"{name}[]") for v in check_ordered_items(value, name, "ints"))
+    return tuple(
+        check_positive_int(v, f"{name}[]") for v in check_ordered_items(value, name, "ints")
+    )
+
+
+def check_size_pair(value: object, name: str) -> tuple[int, int]:
+    """A size of positive ints as ``(h, w)``: one int (see :func:`check_int`) for both sides, or
+    an ordered pair of them."""
+    if (
+        isinstance(value, (bool, str))
+        or not isinstance(value, Iterable)
+        or getattr(value, "ndim", 1) == 0
+    ):
+        side = check_positive_int(value, name)
+        return side, side
+    items = check_ordered_items(value, name, "two ints (h, w)")
+    if len(items) != 2:
+        raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {len(items)} items")
+    return check_positive_int(items[0], f"{name}[0]"), check_positive_int(items[1], f"{name}[1]")
 
 
 def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> None:
     if value % divisor != 0:
-        raise ValueError(
-            f"{name}={value} must be divisible by {divisor_name}={divisor}"
-        )
+        raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
 
 
 def check_factory(value: object, name: str) -> Callable[..., Any]:

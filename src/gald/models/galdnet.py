@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int
+from .._validate import check_feature, check_int, check_positive_int
 from ..head import AuxHead, GALDHead
 from .resnet import DilatedResNet, _check_checkpoint
 
@@ -27,32 +27,26 @@ _PROBE_SIZE = 64
 def _check_in_features(value: object) -> tuple[_Key, _Key] | None:
     if value is None:
         return None
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in value)
-    ):
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
         raise TypeError(
             "in_features must be None or a pair of feature names (str) or indices (int), "
             f"got {value!r}"
         )
-    return (value[0], value[1])
+    keys = [
+        k if isinstance(k, str) else check_int(k, f"in_features[{i}]") for i, k in enumerate(value)
+    ]
+    return (keys[0], keys[1])
 
 
 def _check_in_channels(value: object) -> tuple[int, int] | None:
     if value is None:
         return None
-    if (
-        isinstance(value, (str, bytes))
-        or not isinstance(value, Sequence)
-        or len(value) != 2
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
-    ):
-        raise ValueError(
-            f"in_channels must be None or a pair of positive ints (c3, c4), got {value!r}"
-        )
-    return (value[0], value[1])
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+        raise TypeError(f"in_channels must be None or a pair of ints (c3, c4), got {value!r}")
+    return (
+        check_positive_int(value[0], "in_channels[0]"),
+        check_positive_int(value[1], "in_channels[1]"),
+    )
 
 
 def _pick(features: object, in_features: tuple[_Key, _Key] | None, who: str) -> tuple[Any, Any]:

@@ -13,23 +13,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from .._validate import check_feature, check_float, check_ordered_items, check_positive_int
+from .._validate import (
+    check_feature,
+    check_float,
+    check_ordered_items,
+    check_positive_int,
+    check_size_pair,
+)
 
 __all__ = ["slide_inference"]
-
-
-def _pair(value: object, name: str) -> tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-    if value[0] < 1 or value[1] < 1:
-        raise ValueError(f"{name} must be positive, got {tuple(value)}")
-    return (value[0], value[1])
 
 
 def _starts(size: int, crop: int, stride: int) -> list[int]:
@@ -132,8 +124,8 @@ def slide_inference(
         - Output: :math:`(B, \text{num\_classes}, H, W)`, float32 for half-precision logits.
     """
     check_feature(images, None, name="images", who="slide_inference")
-    crop = _pair(crop_size, "crop_size")
-    step = _pair(stride, "stride")
+    crop = check_size_pair(crop_size, "crop_size")
+    step = check_size_pair(stride, "stride")
     if step[0] > crop[0] or step[1] > crop[1]:
         raise ValueError(
             f"stride must be at most crop_size (or pixels between windows are never predicted), "
@@ -143,8 +135,7 @@ def slide_inference(
     if not isinstance(flip, bool):
         raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
     scales = [
-        check_float(s, "scales[]")
-        for s in check_ordered_items(scales, "scales", "positive floats")
+        check_float(s, "scales[]") for s in check_ordered_items(scales, "scales", "positive floats")
     ]
     if not scales:
         raise ValueError("scales must not be empty, got an empty sequence")

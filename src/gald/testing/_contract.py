@@ -14,7 +14,13 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
-from .._validate import check_positive_int
+from .._validate import (
+    check_float,
+    check_int,
+    check_ordered_items,
+    check_positive_int,
+    check_size_pair,
+)
 
 Factory = type[nn.Module] | Callable[[int], nn.Module]
 
@@ -64,17 +70,7 @@ def randomize_(module: nn.Module, *, seed: int = 0, scale: float = 0.2) -> nn.Mo
 def declared_min_size(module: nn.Module) -> tuple[int, int]:
     """The smallest (height, width) ``module`` accepts: its ``min_size`` attribute (an int for
     both sides or an ``(h, w)`` pair), ``(1, 1)`` when it has none."""
-    return _as_hw(getattr(module, "min_size", 1), f"{type(module).__name__}.min_size")
-
-
-def _as_hw(value: object, name: str) -> tuple[int, int]:
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        if len(value) != 2:
-            raise ValueError(f"{name} must be an int or an (h, w) pair, got {value!r}")
-        h, w = value
-        return check_positive_int(h, name), check_positive_int(w, name)
-    side = check_positive_int(value, name)
-    return side, side
+    return check_size_pair(getattr(module, "min_size", 1), f"{type(module).__name__}.min_size")
 
 
 _LABELLED = "_gald_testing_failure"
@@ -581,7 +577,13 @@ def check_ga(
     channels = check_positive_int(channels, "channels")
     out = channels if out_channels is None else check_positive_int(out_channels, "out_channels")
     train_batch = check_positive_int(train_batch, "train_batch")
-    dtypes = tuple(autocast_dtypes)
+    seed = check_int(seed, "seed")
+    tolerances = {}
+    for key, value in (("atol", atol), ("rtol", rtol), ("autocast_tol", autocast_tol)):
+        tolerances[key] = check_float(value, key)
+        if tolerances[key] < 0:
+            raise ValueError(f"{key} must be >= 0, got {tolerances[key]}")
+    dtypes = tuple(check_ordered_items(autocast_dtypes, "autocast_dtypes", "torch dtypes"))
     for dt in dtypes:
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise TypeError(f"autocast_dtypes must hold floating torch dtypes, got {dt!r}")
@@ -596,9 +598,9 @@ def check_ga(
         "state_dict": state_dict,
         "device": device,
     }
-    for key, value in switches.items():
+    for key, value in {**switches, "randomize": randomize}.items():
         if not isinstance(value, bool):
-            raise TypeError(f"{key} must be a bool, got {type(value).__name__}")
+            raise TypeError(f"{key} must be a bool, got {type(value).__name__} {value!r}")
     if only is not None:
         if isinstance(only, str) or not all(isinstance(o, str) for o in only):
             raise TypeError(f"only must be a collection of property names, got {only!r}")
@@ -607,23 +609,27 @@ def check_ga(
             raise ValueError(
                 f"only names unknown properties {unknown}; expected names from {PROPERTIES}"
             )
+        if not only:
+            raise ValueError(
+                f"only is empty: nothing would be checked; expected names from {PROPERTIES}"
+            )
         switches = {k: v and k in only for k, v in switches.items()}
     probe = fac(channels)
     if not isinstance(probe, nn.Module):
         raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
-    min_hw = declared_min_size(probe) if min_size is None else _as_hw(min_size, "min_size")
+    min_hw = declared_min_size(probe) if min_size is None else check_size_pair(min_size, "min_size")
     ctx = _Context(
         factory=fac,
         channels=channels,
         out_channels=out,
         min_hw=min_hw,
         train_batch=train_batch,
-        seed=int(seed),
-        randomize=bool(randomize),
-        atol=float(atol),
-        rtol=float(rtol),
+        seed=seed,
+        randomize=randomize,
+        atol=tolerances["atol"],
+        rtol=tolerances["rtol"],
         autocast_dtypes=dtypes,
-        autocast_tol=float(autocast_tol),
+        autocast_tol=tolerances["autocast_tol"],
     )
     done = []
     for name in PROPERTIES:
@@ -662,6 +668,10 @@ def check_gald(
         raise TypeError(
             "check_gald takes in_channels= (the width GALD receives) and out_channels=, "
             f"not channels={check_kwargs['channels']!r}"
+        )
+    if gald_kwargs is not None and not isinstance(gald_kwargs, Mapping):
+        raise TypeError(
+            f"gald_kwargs must be a mapping of GALD arguments, got {type(gald_kwargs).__name__}"
         )
     extra = dict(gald_kwargs or {})
     if "out_channels" in extra:

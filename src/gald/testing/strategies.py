@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_int, check_positive_int
+from .._validate import check_float, check_int, check_positive_int
+from ..registry import _declared_width
 from ._contract import declared_min_size
 
 _FORMATS = (torch.contiguous_format, torch.channels_last)
@@ -70,6 +71,7 @@ def feature_maps(
     """
     st = _hypothesis()
     channels = check_positive_int(channels, "channels")
+    scale = check_float(scale, "scale")
     b_lo, b_hi = _bounds(batch, "batch", 0)
     h_lo, h_hi = _bounds(height, "height", 1)
     w_lo, w_hi = _bounds(width, "width", 1)
@@ -100,14 +102,13 @@ def feature_maps(
 
 
 def _channels_of(module: nn.Module) -> int:
-    for attr in ("in_channels", "channels"):
-        value = getattr(module, attr, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    raise TypeError(
-        f"cannot tell the input channels of {type(module).__name__}: it has no int "
-        "'in_channels' or 'channels' attribute; pass channels="
-    )
+    declared = _declared_width(module)
+    if declared is None:
+        raise TypeError(
+            f"cannot tell the input channels of {type(module).__name__}: it has no int "
+            "'in_channels' or 'channels' attribute; pass channels="
+        )
+    return declared[1]
 
 
 def ga_inputs(
