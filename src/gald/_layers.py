@@ -37,3 +37,30 @@ def depthwise_stage(
     if act_layer is not None:
         layers.append(act_layer())
     return nn.Sequential(*layers)
+
+
+def conv_norm_act(
+    in_channels: int,
+    out_channels: int,
+    *,
+    norm_layer: LayerFactory | None,
+    act_layer: LayerFactory,
+    kernel_size: int = 3,
+    dilation: int = 1,
+) -> nn.Sequential:
+    """``kernel_size`` conv ("same" padding, bias only without a norm) -> norm -> act."""
+    padding = dilation * (kernel_size - 1) // 2
+    layers: list[nn.Module] = [
+        nn.Conv2d(
+            in_channels,
+            out_channels,
+            kernel_size,
+            padding=padding,
+            dilation=dilation,
+            bias=norm_layer is None,
+        )
+    ]
+    if norm_layer is not None:
+        layers.append(norm_layer(out_channels))
+    layers.append(act_layer())
+    return nn.Sequential(*layers)

@@ -329,9 +329,7 @@ class GALD(nn.Module):
             out_channels = check_positive_int(out_channels, "out_channels")
         self.padding = check_positive_int(padding, "padding", minimum=0)
         if ga_kwargs is not None and not isinstance(ga_kwargs, Mapping):
-            raise TypeError(
-                f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}"
-            )
+            raise TypeError(f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if impl not in IMPLS:

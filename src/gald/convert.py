@@ -285,7 +285,9 @@ def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     ``module.`` prefix removed, and any other key raises a ``ValueError`` that lists them.
     Load the result with ``strict=True``.
     """
-    items = [(raw, key, value) for raw, key, value in _items(state_dict) if not key.startswith("fc.")]
+    items = [
+        (raw, key, value) for raw, key, value in _items(state_dict) if not key.startswith("fc.")
+    ]
     keys = {key for _, key, _ in items}
     split = any(k.startswith(("conv2.", "conv3.", "bn2.", "bn3.")) for k in keys)
     sequential = any(k.startswith("conv1.0.") for k in keys)

@@ -12,20 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layers import LayerFactory
+from ._layers import LayerFactory, conv_norm_act
 from ._validate import check_feature, check_positive_int, check_probability
 from .block import GALD
-
-
-def _conv_norm_act(
-    in_channels: int, out_channels: int, norm_layer: LayerFactory, act_layer: LayerFactory
-) -> nn.Sequential:
-    """3x3 conv (no bias) -> norm -> act."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
-        norm_layer(out_channels),
-        act_layer(),
-    )
 
 
 class GALDHead(nn.Module):
@@ -82,7 +71,9 @@ class GALDHead(nn.Module):
             raise ValueError(
                 "GALDHead keeps the GALD block at `channels`; out_channels is not a head argument"
             )
-        self.conva = _conv_norm_act(in_channels, channels, norm_layer, act_layer)
+        self.conva = conv_norm_act(
+            in_channels, channels, norm_layer=norm_layer, act_layer=act_layer
+        )
         try:
             self.gald = GALD(
                 channels,
@@ -100,8 +91,10 @@ class GALDHead(nn.Module):
                 f"the GA of a GALDHead must keep the width channels={channels}, got a GA "
                 f"returning {self.gald.out_channels} channels"
             )
-        self.convb = _conv_norm_act(channels, channels, norm_layer, act_layer)
-        self.bottleneck = _conv_norm_act(in_channels + channels, channels, norm_layer, act_layer)
+        self.convb = conv_norm_act(channels, channels, norm_layer=norm_layer, act_layer=act_layer)
+        self.bottleneck = conv_norm_act(
+            in_channels + channels, channels, norm_layer=norm_layer, act_layer=act_layer
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
         self.min_size = self.gald.min_size

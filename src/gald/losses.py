@@ -83,9 +83,7 @@ class OhemCrossEntropy(nn.Module):
         if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
             raise TypeError("logits and target must be tensors")
         if logits.ndim != 4:
-            raise ValueError(
-                f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}"
-            )
+            raise ValueError(f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
         if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):

@@ -207,7 +207,20 @@ class _GateAccumulator:
         if pc.mean is None or pc.m2 is None or sm.mean is None or sm.m2 is None:
             nan = math.nan
             return GateStats(
-                nan, nan, nan, nan, nan, nan, nan, nan, low, high, self.offset, self.final_act, 0, 0,
+                nan,
+                nan,
+                nan,
+                nan,
+                nan,
+                nan,
+                nan,
+                nan,
+                low,
+                high,
+                self.offset,
+                self.final_act,
+                0,
+                0,
                 low_included=self.low_included,
             )
         channels = pc.mean.numel()

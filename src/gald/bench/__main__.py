@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
         parser.error(f"--json and --plot name the same file {args.json!r}; give two paths")
     if args.plot and not args.plot.lower().endswith(".png"):
-        parser.error(f"--plot: expected a path ending in .png (the figure is a PNG), got {args.plot!r}")
+        parser.error(
+            f"--plot: expected a path ending in .png (the figure is a PNG), got {args.plot!r}"
+        )
     if args.plot:
         from ._plot import plot_available
 

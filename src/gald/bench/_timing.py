@@ -205,7 +205,11 @@ def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
         return f"within noise [{lo:+.{digits}f}, {hi:+.{digits}f} %]"
     if verdict == "too noisy":
         # the order of magnitude, not a figure
-        return f"too noisy: {pct:+.0f} % [{lo:+.0f}, {hi:+.0f}]" if pct < 1000 else "too noisy (> +1000 %)"
+        return (
+            f"too noisy: {pct:+.0f} % [{lo:+.0f}, {hi:+.0f}]"
+            if pct < 1000
+            else "too noisy (> +1000 %)"
+        )
     figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
     return f"{figure} [{lo:+.1f}, {hi:+.1f}]"
 

@@ -111,7 +111,9 @@ def _needs(res: dict[str, Any], key: str, what: str) -> None:
 def _bench_run(res: dict[str, Any]) -> None:
     """A ``ValueError`` for an ablation result where a ``python -m gald.bench`` run belongs."""
     if "paired" in res:
-        raise ValueError(f"this block is made from a python -m gald.bench run, not `{_command(res)}`")
+        raise ValueError(
+            f"this block is made from a python -m gald.bench run, not `{_command(res)}`"
+        )
 
 
 def render_summary(res: dict[str, Any]) -> str:
@@ -303,9 +305,7 @@ def render_spread(results: list[dict[str, Any]]) -> str:
         if len(runs) < 2:
             continue
         overlaps = {
-            label: all(
-                _overlap(a["overhead"][k], b["overhead"][k]) for a in firsts for b in firsts
-            )
+            label: all(_overlap(a["overhead"][k], b["overhead"][k]) for a in firsts for b in firsts)
             for label, k in (("inference", "inference"), ("train-step", "train_step"))
         }
         if all(overlaps.values()):
@@ -338,7 +338,7 @@ def render_spread(results: list[dict[str, Any]]) -> str:
         "measured",
     ]
     return (
-        f"{_machine(results)} LD overheads with ~95 % intervals; \"CPUs busy\": the CPUs other "
+        f'{_machine(results)} LD overheads with ~95 % intervals; "CPUs busy": the CPUs other '
         "processes used just before the run (a busy machine makes runs disagree).\n\n"
         f"{_table(headers, rows)}\n\n" + "\n".join(f"- {n}" for n in notes)
     )
@@ -505,7 +505,9 @@ def rewrite(
         try:
             body = RENDERERS[kind](results).rstrip()
         except ValueError as exc:
-            raise ValueError(f"the {kind} block from {' '.join(paths) or '--results'}: {exc}") from exc
+            raise ValueError(
+                f"the {kind} block from {' '.join(paths) or '--results'}: {exc}"
+            ) from exc
         count += 1
         return f"{m.group(1)}{body}\n{m.group(5)}"
 
@@ -550,9 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "files", nargs="*", default=list(DEFAULT_FILES), help="Markdown files to rewrite"
     )
-    parser.add_argument(
-        "--results", metavar="PATH", help="the JSON for markers that name no file"
-    )
+    parser.add_argument("--results", metavar="PATH", help="the JSON for markers that name no file")
     parser.add_argument(
         "--check",
         action="store_true",

@@ -183,7 +183,9 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
             if "torch.compile" not in name:
                 raise
             why = first_line(exc)
-            notes.append(f"{name} not measured: it failed on this input ({type(exc).__name__}: {why})")
+            notes.append(
+                f"{name} not measured: it failed on this input ({type(exc).__name__}: {why})"
+            )
             del train[name], inputs[name]
             continue
         gx = inputs[name].grad

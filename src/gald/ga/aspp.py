@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._layers import LayerFactory
+from .._layers import LayerFactory, conv_norm_act
 from .._validate import (
     check_factory,
     check_feature,
@@ -21,32 +21,6 @@ from .._validate import (
     check_probability,
 )
 from ..registry import register_ga
-
-
-def _conv_norm_act(
-    in_channels: int,
-    out_channels: int,
-    *,
-    kernel_size: int,
-    dilation: int,
-    norm_layer: LayerFactory | None,
-    act_layer: LayerFactory,
-) -> nn.Sequential:
-    padding = dilation * (kernel_size - 1) // 2
-    layers: list[nn.Module] = [
-        nn.Conv2d(
-            in_channels,
-            out_channels,
-            kernel_size,
-            padding=padding,
-            dilation=dilation,
-            bias=norm_layer is None,
-        )
-    ]
-    if norm_layer is not None:
-        layers.append(norm_layer(out_channels))
-    layers.append(act_layer())
-    return nn.Sequential(*layers)
 
 
 @register_ga("aspp")
@@ -142,11 +116,11 @@ class ASPP(nn.Module):
         self.inner_channels = check_positive_int(inner_channels, "inner_channels")
         self.dropout = check_probability(dropout, "dropout")
         inner = self.inner_channels
-        self.branch_1x1 = _conv_norm_act(
+        self.branch_1x1 = conv_norm_act(
             channels, inner, kernel_size=1, dilation=1, norm_layer=norm_layer, act_layer=act_layer
         )
         self.branches_atrous = nn.ModuleList(
-            _conv_norm_act(
+            conv_norm_act(
                 channels,
                 inner,
                 kernel_size=3,
@@ -156,7 +130,7 @@ class ASPP(nn.Module):
             )
             for rate in self.rates
         )
-        self.branch_pool = _conv_norm_act(
+        self.branch_pool = conv_norm_act(
             channels,
             inner,
             kernel_size=1,

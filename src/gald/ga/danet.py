@@ -147,8 +147,10 @@ class DualAttention(nn.Module):
                 f"got {type(branches).__name__} {branches!r}"
             )
         chosen = tuple(branches)
-        if not chosen or any(name not in _BRANCHES for name in chosen) or len(set(chosen)) != len(
-            chosen
+        if (
+            not chosen
+            or any(name not in _BRANCHES for name in chosen)
+            or len(set(chosen)) != len(chosen)
         ):
             raise ValueError(
                 "branches must be a non-empty sequence of distinct names from ('pam', 'cam'), "

@@ -66,9 +66,7 @@ class _SpatialGCN(nn.Module):
 
     _fuse_pairs = (("conv_wg", "bn_wg"),)  # bn_wg(conv_wg(y)) in forward: gald.fuse folds it
 
-    def __init__(
-        self, channels: int, norm_layer: LayerFactory, act_layer: LayerFactory
-    ) -> None:
+    def __init__(self, channels: int, norm_layer: LayerFactory, act_layer: LayerFactory) -> None:
         super().__init__()
         inter = max(1, channels // 2)
         self.inter_channels = inter
@@ -232,7 +230,9 @@ class DualGCN(nn.Module):
         nodes = _norm_2d(self.bn_theta, self.theta(x)).reshape(b, self.num_node, n)
         dtype = compute_dtype(states.dtype)
         with autocast_off(x.device.type):
-            z_idt = torch.matmul(states.to(dtype), nodes.to(dtype).transpose(1, 2))  # (B, 2C/r, C/r)
+            z_idt = torch.matmul(
+                states.to(dtype), nodes.to(dtype).transpose(1, 2)
+            )  # (B, 2C/r, C/r)
         z_idt = z_idt.to(states.dtype)
         z = _norm_1d(self.bn_adj, self.conv_adj(z_idt.transpose(1, 2))).transpose(1, 2)
         z = _norm_1d(self.bn_wg, self.conv_wg(z + z_idt))

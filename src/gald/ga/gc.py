@@ -137,9 +137,7 @@ class GlobalContext(nn.Module):
         self.ratio = float(ratio)
         self.hidden_channels = hidden
         self.pooling = pooling
-        self.conv_mask: nn.Conv2d | None = (
-            nn.Conv2d(channels, 1, 1) if pooling == "att" else None
-        )
+        self.conv_mask: nn.Conv2d | None = nn.Conv2d(channels, 1, 1) if pooling == "att" else None
         self.transforms = nn.ModuleDict()
         for name in self.fusion:
             last = nn.Conv2d(hidden, channels, 1)

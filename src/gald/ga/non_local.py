@@ -24,7 +24,6 @@ from ..registry import register_ga
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
 
-
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     """(B, d, h, w) map -> contiguous (B, h w, d) tokens in :func:`compute_dtype` (float32 for
     half types).

@@ -151,9 +151,7 @@ class PyramidPooling(nn.Module):
         with_bias = pool_norm_layer is None
         self.branches = nn.ModuleList()
         for _ in self.bins:
-            layers: list[nn.Module] = [
-                nn.Conv2d(channels, self.branch_channels, 1, bias=with_bias)
-            ]
+            layers: list[nn.Module] = [nn.Conv2d(channels, self.branch_channels, 1, bias=with_bias)]
             if pool_norm_layer is not None:
                 layers.append(pool_norm_layer(self.branch_channels))
             layers.append(act_layer())

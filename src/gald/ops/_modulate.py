@@ -153,9 +153,7 @@ def _backward_kernel(
                 grad, x, logits, offset, align_corners, need_x, need_logits
             )
         else:
-            gx, gl = _ld_torch.backward(
-                grad, x, logits, offset, align_corners, need_x, need_logits
-            )
+            gx, gl = _ld_torch.backward(grad, x, logits, offset, align_corners, need_x, need_logits)
     return _like(gx, x, need_x), _like(gl, logits, need_logits)
 
 

@@ -66,7 +66,7 @@ import math
 
 import torch
 
-from .._amp import autocast_off
+from .._amp import autocast_off, compute_dtype
 from .._validate import check_feature
 from ._interp import interp_matrix
 
@@ -153,8 +153,22 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _tile_mask(
-        l_ptr, b, c, i, j, valid, h, w, H, W, slb, slc, slh, slw,
-        ALIGN_CORNERS: tl.constexpr, CDT: tl.constexpr,
+        l_ptr,
+        b,
+        c,
+        i,
+        j,
+        valid,
+        h,
+        w,
+        H,
+        W,
+        slb,
+        slc,
+        slh,
+        slw,
+        ALIGN_CORNERS: tl.constexpr,
+        CDT: tl.constexpr,
     ):
         """``sigmoid(Up(logits))`` at the (broadcastable) indices ``b, c, i, j``, in ``CDT``.
 
@@ -177,23 +191,35 @@ if TRITON_AVAILABLE:
     @triton.jit
     def _offsets(b, c, i, j, sb, sc, sh, sw):
         """64-bit element offsets of the (broadcastable) indices for the given strides."""
-        return (
-            b.to(tl.int64) * sb
-            + c.to(tl.int64) * sc
-            + i.to(tl.int64) * sh
-            + j.to(tl.int64) * sw
-        )
+        return b.to(tl.int64) * sb + c.to(tl.int64) * sc + i.to(tl.int64) * sh + j.to(tl.int64) * sw
 
     # Sizes are never specialised (H == 1 or w == 1 are legal and common enough that they must
     # not multiply compilations); strides are, so a unit stride is known to the compiler.
     @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "tiles_a", "tiles_b"])
     def _ld_fwd_kernel(
-        x_ptr, l_ptr, out_ptr, off_ptr,
-        C, H, W, h, w,
-        sxb, sxc, sxh, sxw,
-        sob, soc, soh, sow,
-        slb, slc, slh, slw,
-        tiles_a, tiles_b,
+        x_ptr,
+        l_ptr,
+        out_ptr,
+        off_ptr,
+        C,
+        H,
+        W,
+        h,
+        w,
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        sob,
+        soc,
+        soh,
+        sow,
+        slb,
+        slc,
+        slh,
+        slw,
+        tiles_a,
+        tiles_b,
         ALIGN_CORNERS: tl.constexpr,
         CDT: tl.constexpr,
         CHANNELS_INNER: tl.constexpr,
@@ -230,12 +256,33 @@ if TRITON_AVAILABLE:
 
     @triton.jit(do_not_specialize=["C", "H", "W", "h", "w", "blocks"])
     def _ld_bwd_kernel(
-        g_ptr, x_ptr, l_ptr, gx_ptr, u_ptr, off_ptr,
-        C, H, W, h, w,
-        sgb, sgc, sgh, sgw,
-        sxb, sxc, sxh, sxw,
-        sob, soc, soh, sow,
-        slb, slc, slh, slw,
+        g_ptr,
+        x_ptr,
+        l_ptr,
+        gx_ptr,
+        u_ptr,
+        off_ptr,
+        C,
+        H,
+        W,
+        h,
+        w,
+        sgb,
+        sgc,
+        sgh,
+        sgw,
+        sxb,
+        sxc,
+        sxh,
+        sxw,
+        sob,
+        soc,
+        soh,
+        sow,
+        slb,
+        slc,
+        slh,
+        slw,
         blocks,
         ALIGN_CORNERS: tl.constexpr,
         CDT: tl.constexpr,
@@ -315,17 +362,13 @@ def _compute_dtype(dtype: torch.dtype) -> object:
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _offset_tensor(offset: float, x: torch.Tensor) -> torch.Tensor:
     """``offset`` as a one-element tensor of the compute dtype on the device of ``x``.
 
     A Python float kernel argument is passed as fp32, which would round ``offset`` for fp64
     inputs; a pointer to a value of the compute dtype keeps it exact for every dtype.
     """
-    return torch.full((1,), offset, dtype=_acc_dtype(x.dtype), device=x.device)
+    return torch.full((1,), offset, dtype=compute_dtype(x.dtype), device=x.device)
 
 
 def _pow2(n: int) -> int:
@@ -361,7 +404,9 @@ def _bwd_tiles(C: int, H: int, W: int, w: int, align_corners: bool, channels_inn
     while block_j > _BWD_MIN_BLOCK and _window(block_j, w, W, align_corners) > block_j:
         block_j //= 2
     along = C if channels_inner else H
-    block_a = min(max(_pow2(along), _BWD_MIN_BLOCK), _BWD_MAX_BLOCK if channels_inner else _BWD_MAX_ROWS)
+    block_a = min(
+        max(_pow2(along), _BWD_MIN_BLOCK), _BWD_MAX_BLOCK if channels_inner else _BWD_MAX_ROWS
+    )
     return block_a, block_j, _window(block_j, w, W, align_corners)
 
 
@@ -460,10 +505,20 @@ def _launch_fwd(
         block_a = min(_pow2(H), max(1, _FWD_TILE_ELEMS // block_b))
         tiles_a, tiles_b, outer = triton.cdiv(H, block_a), triton.cdiv(W, block_b), b * c
     _ld_fwd_kernel[(outer * tiles_a * tiles_b,)](
-        x, logits, out, _offset_tensor(offset, x),
-        c, H, W, h, w,
-        *x.stride(), *out.stride(), *logits.stride(),
-        tiles_a, tiles_b,
+        x,
+        logits,
+        out,
+        _offset_tensor(offset, x),
+        c,
+        H,
+        W,
+        h,
+        w,
+        *x.stride(),
+        *out.stride(),
+        *logits.stride(),
+        tiles_a,
+        tiles_b,
         ALIGN_CORNERS=align_corners,
         CDT=_compute_dtype(x.dtype),
         CHANNELS_INNER=channels_inner,
@@ -522,7 +577,7 @@ def ld_modulate_bwd_triton(
     h, w = logits.shape[-2:]
     grad_logits = torch.empty_like(logits)
     channels_inner = _channels_inner(x)
-    acc = _acc_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     u_shape = (b, H, w, c) if channels_inner else (b, c, H, w)
     u = torch.zeros(u_shape, dtype=acc, device=x.device)
     with _on_device(x):
@@ -531,11 +586,19 @@ def ld_modulate_bwd_triton(
             blocks = triton.cdiv(c if channels_inner else H, block_a)
             outer = b * H if channels_inner else b * c
             _ld_bwd_kernel[(outer * blocks,)](
-                grad_out, x, logits,
+                grad_out,
+                x,
+                logits,
                 grad_x if grad_x is not None else x,  # never written when NEED_X_GRAD is False
-                u, _offset_tensor(offset, x),
-                c, H, W, h, w,
-                *grad_out.stride(), *x.stride(),
+                u,
+                _offset_tensor(offset, x),
+                c,
+                H,
+                W,
+                h,
+                w,
+                *grad_out.stride(),
+                *x.stride(),
                 *(grad_x.stride() if grad_x is not None else x.stride()),
                 *logits.stride(),
                 blocks,
@@ -547,7 +610,7 @@ def ld_modulate_bwd_triton(
                 BLOCK_J=block_j,
                 WIN=win,
                 num_warps=_NUM_WARPS,
-        enable_fp_fusion=True,
+                enable_fp_fusion=True,
             )
         # the reduction along H: (h, H) @ U, one batched product of small maps
         a_h = interp_matrix(H, h, align_corners=align_corners, dtype=acc, device=x.device)
