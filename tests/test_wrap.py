@@ -18,8 +18,9 @@ from _helpers import randomise
 
 def _small_deeplab() -> si.SegModel:
     """torchvision-shaped DeepLabV3 with a narrow head (ASPP 64 -> 32 with a pooling branch)."""
-    head = nn.Sequential(si.ASPP(64, (2, 4, 6), out_channels=32), *si._cbr(32, 32),
-                         nn.Conv2d(32, 5, 1))
+    head = nn.Sequential(
+        si.ASPP(64, (2, 4, 6), out_channels=32), *si._cbr(32, 32), nn.Conv2d(32, 5, 1)
+    )
     return si.SegModel(si.TinyBackbone(c3=32, c4=64, width=8), head, None)
 
 
@@ -171,7 +172,10 @@ def test_errors_name_argument_expected_and_received() -> None:
     assert model[1].out_channels == 7
     with pytest.raises(ValueError, match=r"_Crashes refuses a \(1, 8, s, s\).*boom.*in_channels=8"):
         gald.GALD(8, _Crashes())
-    with pytest.raises(ValueError, match="in_channels=32 does not match the wrapped Conv2d, which declares in_channels=64"):
+    with pytest.raises(
+        ValueError,
+        match="in_channels=32 does not match the wrapped Conv2d, which declares in_channels=64",
+    ):
         gald.GALD(32, nn.Conv2d(64, 16, 1))
     # a wrong in_channels is caught at construction
     aspp_like = nn.Sequential(nn.Conv2d(256, 64, 1), nn.BatchNorm2d(64), nn.ReLU())
@@ -204,7 +208,9 @@ def test_wrong_width_at_forward_names_the_module() -> None:
     conv = nn.Conv2d(8, 8, 1)
     block = gald.GALD(8, conv, out_channels=8)
     block.ga = nn.Conv2d(8, 5, 1)  # edited after construction
-    with pytest.raises(ValueError, match=r"GA Conv2d must return \(B, 8, 4, 4\).*got \(1, 5, 4, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"GA Conv2d must return \(B, 8, 4, 4\).*got \(1, 5, 4, 4\)"
+    ):
         block(torch.randn(1, 8, 8, 8))
 
 
@@ -224,7 +230,9 @@ def test_users_class_that_changes_the_width() -> None:
     assert block.out_channels == 32 and block.ld is not None and block.ld.channels == 32
     assert block(torch.randn(2, 64, 17, 17)).shape == (2, 32, 17, 17)
     assert gald.GALD(64, _To32, out_channels=32).out_channels == 32
-    with pytest.raises(ValueError, match=r"out_channels=16 does not match the GA '_To32'.*returns 32"):
+    with pytest.raises(
+        ValueError, match=r"out_channels=16 does not match the GA '_To32'.*returns 32"
+    ):
         gald.GALD(64, _To32, out_channels=16)
     # a head keeps its width: said at construction, not at the first forward
     with pytest.raises(ValueError, match="keep the width channels=48, got a GA returning 32"):
@@ -288,10 +296,12 @@ class _NeedsFive(nn.Module):
         return nn.functional.pad(self.conv(x), (2, 2, 2, 2))
 
 
-@pytest.mark.parametrize(("downsample", "padding", "expected"), [(True, 1, 9), (True, 0, 11),
-                                                                  (False, 1, 5)])
-def test_min_size_includes_the_ga_declared_minimum(downsample: bool, padding: int,
-                                                   expected: int) -> None:
+@pytest.mark.parametrize(
+    ("downsample", "padding", "expected"), [(True, 1, 9), (True, 0, 11), (False, 1, 5)]
+)
+def test_min_size_includes_the_ga_declared_minimum(
+    downsample: bool, padding: int, expected: int
+) -> None:
     block = gald.GALD(4, _NeedsFive, downsample=downsample, padding=padding, ld=False).eval()
     assert block.min_size == expected
     assert block(torch.randn(1, 4, expected, expected)).shape[-1] == expected
@@ -353,5 +363,54 @@ def test_dry_run_outranks_attributes_and_types_fail_at_construction() -> None:
     gald.wrap(model, "1", in_channels=32)
     assert model[1].out_channels == 16
     # a tuple output is refused at construction, even with out_channels given
-    with pytest.raises(TypeError, match="_TupleOut must return a \\(B, C, H, W\\) tensor.*got tuple"):
+    with pytest.raises(
+        TypeError, match="_TupleOut must return a \\(B, C, H, W\\) tensor.*got tuple"
+    ):
         gald.GALD(8, _TupleOut(), out_channels=8)
+
+
+class _ParameterFree(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+
+
+def test_wrap_of_a_parameter_free_module_joins_the_model() -> None:
+    # nothing in the module says where it lives: the new parts take the model's dtype
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), _ParameterFree(), nn.Conv2d(8, 2, 1)).double()
+    gald.wrap(model, "1", in_channels=8)
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    assert model(torch.randn(1, 3, 12, 13, dtype=torch.float64)).dtype == torch.float64
+
+
+class _ProjectionFirst(nn.Module):
+    """Registers a 32 -> 16 conv before the 64 -> 32 conv it runs first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(32, 16, 1)
+        self.inp = nn.Conv2d(64, 32, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.inp(x))
+
+
+def test_an_inferred_width_is_named_as_inferred() -> None:
+    model = nn.Sequential(_ProjectionFirst())
+    with pytest.raises(
+        ValueError,
+        match=r"in_channels=32 was inferred from its first registered Conv2d 'proj'.*"
+        r"wrap\(\.\.\., in_channels=\.\.\.\)",
+    ) as info:
+        gald.wrap(model, "0")
+    assert type(info.value) is ValueError and isinstance(model[0], _ProjectionFirst)
+    assert gald.wrap(model, "0", in_channels=64)[0].out_channels == 16
+
+
+def test_out_channels_given_once_and_kept() -> None:
+    with pytest.raises(ValueError, match=r"out_channels is given twice: out_channels=64 and"):
+        gald.GALD(64, "psp", out_channels=64, ga_kwargs={"out_channels": 32})
+    assert gald.GALD(64, "psp", ga_kwargs={"out_channels": 32}).out_channels == 32
+    with pytest.raises(ValueError, match=r"LD arguments \['impl'\] given with ld=False"):
+        gald.GALD(16, "gc", ld=False, impl="torch")
+    with pytest.raises(TypeError, match="enable must be a bool, got int"):
+        gald.GALD(16, "gc", ld=False).set_grad_checkpointing(1)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ._validate import check_positive_int
-from .block import GALD
+from .block import GALD, _first_tensor
 
 __all__ = ["wrap"]
 
@@ -44,16 +44,17 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _infer_in_channels(module: nn.Module) -> int:
+def _infer_in_channels(module: nn.Module) -> tuple[int, str]:
+    """The module's input width and where it was read (for error messages)."""
     declared = getattr(module, "in_channels", None)
     if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
-        return declared
-    for sub in module.modules():
+        return declared, "its in_channels attribute"
+    for sub_name, sub in module.named_modules():
         # a scripted module keeps its submodules' attributes, under their original class names
         if isinstance(sub, nn.Conv2d) or getattr(sub, "original_name", None) == "Conv2d":
             width = getattr(sub, "in_channels", None)
             if isinstance(width, int):
-                return width
+                return width, f"its first registered Conv2d {sub_name!r}"
     raise ValueError(
         f"cannot infer the input channels of {type(module).__name__} (it has no in_channels "
         "attribute and no Conv2d); pass in_channels"
@@ -64,9 +65,10 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     """Replace the submodule at the dotted path ``name`` by a :class:`~gald.GALD` around it.
 
     The channels are inferred: ``in_channels`` from the module's ``in_channels`` attribute or
-    its first ``Conv2d``, ``out_channels`` as :class:`~gald.GALD` does for a module instance (a
-    dry run, which also checks ``in_channels``). The new block takes the device, dtype and
-    training mode of the module it wraps. Paths use attribute names and ``nn.Sequential`` /
+    else its first registered ``Conv2d``, ``out_channels`` as :class:`~gald.GALD` does for a
+    module instance (a dry run, which also checks ``in_channels``). The new block takes the
+    device, dtype and training mode of the module it wraps (the model's device and dtype when
+    the module has no parameters or buffers). Paths use attribute names and ``nn.Sequential`` /
     ``nn.ModuleList`` indices alike (``"classifier.0"``, ``"decoder.aspp"``).
 
     To fine-tune a pretrained model, pass ``init="identity"``: the wrapped model then computes
@@ -104,10 +106,21 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     if isinstance(target, GALD):
         raise ValueError(f"{name!r} is already a GALD block")
     if in_channels is None:
-        in_channels = _infer_in_channels(target)
+        in_channels, source = _infer_in_channels(target)
+        try:
+            block = GALD(in_channels, target, **gald_kwargs)
+        except ValueError as exc:
+            raise ValueError(
+                f"wrap({name!r}): in_channels={in_channels} was inferred from {source}; if the "
+                f"module takes another width, pass it as wrap(..., in_channels=...). {exc}"
+            ) from exc
     else:
         in_channels = check_positive_int(in_channels, "in_channels")
-    block = GALD(in_channels, target, **gald_kwargs)  # joins the module's device and dtype
+        block = GALD(in_channels, target, **gald_kwargs)
+    if _first_tensor(target) is None:
+        # GALD joins the device and dtype of the module it wraps; one without parameters or
+        # buffers says nothing, so the block joins the model's
+        block._join(model)
     # the new parts take the wrapped module's mode; the module's own submodules keep theirs
     block.training = target.training
     for child_name, child in block.named_children():

@@ -23,7 +23,7 @@ from ._validate import (
     check_positive_int,
 )
 from .ld import IMPLS, LocalDistribution
-from .registry import _declared_width, create_ga, get_ga_class
+from .registry import _declared_width, _ga_class, create_ga
 
 __all__ = ["GALD", "infer_out_channels"]
 
@@ -139,7 +139,7 @@ def _width_by_dry_run(
                 f"{declared[0]}={declared[1]}"
             ) from exc
         if out_channels is None:
-            raise
+            raise ValueError(str(exc)) from None  # the private subclass stays inside
         return out_channels
     if out_channels is not None and out_channels != found:
         raise ValueError(
@@ -195,14 +195,11 @@ def _build_ga(
             explain_declared=True,
         )
         return ga_module, width
-    if isinstance(ga_module, str):
-        cls = get_ga_class(ga_module)
-    elif isinstance(ga_module, type) and issubclass(ga_module, nn.Module):
-        cls = ga_module
-    else:
-        raise TypeError(
-            "ga_module must be a registry name (str), an nn.Module subclass or an nn.Module "
-            f"instance, got {type(ga_module).__name__}"
+    cls = _ga_class(ga_module, "ga_module")
+    if out_channels is not None and "out_channels" in ga_kwargs:
+        raise ValueError(
+            f"out_channels is given twice: out_channels={out_channels} and "
+            f"ga_kwargs['out_channels']={ga_kwargs['out_channels']!r}; pass it to GALD only"
         )
     kwargs = dict(ga_kwargs)
     name = getattr(cls, "ga_name", cls.__name__)
@@ -229,8 +226,14 @@ def _build_ga(
             f"ga_kwargs={dict(ga_kwargs)}{hint} ({exc})"
         ) from exc
     if own:
-        width = getattr(ga, "out_channels", in_channels)
-        return ga, width if isinstance(width, int) else in_channels
+        declared = getattr(ga, "out_channels", in_channels)
+        width = declared if isinstance(declared, int) else in_channels
+        if out_channels is not None and width != out_channels:
+            raise ValueError(
+                f"out_channels={out_channels}, but the GA {name!r} ({cls.__name__}) built with "
+                f"ga_kwargs={dict(ga_kwargs)} gives {width} channels"
+            )
+        return ga, width
     # a user's class may change the width without an out_channels argument: the dry run says
     has_arg = "" if _accepts(cls, "out_channels") else " (it has no out_channels argument)"
     width = _width_by_dry_run(
@@ -296,8 +299,8 @@ class GALD(nn.Module):
         impl: LD kernel choice, ``"auto"``, ``"triton"`` or ``"torch"`` (see
             :class:`~gald.LocalDistribution`).
 
-    ``num_stages``, ``kernel_size``, ``final_act`` and ``offset`` configure the LD; giving one
-    with ``ld=False`` is a ``ValueError``.
+    ``num_stages``, ``kernel_size``, ``final_act``, ``offset`` and ``impl`` configure the LD;
+    giving one with ``ld=False`` is a ``ValueError``.
 
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`
@@ -347,6 +350,7 @@ class GALD(nn.Module):
             raise ValueError("init='identity' blends the LD in from zero; it needs ld=True")
         ld_args = {"num_stages": num_stages, "kernel_size": kernel_size, "final_act": final_act}
         given = sorted(k for k, v in {**ld_args, "offset": offset}.items() if v is not None)
+        given += ["impl"] if impl != "auto" else []
         if not ld and given:
             raise ValueError(f"LD arguments {given} given with ld=False")
         self.downsample = bool(downsample)
@@ -432,7 +436,10 @@ class GALD(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the LD branch in backward instead of keeping its activations (timm's
-        convention; see :meth:`gald.LocalDistribution.set_grad_checkpointing`)."""
+        convention; see :meth:`gald.LocalDistribution.set_grad_checkpointing`). A block built
+        with ``ld=False`` has nothing to recompute: the call changes nothing."""
+        if not isinstance(enable, bool):
+            raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
         if self.ld is not None:
             self.ld.set_grad_checkpointing(enable)
 

@@ -218,11 +218,17 @@ def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: An
                 f"expected {attr}={channels} (the channels argument)"
             )
         return ga
+    return _ga_class(ga, "ga")(channels, **kwargs)
+
+
+def _ga_class(ga: object, name: str) -> type[nn.Module]:
+    """The class a GA argument names: a registry name or an ``nn.Module`` subclass (a module
+    instance is the caller's case)."""
     if isinstance(ga, str):
-        return get_ga_class(ga)(channels, **kwargs)
+        return get_ga_class(ga)
     if isinstance(ga, type) and issubclass(ga, nn.Module):
-        return ga(channels, **kwargs)
+        return ga
     raise TypeError(
-        "ga must be a registry name (str), an nn.Module subclass or an nn.Module instance, "
+        f"{name} must be a registry name (str), an nn.Module subclass or an nn.Module instance, "
         f"got {type(ga).__name__} {ga!r}"
     )
