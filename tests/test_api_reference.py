@@ -180,6 +180,9 @@ def test_readme_links_to_existing_pages() -> None:
     assert links, "the README links to no page"
     missing = [link for link in links if not (ROOT / link).is_file()]
     assert not missing, f"README links to missing pages: {missing}"
+    # every page of the site's nav, the API reference through its overview
+    wanted = {f"docs/{p}" for p in _nav_pages() if not p.startswith("api/") or p == "api/index.md"}
+    assert wanted - set(links) == set(), "site pages the README does not link to"
 
 
 def _rst_extension() -> types.ModuleType:
@@ -200,6 +203,19 @@ def test_rst_blocks_become_markdown() -> None:
     assert ext._convert_blocks(text) == (
         "Summary.\n\n$$\ny = x\n$$\n\nText.\n\n!!! note\n    Careful.\n\n"
         "Example:\n    ```python\n    a = 1\n    b = 2\n    ```\n\nEnd."
+    )
+
+
+def test_doctest_blocks_become_fenced_code() -> None:
+    # Markdown would read ">>>" as three nested quotes and "__init__" as bold text
+    ext = _rst_extension()
+    text = (
+        "Summary.\n\nExample:\n    >>> class A:\n    ...     def __init__(self): pass\n"
+        "    >>> 1 + 1\n    2\n\nMore.\n>>> x = 1\n\nEnd."
+    )
+    assert ext._convert_blocks(text) == (
+        "Summary.\n\nExample:\n    ```pycon\n    >>> class A:\n    ...     def __init__(self): pass\n"
+        "    >>> 1 + 1\n    2\n    ```\n\nMore.\n\n```pycon\n>>> x = 1\n```\n\nEnd."
     )
 
 

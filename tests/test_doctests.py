@@ -37,7 +37,7 @@ MODULES = _modules_with_examples()
 
 def test_examples_are_found() -> None:
     # the GA layers, the registry, wrap, convert, ONNX export and gald.testing carry examples
-    assert {"gald.ga.aspp", "gald.registry", "gald.testing._contract"} <= set(MODULES)
+    assert {"gald.ga.aspp", "gald.registry", "gald.stats", "gald.testing._contract"} <= set(MODULES)
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -11,7 +11,9 @@ Sphinx-literate readers. Before mkdocstrings parses them, this extension rewrite
 - ``:math:`x``` becomes ``$x$``; a ``.. math::`` block becomes a ``$$`` block.
 - ``.. note::`` / ``.. warning::`` / ... become admonitions.
 - A simple table (``===  ===`` borders) becomes a Markdown table.
-- A paragraph ending in ``::`` introduces a literal block, which becomes a fenced code block.
+- A paragraph ending in ``::`` introduces a literal block, which becomes a fenced code block;
+  a doctest block (``>>>`` lines and their output, up to a blank line) becomes a fenced
+  ``pycon`` block.
 - A Google item naming several attributes or arguments at once (``low, high: ...``) becomes one
   item per name with the shared description.
 
@@ -148,6 +150,19 @@ def _convert_blocks(text: str) -> str:
                 first = [m.group("arg")] if m.group("arg").strip() else []
                 block = [f"{pad}!!! {kind}", *_reindent(first + body, indent + 4)]
             out += _separated(out, block, lines, end)
+            i = end
+            continue
+        if line.lstrip().startswith(">>>"):  # a doctest block: up to the next blank line
+            indent = _indent_of(line)
+            end = i
+            while end < len(lines) and lines[end].strip():
+                end += 1
+            fence = " " * indent
+            code = [fence + "```pycon", *_reindent(lines[i:end], indent), fence + "```"]
+            if out and re.fullmatch(r"\s*\w+:", out[-1]):  # "Example:": a Google section
+                out += code + ([""] if end < len(lines) and lines[end].strip() else [])
+            else:
+                out += _separated(out, code, lines, end)
             i = end
             continue
         if line.rstrip().endswith("::") and not line.strip().startswith(".."):

@@ -52,7 +52,8 @@ class GateStats:
             floating point the sigmoid of a large logit rounds to 1, so ``max`` may equal
             ``high``.
         offset, final_act: the LD's settings.
-        samples: number of samples seen; channels: number of channels.
+        samples: number of samples seen.
+        channels: number of channels.
         channel_mean: the mean gate of every channel (length ``channels``), the constant
             per-channel scale an LD with a flat gate amounts to.
         low_included: whether ``low`` itself can occur (``[low, high)`` or ``(low, high)``).
@@ -76,6 +77,7 @@ class GateStats:
     low_included: bool = True
 
     def as_dict(self) -> dict[str, Any]:
+        """Every field as a plain ``dict`` (for JSON)."""
         return asdict(self)
 
 
@@ -308,12 +310,16 @@ def ld_statistics(
     Raises:
         ValueError: the model has no LD, ``batches`` is empty, or ``max_batches < 1``.
 
-    Example::
-
-        stats = gald.ld_statistics(model, val_loader, max_batches=20)
-        print(stats)
-        if all(s.spatial_cv < 0.01 and s.sample_cv < 0.01 for s in stats.values()):
-            print("every LD acts as a constant per-channel scale")
+    Example:
+        >>> import torch, gald
+        >>> head = gald.GALDHead(32, 4, channels=16)  # in practice: a trained model
+        >>> val_loader = [(torch.randn(2, 32, 17, 17), None) for _ in range(3)]
+        >>> stats = gald.ld_statistics(head, val_loader, max_batches=2)
+        >>> list(stats), stats["gald.ld"].samples
+        (['gald.ld'], 4)
+        >>> flat = all(s.spatial_cv < 0.01 and s.sample_cv < 0.01 for s in stats.values())
+        >>> print(stats)  # doctest: +ELLIPSIS
+        LD       range...mean...std...
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
