@@ -55,4 +55,6 @@ def require_triton_interpreter() -> None:
     from gald.ops import _triton_ld
 
     if _triton_ld._triton_version() < (3, 7):
-        pytest.skip(f"Triton's interpreter before 3.7 cannot run the kernels (triton {triton.__version__})")
+        pytest.skip(
+            f"Triton's interpreter before 3.7 cannot run the kernels (triton {triton.__version__})"
+        )

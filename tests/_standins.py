@@ -27,8 +27,11 @@ from torch import nn
 
 def _cbr(cin: int, cout: int, k: int = 3, dilation: int = 1) -> list[nn.Module]:
     pad = dilation * (k // 2)
-    return [nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
-            nn.BatchNorm2d(cout), nn.ReLU()]
+    return [
+        nn.Conv2d(cin, cout, k, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    ]
 
 
 class TinyBackbone(nn.Module):
@@ -36,8 +39,14 @@ class TinyBackbone(nn.Module):
 
     def __init__(self, c3: int = 1024, c4: int = 2048, width: int = 16) -> None:
         super().__init__()
-        self.stem = nn.Sequential(*_cbr(3, width), nn.MaxPool2d(2, ceil_mode=True), *_cbr(width, width),
-                                  nn.MaxPool2d(2, ceil_mode=True), *_cbr(width, width), nn.MaxPool2d(2, ceil_mode=True))
+        self.stem = nn.Sequential(
+            *_cbr(3, width),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_cbr(width, width),
+            nn.MaxPool2d(2, ceil_mode=True),
+            *_cbr(width, width),
+            nn.MaxPool2d(2, ceil_mode=True),
+        )
         self.layer3 = nn.Sequential(*_cbr(width, c3, 1))
         self.layer4 = nn.Sequential(*_cbr(c3, c4, 1))
 
@@ -56,8 +65,12 @@ class ASPPConv(nn.Sequential):
 
 class ASPPPooling(nn.Sequential):
     def __init__(self, cin: int, cout: int) -> None:
-        super().__init__(nn.AdaptiveAvgPool2d(1), nn.Conv2d(cin, cout, 1, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU())
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(cin, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -85,15 +98,15 @@ class ASPP(nn.Module):
 
 class DeepLabHead(nn.Sequential):
     def __init__(self, in_channels: int, num_classes: int) -> None:
-        super().__init__(ASPP(in_channels, (12, 24, 36)), *_cbr(256, 256),
-                         nn.Conv2d(256, num_classes, 1))
+        super().__init__(
+            ASPP(in_channels, (12, 24, 36)), *_cbr(256, 256), nn.Conv2d(256, num_classes, 1)
+        )
 
 
 class FCNHead(nn.Sequential):
     def __init__(self, in_channels: int, channels: int) -> None:
         inter = in_channels // 4
-        super().__init__(*_cbr(in_channels, inter), nn.Dropout(0.1),
-                         nn.Conv2d(inter, channels, 1))
+        super().__init__(*_cbr(in_channels, inter), nn.Dropout(0.1), nn.Conv2d(inter, channels, 1))
 
 
 class SegModel(nn.Module):
@@ -108,11 +121,15 @@ class SegModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         feats = self.backbone(x)
         size = x.shape[-2:]
-        out = {"out": F.interpolate(self.classifier(feats["out"]), size=size, mode="bilinear",
-                                    align_corners=False)}
+        out = {
+            "out": F.interpolate(
+                self.classifier(feats["out"]), size=size, mode="bilinear", align_corners=False
+            )
+        }
         if self.aux_classifier is not None:
-            out["aux"] = F.interpolate(self.aux_classifier(feats["aux"]), size=size,
-                                       mode="bilinear", align_corners=False)
+            out["aux"] = F.interpolate(
+                self.aux_classifier(feats["aux"]), size=size, mode="bilinear", align_corners=False
+            )
         return out
 
 
@@ -129,15 +146,27 @@ def _offline(weights: object, weights_backbone: object) -> None:
         )
 
 
-def deeplabv3_resnet50(*, weights=None, weights_backbone=_IMAGENET, num_classes: int = 21,
-                       aux_loss: bool | None = None, **_: object) -> SegModel:
+def deeplabv3_resnet50(
+    *,
+    weights=None,
+    weights_backbone=_IMAGENET,
+    num_classes: int = 21,
+    aux_loss: bool | None = None,
+    **_: object,
+) -> SegModel:
     _offline(weights, weights_backbone)
     aux = FCNHead(1024, num_classes) if aux_loss else None
     return SegModel(TinyBackbone(), DeepLabHead(2048, num_classes), aux)
 
 
-def fcn_resnet50(*, weights=None, weights_backbone=_IMAGENET, num_classes: int = 21,
-                 aux_loss: bool | None = None, **_: object) -> SegModel:
+def fcn_resnet50(
+    *,
+    weights=None,
+    weights_backbone=_IMAGENET,
+    num_classes: int = 21,
+    aux_loss: bool | None = None,
+    **_: object,
+) -> SegModel:
     _offline(weights, weights_backbone)
     aux = FCNHead(1024, num_classes) if aux_loss else None
     return SegModel(TinyBackbone(), FCNHead(2048, num_classes), aux)
@@ -199,14 +228,16 @@ class _SmpPSPDecoder(nn.Module):
 
 
 class _SmpModel(nn.Module):
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, dec_out: int, classes: int,
-                 upsampling: int) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, dec_out: int, classes: int, upsampling: int
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.segmentation_head = nn.Sequential(nn.Conv2d(dec_out, classes, 3, padding=1),
-                                               nn.Upsample(scale_factor=upsampling,
-                                                           mode="bilinear"))
+        self.segmentation_head = nn.Sequential(
+            nn.Conv2d(dec_out, classes, 3, padding=1),
+            nn.Upsample(scale_factor=upsampling, mode="bilinear"),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.segmentation_head(self.decoder(*self.encoder(x)))
@@ -220,18 +251,27 @@ def _smp_offline(encoder_weights: object) -> None:
         )
 
 
-def DeepLabV3(encoder_name: str = "resnet34", *, encoder_weights="imagenet", classes: int = 1,
-              **_: object) -> _SmpModel:
+def DeepLabV3(
+    encoder_name: str = "resnet34", *, encoder_weights="imagenet", classes: int = 1, **_: object
+) -> _SmpModel:
     _smp_offline(encoder_weights)
     return _SmpModel(_SmpEncoder(512), _SmpDeepLabV3Decoder(512, 256), 256, classes, 8)
 
 
-def PSPNet(encoder_name: str = "resnet34", *, encoder_weights="imagenet", encoder_depth: int = 3,
-           psp_out_channels: int = 512, classes: int = 1, **_: object) -> _SmpModel:
+def PSPNet(
+    encoder_name: str = "resnet34",
+    *,
+    encoder_weights="imagenet",
+    encoder_depth: int = 3,
+    psp_out_channels: int = 512,
+    classes: int = 1,
+    **_: object,
+) -> _SmpModel:
     _smp_offline(encoder_weights)
     # resnet34 at depth 3 gives a 128-channel feature: the pyramid maps 128 -> 256
-    return _SmpModel(_SmpEncoder(128), _SmpPSPDecoder(128, psp_out_channels), psp_out_channels,
-                     classes, 8)
+    return _SmpModel(
+        _SmpEncoder(128), _SmpPSPDecoder(128, psp_out_channels), psp_out_channels, classes, 8
+    )
 
 
 # ---- timm ----------------------------------------------------------------------------------
@@ -251,9 +291,15 @@ class _TimmFeatures(nn.Module):
         return [both[i] for i in self.out_indices]
 
 
-def create_model(name: str, *, pretrained: bool = False, features_only: bool = False,
-                 out_indices: tuple[int, ...] = (3, 4), output_stride: int = 8,
-                 **_: object) -> nn.Module:
+def create_model(
+    name: str,
+    *,
+    pretrained: bool = False,
+    features_only: bool = False,
+    out_indices: tuple[int, ...] = (3, 4),
+    output_stride: int = 8,
+    **_: object,
+) -> nn.Module:
     if not features_only:
         raise NotImplementedError("the stand-in only provides features_only=True")
     return _TimmFeatures(tuple(out_indices))
@@ -274,10 +320,12 @@ def install() -> None:
     smp.PSPNet = PSPNet  # type: ignore[attr-defined]
     timm = types.ModuleType("timm")
     timm.create_model = create_model  # type: ignore[attr-defined]
-    sys.modules.update({
-        "torchvision": tv,
-        "torchvision.models": models,
-        "torchvision.models.segmentation": seg,
-        "segmentation_models_pytorch": smp,
-        "timm": timm,
-    })
+    sys.modules.update(
+        {
+            "torchvision": tv,
+            "torchvision.models": models,
+            "torchvision.models.segmentation": seg,
+            "segmentation_models_pytorch": smp,
+            "timm": timm,
+        }
+    )

@@ -69,7 +69,9 @@ def test_output_in_a_read_only_directory_fails(tmp_path, capsys, nothing_runs, m
     monkeypatch.setattr(
         os, "access", lambda p, mode: False if str(p) == str(tmp_path) else real_access(p, mode)
     )
-    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, "--json", str(tmp_path / "r.json")])
+    err = _error(
+        capsys, main, ["--shape", "1,16,17,17", *SMALL, "--json", str(tmp_path / "r.json")]
+    )
     assert "--json:" in err and "is not writable" in err
 
 
@@ -217,7 +219,18 @@ def test_printed_interval_is_the_one_the_verdict_uses() -> None:
 
 
 def test_ablation_size_too_small_to_train_fails_before_the_run(capsys, nothing_runs) -> None:
-    argv = ["--seeds", "1", "--steps", "3", "--size", "16", "--eval-images", "2", "--batch-size", "1"]
+    argv = [
+        "--seeds",
+        "1",
+        "--steps",
+        "3",
+        "--size",
+        "16",
+        "--eval-images",
+        "2",
+        "--batch-size",
+        "1",
+    ]
     err = _error(capsys, ablation.main, argv)
     assert "--size 16 with --batch-size 1: the ld variant cannot train on it" in err
     assert "Expected more than 1 value per channel" in err

@@ -35,7 +35,9 @@ def _randomise(m: CGNL) -> CGNL:
 
 
 @pytest.mark.parametrize("use_scale", [False, True])
-@pytest.mark.parametrize(("c", "inter", "groups"), [(8, None, 2), (12, 6, 3), (8, 8, 1), (16, 8, 8)])
+@pytest.mark.parametrize(
+    ("c", "inter", "groups"), [(8, None, 2), (12, 6, 3), (8, 8, 1), (16, 8, 8)]
+)
 def test_matches_slow(use_scale: bool, c: int, inter: int | None, groups: int) -> None:
     m = _randomise(CGNL(c, inter_channels=inter, groups=groups, use_scale=use_scale)).double()
     x = torch.randn(2, c, 5, 7, dtype=torch.float64)

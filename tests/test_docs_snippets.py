@@ -29,8 +29,9 @@ THIRD_PARTY = {
     "smp": "segmentation_models_pytorch",
     "timm": "timm",
 }
-FENCE = re.compile(r"(?:<!--\s*needs:\s*(?P<needs>[\w, ]+)-->\s*\n)?```(?P<lang>\w*)\n(?P<code>.*?)```",
-                   re.S)
+FENCE = re.compile(
+    r"(?:<!--\s*needs:\s*(?P<needs>[\w, ]+)-->\s*\n)?```(?P<lang>\w*)\n(?P<code>.*?)```", re.S
+)
 
 
 def _blocks(page: Path) -> list[tuple[int, set[str], str]]:
@@ -75,8 +76,7 @@ def test_page_code_blocks_run(page: Path, tmp_path: Path, monkeypatch: pytest.Mo
             used = _imports_third_party(code)
             missing = used - {THIRD_PARTY.get(n, n) for n in needs}
             assert not missing, (
-                f"{page.name}:{line} imports {sorted(missing)} without a "
-                "`<!-- needs: ... -->` mark"
+                f"{page.name}:{line} imports {sorted(missing)} without a `<!-- needs: ... -->` mark"
             )
             if used and not all(_installed(n) for n in used):
                 _standins.install()

@@ -120,16 +120,28 @@ def test_training_mode_is_refused():
 def test_fuse_folds_conv_bn_pairs_of_any_sequential_but_not_shared_convs():
     shared = nn.Conv2d(3, 3, 1)
     seq = nn.Sequential(
-        nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),  # folded
-        nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1),  # a norm before a conv: kept
-        shared, nn.BatchNorm2d(3),  # the conv is used twice: kept
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),  # folded
+        nn.BatchNorm2d(3),
+        nn.Conv2d(3, 3, 1),  # a norm before a conv: kept
+        shared,
+        nn.BatchNorm2d(3),  # the conv is used twice: kept
         shared,
     )
     seq = _randomise(seq).double().eval()
     fused = fuse(seq)
     kinds = [type(m).__name__ for m in fused]
-    assert kinds == ["Conv2d", "Identity", "ReLU", "BatchNorm2d", "Conv2d", "Conv2d",
-                     "BatchNorm2d", "Conv2d"]
+    assert kinds == [
+        "Conv2d",
+        "Identity",
+        "ReLU",
+        "BatchNorm2d",
+        "Conv2d",
+        "Conv2d",
+        "BatchNorm2d",
+        "Conv2d",
+    ]
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     torch.testing.assert_close(fused(x), seq(x), rtol=1e-10, atol=1e-10)
 
@@ -146,7 +158,12 @@ def test_fused_module_trains_without_norms():
 @pytest.mark.parametrize(
     ("conv", "bn", "exc", "pattern"),
     [
-        (nn.Linear(2, 2), nn.BatchNorm2d(2), TypeError, r"conv must be an nn.Conv1d or nn.Conv2d, got Linear"),
+        (
+            nn.Linear(2, 2),
+            nn.BatchNorm2d(2),
+            TypeError,
+            r"conv must be an nn.Conv1d or nn.Conv2d, got Linear",
+        ),
         (nn.Conv2d(2, 2, 1), nn.ReLU(), TypeError, r"bn must be a BatchNorm module, got ReLU"),
         (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), ValueError, r"eval mode.*training=True"),
         (nn.Conv2d(2, 2, 1), nn.BatchNorm2d(3).eval(), ValueError, r"3 features.*=2"),

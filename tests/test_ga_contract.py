@@ -28,7 +28,18 @@ SMALL: dict[str, dict] = {
 
 
 def test_zoo_is_complete() -> None:
-    expected = {"nonlocal", "cgnl", "criss_cross", "psp", "aspp", "gc", "danet", "glore", "dualgcn", "ema"}
+    expected = {
+        "nonlocal",
+        "cgnl",
+        "criss_cross",
+        "psp",
+        "aspp",
+        "gc",
+        "danet",
+        "glore",
+        "dualgcn",
+        "ema",
+    }
     assert expected <= set(NAMES)
 
 
@@ -52,7 +63,9 @@ def test_ema_default_detaches_the_em_loop() -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_contract_inside_gald(name: str) -> None:
     # compile of the whole block is checked once, with the default GA
-    check_gald(name, in_channels=C, gald_kwargs={"ga_kwargs": SMALL.get(name, {})}, compile=name == "cgnl")
+    check_gald(
+        name, in_channels=C, gald_kwargs={"ga_kwargs": SMALL.get(name, {})}, compile=name == "cgnl"
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -77,7 +77,9 @@ def test_row_column_permutation_and_transpose_equivariance() -> None:
     x = torch.randn(2, 8, 4, 5)
     rows, cols = torch.randperm(4), torch.randperm(5)
     permuted = x[:, :, rows][..., cols]
-    torch.testing.assert_close(layer(permuted), layer(x)[:, :, rows][..., cols], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        layer(permuted), layer(x)[:, :, rows][..., cols], rtol=1e-5, atol=1e-5
+    )
     torch.testing.assert_close(
         layer(x.transpose(2, 3)), layer(x).transpose(2, 3), rtol=1e-5, atol=1e-5
     )

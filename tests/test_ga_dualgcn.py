@@ -119,7 +119,9 @@ def _reference(layer: DualGCN, x: torch.Tensor, train: bool) -> torch.Tensor:
     return _bn(_mix(fused, layer.final[0]), layer.final[1], train)
 
 
-@pytest.mark.parametrize(("train", "shape"), [(False, (2, 5, 11)), (True, (2, 9, 6)), (False, (1, 1, 1))])
+@pytest.mark.parametrize(
+    ("train", "shape"), [(False, (2, 5, 11)), (True, (2, 9, 6)), (False, (1, 1, 1))]
+)
 def test_matches_explicit_reference(train: bool, shape: tuple[int, int, int]) -> None:
     torch.manual_seed(0)
     layer = _randomise(DualGCN(C, ratio=2)).double().train(train)

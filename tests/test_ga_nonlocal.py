@@ -148,7 +148,12 @@ def test_backward_never_keeps_an_n_by_n_affinity(mode: str) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "sub_sample"),
-    [("embedded_gaussian", False), ("gaussian", True), ("dot_product", True), ("concatenation", False)],
+    [
+        ("embedded_gaussian", False),
+        ("gaussian", True),
+        ("dot_product", True),
+        ("concatenation", False),
+    ],
 )
 def test_gradcheck(mode: str, sub_sample: bool) -> None:
     torch.manual_seed(5)
@@ -196,7 +201,9 @@ def test_bad_inputs_name_the_problem() -> None:
     sub_sample=st.booleans(),
     training=st.booleans(),
 )
-def test_shape_preserved(b: int, h: int, w: int, mode: str, sub_sample: bool, training: bool) -> None:
+def test_shape_preserved(
+    b: int, h: int, w: int, mode: str, sub_sample: bool, training: bool
+) -> None:
     # train-mode BatchNorm needs more than one value per channel
     assume(not training or b * h * w >= 2)
     layer = randomise(NonLocal2d(8, mode=mode, sub_sample=sub_sample, chunk_elements=17))

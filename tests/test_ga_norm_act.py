@@ -44,7 +44,9 @@ def test_sync_batch_norm_replaces_every_batch_norm(name: str) -> None:
     assert sum(isinstance(m, nn.Hardswish) for m in modules) == sum(
         isinstance(m, ACTIVATIONS) for m in default.modules()
     )
-    assert all(isinstance(m, (nn.SyncBatchNorm, *intrinsic)) for m in modules if isinstance(m, NORMS))
+    assert all(
+        isinstance(m, (nn.SyncBatchNorm, *intrinsic)) for m in modules if isinstance(m, NORMS)
+    )
 
 
 def test_the_check_can_fail() -> None:

@@ -52,8 +52,14 @@ def test_official_parameter_count_matches_paper_head() -> None:
 
 
 def test_dropout_and_norm_injection() -> None:
-    head = gald.GALDHead(8, 2, channels=8, ga_kwargs={"groups": 2}, dropout=0.3,
-                         norm_layer=lambda c: nn.GroupNorm(2, c))
+    head = gald.GALDHead(
+        8,
+        2,
+        channels=8,
+        ga_kwargs={"groups": 2},
+        dropout=0.3,
+        norm_layer=lambda c: nn.GroupNorm(2, c),
+    )
     assert isinstance(head.dropout, nn.Dropout2d) and head.dropout.p == 0.3
     assert isinstance(head.conva[1], nn.GroupNorm)
     assert isinstance(head.gald.down[1], nn.GroupNorm)
@@ -94,9 +100,21 @@ def test_gradcheck() -> None:
     [
         ({"in_channels": 0, "num_classes": 2}, ValueError, "in_channels must be >= 1"),
         ({"in_channels": 4, "num_classes": 0}, ValueError, "num_classes must be >= 1"),
-        ({"in_channels": 4, "num_classes": 2, "dropout": 1.5}, ValueError, r"dropout must be in \[0, 1\)"),
-        ({"in_channels": 4, "num_classes": 2, "dropout": "x"}, TypeError, "dropout must be a float"),
-        ({"in_channels": 4, "num_classes": 2, "channels": 2.5}, TypeError, "channels must be an int"),
+        (
+            {"in_channels": 4, "num_classes": 2, "dropout": 1.5},
+            ValueError,
+            r"dropout must be in \[0, 1\)",
+        ),
+        (
+            {"in_channels": 4, "num_classes": 2, "dropout": "x"},
+            TypeError,
+            "dropout must be a float",
+        ),
+        (
+            {"in_channels": 4, "num_classes": 2, "channels": 2.5},
+            TypeError,
+            "channels must be an int",
+        ),
     ],
 )
 def test_bad_constructor(kwargs: dict, exc: type[Exception], pattern: str) -> None:

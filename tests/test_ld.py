@@ -74,7 +74,8 @@ def test_offset_zero_is_pure_gate() -> None:
 
 
 @pytest.mark.parametrize(
-    ("stages", "k", "p", "expected"), [(3, 3, 0, 15), (3, 3, 1, 1), (1, 3, 0, 3), (2, 5, 0, 13), (2, 5, 1, 7)]
+    ("stages", "k", "p", "expected"),
+    [(3, 3, 0, 15), (3, 3, 1, 1), (1, 3, 0, 3), (2, 5, 0, 13), (2, 5, 1, 7)],
 )
 def test_min_size(stages: int, k: int, p: int, expected: int) -> None:
     assert strided_min_size(stages, k, p) == expected
@@ -87,7 +88,9 @@ def test_min_size(stages: int, k: int, p: int, expected: int) -> None:
 
 
 def test_padding0_too_small_raises_named_minimum() -> None:
-    ld = gald.LocalDistribution(4, padding=0).eval()  # train-mode BN needs B*h*w > 1 at the last stage
+    ld = gald.LocalDistribution(
+        4, padding=0
+    ).eval()  # train-mode BN needs B*h*w > 1 at the last stage
     assert ld(torch.randn(1, 4, 15, 15)).shape == (1, 4, 15, 15)
     with pytest.raises(ValueError, match=r">= 15"):
         ld(torch.randn(1, 4, 14, 40))
@@ -160,7 +163,11 @@ def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
         ({"channels": 4, "num_stages": 0}, ValueError, "num_stages must be >= 1"),
         ({"channels": 4, "padding": -1}, ValueError, "padding must be >= 0"),
         ({"channels": 4, "offset": "1"}, TypeError, "offset must be a float"),
-        ({"channels": 4, "impl": "cuda"}, ValueError, r"impl must be one of \('auto', 'triton', 'torch'\), got 'cuda'"),
+        (
+            {"channels": 4, "impl": "cuda"},
+            ValueError,
+            r"impl must be one of \('auto', 'triton', 'torch'\), got 'cuda'",
+        ),
         ({"channels": 4, "impl": None}, TypeError, "impl must be a str"),
     ],
 )

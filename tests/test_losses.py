@@ -34,7 +34,9 @@ def slow_ohem(logits, target, *, ignore_index, thresh, min_kept, weight=None):
     if not kept.any():
         return torch.zeros((), dtype=torch.float64)
     return F.cross_entropy(
-        logits.double(), masked, weight=None if weight is None else weight.double(),
+        logits.double(),
+        masked,
+        weight=None if weight is None else weight.double(),
         ignore_index=ignore_index,
     )
 
@@ -75,14 +77,19 @@ def test_both_branches_of_min_kept_rule_are_exercised() -> None:
     )
     # branch 2b: k-th smallest below thresh -> threshold stays at thresh
     stays = OhemCrossEntropy(thresh=0.9, min_kept=1)(logits, target)
-    keep = (p <= 0.9)
+    keep = p <= 0.9
     manual = -(torch.log(p[keep])).mean()
     torch.testing.assert_close(stays, manual, rtol=1e-5, atol=1e-6)
 
 
 @given(
-    b=st.integers(1, 2), k=st.integers(2, 6), h=st.integers(1, 8), w=st.integers(1, 8),
-    min_kept=st.integers(0, 120), thresh=st.floats(0.05, 1.0), ignore_frac=st.floats(0.0, 1.0),
+    b=st.integers(1, 2),
+    k=st.integers(2, 6),
+    h=st.integers(1, 8),
+    w=st.integers(1, 8),
+    min_kept=st.integers(0, 120),
+    thresh=st.floats(0.05, 1.0),
+    ignore_frac=st.floats(0.0, 1.0),
     seed=st.integers(0, 1000),
 )
 def test_property_matches_oracle(b, k, h, w, min_kept, thresh, ignore_frac, seed) -> None:
@@ -124,10 +131,30 @@ def test_no_sort_in_forward(monkeypatch) -> None:
 @pytest.mark.parametrize(
     ("logits", "target", "exc", "pattern"),
     [
-        (torch.randn(2, 3, 4), torch.zeros(2, 4, dtype=torch.long), ValueError, "logits must be 4-D"),
-        (torch.randn(2, 3, 4, 4), torch.zeros(2, 5, 4, dtype=torch.long), ValueError, r"target must have shape \(B, H, W\) = \(2, 4, 4\)"),
-        (torch.randn(2, 3, 4, 4), torch.zeros(2, 4, 4), TypeError, "target must hold integer labels"),
-        (torch.zeros(2, 3, 4, 4, dtype=torch.long), torch.zeros(2, 4, 4, dtype=torch.long), TypeError, "logits must have a floating dtype"),
+        (
+            torch.randn(2, 3, 4),
+            torch.zeros(2, 4, dtype=torch.long),
+            ValueError,
+            "logits must be 4-D",
+        ),
+        (
+            torch.randn(2, 3, 4, 4),
+            torch.zeros(2, 5, 4, dtype=torch.long),
+            ValueError,
+            r"target must have shape \(B, H, W\) = \(2, 4, 4\)",
+        ),
+        (
+            torch.randn(2, 3, 4, 4),
+            torch.zeros(2, 4, 4),
+            TypeError,
+            "target must hold integer labels",
+        ),
+        (
+            torch.zeros(2, 3, 4, 4, dtype=torch.long),
+            torch.zeros(2, 4, 4, dtype=torch.long),
+            TypeError,
+            "logits must have a floating dtype",
+        ),
     ],
 )
 def test_bad_input(logits, target, exc, pattern) -> None:
@@ -151,7 +178,9 @@ def test_bad_constructor(kwargs, exc, pattern) -> None:
 
 def test_weight_size_mismatch() -> None:
     with pytest.raises(ValueError, match="weight must have 3 entries"):
-        OhemCrossEntropy(weight=torch.ones(4))(torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
+        OhemCrossEntropy(weight=torch.ones(4))(
+            torch.randn(1, 3, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long)
+        )
 
 
 def test_poly_schedule_is_torchs_own() -> None:

@@ -298,6 +298,16 @@ def test_single_tensor_backbone_is_rejected() -> None:
         ({"head": "cgnl"}, TypeError, "head must be None, a dict of GALDHead arguments"),
         ({"aux": 1}, TypeError, "aux must be a bool or an nn.Module, got int"),
         ({"backbone": "resnet"}, TypeError, "backbone must be an nn.Module or None, got str"),
+        (
+            {"head": gald.GALDHead(2, CLASSES + 2, channels=16)},
+            ValueError,
+            rf"head predicts num_classes={CLASSES + 2}, but the network has num_classes={CLASSES}",
+        ),
+        (
+            {"aux": gald.AuxHead(8, CLASSES + 1, channels=4)},
+            ValueError,
+            rf"aux head predicts num_classes={CLASSES + 1}, but the network",
+        ),
     ],
 )
 def test_galdnet_bad_arguments(kwargs: dict, error: type, match: str) -> None:
@@ -454,3 +464,9 @@ def test_property_output_shapes_and_dtypes(height: int, width: int, batch: int, 
 
 
 _NET = _tiny_net()
+
+
+def test_empty_images_are_refused_by_name() -> None:
+    net = _tiny_net().eval()
+    with pytest.raises(ValueError, match=r"GALDNet: images has an empty side: .*\(2, 3, 9, 0\)"):
+        net(torch.randn(2, 3, 9, 0))

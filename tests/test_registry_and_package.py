@@ -57,7 +57,9 @@ def test_version() -> None:
 
 def test_runtime_dependencies_are_torch_and_einops_only() -> None:
     reqs = importlib.metadata.requires("gald") or []
-    runtime = sorted(r.split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs if "extra ==" not in r)
+    runtime = sorted(
+        r.split(">")[0].split("=")[0].split("<")[0].strip() for r in reqs if "extra ==" not in r
+    )
     assert runtime == ["einops", "torch"]
 
 
@@ -86,7 +88,10 @@ def test_create_errors_name_the_argument() -> None:
         gald.create_ga(3, 16)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="ga must be a registry name .* got function"):
         gald.create_ga(lambda c: Tiny(c), 16)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"kwargs must be empty when ga is an nn.Module instance .* got \['scale'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"kwargs must be empty when ga is an nn.Module instance .* got \['scale'\]",
+    ):
         gald.create_ga(Tiny(8), 8, scale=2.0)
     with pytest.raises(ValueError, match=r"Tiny instance with channels=8, expected channels=16"):
         gald.create_ga(Tiny(8), 16)
@@ -211,7 +216,9 @@ def test_registered_alias_keeps_the_builtin_ga_name() -> None:
 def test_public_api_is_small_and_importable() -> None:
     for name in gald.__all__:
         assert hasattr(gald, name), name
-    assert {"GALD", "LocalDistribution", "GALDHead", "AuxHead", "create_ga", "list_ga"} <= set(gald.__all__)
+    assert {"GALD", "LocalDistribution", "GALDHead", "AuxHead", "create_ga", "list_ga"} <= set(
+        gald.__all__
+    )
     assert {"registered", "unregister_ga", "register_ga", "get_ga_class"} <= set(gald.__all__)
 
 
@@ -225,10 +232,15 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
         pytest.fail("run from a source checkout: the sdist is built from the repository")
     src = tmp_path / "src_tree"
     shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
-    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    code = (
+        "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "dist")],
-        cwd=src, capture_output=True, text=True, timeout=120,
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     archive = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
@@ -237,7 +249,13 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))], sorted(names)
     package = {str(p.relative_to(src)) for p in (src / "src" / "gald").rglob("*.py")}
     assert package - names == set()
-    assert {"src/gald/testing/__init__.py", "README.md", "LICENSE", "pyproject.toml", "PKG-INFO"} <= names
+    assert {
+        "src/gald/testing/__init__.py",
+        "README.md",
+        "LICENSE",
+        "pyproject.toml",
+        "PKG-INFO",
+    } <= names
     assert "docs/testing.md" in names
     assert "src/gald/py.typed" in names  # downstream type checkers read the annotations
     # the images the shipped pages embed and the data their benchmark blocks are made from

@@ -239,6 +239,8 @@ def test_bad_arguments(kwargs: dict, error: type, match: str) -> None:
 def test_bad_images_and_outputs() -> None:
     with pytest.raises(ValueError, match="images must be 4-D"):
         slide_inference(Net(), torch.randn(3, 10, 10), crop_size=8, stride=4, num_classes=K)
+    with pytest.raises(ValueError, match=r"images has an empty side: .* got shape \(1, 3, 0, 10\)"):
+        slide_inference(Net(), torch.randn(1, 3, 0, 10), crop_size=8, stride=4, num_classes=K)
     with pytest.raises(TypeError, match="images must have a floating dtype"):
         slide_inference(
             Net(), torch.zeros(1, 3, 9, 9, dtype=torch.long), crop_size=8, stride=4, num_classes=K
@@ -274,3 +276,18 @@ def test_sizes_take_numpy_ints() -> None:
     for crop, stride in (((np.int64(8), np.int32(6)), np.int64(4)), (np.array([8, 6]), 4)):
         got = slide_inference(Net(), x, crop_size=crop, stride=stride, num_classes=K)
         torch.testing.assert_close(got, want)
+
+
+def test_a_model_in_train_mode_runs_in_eval_mode_and_keeps_its_flags() -> None:
+    model = nn.Sequential(nn.Conv2d(3, K, 3, padding=1), nn.BatchNorm2d(K), nn.Dropout(0.5))
+    model[1].running_mean.uniform_(-1, 1)
+    model.train()
+    model[2].eval()  # a submodule's own flag is kept too
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 10, 12)
+    got = slide_inference(model, x, crop_size=8, stride=4, num_classes=K)
+    assert model.training and model[1].training and not model[2].training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, stats[key]), f"{key} changed"
+    want = slide_inference(model.eval(), x, crop_size=8, stride=4, num_classes=K)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

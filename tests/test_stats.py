@@ -121,7 +121,9 @@ def test_reported_range_holds_for_every_final_activation(act, final_act, low_inc
     assert st.low <= st.min <= st.max <= st.high
     if not low_included:
         assert st.min < 2.5  # the range reported is really needed
-    assert ("[2.5, 3)" if low_included else "(2, 3)") in str(gald.ld_statistics(ld, [torch.ones(1, 6, 9, 9)]))
+    assert ("[2.5, 3)" if low_included else "(2, 3)") in str(
+        gald.ld_statistics(ld, [torch.ones(1, 6, 9, 9)])
+    )
 
 
 def test_several_lds_in_a_head_and_a_wrapped_model() -> None:

@@ -322,7 +322,12 @@ def test_kernels_compile_for_cuda(dtype, channels_inner):
     if refused is not None:  # the dispatcher and the entry points refuse it (test below)
         pytest.skip(f"the kernels refuse {dtype} on this triton: {refused}")
 
-    ty = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+    ty = {
+        torch.float32: "fp32",
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float64: "fp64",
+    }
     data = "*" + ty[dtype]
     acc = "*fp64" if dtype == torch.float64 else "*fp32"
     cdt = _triton_ld._compute_dtype(dtype)
@@ -452,7 +457,10 @@ def test_float64_needs_triton_3_5(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
     cuda64 = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float64)
     cuda32 = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
-    assert _triton_ld.unsupported_dtype(torch.float64) is None or _triton_ld._triton_version() < (3, 5)
+    assert _triton_ld.unsupported_dtype(torch.float64) is None or _triton_ld._triton_version() < (
+        3,
+        5,
+    )
     monkeypatch.setattr(_triton_ld, "_triton_version", lambda: (3, 4))
     assert "triton >= 3.5" in str(_triton_ld.unsupported_dtype(torch.float64))
     assert _triton_ld.unsupported_dtype(torch.float32) is None

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gald
 
-DOWNSTREAM = '''
+DOWNSTREAM = """
 import torch
 from torch import nn
 import gald
@@ -19,7 +19,7 @@ model: nn.Sequential = gald.wrap(nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 
 loss_fn = gald.OhemCrossEntropy(thresh=0.7, min_kept=10)
 y: torch.Tensor = gald.ops.ld_modulate(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 2, 2), 1.0)
 names: list[str] = gald.list_ga()
-'''
+"""
 
 WRONG_LINE = "count: int = gald.list_ga()\n"
 
@@ -39,9 +39,21 @@ def _mypy(tmp_path: Path, code: str) -> subprocess.CompletedProcess[str]:
     src.write_text(code)
     (tmp_path / "mypy.ini").write_text(CONFIG)
     return subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental", "--config-file", "mypy.ini",
-         "--cache-dir", str(tmp_path / "cache"), str(src)],
-        capture_output=True, text=True, cwd=tmp_path, check=False,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--no-incremental",
+            "--config-file",
+            "mypy.ini",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=False,
     )
 
 

@@ -49,7 +49,12 @@ def check_feature(
             f"{prefix}{name} must have {channels} channels (B, {channels}, H, W), "
             f"got shape {tuple(x.shape)}"
         )
-    if min_hw > 1 and (x.shape[-2] < min_hw or x.shape[-1] < min_hw):
+    if x.shape[-2] < 1 or x.shape[-1] < 1:
+        raise ValueError(
+            f"{prefix}{name} has an empty side: height and width must be >= 1, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.shape[-2] < min_hw or x.shape[-1] < min_hw:
         hint = f" ({remedy})" if remedy else ""
         raise ValueError(
             f"{prefix}{name} is too small: height and width must be >= {min_hw} for this "

@@ -134,6 +134,15 @@ def _head_width(head: nn.Module) -> int | None:
     return width if isinstance(width, int) else None
 
 
+def _check_head_classes(head: nn.Module, num_classes: int, what: str) -> None:
+    """A head that declares ``num_classes`` (gald's heads do) must predict the network's."""
+    declared = getattr(head, "num_classes", None)
+    if isinstance(declared, int) and declared != num_classes:
+        raise ValueError(
+            f"{what} predicts num_classes={declared}, but the network has num_classes={num_classes}"
+        )
+
+
 class GALDNet(nn.Module):
     r"""A segmentation network: backbone, :class:`~gald.GALDHead` on ``c4``, :class:`~gald.AuxHead` on ``c3``.
 
@@ -241,6 +250,7 @@ class GALDNet(nn.Module):
                 f"head expects {w} input channels but the backbone's second feature "
                 f"({self._feature_name(1)}) has {widths[1]}"
             )
+        _check_head_classes(head, self.num_classes, "head")
         self.head = head
 
         aux_head: nn.Module | None
@@ -257,6 +267,8 @@ class GALDNet(nn.Module):
                 f"aux head expects {w} input channels but the backbone's first feature "
                 f"({self._feature_name(0)}) has {widths[0]}"
             )
+        if aux_head is not None:
+            _check_head_classes(aux_head, self.num_classes, "aux head")
         self.aux_head = aux_head
 
         head_min = getattr(head, "min_size", 1)

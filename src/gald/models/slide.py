@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._validate import (
     check_feature,
@@ -105,8 +106,9 @@ def slide_inference(
 
     The model is called with one window of the whole batch at a time, ``(B, C, *crop_size)``,
     under ``torch.no_grad()``, so memory stays bounded by one crop batch plus the
-    ``(B, num_classes, H, W)`` accumulator whatever the image size. Put the model in ``eval()``
-    mode first.
+    ``(B, num_classes, H, W)`` accumulator whatever the image size. An ``nn.Module`` runs in
+    eval mode (BatchNorm uses, and does not update, its running statistics); the training flag
+    of each of its submodules is restored afterwards.
 
     Args:
         model: a callable returning logits ``(B, num_classes, h, w)``, a dict with ``"out"`` (as
@@ -144,17 +146,26 @@ def slide_inference(
 
     height, width = images.shape[-2:]
     result: torch.Tensor | None = None
-    with torch.no_grad():
-        for scale in scales:
-            size = (max(1, round(height * scale)), max(1, round(width * scale)))
-            scaled = images
-            if size != (height, width):
-                scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
-            logits = _slide(model, scaled, crop, step, num_classes, flip)
-            if size != (height, width):
-                logits = F.interpolate(
-                    logits, size=(height, width), mode="bilinear", align_corners=True
-                )
-            result = logits if result is None else result + logits
+    # an nn.Module runs in eval mode (BatchNorm on its running statistics, which a train-mode
+    # call would update); every submodule's own flag is restored afterwards
+    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
+    try:
+        for m, _ in modes:
+            m.training = False
+        with torch.no_grad():
+            for scale in scales:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                scaled = images
+                if size != (height, width):
+                    scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+                logits = _slide(model, scaled, crop, step, num_classes, flip)
+                if size != (height, width):
+                    logits = F.interpolate(
+                        logits, size=(height, width), mode="bilinear", align_corners=True
+                    )
+                result = logits if result is None else result + logits
+    finally:
+        for m, mode in modes:
+            m.training = mode
     assert result is not None
     return result / len(scales) if len(scales) > 1 else result

@@ -238,10 +238,6 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
             f"({x.shape[0]}, {x.shape[1]}, h, w), got x {tuple(x.shape)} and logits "
             f"{tuple(logits.shape)}"
         )
-    if logits.shape[-2] < 1 or logits.shape[-1] < 1:
-        raise ValueError(
-            f"ld_modulate: logits must have h, w >= 1, got shape {tuple(logits.shape)}"
-        )
     if x.dtype != logits.dtype:
         raise TypeError(
             f"ld_modulate: logits must have the dtype of x ({x.dtype}), got {logits.dtype}"

@@ -425,8 +425,6 @@ def _check(
             f"{who}: logits must be (B, C, h, w) with the (B, C) of x = {tuple(x.shape[:2])}, "
             f"got shape {tuple(logits.shape)}"
         )
-    if logits.shape[-2] < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"{who}: logits must have h, w >= 1, got shape {tuple(logits.shape)}")
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{who}: {name} must be a torch.Tensor, got {type(t).__name__}")
