@@ -74,6 +74,15 @@ def test_backbone_keys_ignored_and_unknown_keys_listed() -> None:
         official_to_gald(sd)
 
 
+def test_a_key_with_and_without_the_prefix_is_refused() -> None:
+    sd = dict(_reference(0).state_dict())
+    key = next(k for k in sd if k.startswith("head."))
+    sd["module." + key] = sd[key].clone()
+    for convert in (official_to_gald, official_to_galdnet):
+        with pytest.raises(ValueError, match=rf"'{key}' and 'module.{key}', the same key"):
+            convert(sd)
+
+
 def test_bad_state_dict_type() -> None:
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         official_to_gald([("a", torch.zeros(1))])  # type: ignore[arg-type]

@@ -94,15 +94,10 @@ def official_to_gald(
         >>> head = GALDHead.official(num_classes=19)  # doctest: +SKIP
         >>> head.load_state_dict(head_sd)  # doctest: +SKIP
     """
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     head: dict[str, torch.Tensor] = {}
     aux: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
-    for raw_key, value in state_dict.items():
-        if not isinstance(raw_key, str):
-            raise TypeError(f"state_dict keys must be str, got {type(raw_key).__name__}")
-        key = raw_key[len("module.") :] if raw_key.startswith("module.") else raw_key
+    for raw_key, key, value in _items(state_dict):
         if _BACKBONE.match(key):
             continue
         if (new := _map_head(key)) is not None:
@@ -143,10 +138,17 @@ def _items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
     items = []
+    seen: dict[str, str] = {}
     for raw_key, value in state_dict.items():
         if not isinstance(raw_key, str):
             raise TypeError(f"state_dict keys must be str, got {type(raw_key).__name__}")
         key = raw_key[len("module.") :] if raw_key.startswith("module.") else raw_key
+        if key in seen:  # one would silently overwrite the other
+            raise ValueError(
+                f"state_dict holds {seen[key]!r} and {raw_key!r}, the same key with and without "
+                "the 'module.' prefix"
+            )
+        seen[key] = raw_key
         items.append((raw_key, key, value))
     return items
 
