@@ -15,7 +15,8 @@ node. Two kernels implement it: the plain-PyTorch one (:mod:`gald.ops._ld_torch`
 and the Triton one (:mod:`gald.ops._triton_ld`, CUDA).
 
 Memory: autograd saves only ``x`` and the low-resolution ``logits``; the backward recomputes the
-mask. The authors' formulation also keeps the full-resolution upsampled logits and mask alive.
+mask. The authors' formulation also keeps the full-resolution mask (the sigmoid's output)
+alive.
 """
 
 from __future__ import annotations
