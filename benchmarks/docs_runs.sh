@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every run whose numbers appear in README.md and docs/: each writes the JSON file that the
 # docs' generated blocks name, then `python -m gald.bench.docs` rewrites those blocks. Run it
-# from the repository root on an idle machine (about 20 minutes on a 2-core CPU).
+# from the repository root on an idle machine (about 40 minutes on a 2-core CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run() { echo "+ python -m gald.bench $*" >&2; python -m gald.bench --quiet "$@" >/dev/null; }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,12 @@ def test_malformed_pages_and_wrong_data_fail_clearly(page: str, message: str, tm
 def test_prose_that_quotes_a_marker_is_not_one() -> None:
     text = "Write `<!-- bench:start KIND FILE... -->` and `<!-- bench:end -->` around a block.\n"
     assert rewrite(text) == (text, 0)
+
+
+def test_the_benchmarks_page_lists_every_marker_kind() -> None:
+    from gald.bench.docs import RENDERERS
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md").read_text()
+    listed = re.search(r"\(KIND: ([^)]*)\)", page.replace("\n", " "))
+    assert listed, "docs/benchmarks.md no longer lists the marker kinds"
+    assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(RENDERERS)

@@ -126,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--first-call",
         action="store_true",
-        help="also the first-call latency: the first and second forward of gald.GALD(64) on "
-        "(1, 64, 33, 33), each in 3 fresh processes",
+        help="also the first-call latency: the first and second forward (and checkpointed "
+        "train step) of gald.GALD(64) on (1, 64, 33, 33), float32 NCHW, each in 3 fresh "
+        "processes on --device with --threads (--shape, --dtype and --channels-last do not apply)",
     )
     parser.add_argument("--json", metavar="PATH", help="write every figure and the environment")
     parser.add_argument(

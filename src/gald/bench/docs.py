@@ -357,7 +357,7 @@ def render_first_call(res: dict[str, Any]) -> str:
     threads = res["first_call"]["threads"]
     return "\n".join(f"- {c}" for c in cases) + (
         f"\n\nMeasured {env['date']} on {_device(res)}, torch {env['torch']}, Python "
-        f"{env['python']}, {threads} thread{'s' if threads != 1 else ''}, float32; command: "
+        f"{env['python']}, {threads} thread{'s' if threads != 1 else ''}, float32, NCHW; command: "
         f"`{res.get('command', 'python -m gald.bench')}`."
     )
 

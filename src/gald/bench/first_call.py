@@ -68,7 +68,13 @@ def run(device: str, threads: int, processes: int = 3) -> dict[str, Any]:
         name: [_one(device, threads, name == "checkpointed_step") for _ in range(processes)]
         for name in CASES
     }
-    return {"shape": list(SHAPE), "threads": threads, "cases": cases}
+    return {
+        "shape": list(SHAPE),
+        "dtype": "float32",
+        "memory_format": "NCHW",
+        "threads": threads,
+        "cases": cases,
+    }
 
 
 def extra_ms(runs: list[dict[str, Any]]) -> list[float]:
