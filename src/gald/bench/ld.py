@@ -605,7 +605,7 @@ def kernel_table(
         "shape",
         "dtype",
         "format",
-        "pass",
+        "direction",
         "triton",
         "GB/s",
         "copy GB/s",
