@@ -414,3 +414,14 @@ def test_out_channels_given_once_and_kept() -> None:
         gald.GALD(16, "gc", ld=False, impl="torch")
     with pytest.raises(TypeError, match="enable must be a bool, got int"):
         gald.GALD(16, "gc", ld=False).set_grad_checkpointing(1)  # type: ignore[arg-type]
+
+
+def test_a_module_that_changes_the_spatial_size_is_refused_at_construction() -> None:
+    with pytest.raises(
+        ValueError, match=r"Conv2d must keep the height and width .* got \(1, 8, 14, 14\)"
+    ):
+        gald.GALD(16, nn.Conv2d(16, 8, 3))  # no padding: 16x16 -> 14x14
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, stride=2, padding=1))
+    with pytest.raises(ValueError, match="must keep the height and width"):
+        gald.wrap(model, "1")
+    assert type(model[1]) is nn.Conv2d

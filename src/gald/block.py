@@ -73,7 +73,8 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
         ValueError: the module refuses every probe input; the message
             names the module's class, ``in_channels`` and each probe's error.
         TypeError: the module returns something else than a tensor.
-        ValueError: the module returns a tensor that is not 4-D.
+        ValueError: the module returns a tensor that is not 4-D, or changes the height and
+            width.
     """
     ref = _first_tensor(module)
     device = ref.device if ref is not None else torch.device("cpu")
@@ -101,6 +102,13 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
                     raise ValueError(
                         f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
                         f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
+                    )
+                if out.shape[-2:] != probe.shape[-2:]:
+                    raise ValueError(
+                        f"{_label(module)} must keep the height and width of its input to be "
+                        f"wrapped by GALD (GALD upsamples the GA's output from the size the GA "
+                        f"receives), got {tuple(out.shape)} for an input of shape "
+                        f"{tuple(probe.shape)}"
                     )
                 return int(out.shape[1])
     finally:
