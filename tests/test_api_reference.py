@@ -219,6 +219,15 @@ def test_doctest_blocks_become_fenced_code() -> None:
     )
 
 
+def test_doctest_blocks_end_at_a_dedent_and_fences_are_kept() -> None:
+    ext = _rst_extension()
+    text = "Example:\n    >>> f()\n    1\nReturns:\n    x.\n\n```python\n>>> g()\n```\nEnd."
+    assert ext._convert_blocks(text) == (
+        "Example:\n    ```pycon\n    >>> f()\n    1\n    ```\n\nReturns:\n    x.\n\n"
+        "```python\n>>> g()\n```\nEnd."
+    )
+
+
 def test_simple_tables_become_markdown_tables() -> None:
     ext = _rst_extension()
     text = (

@@ -280,3 +280,45 @@ def test_more_argument_mistakes_fail_before_the_run(tmp_path, capsys, nothing_ru
     assert "--cost lists the GA layers of --ga" in err
     err = _error(capsys, main, [*shape, "--ga", "nope"])
     assert "or all, or none" in err
+
+
+class _NeedsSide(torch.nn.Module):
+    """Runs from side ``side`` up (at batch 1; ``side // 2`` at batch 2), or only on multiples
+    of ``multiple`` (a constraint no size bound explains)."""
+
+    def __init__(self, side: int = 1, multiple: int = 1, width: int = 1) -> None:
+        super().__init__()
+        self.side, self.multiple, self.width = side, multiple, width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        need = self.side if x.shape[0] == 1 else self.side // 2
+        if min(x.shape[-2:]) < need:
+            raise ValueError(f"needs {need}")
+        if x.shape[-1] % self.multiple:
+            raise ValueError("not a multiple")
+        if x.shape[-1] < self.width:
+            raise ValueError("too narrow")
+        return x
+
+
+def test_size_search_on_synthetic_parts() -> None:
+    from gald.bench._sizes import smallest_side, too_small
+
+    big = {"big": lambda: _NeedsSide(37)}
+    assert smallest_side({"m": _NeedsSide(37)}, 1, 3) == 37
+    assert smallest_side({"m": _NeedsSide(37)}, 1, 3, fails_at=20) == 37
+    assert smallest_side({"m": _NeedsSide(37)}, 2, 3, runs_at=37) == 18
+    msg = too_small({"--a": big, "--b": {"small": lambda: _NeedsSide(5)}}, (1, 3, 20, 30))
+    assert msg is not None and "--a: big needs H, W >= 37 at batch size 1 (>= 18" in msg
+    assert (
+        "--b" not in msg and "--shape 1,3,37,37 (or, with a batch of 2, --shape 2,3,18,18)" in msg
+    )
+    # a part that ran at the requested shape but not at the proposed one raises the proposal
+    msg = too_small(
+        {"--a": {"a": lambda: _NeedsSide(9)}, "--b": {"b": lambda: _NeedsSide(width=12)}},
+        (1, 3, 5, 40),
+    )
+    assert msg is not None and "--b" not in msg.splitlines()[1]
+    assert msg.endswith("smallest square input that runs all of it: --shape 1,3,12,12")
+    # a failure that a smaller square does not have is not about the size: left to the real run
+    assert too_small({"--m": {"m": lambda: _NeedsSide(1, multiple=8)}}, (1, 3, 16, 20)) is None

@@ -226,6 +226,12 @@ def test_half_precision_logits_accumulate_in_float32() -> None:
         ({"scales": {1.0}}, TypeError, "scales must be a sequence of positive floats, got set"),
         ({"crop_size": (8, True)}, TypeError, r"crop_size\[1\] must be an int, got bool"),
         ({"crop_size": {8, 9}}, TypeError, "crop_size must be a sequence of two ints"),
+        (
+            {"crop_size": torch.tensor([True, True])},
+            TypeError,
+            r"crop_size\[0\] must be an int, got bool",
+        ),
+        ({"stride": torch.tensor(True)}, TypeError, "stride must be an int, got bool"),
         ({"stride": float("inf")}, TypeError, "stride must be an int, got float inf"),
         ({"flip": 1}, TypeError, "flip must be a bool"),
     ],
@@ -291,3 +297,14 @@ def test_a_model_in_train_mode_runs_in_eval_mode_and_keeps_its_flags() -> None:
         assert torch.equal(value, stats[key]), f"{key} changed"
     want = slide_inference(model.eval(), x, crop_size=8, stride=4, num_classes=K)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_flags_are_restored_when_the_model_raises() -> None:
+    class Fails(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("boom")
+
+    model = nn.Sequential(Fails()).train()
+    with pytest.raises(RuntimeError, match="boom"):
+        slide_inference(model, torch.randn(1, 3, 9, 9), crop_size=8, stride=4, num_classes=K)
+    assert model.training and model[0].training

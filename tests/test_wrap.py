@@ -418,10 +418,41 @@ def test_out_channels_given_once_and_kept() -> None:
 
 def test_a_module_that_changes_the_spatial_size_is_refused_at_construction() -> None:
     with pytest.raises(
-        ValueError, match=r"Conv2d must keep the height and width .* got \(1, 8, 14, 14\)"
+        ValueError,
+        match=r"Conv2d does not keep the height and width of its input "
+        r"\(16x16 -> 14x14, 33x33 -> 31x31, 65x65 -> 63x63\)",
     ):
-        gald.GALD(16, nn.Conv2d(16, 8, 3))  # no padding: 16x16 -> 14x14
+        gald.GALD(16, nn.Conv2d(16, 8, 3))  # no padding
     model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, stride=2, padding=1))
-    with pytest.raises(ValueError, match="must keep the height and width"):
+    with pytest.raises(ValueError, match="does not keep the height and width") as info:
         gald.wrap(model, "1")
+    assert "inferred" not in str(info.value)
     assert type(model[1]) is nn.Conv2d
+
+
+class _KeepsOnlyLargeInputs(nn.Module):
+    """Keeps H x W from 33 x 33 up (crops small inputs), as some encoder-decoders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y[..., :-1, :-1] if x.shape[-1] < 33 else y
+
+
+class _KeepsNoProbe(_KeepsOnlyLargeInputs):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) if x.shape[-1] % 32 == 0 else self.conv(x)[..., :-1, :-1]
+
+
+def test_a_module_that_keeps_the_size_at_some_probe_is_accepted() -> None:
+    block = gald.GALD(8, _KeepsOnlyLargeInputs(), downsample=False)
+    assert block.out_channels == 8
+    assert block(torch.randn(1, 8, 40, 40)).shape == (1, 8, 40, 40)
+    # keeps it only at multiples of 32: refused by the dry run, accepted with out_channels
+    with pytest.raises(ValueError, match="pass out_channels"):
+        gald.GALD(8, _KeepsNoProbe(), downsample=False)
+    block = gald.GALD(8, _KeepsNoProbe(), out_channels=8, downsample=False)
+    assert block(torch.randn(1, 8, 64, 64)).shape == (1, 8, 64, 64)

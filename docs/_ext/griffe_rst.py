@@ -152,10 +152,17 @@ def _convert_blocks(text: str) -> str:
             out += _separated(out, block, lines, end)
             i = end
             continue
-        if line.lstrip().startswith(">>>"):  # a doctest block: up to the next blank line
+        if line.lstrip().startswith("```"):  # a fenced block: copied as it is
+            end = i + 1
+            while end < len(lines) and not lines[end].lstrip().startswith("```"):
+                end += 1
+            out += lines[i : end + 1]
+            i = end + 1
+            continue
+        if line.lstrip().startswith(">>>"):  # a doctest block: to a blank or less indented line
             indent = _indent_of(line)
             end = i
-            while end < len(lines) and lines[end].strip():
+            while end < len(lines) and lines[end].strip() and _indent_of(lines[end]) >= indent:
                 end += 1
             fence = " " * indent
             code = [fence + "```pycon", *_reindent(lines[i:end], indent), fence + "```"]

@@ -66,7 +66,7 @@ def check_feature(
 def check_int(value: object, name: str) -> int:
     """``value`` as a Python int: anything with ``__index__`` (numpy and torch integers too),
     but not a bool and not a float."""
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
         raise TypeError(f"{name} must be an int, got bool {value!r}")
     try:
         return operator.index(value)  # type: ignore[arg-type]
@@ -139,7 +139,9 @@ def check_size_pair(value: object, name: str) -> tuple[int, int]:
         return side, side
     items = check_ordered_items(value, name, "two ints (h, w)")
     if len(items) != 2:
-        raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {len(items)} items")
+        raise ValueError(
+            f"{name} must be an int or a pair of ints (h, w), got {len(items)} items: {value!r}"
+        )
     return check_positive_int(items[0], f"{name}[0]"), check_positive_int(items[1], f"{name}[1]")
 
 

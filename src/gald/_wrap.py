@@ -110,7 +110,7 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         try:
             block = GALD(in_channels, target, **gald_kwargs)
         except ValueError as exc:
-            if f"refuses a (1, {in_channels}, s, s) input" not in str(exc):
+            if f"in_channels={in_channels}" not in str(exc):
                 raise  # not about the width
             raise ValueError(
                 f"wrap({name!r}): in_channels={in_channels} was inferred from {source}; if the "

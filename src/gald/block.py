@@ -62,7 +62,7 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
     input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller
-    input is refused). The training flag of the module and of each of its submodules is
+    input is refused or does not keep its height and width). The training flag of the module and of each of its submodules is
     restored and, in eval mode, BatchNorm statistics do not change; hooks and any state the
     module's own forward updates in eval mode see each probe tried. A module built on the meta
     device is probed with a meta tensor (shapes only, no compute). The dry run also checks
@@ -74,13 +74,14 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
             names the module's class, ``in_channels`` and each probe's error.
         TypeError: the module returns something else than a tensor.
         ValueError: the module returns a tensor that is not 4-D, or changes the height and
-            width.
+            width of every probe it accepts.
     """
     ref = _first_tensor(module)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     modes = [(m, m.training) for m in module.modules()]  # each submodule's own flag
     errors: list[str] = []
+    changed: list[str] = []
     try:
         module.eval()
         with torch.no_grad():
@@ -103,17 +104,21 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
                         f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
                         f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
                     )
-                if out.shape[-2:] != probe.shape[-2:]:
-                    raise ValueError(
-                        f"{_label(module)} must keep the height and width of its input to be "
-                        f"wrapped by GALD (GALD upsamples the GA's output from the size the GA "
-                        f"receives), got {tuple(out.shape)} for an input of shape "
-                        f"{tuple(probe.shape)}"
-                    )
+                if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
+                    changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
+                    continue
                 return int(out.shape[1])
     finally:
         for m, training in modes:
             m.training = training
+    if changed:
+        others = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
+        raise _ProbesRefused(
+            f"the wrapped {_label(module)} does not keep the height and width of its input "
+            f"({', '.join(changed)}{others}); GALD upsamples the GA's output from the size the "
+            "GA receives, so the GA must keep it. For a module that keeps it only at some "
+            "sizes, pass out_channels (no dry run then decides)"
+        )
     raise _ProbesRefused(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
         f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "

@@ -171,12 +171,13 @@ class LocalDistribution(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute the branch in backward instead of keeping its activations (timm's switch).
 
-        Saves the branch's activations, about 0.6 of the input's size per LD in training (each
-        stage keeps its norm's input and its activation's output, at 1/4, 1/16, ... of the
-        input's positions), at the cost of running the branch twice. The branch then runs under ``torch.utils.checkpoint`` (non-reentrant),
-        which restores the RNG state, so stochastic layers see the same randomness both times,
-        and the recomputation leaves the branch's buffers untouched, so BatchNorm running
-        statistics are updated once per step, as without checkpointing.
+        Saves the branch's activations, about two thirds of the input's size per LD in training
+        (each stage keeps its norm's input and its activation's output, at 1/4, 1/16, ... of the
+        input's positions), at the cost of running the branch twice. The branch then runs under
+        ``torch.utils.checkpoint`` (non-reentrant), which restores the RNG state, so stochastic
+        layers see the same randomness both times, and the recomputation leaves the branch's
+        buffers untouched, so BatchNorm running statistics are updated once per step, as without
+        checkpointing.
         """
         if not isinstance(enable, bool):
             raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
