@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._layers import LayerFactory, depthwise_stage
+from ._modes import eval_mode
 from ._validate import (
     PADDING_REMEDY,
     check_factory,
@@ -61,13 +62,13 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
-    input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller
-    input is refused or does not keep its height and width). The training flag of the module and of each of its submodules is
-    restored and, in eval mode, BatchNorm statistics do not change; hooks and any state the
-    module's own forward updates in eval mode see each probe tried. A module built on the meta
-    device is probed with a meta tensor (shapes only, no compute). The dry run also checks
-    ``in_channels``: a module that refuses every probe (a convolution built for another width,
-    say) is reported here rather than at the first forward.
+    input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller input
+    is refused or does not keep its height and width). The training flag of the module and of
+    each of its submodules is restored and, in eval mode, BatchNorm statistics do not change;
+    hooks and any state the module's own forward updates in eval mode see each probe tried. A
+    module built on the meta device is probed with a meta tensor (shapes only, no compute). The
+    dry run also checks ``in_channels``: a module that refuses every probe (a convolution built
+    for another width, say) is reported here rather than at the first forward.
 
     Raises:
         ValueError: the module refuses every probe input; the message
@@ -79,38 +80,32 @@ def infer_out_channels(module: nn.Module, in_channels: int) -> int:
     ref = _first_tensor(module)
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    modes = [(m, m.training) for m in module.modules()]  # each submodule's own flag
     errors: list[str] = []
     changed: list[str] = []
-    try:
-        module.eval()
-        with torch.no_grad():
-            for side in _PROBE_SIDES:
-                probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
-                try:
-                    out = module(probe)
-                except Exception as exc:  # the module refuses this probe: try the next size
-                    errors.append(f"{side}x{side}: {type(exc).__name__}: {exc}")
-                    continue
-                if not isinstance(out, torch.Tensor):
-                    raise TypeError(
-                        f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
-                        f"GALD, got {type(out).__name__} for an input of shape "
-                        f"{tuple(probe.shape)}"
-                    )
-                if out.ndim != 4:
-                    got = tuple(out.shape)
-                    raise ValueError(
-                        f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
-                        f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
-                    )
-                if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
-                    changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
-                    continue
-                return int(out.shape[1])
-    finally:
-        for m, training in modes:
-            m.training = training
+    with eval_mode(module), torch.no_grad():
+        for side in _PROBE_SIDES:
+            probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
+            try:
+                out = module(probe)
+            except Exception as exc:  # the module refuses this probe: try the next size
+                errors.append(f"{side}x{side}: {type(exc).__name__}: {exc}")
+                continue
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
+                    f"GALD, got {type(out).__name__} for an input of shape "
+                    f"{tuple(probe.shape)}"
+                )
+            if out.ndim != 4:
+                got = tuple(out.shape)
+                raise ValueError(
+                    f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
+                    f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
+                )
+            if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
+                changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
+                continue
+            return int(out.shape[1])
     if changed:
         others = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
         raise _ProbesRefused(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._modes import eval_mode
 from ._validate import check_positive_int
 from .ld import LocalDistribution
 
@@ -344,14 +345,12 @@ def ld_statistics(
         return hook
 
     device = next((p.device for p in model.parameters()), None)
-    modes = {m: m.training for m in model.modules()}
     handles = [
         m.register_forward_hook(make_hook(accumulators[name]), with_kwargs=True) for name, m in lds
     ]
     seen = 0
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for batch in itertools.islice(batches, max_batches):
                 x = _input_of(batch, seen)
                 if device is not None:
@@ -362,8 +361,6 @@ def ld_statistics(
     finally:
         for h in handles:
             h.remove()
-        for m, mode in modes.items():
-            m.training = mode
     if seen == 0:
         raise ValueError("batches yielded no batch; ld_statistics needs at least one input")
     return LDStatistics((name, acc.result()) for name, acc in accumulators.items())

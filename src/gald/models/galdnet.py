@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import LayerFactory
+from .._modes import eval_mode
 from .._validate import check_feature, check_int, check_positive_int
 from ..head import AuxHead, GALDHead
 from .resnet import DilatedResNet, _check_checkpoint
@@ -105,10 +106,8 @@ def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) 
     param = next(iter(backbone.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    modes = [(m, m.training) for m in backbone.modules()]
-    backbone.eval()
     try:
-        with torch.no_grad():
+        with eval_mode(backbone), torch.no_grad():
             probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device, dtype=dtype)
             features = backbone(probe)
     except Exception as err:
@@ -117,9 +116,6 @@ def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) 
             f"(1, 3, {_PROBE_SIZE}, {_PROBE_SIZE}) input ({type(err).__name__}: {err}); pass "
             "in_channels=(c3, c4)"
         ) from err
-    finally:
-        for m, mode in modes:
-            m.training = mode
     c3, c4 = _pick(features, in_features, "GALDNet")
     if not all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in (c3, c4)):
         raise TypeError(

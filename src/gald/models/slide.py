@@ -7,6 +7,7 @@ fill the window, logits averaged where crops overlap.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._modes import eval_mode
 from .._validate import (
     check_feature,
     check_float,
@@ -148,24 +150,18 @@ def slide_inference(
     result: torch.Tensor | None = None
     # an nn.Module runs in eval mode (BatchNorm on its running statistics, which a train-mode
     # call would update); every submodule's own flag is restored afterwards
-    modes = [(m, m.training) for m in model.modules()] if isinstance(model, nn.Module) else []
-    try:
-        for m, _ in modes:
-            m.training = False
-        with torch.no_grad():
-            for scale in scales:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                scaled = images
-                if size != (height, width):
-                    scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
-                logits = _slide(model, scaled, crop, step, num_classes, flip)
-                if size != (height, width):
-                    logits = F.interpolate(
-                        logits, size=(height, width), mode="bilinear", align_corners=True
-                    )
-                result = logits if result is None else result + logits
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    modes = eval_mode(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
+    with modes, torch.no_grad():
+        for scale in scales:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            scaled = images
+            if size != (height, width):
+                scaled = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
+            logits = _slide(model, scaled, crop, step, num_classes, flip)
+            if size != (height, width):
+                logits = F.interpolate(
+                    logits, size=(height, width), mode="bilinear", align_corners=True
+                )
+            result = logits if result is None else result + logits
     assert result is not None
     return result / len(scales) if len(scales) > 1 else result
