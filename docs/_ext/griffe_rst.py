@@ -12,8 +12,8 @@ Sphinx-literate readers. Before mkdocstrings parses them, this extension rewrite
 - ``.. note::`` / ``.. warning::`` / ... become admonitions.
 - A simple table (``===  ===`` borders) becomes a Markdown table.
 - A paragraph ending in ``::`` introduces a literal block, which becomes a fenced code block;
-  a doctest block (``>>>`` lines and their output, up to a blank line) becomes a fenced
-  ``pycon`` block.
+  a doctest block (``>>>`` lines and their output, up to a blank or less indented line)
+  becomes a fenced ``pycon`` block; a block fenced already is left as it is.
 - A Google item naming several attributes or arguments at once (``low, high: ...``) becomes one
   item per name with the shared description.
 
