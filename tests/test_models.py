@@ -86,6 +86,9 @@ def test_norm_layer_factory(r50_os16_plain_stem: DilatedResNet) -> None:
     [
         ({"depth": 34}, ValueError, r"depth must be one of \[50, 101\], got 34"),
         ({"output_stride": 32}, ValueError, "output_stride must be 8 or 16, got 32"),
+        ({"depth": 50.0}, TypeError, "depth must be an int, got float 50.0"),
+        ({"output_stride": 8.0}, TypeError, "output_stride must be an int, got float 8.0"),
+        ({"depth": True}, TypeError, "depth must be an int, got bool"),
         ({"multi_grid": ()}, ValueError, "multi_grid must hold at least one"),
         ({"multi_grid": (1, 0)}, ValueError, r"multi_grid\[\] must be >= 1, got 0"),
         ({"deep_stem": 1}, TypeError, "deep_stem must be a bool"),

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .._layers import LayerFactory
-from .._validate import check_feature, check_positive_int_sequence
+from .._validate import check_feature, check_int, check_positive_int_sequence
 from ..convert import _layer_blocks
 
 __all__ = ["DilatedResNet"]
@@ -164,9 +164,11 @@ class DilatedResNet(nn.Module):
         norm_layer: LayerFactory = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        if isinstance(depth, bool) or depth not in _LAYERS:
+        depth = check_int(depth, "depth")
+        if depth not in _LAYERS:
             raise ValueError(f"depth must be one of {sorted(_LAYERS)}, got {depth!r}")
-        if isinstance(output_stride, bool) or output_stride not in (8, 16):
+        output_stride = check_int(output_stride, "output_stride")
+        if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
         grid = check_positive_int_sequence(multi_grid, "multi_grid")
         if not grid:
