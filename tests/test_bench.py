@@ -395,7 +395,7 @@ class _Stream:
     [
         (True, True, True, True),
         (True, False, True, False),
-        (False, True, True, False),  # stdout redirected: silent, as the issue asks
+        (False, True, True, False),  # stdout redirected: silent
         (True, True, False, False),  # --quiet
     ],
 )

@@ -13,7 +13,15 @@ import pytest
 
 from gald.bench import first_call
 from gald.bench.__main__ import main as bench_main
-from gald.bench.docs import DEFAULT_FILES, MARKER, load, main, render_spread, rewrite
+from gald.bench.docs import (
+    DEFAULT_FILES,
+    MARKER,
+    load,
+    main,
+    render_runs,
+    render_spread,
+    rewrite,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "docs" / "data"
@@ -74,6 +82,23 @@ def test_spread_states_overlap_and_distance() -> None:
         mixed[1]["block"]["rows"][0]["overhead"]["inference"][k] += 100.0
     said = render_spread(mixed)
     assert "overlap for the train-step overhead, not for the inference overhead" in said
+
+
+def test_runs_state_the_range_over_all_runs() -> None:
+    first = load(DATA / "ld-nchw-1.json")
+    second = copy.deepcopy(first)
+    first["ld"]["inference"]["gald"]["speedup_vs_authors"]["ratio"] = 1.5
+    second["ld"]["inference"]["gald"]["speedup_vs_authors"]["ratio"] = 2.25
+    second["ld"]["memory"]["gald"]["saved_bytes"] = first["ld"]["memory"]["authors"]["saved_bytes"]
+    text = render_runs([first, second])
+    assert "Over these 2 runs" in text
+    assert "inference 1.50–2.25x" in text  # the worst run is shown, not only the best
+    assert (
+        f"bytes saved for backward {first['ld']['memory']['gald']['saved_bytes'] / first['ld']['memory']['authors']['saved_bytes']:.2f}–1.00x"
+        in text
+    )
+    one = render_runs([first, copy.deepcopy(first)])
+    assert "inference 1.50x;" in one  # equal ends print one value
 
 
 def test_check_reports_a_stale_block_and_rewrite_fixes_it(tmp_path, capsys) -> None:

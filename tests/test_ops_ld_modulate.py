@@ -292,7 +292,7 @@ def test_backward_computes_only_the_needed_gradients():
 
 
 # --------------------------------------------------------------------------------------------
-# operator registration: fake kernel, opcheck, compile, export (ONNX: test_deploy_matrix.py)
+# operator registration: fake kernel, opcheck, compile, export (ONNX: test_deploy.py)
 
 
 def test_meta_tensors_give_shape_and_layout():

@@ -3,6 +3,7 @@ wherever Python numbers and lists are."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -118,6 +119,50 @@ def test_numpy_arguments_reach_a_layer() -> None:
         "aspp", 8, inner_channels=4, rates=np.array([1, 2]), dropout=np.float32(0.1)
     )
     assert layer.rates == (1, 2) and layer.dropout == pytest.approx(0.1)  # type: ignore[union-attr]
+
+
+class _Index:
+    """An integer that only implements ``__index__`` (no arithmetic, no comparison)."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def __index__(self) -> int:
+        return self.value
+
+
+def _int_defaults(cls: type) -> dict[str, _Index]:
+    """Every keyword whose default is a plain int, wrapped as an index-only object."""
+    params = inspect.signature(cls.__init__).parameters  # type: ignore[misc]
+    return {
+        k: _Index(p.default)
+        for k, p in params.items()
+        if k not in ("self", "channels") and type(p.default) is int
+    }
+
+
+@pytest.mark.parametrize("name", gald.list_ga())
+def test_index_only_ints_reach_every_ga(name: str) -> None:
+    cls = type(gald.create_ga(name, 16))
+    kwargs = _int_defaults(cls)
+    layer = cls(_Index(16), **kwargs).eval()
+    assert type(layer.channels) is int
+    for key in kwargs:
+        assert type(getattr(layer, key)) is int, key
+    assert layer(torch.randn(1, 16, 9, 9)).shape == (1, 16, 9, 9)
+
+
+def test_index_only_ints_reach_the_block_and_heads() -> None:
+    x = torch.randn(1, 16, 9, 9)
+    ld = gald.LocalDistribution(
+        _Index(16), num_stages=_Index(2), kernel_size=_Index(3), padding=_Index(1)
+    ).eval()
+    assert (ld.channels, ld.num_stages, ld.kernel_size, ld.padding) == (16, 2, 3, 1)
+    assert ld(x).shape == x.shape
+    assert gald.GALD(_Index(16), "nonlocal", padding=_Index(1)).eval()(x).shape == x.shape
+    head = gald.GALDHead(_Index(16), num_classes=_Index(3), channels=_Index(16)).eval()
+    assert head(x).shape == (1, 3, 9, 9)
+    assert gald.AuxHead(_Index(16), num_classes=_Index(3)).eval()(x).shape == (1, 3, 9, 9)
 
 
 def test_check_feature_remedy() -> None:

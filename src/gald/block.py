@@ -335,10 +335,10 @@ class GALD(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
+        in_channels = self.in_channels = check_positive_int(in_channels, "in_channels")
         if out_channels is not None:
             out_channels = check_positive_int(out_channels, "out_channels")
-        self.padding = check_positive_int(padding, "padding", minimum=0)
+        padding = self.padding = check_positive_int(padding, "padding", minimum=0)
         if ga_kwargs is not None and not isinstance(ga_kwargs, Mapping):
             raise TypeError(f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}")
         if init not in INITS:

@@ -63,9 +63,9 @@ class GALDHead(nn.Module):
         **gald_kwargs: Any,
     ) -> None:
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.num_classes = check_positive_int(num_classes, "num_classes")
-        self.channels = check_positive_int(channels, "channels")
+        in_channels = self.in_channels = check_positive_int(in_channels, "in_channels")
+        num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
+        channels = self.channels = check_positive_int(channels, "channels")
         dropout = check_probability(dropout, "dropout")
         if "out_channels" in gald_kwargs:
             raise ValueError(
@@ -177,9 +177,9 @@ class AuxHead(nn.Module):
         act_layer: LayerFactory = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.in_channels = check_positive_int(in_channels, "in_channels")
-        self.num_classes = check_positive_int(num_classes, "num_classes")
-        self.channels = check_positive_int(channels, "channels")
+        in_channels = self.in_channels = check_positive_int(in_channels, "in_channels")
+        num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
+        channels = self.channels = check_positive_int(channels, "channels")
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
         self.norm = norm_layer(channels)
         self.act = act_layer()

@@ -119,11 +119,11 @@ class LocalDistribution(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.num_stages = check_positive_int(num_stages, "num_stages")
-        self.kernel_size = check_positive_int(kernel_size, "kernel_size")
-        self.padding = check_positive_int(padding, "padding", minimum=0)
-        self.offset = check_float(offset, "offset")
+        channels = self.channels = check_positive_int(channels, "channels")
+        num_stages = self.num_stages = check_positive_int(num_stages, "num_stages")
+        kernel_size = self.kernel_size = check_positive_int(kernel_size, "kernel_size")
+        padding = self.padding = check_positive_int(padding, "padding", minimum=0)
+        offset = self.offset = check_float(offset, "offset")
         self.final_act = bool(final_act)
         self.impl = _check_impl(impl)
         self.grad_checkpointing = False

@@ -263,6 +263,37 @@ def render_runs(results: list[dict[str, Any]]) -> str:
         f"{_machine(results)} Speed: times faster than the authors' formulation (95 % interval; "
         "the two medians); saved: bytes saved for backward relative to the authors.\n\n"
         + _table(headers, rows)
+        + "\n\n"
+        + _runs_range(results)
+    )
+
+
+def _runs_range(results: list[dict[str, Any]]) -> str:
+    """The range of each figure over the runs, so that a reader sees the worst run too."""
+    ckpt = "gald, grad checkpointing"
+
+    def span(values: list[float], unit: str) -> str:
+        low, high = min(values), max(values)
+        return (
+            f"{low:.2f}{unit}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}{unit}"
+        )
+
+    def speeds(kind: str, who: str) -> list[float]:
+        return [r["ld"][kind][who]["speedup_vs_authors"]["ratio"] for r in results]
+
+    def saved(who: str) -> list[float]:
+        return [
+            r["ld"]["memory"][who]["saved_bytes"] / r["ld"]["memory"]["authors"]["saved_bytes"]
+            for r in results
+        ]
+
+    return (
+        f"Over these {len(results)} runs, against the authors' formulation (median ratios; "
+        "above 1 is faster): train step "
+        f"{span(speeds('train_step', 'gald'), 'x')}, with checkpointing "
+        f"{span(speeds('train_step', ckpt), 'x')}; inference "
+        f"{span(speeds('inference', 'gald'), 'x')}; bytes saved for backward "
+        f"{span(saved('gald'), 'x')}, with checkpointing {span(saved(ckpt), 'x')}."
     )
 
 

@@ -114,9 +114,9 @@ def export_onnx(
 ) -> Path:
     """Export ``module`` (in eval mode) to an ONNX file of standard operators only.
 
-    After export the file is checked:
-    standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
-    ``RuntimeError``. Nothing is exported silently wrong.
+    After export the file's structure is checked: standard operator domains only, opset >= 17
+    and the requested axes dynamic; otherwise ``RuntimeError``. Whether onnxruntime computes
+    what eager PyTorch does is :func:`verify_onnx`'s check, a separate call.
 
     Args:
         module: the model; must be in eval mode (``module.eval()``). It may return a tensor

@@ -104,7 +104,7 @@ class ASPP(nn.Module):
         pool_norm_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        channels = self.channels = check_positive_int(channels, "channels")
         self.out_channels = check_positive_int(
             channels if out_channels is None else out_channels, "out_channels"
         )
@@ -113,8 +113,8 @@ class ASPP(nn.Module):
         if pool_norm_layer is not None:
             check_factory(pool_norm_layer, "pool_norm_layer")
         self.rates = check_positive_int_sequence(rates, "rates")
-        self.inner_channels = check_positive_int(inner_channels, "inner_channels")
-        self.dropout = check_probability(dropout, "dropout")
+        inner_channels = self.inner_channels = check_positive_int(inner_channels, "inner_channels")
+        dropout = self.dropout = check_probability(dropout, "dropout")
         inner = self.inner_channels
         self.branch_1x1 = conv_norm_act(
             channels, inner, kernel_size=1, dilation=1, norm_layer=norm_layer, act_layer=act_layer

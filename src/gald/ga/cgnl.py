@@ -73,11 +73,11 @@ class CGNL(nn.Module):
         act_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        channels = self.channels = check_positive_int(channels, "channels")
         if inter_channels is None:
             inter_channels = channels // 2
-        self.inter_channels = check_positive_int(inter_channels, "inter_channels")
-        self.groups = check_positive_int(groups, "groups")
+        inter_channels = self.inter_channels = check_positive_int(inter_channels, "inter_channels")
+        groups = self.groups = check_positive_int(groups, "groups")
         check_divisible(channels, groups, "channels", "groups")
         check_divisible(self.inter_channels, groups, "inter_channels", "groups")
         self.use_scale = bool(use_scale)

@@ -59,9 +59,9 @@ class CrissCrossAttention(nn.Module):
 
     def __init__(self, channels: int, *, recurrence: int = 2, reduction: int = 8) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.recurrence = check_positive_int(recurrence, "recurrence")
-        self.reduction = check_positive_int(reduction, "reduction")
+        channels = self.channels = check_positive_int(channels, "channels")
+        recurrence = self.recurrence = check_positive_int(recurrence, "recurrence")
+        reduction = self.reduction = check_positive_int(reduction, "reduction")
         if channels // reduction < 1:
             raise ValueError(
                 f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "

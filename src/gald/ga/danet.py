@@ -139,8 +139,8 @@ class DualAttention(nn.Module):
         branches: Sequence[str] = _BRANCHES,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.reduction = check_positive_int(reduction, "reduction")
+        channels = self.channels = check_positive_int(channels, "channels")
+        reduction = self.reduction = check_positive_int(reduction, "reduction")
         if isinstance(branches, str) or not isinstance(branches, Sequence):
             raise TypeError(
                 "branches must be a tuple or list of branch names from ('pam', 'cam'), "

@@ -169,8 +169,8 @@ class DualGCN(nn.Module):
         act_layer: LayerFactory = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.ratio = check_positive_int(ratio, "ratio")
+        channels = self.channels = check_positive_int(channels, "channels")
+        ratio = self.ratio = check_positive_int(ratio, "ratio")
         if channels // ratio < 1:
             raise ValueError(
                 f"ratio must be <= channels so that channels // ratio >= 1 node, "

@@ -115,9 +115,9 @@ class EMA(nn.Module):
         act_layer: LayerFactory = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.num_bases = check_positive_int(num_bases, "num_bases")
-        self.iterations = check_positive_int(iterations, "iterations")
+        channels = self.channels = check_positive_int(channels, "channels")
+        num_bases = self.num_bases = check_positive_int(num_bases, "num_bases")
+        iterations = self.iterations = check_positive_int(iterations, "iterations")
         momentum = check_float(momentum, "momentum")
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")

@@ -115,7 +115,7 @@ class GlobalContext(nn.Module):
         bottleneck_norm_layer: LayerFactory = channel_layer_norm,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        channels = self.channels = check_positive_int(channels, "channels")
         ratio = check_float(ratio, "ratio")
         if not ratio > 0:
             raise ValueError(f"ratio must be > 0, got {ratio}")

@@ -91,7 +91,7 @@ class GloRe(nn.Module):
         act_layer: LayerFactory = nn.ReLU,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        channels = self.channels = check_positive_int(channels, "channels")
         self.num_state = check_positive_int(
             max(1, channels // 2) if num_state is None else num_state, "num_state"
         )

@@ -152,8 +152,8 @@ class NonLocal2d(nn.Module):
         chunk_elements: int = 1 << 22,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
-        self.reduction = check_positive_int(reduction, "reduction")
+        channels = self.channels = check_positive_int(channels, "channels")
+        reduction = self.reduction = check_positive_int(reduction, "reduction")
         if channels // reduction < 1:
             raise ValueError(
                 f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
@@ -168,7 +168,7 @@ class NonLocal2d(nn.Module):
         self.use_scale = bool(use_scale)
         self.sub_sample = bool(sub_sample)
         self.zero_init = bool(zero_init)
-        self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
+        chunk_elements = self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
         for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
             if factory is not None:
                 check_factory(factory, name)

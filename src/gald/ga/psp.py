@@ -124,7 +124,7 @@ class PyramidPooling(nn.Module):
         pool_norm_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
-        self.channels = check_positive_int(channels, "channels")
+        channels = self.channels = check_positive_int(channels, "channels")
         self.out_channels = check_positive_int(
             channels if out_channels is None else out_channels, "out_channels"
         )
@@ -140,7 +140,9 @@ class PyramidPooling(nn.Module):
                     "branch needs channels // len(bins) >= 1 (or pass branch_channels)"
                 )
             branch_channels = channels // len(self.bins)
-        self.branch_channels = check_positive_int(branch_channels, "branch_channels")
+        branch_channels = self.branch_channels = check_positive_int(
+            branch_channels, "branch_channels"
+        )
         if not isinstance(align_corners, bool):
             raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
         self.align_corners = align_corners

@@ -204,7 +204,7 @@ class GALDNet(nn.Module):
         norm_layer: LayerFactory = nn.BatchNorm2d,
     ) -> None:
         super().__init__()
-        self.num_classes = check_positive_int(num_classes, "num_classes")
+        num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
         self.in_features = _check_in_features(in_features)
         explicit = _check_in_channels(in_channels)
         if backbone is None:
