@@ -163,7 +163,9 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     )
     assert rc == 0
     assert torch.get_num_threads() == threads  # restored
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "seed 1   ld: large" in captured.err and "seed 1" not in out  # progress on stderr
     first = out.splitlines()[:3]
     assert "minutes" in first[1] and "says little about full-size training" in first[2]
     assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out

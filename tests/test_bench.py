@@ -238,7 +238,12 @@ def test_overhead_wording() -> None:
     slower = Ratio.of(tight_b, tight_a)
     assert format_speed(slower) == "2.00x slower"
     noisy = Ratio.of(loose, tight_a)
-    assert noisy.within_noise and format_overhead(noisy) == "within noise (spread > 100 %)"
+    # an interval that contains 0 but spans more than a factor of 2 is no figure either
+    assert noisy.within_noise and noisy.verdict == "too noisy"
+    assert format_overhead(noisy).startswith("too noisy")
+    assert format_overhead(Ratio(1.5, 2.0)) == "too noisy: +50 % [-50, +350]"
+    assert format_speed(Ratio(1.5, 2.0)) == "too noisy (2x slower to 4.5x faster)"
+    assert format_speed(Ratio(1 / 1.5, 2.0)) == "too noisy (4.5x slower to 2x faster)"
     # rounds that disagree widen the interval beyond what the blocks alone say
     steady = Stats([1.0] * 9, round_medians=[1.0, 1.0, 1.0])
     drifting = Stats(
@@ -422,6 +427,20 @@ def test_ablation_options_are_forwarded(monkeypatch) -> None:
     monkeypatch.setattr(gald.bench, "ablation", fake, raising=False)
     assert main(["--ablation", "--seeds", "2", "--shape", "1,2,3"]) == 7
     assert seen == [["--seeds", "2", "--shape", "1,2,3"]]
+
+
+def test_options_are_not_abbreviated(capsys) -> None:
+    # argparse would read "--abl" as --ablation and then run the timing benchmark
+    with pytest.raises(SystemExit) as info:
+        main(["--abl"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --abl" in capsys.readouterr().err
+    from gald.bench import ablation
+
+    with pytest.raises(SystemExit) as info:
+        ablation.main(["--see", "2"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --see" in capsys.readouterr().err
 
 
 def test_busy_note_from_cpus_in_use_and_load_average(monkeypatch) -> None:

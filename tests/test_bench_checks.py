@@ -162,7 +162,16 @@ def test_ablation_offset_accepts_finite_numbers(monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("value", "half"),
-    [(43.46, 0.98), (43.46, 0.3), (2.0, 0.45), (2.0, 0.3), (1.3, 0.4), (1.05, 0.01), (3.0, 0.5)],
+    [
+        (43.46, 0.98),
+        (43.46, 0.3),
+        (2.0, 0.45),
+        (2.0, 0.3),
+        (1.3, 0.4),
+        (1.05, 0.01),
+        (3.0, 0.5),
+        (1.2, 0.6),  # too noisy, and the interval contains 1
+    ],
 )
 def test_a_ratio_and_its_inverse_get_the_same_verdict(value, half) -> None:
     r, inv = Ratio(value, half), Ratio(1 / value, half)

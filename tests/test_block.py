@@ -84,6 +84,47 @@ def test_ga_module_forms() -> None:
     torch.testing.assert_close(custom(x), 0.5 * x)
 
 
+class _ForwardsKwargs(nn.Module):
+    """A user's GA that forwards ``**kwargs`` to its conv: GALD must not inject into it."""
+
+    def __init__(self, channels: int, **kwargs: object) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class _NamesNorm(nn.Module):
+    def __init__(self, channels: int, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__()
+        self.norm = norm_layer(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def test_norm_and_act_reach_only_a_ga_that_names_them() -> None:
+    block = gald.GALD(8, _ForwardsKwargs, norm_layer=nn.SyncBatchNorm, act_layer=nn.GELU)
+    assert isinstance(block.ga, _ForwardsKwargs) and block.out_channels == 8
+    named = gald.GALD(8, _NamesNorm, norm_layer=nn.SyncBatchNorm)
+    assert isinstance(named.ga.norm, nn.SyncBatchNorm)
+    kept = gald.GALD(
+        8, _NamesNorm, norm_layer=nn.SyncBatchNorm, ga_kwargs={"norm_layer": nn.Identity}
+    )
+    assert isinstance(kept.ga.norm, nn.Identity)  # ga_kwargs wins
+
+
+def test_a_failed_build_names_what_gald_passed() -> None:
+    def broken_norm(channels: int) -> nn.Module:
+        raise ValueError(f"no norm for {channels}")
+
+    with pytest.raises(
+        ValueError, match=r"ga_kwargs=\{\} \(GALD also passed norm_layer=broken_norm\)"
+    ):
+        gald.GALD(8, _NamesNorm, norm_layer=broken_norm)
+
+
 def test_ga_module_errors() -> None:
     with pytest.raises(ValueError, match="unknown GA module 'nope'"):
         gald.GALD(8, "nope")

@@ -246,6 +246,12 @@ def test_errors() -> None:
         gald.ld_statistics(ld, [3])
     with pytest.raises(TypeError, match="model"):
         gald.ld_statistics("model", [torch.randn(1, 3, 4, 4)])  # type: ignore[arg-type]
+    with pytest.raises(
+        TypeError, match=r"got a single tensor of shape \(1, 3, 4, 4\); .*\[batch\]"
+    ):
+        gald.ld_statistics(ld, torch.randn(1, 3, 4, 4))
+    with pytest.raises(TypeError, match="got a single mapping"):
+        gald.ld_statistics(ld, {"image": torch.randn(1, 3, 4, 4)})
 
 
 def test_uncalled_ld_reported_as_not_called() -> None:

@@ -407,9 +407,17 @@ def test_check_gald_with_a_width_changing_layer() -> None:
         out_channels=12,
         only=("shapes",),
     )
-    # declared as width-keeping: GALD refuses to build it
-    with pytest.raises(ValueError, match="out_channels"):
-        check_gald(widen, in_channels=C, only=("shapes",))
+    # without out_channels, the width GALD infers (a dry run) is the one checked
+    assert check_gald(widen, in_channels=C, only=("shapes",)) == ["shapes"]
+    # a wrong explicit width: GALD refuses to build the block
+    with pytest.raises(ValueError, match=r"out_channels=10 does not match .* returns 12"):
+        check_gald(widen, in_channels=C, out_channels=10, only=("shapes",))
+
+
+def test_check_gald_failure_names_check_gald() -> None:
+    with pytest.raises(AssertionError, match=r"^state_dict: ") as info:
+        check_gald(StateOutsideStateDict, in_channels=C, only=("state_dict",))
+    assert str(info.value).endswith("(pass state_dict=False to check_gald to skip this property)")
 
 
 def test_check_gald_arguments() -> None:

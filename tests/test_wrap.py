@@ -52,6 +52,26 @@ def test_wrap_psp_attribute_path_128_to_256() -> None:
     model.train()
     model(torch.randn(2, 3, 48, 48)).sum().backward()
     assert block.ld is not None and block.ld.branch[0][0].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 48, 48))
+    assert out.shape == (1, 3, 48, 48) and torch.isfinite(out).all()
+
+
+def test_wrap_full_width_aspp_2048_to_256() -> None:
+    # torchvision's DeepLabV3 head widths: ASPP 2048 -> 256 at rates (12, 24, 36)
+    head = nn.Sequential(si.ASPP(2048, (12, 24, 36), out_channels=256), nn.Conv2d(256, 3, 1))
+    gald.wrap(head, "0")
+    block = head[0]
+    assert (block.in_channels, block.out_channels) == (2048, 256)
+    x = torch.randn(2, 2048, 9, 9, requires_grad=True)
+    head.train()
+    head(x).square().mean().backward()
+    assert x.grad is not None and block.ld is not None
+    assert block.ld.branch[0][0].weight.grad is not None
+    head.eval()
+    with torch.no_grad():
+        assert head(x[:1]).shape == (1, 3, 9, 9)
 
 
 def test_gald_width_changing_registry_ga() -> None:
@@ -404,6 +424,21 @@ def test_an_inferred_width_is_named_as_inferred() -> None:
         gald.wrap(model, "0")
     assert type(info.value) is ValueError and isinstance(model[0], _ProjectionFirst)
     assert gald.wrap(model, "0", in_channels=64)[0].out_channels == 16
+
+
+def test_a_wrong_out_channels_is_not_blamed_on_the_inferred_in_channels() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Conv2d(8, 16, 1))
+    with pytest.raises(ValueError, match=r"^out_channels=4 does not match") as info:
+        gald.wrap(model, "1", out_channels=4)
+    assert "was inferred" not in str(info.value) and isinstance(model[1], nn.Conv2d)
+
+
+def test_a_lazy_conv_not_run_yet_is_named() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.LazyConv2d(8, 1), nn.ReLU()))
+    with pytest.raises(ValueError, match=r"'0' is a lazy module not run yet; run the model once"):
+        gald.wrap(model, "1")
+    model(torch.randn(1, 3, 8, 8))  # the lazy conv learns its width
+    assert gald.wrap(model, "1")[1].in_channels == 8
 
 
 def test_out_channels_given_once_and_kept() -> None:

@@ -53,6 +53,12 @@ def _infer_in_channels(module: nn.Module) -> tuple[int, str]:
         # a scripted module keeps its submodules' attributes, under their original class names
         if isinstance(sub, nn.Conv2d) or getattr(sub, "original_name", None) == "Conv2d":
             width = getattr(sub, "in_channels", None)
+            if isinstance(sub, nn.modules.lazy.LazyModuleMixin) and sub.has_uninitialized_params():
+                raise ValueError(
+                    f"cannot infer the input channels of {type(module).__name__}: its first "
+                    f"registered Conv2d {sub_name!r} is a lazy module not run yet; run the "
+                    "model once before wrapping, or pass in_channels"
+                )
             if isinstance(width, int):
                 return width, f"its first registered Conv2d {sub_name!r}"
     raise ValueError(
@@ -110,8 +116,9 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         try:
             block = GALD(in_channels, target, **gald_kwargs)
         except ValueError as exc:
-            if f"in_channels={in_channels}" not in str(exc):
-                raise  # not about the width
+            message = str(exc)
+            if f"in_channels={in_channels}" not in message or message.startswith("out_channels="):
+                raise  # not about the input width
             raise ValueError(
                 f"wrap({name!r}): in_channels={in_channels} was inferred from {source}; if the "
                 f"module takes another width, pass it as wrap(..., in_channels=...). {exc}"

@@ -36,12 +36,19 @@ _PROBE_SIDES = (16, 33, 65)
 
 
 def _accepts(cls: type, name: str) -> bool:
-    """Whether ``cls(...)`` takes a keyword argument ``name``."""
+    """Whether ``cls(...)`` names a keyword argument ``name`` in its signature. A ``**kwargs``
+    does not count: what it accepts is unknown (it is often forwarded to ``nn.Conv2d``)."""
     try:
         params = inspect.signature(cls).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
         return False
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+    param = params.get(name)
+    return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+
+def _kwargs_text(kwargs: dict[str, Any]) -> str:
+    """``norm_layer=BatchNorm2d, out_channels=32``: classes and functions by their name."""
+    return ", ".join(f"{k}={getattr(v, '__name__', repr(v))}" for k, v in kwargs.items())
 
 
 def _label(module: nn.Module) -> str:
@@ -229,9 +236,11 @@ def _build_ga(
     except (ValueError, TypeError) as exc:
         accepted = _accepted_widths(cls, kwargs)
         hint = f"; in_channels it accepts: {accepted}" if accepted else ""
+        added = {k: v for k, v in kwargs.items() if k not in ga_kwargs}
+        passed = f" (GALD also passed {_kwargs_text(added)})" if added else ""
         raise type(exc)(
             f"GALD: the GA {name!r} cannot be built with in_channels={in_channels} and "
-            f"ga_kwargs={dict(ga_kwargs)}{hint} ({exc})"
+            f"ga_kwargs={dict(ga_kwargs)}{passed}{hint} ({exc})"
         ) from exc
     if own:
         declared = getattr(ga, "out_channels", in_channels)
@@ -300,8 +309,9 @@ class GALD(nn.Module):
         kernel_size: LD conv kernel (default 3).
         final_act: activation after the last LD stage (default ``True``, as the authors).
         norm_layer: normalisation factory for ``down``, the LD and every GA that builds norms
-            (``nn.SyncBatchNorm`` for multi-GPU training); passed to a GA whose constructor has
-            a ``norm_layer`` argument, unless ``ga_kwargs`` sets it.
+            (``nn.SyncBatchNorm`` for multi-GPU training); passed to a GA whose constructor
+            names a ``norm_layer`` argument (a ``**kwargs`` does not count), unless
+            ``ga_kwargs`` sets it.
         act_layer: activation factory, passed on in the same way.
         init: ``"default"`` or ``"identity"`` (see above).
         impl: LD kernel choice, ``"auto"``, ``"triton"`` or ``"torch"`` (see

@@ -309,6 +309,7 @@ def ld_statistics(
         ``samples == 0`` and NaN statistics.
 
     Raises:
+        TypeError: ``batches`` is a single tensor or mapping rather than an iterable of batches.
         ValueError: the model has no LD, ``batches`` is empty, or ``max_batches < 1``.
 
     Example:
@@ -324,6 +325,16 @@ def ld_statistics(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(batches, (torch.Tensor, Mapping)):  # iterating it would yield its rows / keys
+        what = (
+            f"a single tensor of shape {tuple(batches.shape)}"
+            if isinstance(batches, torch.Tensor)
+            else "a single mapping"
+        )
+        raise TypeError(
+            f"batches must be an iterable of batches (a list or a DataLoader), got {what}; "
+            "for one batch pass [batch]"
+        )
     if max_batches is not None:
         max_batches = check_positive_int(max_batches, "max_batches")
     lds = [(name, m) for name, m in model.named_modules() if isinstance(m, LocalDistribution)]

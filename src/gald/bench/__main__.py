@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m gald.bench",
         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        # options are spelt out: "--abl" must not quietly run the timing benchmark
+        allow_abbrev=False,
     )
     # a text default: argparse converts it with ``type`` and --help shows it as typed
     parser.add_argument("--shape", type=_shape, default="2,512,97,97", help="input size B,C,H,W")

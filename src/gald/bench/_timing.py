@@ -161,16 +161,17 @@ class Ratio:
 
     @property
     def verdict(self) -> str:
-        """What a table may say, by one rule for every table: ``"spread unknown"``, ``"within
-        noise"`` (the interval contains 1), ``"too noisy"`` (its ends differ by a factor of
-        :data:`NOISY_FACTOR` or more: no usable figure) or ``"measured"``. The same for
-        ``a / b`` and ``b / a``: their intervals are reciprocal."""
+        """What a table may say, by one rule for every table: ``"spread unknown"``, ``"too
+        noisy"`` (the interval's ends differ by a factor of :data:`NOISY_FACTOR` or more: no
+        usable figure, whether or not it contains 1), ``"within noise"`` (a narrower interval
+        that contains 1) or ``"measured"``. The same for ``a / b`` and ``b / a``: their
+        intervals are reciprocal."""
         if math.isnan(self.rel_halfwidth):
             return "spread unknown"
-        if self.within_noise:
-            return "within noise"
         if (1.0 + self.rel_halfwidth) ** 2 >= NOISY_FACTOR:
             return "too noisy"
+        if self.within_noise:
+            return "within noise"
         return "measured"
 
     def as_dict(self) -> dict[str, Any]:
@@ -199,8 +200,6 @@ def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
         return f"{pct:+.1f} % (spread unknown)"
     lo, hi = 100.0 * (r.low - 1.0), 100.0 * (r.high - 1.0)
     if verdict == "within noise":
-        if hi - lo >= 100:
-            return "within noise (spread > 100 %)"
         digits = 0 if hi - lo >= 10 else 1
         return f"within noise [{lo:+.{digits}f}, {hi:+.{digits}f} %]"
     if verdict == "too noisy":
@@ -223,6 +222,8 @@ def format_speed(r: Ratio) -> str:
     faster = r.value >= 1.0
     word = "faster" if faster else "slower"
     if verdict == "too noisy":
+        if r.within_noise:  # the interval runs from slower to faster
+            return f"too noisy ({1.0 / r.low:.2g}x slower to {r.high:.2g}x faster)"
         low, high = (r.low, r.high) if faster else (1.0 / r.high, 1.0 / r.low)
         return f"too noisy ({low:.2g}x–{high:.2g}x {word})"
     return f"{r.value if faster else 1.0 / r.value:.2f}x {word}"

@@ -350,6 +350,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m gald.bench --ablation",
         description="Paired-seed ablation of the GALD head's context slot: none / GA / GA + LD "
         "on a synthetic segmentation task (CPU scale; says little about full-size training).",
+        allow_abbrev=False,
     )
     p.add_argument("--ga", default=d.ga, choices=list_ga(), help=f"GA module (default {d.ga})")
     p.add_argument("--seeds", type=int, default=d.seeds, help=f"paired seeds (default {d.seeds})")
@@ -462,7 +463,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         sys.stdout.flush()
         env = environment(torch.device("cpu"), torch.get_num_threads())
-        res = run(cfg, log=(lambda line: None) if args.quiet else print)
+        # per-seed progress on stderr, as the timing benchmark's: stdout holds the report
+        res = run(
+            cfg,
+            log=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+        )
     finally:
         torch.set_num_threads(threads_before)
     res["command"] = " ".join(["python -m gald.bench --ablation", *map(shlex.quote, argv)])

@@ -651,8 +651,9 @@ def check_gald(
 
     ``ga_factory`` is a registry name, an ``nn.Module`` class (GALD builds it, passing its norm
     and activation where the class takes them) or a callable ``in_channels -> nn.Module``. A GA
-    that changes the width (``in_channels -> out_channels``) is checked with ``out_channels=``,
-    which is also passed to ``GALD`` (``in_channels`` when omitted). ``gald_kwargs`` go to
+    that changes the width (``in_channels -> out_channels``) is checked at the width GALD
+    infers for it (a dry run, as :class:`gald.GALD` does), or at ``out_channels=`` when given,
+    which is also passed to ``GALD``. ``gald_kwargs`` go to
     ``GALD``; every other keyword goes to :func:`check_ga` (the block's ``min_size`` attribute
     sets the smallest map checked). The width is ``in_channels``, not ``check_ga``'s
     ``channels``.
@@ -677,10 +678,6 @@ def check_gald(
     if "out_channels" in extra:
         raise ValueError("pass out_channels to check_gald directly, not inside gald_kwargs")
     in_channels = check_positive_int(in_channels, "in_channels")
-    # always explicit: GALD then never has to infer the width of a module instance
-    extra["out_channels"] = (
-        in_channels if out_channels is None else check_positive_int(out_channels, "out_channels")
-    )
     if not isinstance(ga_factory, str):
         _as_factory(ga_factory)
 
@@ -690,4 +687,24 @@ def check_gald(
             ga = ga_factory(c)
         return GALD(c, ga, **extra)
 
-    return check_ga(build, channels=in_channels, out_channels=extra["out_channels"], **check_kwargs)
+    if out_channels is None:
+        # GALD infers the width once, as it would for the user; a build that fails here fails
+        # again, as a labelled construction failure, inside check_ga
+        try:
+            width = getattr(build(in_channels), "out_channels", in_channels)
+        except Exception:  # noqa: BLE001 - reported by check_ga's own construction
+            width = in_channels
+    else:
+        width = check_positive_int(out_channels, "out_channels")
+    # then explicit: the blocks check_ga builds do not each run GALD's dry run
+    extra["out_channels"] = width
+    try:
+        return check_ga(build, channels=in_channels, out_channels=width, **check_kwargs)
+    except AssertionError as exc:
+        if not getattr(exc, _LABELLED, False):
+            raise
+        failure = AssertionError(
+            str(exc).replace("False to check_ga to skip", "False to check_gald to skip")
+        )
+        setattr(failure, _LABELLED, True)
+        raise failure.with_traceback(exc.__traceback__) from exc.__cause__
