@@ -53,7 +53,7 @@ def _infer_in_channels(module: nn.Module) -> tuple[int, str]:
         # a scripted module keeps its submodules' attributes, under their original class names
         if isinstance(sub, nn.Conv2d) or getattr(sub, "original_name", None) == "Conv2d":
             width = getattr(sub, "in_channels", None)
-            if isinstance(sub, nn.modules.lazy.LazyModuleMixin) and sub.has_uninitialized_params():
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in sub.parameters()):
                 raise ValueError(
                     f"cannot infer the input channels of {type(module).__name__}: its first "
                     f"registered Conv2d {sub_name!r} is a lazy module not run yet; run the "

@@ -692,7 +692,7 @@ def check_gald(
         # again, as a labelled construction failure, inside check_ga
         try:
             width = getattr(build(in_channels), "out_channels", in_channels)
-        except Exception:  # noqa: BLE001 - reported by check_ga's own construction
+        except Exception:  # reported by check_ga's own construction, labelled
             width = in_channels
     else:
         width = check_positive_int(out_channels, "out_channels")
