@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._amp import compute_dtype
 from .._modes import eval_mode
 from .._validate import (
     check_feature,
@@ -77,8 +78,9 @@ def _slide(
                 flipped = _logits(model(tile.flip(-1)), num_classes, crop).flip(-1)
                 logits = (logits + flipped) / 2
             if total is None:
-                dtype = torch.promote_types(logits.dtype, torch.float32)
-                total = logits.new_zeros(batch, num_classes, height, width, dtype=dtype)
+                total = logits.new_zeros(
+                    batch, num_classes, height, width, dtype=compute_dtype(logits.dtype)
+                )
             total[:, :, y : y + h, x : x + w] += logits[:, :, :h, :w]
             count[:, :, y : y + h, x : x + w] += 1
     assert total is not None  # at least one window

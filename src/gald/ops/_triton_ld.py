@@ -359,7 +359,8 @@ if TRITON_AVAILABLE:
 
 
 def _compute_dtype(dtype: torch.dtype) -> object:
-    return tl.float64 if dtype == torch.float64 else tl.float32
+    """The Triton spelling of :func:`gald._amp.compute_dtype` (the one place that decides)."""
+    return {torch.float32: tl.float32, torch.float64: tl.float64}[compute_dtype(dtype)]
 
 
 def _offset_tensor(offset: float, x: torch.Tensor) -> torch.Tensor:
