@@ -90,7 +90,7 @@ def t95(df: int) -> float:
 
 
 # measured at the default size with --threads 1 on a 2-core x86 CPU shared with other work
-DEFAULT_MINUTES = "a few minutes on a 2-core CPU (about 3 min measured with --threads 1)"
+DEFAULT_MINUTES = "a few minutes on a 2-core CPU (1.3 to 3.8 min measured on two such machines)"
 
 
 @dataclass(frozen=True)
