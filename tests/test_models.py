@@ -32,7 +32,7 @@ class MyNorm(nn.BatchNorm2d):
 @pytest.fixture(scope="module")
 def r50_os16_plain_stem() -> DilatedResNet:
     return DilatedResNet(
-        50, output_stride=16, multi_grid=(1, 2), deep_stem=False, norm_layer=MyNorm
+        50, output_stride=16, multi_grid=(1, 2, 1), deep_stem=False, norm_layer=MyNorm
     ).eval()
 
 
@@ -67,7 +67,7 @@ def test_output_stride_16_and_plain_stem(r50_os16_plain_stem: DilatedResNet) -> 
     assert net.bn1.num_features == 64 and net.layer1[0].conv1.in_channels == 64
     assert net.layer3[0].conv2.stride == (2, 2)
     assert {b.conv2.dilation for b in net.layer3} == {(1, 1)}
-    # multi-grid applies cyclically: (1, 2) over three blocks at base dilation 2
+    # multi-grid (1, 2, 1) over the three blocks at base dilation 2
     assert [b.conv2.dilation for b in net.layer4] == [(2, 2), (4, 4), (2, 2)]
     with torch.no_grad():
         c3, c4 = net(torch.randn(1, 3, 64, 48))
@@ -81,6 +81,12 @@ def test_norm_layer_factory(r50_os16_plain_stem: DilatedResNet) -> None:
     assert len(norms) == 1 + 4 + 3 * 16  # bn1, downsamples, three per block
 
 
+def test_one_multi_grid_factor_for_every_block() -> None:
+    with torch.device("meta"):
+        net = DilatedResNet(50, multi_grid=(2,))
+    assert [b.conv2.dilation for b in net.layer4] == [(8, 8)] * 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -89,7 +95,9 @@ def test_norm_layer_factory(r50_os16_plain_stem: DilatedResNet) -> None:
         ({"depth": 50.0}, TypeError, "depth must be an int, got float 50.0"),
         ({"output_stride": 8.0}, TypeError, "output_stride must be an int, got float 8.0"),
         ({"depth": True}, TypeError, "depth must be an int, got bool"),
-        ({"multi_grid": ()}, ValueError, "multi_grid must hold at least one"),
+        ({"multi_grid": ()}, ValueError, r"one dilation factor per layer4 block \(3\) .* got 0"),
+        ({"multi_grid": (1, 2)}, ValueError, r"or one for all of them, got 2: \(1, 2\)"),
+        ({"multi_grid": (1, 2, 4, 8)}, ValueError, "or one for all of them, got 4"),
         ({"multi_grid": (1, 0)}, ValueError, r"multi_grid\[\] must be >= 1, got 0"),
         ({"deep_stem": 1}, TypeError, "deep_stem must be a bool"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +196,34 @@ def test_huge_ints_and_unordered_or_scalar_sequences_are_named() -> None:
         with pytest.raises(TypeError, match=f"rates must be a sequence of ints, got {got}"):
             check_positive_int_sequence(value, "rates")
     assert check_positive_int_sequence(torch.tensor([6, 12]), "rates") == (6, 12)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda: gald.GALD(16, "gc", ld="no"), "ld must be a bool, got str 'no'"),
+        (lambda: gald.GALD(16, "gc", downsample=1), "downsample must be a bool, got int 1"),
+        (lambda: gald.LocalDistribution(8, final_act="no"), "final_act must be a bool, got str"),
+        (lambda: gald.create_ga("nonlocal", 8, zero_init=None), "zero_init must be a bool"),
+        (lambda: gald.create_ga("nonlocal", 8, sub_sample=0), "sub_sample must be a bool"),
+        (lambda: gald.create_ga("cgnl", 16, use_scale=1), "use_scale must be a bool, got int"),
+        (lambda: gald.GALD(16, "gc", init=1), r"init must be a str, one of \('default', "),
+        (lambda: gald.GALD(16, "gc", impl=1), r"impl must be a str, one of \('auto', "),
+        (lambda: gald.LocalDistribution(8, impl=None), r"impl must be a str, one of"),
+    ],
+)
+def test_truth_values_and_choices_are_not_guessed(build: Any, match: str) -> None:
+    with pytest.raises(TypeError, match=match):
+        build()
+
+
+def test_choices_name_the_valid_strings() -> None:
+    with pytest.raises(ValueError, match=r"init must be one of \('default', 'identity'\), got 'x'"):
+        gald.GALD(16, "gc", init="x")
+    with pytest.raises(ValueError, match=r"impl must be one of \('auto', 'triton', 'torch'\)"):
+        gald.LocalDistribution(8, impl="cuda")
+
+
+def test_danet_refuses_a_reduction_that_leaves_no_channels() -> None:
+    with pytest.raises(ValueError, match=r"reduction=64 leaves no channels: .* channels=16"):
+        gald.create_ga("danet", 16, reduction=64)

@@ -33,6 +33,8 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ._validate import check_bool
+
 __all__ = ["fuse", "fuse_conv_bn"]
 
 
@@ -169,8 +171,7 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    if not isinstance(inplace, bool):
-        raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    check_bool(inplace, "inplace")
     if module.training:
         raise ValueError(
             f"fuse: module ({type(module).__name__}) must be in eval mode (call module.eval() "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 import operator
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
@@ -148,6 +148,26 @@ def check_size_pair(value: object, name: str) -> tuple[int, int]:
 def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> None:
     if value % divisor != 0:
         raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
+
+
+def check_bool(value: object, name: str) -> bool:
+    """``value`` if it is a bool; a ``TypeError`` naming ``name`` otherwise (``"no"``, ``1`` or
+    ``None`` are not read as truth values)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of the strings ``choices``: a ``TypeError`` for a non-string, a
+    ``ValueError`` for another string, both naming ``name`` and the choices."""
+    if not isinstance(value, str):
+        raise TypeError(
+            f"{name} must be a str, one of {tuple(choices)}, got {type(value).__name__} {value!r}"
+        )
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
 
 
 def check_factory(value: object, name: str) -> Callable[..., Any]:

@@ -18,6 +18,8 @@ from ._layers import LayerFactory, depthwise_stage
 from ._modes import eval_mode
 from ._validate import (
     PADDING_REMEDY,
+    check_bool,
+    check_choice,
     check_factory,
     check_feature,
     check_float,
@@ -351,10 +353,11 @@ class GALD(nn.Module):
         padding = self.padding = check_positive_int(padding, "padding", minimum=0)
         if ga_kwargs is not None and not isinstance(ga_kwargs, Mapping):
             raise TypeError(f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {init!r}")
-        if impl not in IMPLS:
-            raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        init = check_choice(init, "init", INITS)
+        impl = check_choice(impl, "impl", IMPLS)
+        ld = check_bool(ld, "ld")
+        if downsample is not None:
+            check_bool(downsample, "downsample")
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")
         if downsample is None:
@@ -371,7 +374,7 @@ class GALD(nn.Module):
         given += ["impl"] if impl != "auto" else []
         if not ld and given:
             raise ValueError(f"LD arguments {given} given with ld=False")
-        self.downsample = bool(downsample)
+        self.downsample: bool = downsample
         self.init = init
         self.impl = impl
         self.ga, self.out_channels = _build_ga(
@@ -456,8 +459,7 @@ class GALD(nn.Module):
         """Recompute the LD branch in backward instead of keeping its activations (timm's
         convention; see :meth:`gald.LocalDistribution.set_grad_checkpointing`). A block built
         with ``ld=False`` has nothing to recompute: the call changes nothing."""
-        if not isinstance(enable, bool):
-            raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+        check_bool(enable, "enable")
         if self.ld is not None:
             self.ld.set_grad_checkpointing(enable)
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._layers import LayerFactory, conv_norm_act
-from ._validate import check_feature, check_positive_int, check_probability
+from ._validate import check_factory, check_feature, check_positive_int, check_probability
 from .block import GALD
 
 
@@ -69,6 +69,8 @@ class GALDHead(nn.Module):
         in_channels = self.in_channels = check_positive_int(in_channels, "in_channels")
         num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
         channels = self.channels = check_positive_int(channels, "channels")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
         dropout = check_probability(dropout, "dropout")
         if "out_channels" in gald_kwargs:
             raise ValueError(
@@ -183,6 +185,8 @@ class AuxHead(nn.Module):
         in_channels = self.in_channels = check_positive_int(in_channels, "in_channels")
         num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
         channels = self.channels = check_positive_int(channels, "channels")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
         self.norm = norm_layer(channels)
         self.act = act_layer()

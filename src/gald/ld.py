@@ -15,7 +15,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
-from ._validate import PADDING_REMEDY, check_feature, check_float, check_positive_int
+from ._validate import (
+    PADDING_REMEDY,
+    check_bool,
+    check_choice,
+    check_factory,
+    check_feature,
+    check_float,
+    check_positive_int,
+)
 from .ops import ld_modulate
 
 __all__ = ["IMPLS", "LocalDistribution", "strided_min_size"]
@@ -47,15 +55,6 @@ class _BuffersKept:
 
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 """Activations whose output is never negative (the gate of an LD ending in one is >= offset+0.5)."""
-
-
-def _check_impl(impl: object) -> str:
-    """``impl`` if it is one of :data:`IMPLS`, else a ``ValueError``/``TypeError`` naming it."""
-    if not isinstance(impl, str):
-        raise TypeError(f"impl must be a str, one of {IMPLS}, got {type(impl).__name__}")
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    return impl
 
 
 class LocalDistribution(nn.Module):
@@ -124,8 +123,10 @@ class LocalDistribution(nn.Module):
         kernel_size = self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         padding = self.padding = check_positive_int(padding, "padding", minimum=0)
         offset = self.offset = check_float(offset, "offset")
-        self.final_act = bool(final_act)
-        self.impl = _check_impl(impl)
+        self.final_act = check_bool(final_act, "final_act")
+        check_factory(norm_layer, "norm_layer")
+        check_factory(act_layer, "act_layer")
+        self.impl = check_choice(impl, "impl", IMPLS)
         self.grad_checkpointing = False
         self.min_size = strided_min_size(num_stages, kernel_size, padding)
         # what to suggest for a too-small input: padding=1 only where it lifts the minimum
@@ -179,8 +180,7 @@ class LocalDistribution(nn.Module):
         buffers untouched, so BatchNorm running statistics are updated once per step, as without
         checkpointing.
         """
-        if not isinstance(enable, bool):
-            raise TypeError(f"enable must be a bool, got {type(enable).__name__}")
+        check_bool(enable, "enable")
         self.grad_checkpointing = enable
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from ._validate import check_positive_int
+from ._validate import check_bool, check_positive_int
 
 _GA_REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -119,8 +119,7 @@ def registered(
     """
     _check_name(name)
     _check_class(cls)
-    if not isinstance(replace, bool):
-        raise TypeError(f"replace must be a bool, got {type(replace).__name__}")
+    check_bool(replace, "replace")
     _ensure_loaded()  # built-ins must not appear for the first time inside the block
     existing = _GA_REGISTRY.get(name)
     if existing is not None and existing is not cls and not replace:

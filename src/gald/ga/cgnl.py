@@ -15,7 +15,13 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_divisible, check_factory, check_feature, check_positive_int
+from .._validate import (
+    check_bool,
+    check_divisible,
+    check_factory,
+    check_feature,
+    check_positive_int,
+)
 from ..registry import register_ga
 
 
@@ -80,7 +86,7 @@ class CGNL(nn.Module):
         groups = self.groups = check_positive_int(groups, "groups")
         check_divisible(channels, groups, "channels", "groups")
         check_divisible(self.inter_channels, groups, "inter_channels", "groups")
-        self.use_scale = bool(use_scale)
+        self.use_scale = check_bool(use_scale, "use_scale")
         for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
             if factory is not None:
                 check_factory(factory, name)

@@ -157,7 +157,12 @@ class DualAttention(nn.Module):
                 f"got {chosen!r}"
             )
         self.branches = tuple(name for name in _BRANCHES if name in chosen)
-        self.inter_channels = max(1, channels // reduction)
+        if channels // reduction < 1:
+            raise ValueError(
+                f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
+                f"got channels={channels}"
+            )
+        self.inter_channels = channels // reduction
         self.pam: _PositionAttention | None = (
             _PositionAttention(channels, self.inter_channels) if "pam" in chosen else None
         )

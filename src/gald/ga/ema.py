@@ -19,7 +19,7 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_float, check_positive_int
+from .._validate import check_bool, check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
 _EPS = 1e-6  # the authors' epsilon, both in the responsibilities and in the L2 norm
@@ -122,8 +122,7 @@ class EMA(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = float(momentum)
-        if not isinstance(em_grad, bool):
-            raise TypeError(f"em_grad must be a bool, got {type(em_grad).__name__}")
+        check_bool(em_grad, "em_grad")
         self.em_grad = em_grad
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

@@ -12,7 +12,7 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_positive_int
+from .._validate import check_bool, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
 
@@ -98,8 +98,7 @@ class GloRe(nn.Module):
         self.num_node = check_positive_int(
             max(1, channels // 4) if num_node is None else num_node, "num_node"
         )
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        check_bool(normalize, "normalize")
         self.normalize = normalize
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_positive_int
+from .._validate import check_bool, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -165,9 +165,9 @@ class NonLocal2d(nn.Module):
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.inter_channels = channels // reduction
         self.mode = mode
-        self.use_scale = bool(use_scale)
-        self.sub_sample = bool(sub_sample)
-        self.zero_init = bool(zero_init)
+        self.use_scale = check_bool(use_scale, "use_scale")
+        self.sub_sample = check_bool(sub_sample, "sub_sample")
+        self.zero_init = check_bool(zero_init, "zero_init")
         chunk_elements = self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
         for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
             if factory is not None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from .._layers import LayerFactory
 from .._validate import (
+    check_bool,
     check_factory,
     check_feature,
     check_positive_int,
@@ -143,8 +144,7 @@ class PyramidPooling(nn.Module):
         branch_channels = self.branch_channels = check_positive_int(
             branch_channels, "branch_channels"
         )
-        if not isinstance(align_corners, bool):
-            raise TypeError(f"align_corners must be a bool, got {type(align_corners).__name__}")
+        check_bool(align_corners, "align_corners")
         self.align_corners = align_corners
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

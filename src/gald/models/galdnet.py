@@ -15,7 +15,7 @@ from torch import nn
 
 from .._layers import LayerFactory
 from .._modes import eval_mode
-from .._validate import check_feature, check_int, check_positive_int
+from .._validate import check_factory, check_feature, check_int, check_positive_int
 from ..head import AuxHead, GALDHead
 from .resnet import DilatedResNet, _check_checkpoint
 
@@ -205,6 +205,7 @@ class GALDNet(nn.Module):
     ) -> None:
         super().__init__()
         num_classes = self.num_classes = check_positive_int(num_classes, "num_classes")
+        check_factory(norm_layer, "norm_layer")
         self.in_features = _check_in_features(in_features)
         explicit = _check_in_channels(in_channels)
         if backbone is None:

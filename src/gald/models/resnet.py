@@ -15,7 +15,13 @@ import torch
 from torch import nn
 
 from .._layers import LayerFactory
-from .._validate import check_feature, check_int, check_positive_int_sequence
+from .._validate import (
+    check_bool,
+    check_factory,
+    check_feature,
+    check_int,
+    check_positive_int_sequence,
+)
 from ..convert import _layer_blocks
 
 __all__ = ["DilatedResNet"]
@@ -139,7 +145,8 @@ class DilatedResNet(nn.Module):
     Args:
         depth: 50 or 101.
         output_stride: 8 or 16.
-        multi_grid: dilation factors of the ``layer4`` blocks.
+        multi_grid: dilation factors of the three ``layer4`` blocks, one per block, or one
+            factor for all of them.
         deep_stem: the three-conv stem (``True``, 128 channels) or the 7x7 stem (``False``).
         norm_layer: normalisation factory, e.g. ``nn.SyncBatchNorm`` or torchvision's
             ``FrozenBatchNorm2d``.
@@ -171,10 +178,13 @@ class DilatedResNet(nn.Module):
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
         grid = check_positive_int_sequence(multi_grid, "multi_grid")
-        if not grid:
-            raise ValueError("multi_grid must hold at least one dilation factor, got ()")
-        if not isinstance(deep_stem, bool):
-            raise TypeError(f"deep_stem must be a bool, got {type(deep_stem).__name__}")
+        if len(grid) not in (1, _LAYERS[depth][3]):
+            raise ValueError(
+                f"multi_grid must hold one dilation factor per layer4 block "
+                f"({_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
+            )
+        check_bool(deep_stem, "deep_stem")
+        check_factory(norm_layer, "norm_layer")
         self.depth = depth
         self.output_stride = output_stride
         self.multi_grid = grid
@@ -211,7 +221,7 @@ class DilatedResNet(nn.Module):
         for index, (planes, n, stride, dilation) in enumerate(
             zip((64, 128, 256, 512), blocks, strides, dilations)
         ):
-            grids = grid if index == 3 else (1,)
+            grids = (grid * n if len(grid) == 1 else grid) if index == 3 else (1,) * n
             stage = []
             for i in range(n):
                 stage.append(
@@ -219,7 +229,7 @@ class DilatedResNet(nn.Module):
                         in_channels,
                         planes,
                         stride=stride if i == 0 else 1,
-                        dilation=dilation * grids[i % len(grids)],
+                        dilation=dilation * grids[i],
                         norm_layer=norm_layer,
                     )
                 )

@@ -18,6 +18,7 @@ from torch import nn
 from .._amp import compute_dtype
 from .._modes import eval_mode
 from .._validate import (
+    check_bool,
     check_feature,
     check_float,
     check_ordered_items,
@@ -138,8 +139,7 @@ def slide_inference(
             f"got stride={step} and crop_size={crop}"
         )
     num_classes = check_positive_int(num_classes, "num_classes")
-    if not isinstance(flip, bool):
-        raise TypeError(f"flip must be a bool, got {type(flip).__name__}")
+    check_bool(flip, "flip")
     scales = [
         check_float(s, "scales[]") for s in check_ordered_items(scales, "scales", "positive floats")
     ]

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature, check_float
+from .._validate import check_bool, check_choice, check_feature, check_float
 from . import _ld_torch
 
 IMPLS = ("auto", "reference", "torch", "triton")
@@ -248,10 +248,7 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
             f"ld_modulate: logits must be on the device of x ({x.device}), got {logits.device}"
         )
     check_float(offset, "ld_modulate: offset")
-    if not isinstance(align_corners, bool):
-        raise TypeError(
-            f"ld_modulate: align_corners must be a bool, got {type(align_corners).__name__}"
-        )
+    check_bool(align_corners, "ld_modulate: align_corners")
 
 
 def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
@@ -269,8 +266,7 @@ def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
         if kernels is not None and kernels.unsupported_dtype(x.dtype) is None:
             return "triton"
         return "torch"
-    if impl not in IMPLS:
-        raise ValueError(f"ld_modulate: impl must be one of {IMPLS}, got {impl!r}")
+    check_choice(impl, "ld_modulate: impl", IMPLS)
     if impl == "triton":
         _require_triton()
     return impl
