@@ -137,7 +137,7 @@ class DilatedResNet(nn.Module):
       (the default ``(1, 2, 4)`` gives 4, 8, 16), as the GALD-Net authors.
     - ``output_stride=16``: ``layer3`` stride 2, ``layer4`` dilation 2 times ``multi_grid``.
 
-    The multi-grid factors apply cyclically to the blocks of ``layer4``. Parameter names follow
+    The multi-grid factors apply to the three blocks of ``layer4``, one each. Parameter names follow
     the authors' checkpoints (``conv1`` is an ``nn.Sequential`` stem, then ``bn1``,
     ``layer1``-``layer4``) so their weights load directly; see
     :func:`gald.convert.imagenet_to_backbone` for ImageNet weights in either stem layout.
