@@ -8,6 +8,7 @@ that small inputs cross many chunk boundaries.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 from types import SimpleNamespace
@@ -303,6 +304,42 @@ def test_meta_tensors_give_shape_and_layout():
     assert out.stride() == x.stride()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_infinite_logits_saturate_like_large_ones(layout):
+    # the interpolation matmuls would multiply an inf by zero weights (nan); an infinite
+    # logit must give what a very large finite one gives: a saturated sigmoid
+    x = make_x(2, 3, 16, 13, layout, dtype=torch.float64).requires_grad_()
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    logits[0, 0, 0, 0], logits[1, 2, 3, 4], logits[0, 1, 2, 2] = math.inf, -math.inf, math.inf
+    finite = logits.clamp(-1e4, 1e4).requires_grad_()
+    logits.requires_grad_()
+    g = torch.randn_like(x)
+    out = ld_modulate(x, logits, 2.0, impl="torch")
+    ref = ld_modulate_reference(x, finite, 2.0)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref)
+    gx, gl = torch.autograd.grad(out, (x, logits), g)
+    rx, rl = torch.autograd.grad(ref, (x, finite), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gl, rl)
+
+
+def test_double_backward_raises_instead_of_giving_zero():
+    x = torch.randn(1, 2, 6, 5, dtype=torch.float64, requires_grad=True)
+    logits = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(
+        ld_modulate(x, logits, impl="torch").square().sum(), x, create_graph=True
+    )
+    with pytest.raises(RuntimeError, match="no second derivative.*ld_modulate_reference"):
+        gx.square().sum().backward()
+    # the reference differentiates twice (what the message points to)
+    (rx,) = torch.autograd.grad(
+        ld_modulate_reference(x, logits).square().sum(), x, create_graph=True
+    )
+    rx.square().sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
 def test_opcheck():
     x = make_x(2, 3, 7, 6, "cl", dtype=torch.float32).requires_grad_()
     logits = torch.randn(2, 3, 3, 2, requires_grad=True)
@@ -326,6 +363,30 @@ def test_compile_fullgraph_matches_eager():
     oc.backward(g)
     oe.backward(g)
     torch.testing.assert_close(xc.grad, xe.grad)
+
+
+def test_compiled_checkpointing_matches_eager_checkpointing():
+    # the compiled path hands the recomputation to the compiler (no context_fn): outputs,
+    # gradients and BatchNorm statistics (updated once) must match the eager path's
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = gald.LocalDistribution(4, num_stages=1, offset=2.0)
+    eager.set_grad_checkpointing()
+    compiled_ld = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_ld, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 4, 13, 11)
+    g = torch.randn_like(x)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    oe, oc = eager(xe), compiled(xc)
+    torch.testing.assert_close(oc, oe)
+    oe.backward(g)
+    oc.backward(g)
+    torch.testing.assert_close(xc.grad, xe.grad)
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_ld.parameters()):
+        torch.testing.assert_close(pc.grad, pe.grad, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, be), bc in zip(eager.named_buffers(), compiled_ld.buffers()):
+        torch.testing.assert_close(bc, be, msg=lambda m, n=name: f"{n}: {m}")
+    assert int(eager.branch[0][1].num_batches_tracked) == 1  # one update, not two
 
 
 def test_torch_export_keeps_the_op():

@@ -227,3 +227,17 @@ def test_choices_name_the_valid_strings() -> None:
 def test_danet_refuses_a_reduction_that_leaves_no_channels() -> None:
     with pytest.raises(ValueError, match=r"reduction=64 leaves no channels: .* channels=16"):
         gald.create_ga("danet", 16, reduction=64)
+
+
+def test_reprs_show_the_constructor_arguments() -> None:
+    aux = repr(gald.AuxHead(16, 3, channels=8))
+    assert "in_channels=16, num_classes=3, channels=8" in aux
+    loss = repr(gald.OhemCrossEntropy(thresh=0.6, min_kept=5, weight=torch.ones(4)))
+    assert "thresh=0.6, min_kept=5, weight=<4 class weights>" in loss
+    assert "weight=None" in repr(gald.OhemCrossEntropy())
+    from gald.models import GALDNet
+
+    with torch.device("meta"):
+        net = GALDNet.official(depth=50)
+    first = repr(net).splitlines()[1]
+    assert "num_classes=19" in first and "in_channels=(1024, 2048), aux=True" in first

@@ -193,6 +193,12 @@ class AuxHead(nn.Module):
         self.dropout = nn.Dropout2d(check_probability(dropout, "dropout"))
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
 
+    def extra_repr(self) -> str:
+        return (
+            f"in_channels={self.in_channels}, num_classes={self.num_classes}, "
+            f"channels={self.channels}"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_feature(x, self.in_channels, who=type(self).__name__)
         return self.cls(self.dropout(self.act(self.norm(self.conv(x)))))

@@ -77,7 +77,11 @@ class OhemCrossEntropy(nn.Module):
         self.register_buffer("weight", weight)
 
     def extra_repr(self) -> str:
-        return f"ignore_index={self.ignore_index}, thresh={self.thresh}, min_kept={self.min_kept}"
+        weight = "None" if self.weight is None else f"<{self.weight.numel()} class weights>"
+        return (
+            f"ignore_index={self.ignore_index}, thresh={self.thresh}, min_kept={self.min_kept}, "
+            f"weight={weight}"
+        )
 
     def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):

@@ -276,6 +276,13 @@ class GALDNet(nn.Module):
                 size += 1
             self.min_input_size = size
 
+    def extra_repr(self) -> str:
+        return (
+            f"num_classes={self.num_classes}, in_features={self.in_features}, "
+            f"in_channels={self.in_channels}, aux={self.aux_head is not None}, "
+            f"min_input_size={self.min_input_size}"
+        )
+
     def _feature_name(self, i: int) -> str:
         return repr(self.in_features[i]) if self.in_features is not None else ("c3", "c4")[i]
 

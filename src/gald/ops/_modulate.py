@@ -184,15 +184,39 @@ def _setup_context(ctx, inputs, output) -> None:
 def _autograd_backward(ctx, grad):
     x, logits = ctx.saved_tensors
     need_x, need_logits = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gx, gl = torch.ops.gald.ld_modulate_backward(
-        grad, x, logits, ctx.offset, ctx.align_corners, ctx.impl, need_x, need_logits
-    )
+    args = (grad, x, logits, ctx.offset, ctx.align_corners, ctx.impl, need_x, need_logits)
+    if torch.is_grad_enabled():  # create_graph=True or torch.func: the gradients get a graph
+        gx, gl = _Backward.apply(*args)
+    else:
+        gx, gl = torch.ops.gald.ld_modulate_backward(*args)
     return (gx if need_x else None, gl if need_logits else None, None, None, None)
+
+
+class _Backward(torch.autograd.Function):
+    """The backward op with a derivative that refuses: without it, autograd would treat the
+    first gradients as constants and a double backward would silently give zero."""
+
+    @staticmethod
+    def forward(*args):  # type: ignore[override]
+        return torch.ops.gald.ld_modulate_backward(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # type: ignore[override]
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):  # type: ignore[override]
+        raise RuntimeError(
+            "ld_modulate has no second derivative: differentiating its gradients (double "
+            "backward, a gradient penalty) is not supported by the fused op; use "
+            "gald.ops.ld_modulate_reference, whose plain-ops autograd differentiates twice"
+        )
 
 
 class _LDModulate(torch.autograd.Function):
     """The op's autograd for :func:`ld_modulate`, as an ``autograd.Function`` with a separate
-    ``setup_context``: the form ``torch.func`` transforms (``grad``, ``jacrev``, ...) accept.
+    ``setup_context``: the form ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``) accept.
+    The op has no batching rule, so ``vmap``, ``jacfwd`` and ``hessian`` raise.
     Calling ``torch.ops.gald.ld_modulate`` directly uses the same formula (registered below)."""
 
     @staticmethod
@@ -308,7 +332,8 @@ def ld_modulate(
     the sigmoid and the reduction of the backward in float32 and round once. An enclosing
     autocast region does not change this. The torch kernel (matmuls and elementwise ops, no
     atomic adds) is bitwise reproducible on CPU and on CUDA (cuBLAS permitting).
-    Double backward is not supported.
+    Double backward is not supported: differentiating the gradients (``create_graph=True``)
+    raises a ``RuntimeError``; :func:`ld_modulate_reference` differentiates twice.
 
     Complexity: time O(B C H W) (a few operations per element; the torch kernel builds the
     mask with ``h`` (NCHW) or ``w`` (channels_last) multiply-adds per element and its backward
