@@ -145,10 +145,39 @@ def test_fuse_folds_every_batchnorm_of_a_wrapped_model() -> None:
     model = randomise(model).double().eval()
     fused = gald.fuse(model)
     left = [n for n, m in fused.classifier.named_modules() if isinstance(m, _BatchNorm)]
-    assert left == []
+    # torchvision's ASPPPooling is a Sequential with a forward of its own: left as it is
+    assert left == ["0.ga.convs.4.2"]
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x)["out"], model(x)["out"], rtol=1e-9, atol=1e-9)
+
+
+class _ResidualBeforeNorm(nn.Sequential):
+    """conv, then bn, but forward adds the input before the norm: not a foldable chain."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self[1](self[0](x) + x)
+
+
+class _PlainChain(nn.Sequential):
+    """A Sequential subclass that keeps Sequential's forward: its pairs are folded."""
+
+
+def test_fuse_leaves_a_sequential_with_its_own_forward() -> None:
+    model = randomise(nn.Sequential(_ResidualBeforeNorm(8), _PlainChain(*_cbr_pair(8)))).eval()
+    fused = gald.fuse(model)
+    assert isinstance(fused[0][1], nn.BatchNorm2d)  # kept: folding it would change the output
+    assert isinstance(fused[1][1], nn.Identity)  # folded
+    x = torch.randn(2, 8, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x))
+
+
+def _cbr_pair(c: int) -> tuple[nn.Module, nn.Module]:
+    return nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c)
 
 
 def test_fuse_refuses_training_mode() -> None:

@@ -137,9 +137,10 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
 
     Folded (into the conv, the BatchNorm replaced by ``nn.Identity``):
 
-    - a BatchNorm that directly follows a ``Conv2d`` or ``Conv1d`` inside an ``nn.Sequential``:
-      the LD branches, the GALD ``down`` stages, the heads' conv blocks and the conv -> BN pairs
-      of a wrapped context module (torchvision's and smp's ASPP, PSP blocks);
+    - a BatchNorm that directly follows a ``Conv2d`` or ``Conv1d`` inside an ``nn.Sequential``
+      (or a subclass that keeps ``nn.Sequential``'s forward): the LD branches, the GALD
+      ``down`` stages, the heads' conv blocks and the conv -> BN pairs of a wrapped context
+      module (torchvision's and smp's ASPP, PSP blocks);
     - the (conv, BatchNorm) attribute pairs a module declares in its ``_fuse_pairs`` because its
       forward code applies the norm straight to the conv's output: the output norms of
       ``nonlocal`` (``conv_out``/``norm``) and ``glore`` (``conv_extend``/``blocker``), and the
@@ -149,7 +150,8 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     With these, no BatchNorm of a :class:`~gald.GALD` or :class:`~gald.GALDHead` with a
     registered GA is left. Left alone: a BatchNorm after a non-conv op (a pooling, a sum, an
     activation, or a norm first in a ``Sequential``), one inside a module's forward code that
-    does not declare it, a BatchNorm in training mode or without running statistics, and any
+    does not declare it (a ``Sequential`` subclass with its own ``forward`` included: it may
+    call its children in another order, or add a residual before the norm), a BatchNorm in training mode or without running statistics, and any
     norm of a conv used at two places in the model (folding it would change the other use).
     Other norms (``GroupNorm``, ``LayerNorm``, ``FrozenBatchNorm2d``) are never touched.
 
@@ -181,7 +183,9 @@ def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
     target = module if inplace else copy.deepcopy(module)
     shared = _shared_convs(target)
     for sub in list(target.modules()):
-        if isinstance(sub, nn.Sequential):
+        # a subclass with its own forward may call its children in another order or combine
+        # them (a residual sum before the norm): only the plain chain is known to be conv -> bn
+        if isinstance(sub, nn.Sequential) and type(sub).forward is nn.Sequential.forward:
             _fold_sequential(sub, shared)
         _fold_declared(sub, shared)
     return target
