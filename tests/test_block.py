@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -212,3 +214,32 @@ def test_compile_fullgraph_with_dynamic_shapes() -> None:
         x = torch.randn(shape)
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_meta_build_then_reset_parameters_gives_the_initial_state() -> None:
+    # the FSDP / large-model recipe: build on "meta", to_empty, reset_parameters everywhere
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 1))
+        gald.wrap(model, "1", init="identity")
+        others = [gald.create_ga(n, 16) for n in ("danet", "criss_cross", "ema")]
+    model.to_empty(device="cpu")
+    others = [m.to_empty(device="cpu") for m in others]
+    for root in (model, *others):
+        with torch.no_grad():  # to_empty leaves whatever the memory held: make that visible
+            for t in (*root.parameters(), *root.buffers()):
+                if t.is_floating_point():
+                    t.fill_(math.nan)
+        for m in root.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    block = model[1]
+    assert block.alpha is not None and torch.equal(block.alpha, torch.zeros(16))
+    x = torch.randn(2, 3, 9, 9)
+    inner = model[1].ga
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), inner(model[0](x)))  # the identity start
+    danet, criss_cross, ema = others
+    gammas = [danet.pam.gamma, danet.cam.gamma, criss_cross.gamma]
+    assert all(torch.equal(g, torch.zeros(1)) for g in gammas)
+    norms = ema.bases.norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))

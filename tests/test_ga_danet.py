@@ -103,7 +103,9 @@ def test_branch_selection_builds_only_the_chosen_branches() -> None:
     assert both.pam is not None
     assert both.cam is not None
     assert both.branches == ("pam", "cam")
-    assert DualAttention(C, reduction=64).inter_channels == 1
+    assert DualAttention(C, reduction=C).inter_channels == 1
+    with pytest.raises(ValueError, match="leaves no channels"):  # not clamped to 1 silently
+        DualAttention(C, reduction=C + 1)
 
 
 def test_identity_at_initialisation() -> None:

@@ -427,6 +427,16 @@ class GALD(nn.Module):
             remedy = self.ld._small_input_remedy
         self._small_input_remedy: str | None = remedy if ga_min == 1 else None
 
+    def reset_parameters(self) -> None:
+        """Re-initialise what the block owns directly: ``alpha`` (``init="identity"``) to zero.
+
+        The parts it composes (convs, norms, the GA) have their own ``reset_parameters``. With
+        a model built on the meta device, ``to_empty`` and then ``reset_parameters`` on every
+        module that has one gives the block its initial state, the identity start included."""
+        if self.alpha is not None:
+            with torch.no_grad():
+                self.alpha.zero_()
+
     def _join(self, module: nn.Module) -> None:
         """Move the parts built here (``down``, the LD, ``alpha``) to the device and floating
         dtype of the wrapped module's first parameter or buffer (a half-precision, CUDA or meta

@@ -73,6 +73,11 @@ class CrissCrossAttention(nn.Module):
         self.value = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
 
+    def reset_parameters(self) -> None:
+        """``gamma`` back to zero (the block starts as the identity); the convs have their own."""
+        with torch.no_grad():
+            self.gamma.zero_()
+
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, inter_channels={self.inter_channels}, "

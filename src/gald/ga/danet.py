@@ -33,6 +33,11 @@ class _PositionAttention(nn.Module):
         self.value_conv = nn.Conv2d(channels, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
 
+    def reset_parameters(self) -> None:
+        """``gamma`` back to zero (the branch starts silent); the convs have their own."""
+        with torch.no_grad():
+            self.gamma.zero_()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.shape[-2]
         # (B, 1, N, C') queries and keys, (B, 1, N, C) values: one attention head.
@@ -61,6 +66,11 @@ class _ChannelAttention(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.zeros(1))
+
+    def reset_parameters(self) -> None:
+        """``gamma`` back to zero (the branch starts silent)."""
+        with torch.no_grad():
+            self.gamma.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape

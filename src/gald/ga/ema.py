@@ -127,8 +127,8 @@ class EMA(nn.Module):
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")
 
-        bases = torch.randn(1, channels, num_bases) * math.sqrt(2.0 / num_bases)
-        self.register_buffer("bases", F.normalize(bases, dim=1))
+        self.register_buffer("bases", torch.empty(1, channels, num_bases))
+        self.reset_parameters()
         self.conv1 = nn.Conv2d(channels, channels, 1)
         self.conv2 = nn.Sequential(
             nn.Conv2d(channels, channels, 1, bias=False), norm_layer(channels)
@@ -138,6 +138,14 @@ class EMA(nn.Module):
         for conv in (self.conv1, self.conv2[0]):
             assert isinstance(conv, nn.Conv2d)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+
+    def reset_parameters(self) -> None:
+        """Draw the bases afresh (normal, scaled by sqrt(2 / K), then unit columns), as at
+        construction; the convs and norms have their own ``reset_parameters``."""
+        k = self.bases.shape[-1]
+        with torch.no_grad():
+            draw = torch.randn(self.bases.shape, device=self.bases.device, dtype=self.bases.dtype)
+            self.bases.copy_(F.normalize(draw * math.sqrt(2.0 / k), dim=1))
 
     def extra_repr(self) -> str:
         return (
