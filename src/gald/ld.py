@@ -179,6 +179,11 @@ class LocalDistribution(nn.Module):
         layers see the same randomness both times, and the recomputation leaves the branch's
         buffers untouched, so BatchNorm running statistics are updated once per step, as without
         checkpointing.
+
+        Under ``torch.compile`` use an AOT backend (the default inductor, or ``aot_eager``):
+        with ``backend="eager"`` the backward of a checkpointed branch with BatchNorm in
+        training mode fails (``... is at version 2; expected version 1``), a PyTorch limitation
+        shared by any checkpointed BatchNorm.
         """
         check_bool(enable, "enable")
         self.grad_checkpointing = enable
