@@ -520,3 +520,26 @@ def test_a_module_that_keeps_the_size_at_some_probe_is_accepted() -> None:
         gald.GALD(8, _KeepsNoProbe(), downsample=False)
     block = gald.GALD(8, _KeepsNoProbe(), out_channels=8, downsample=False)
     assert block(torch.randn(1, 8, 64, 64)).shape == (1, 8, 64, 64)
+
+
+def test_a_state_dict_saved_before_wrapping_loads_after_it() -> None:
+    model = randomise(_small_deeplab()).eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)["out"]
+    fresh = _small_deeplab()
+    gald.wrap(fresh, "classifier.0", init="identity")
+    result = fresh.load_state_dict(before, strict=False)
+    assert result.unexpected_keys == []
+    new_parts = ("classifier.0.down.", "classifier.0.ld.", "classifier.0.alpha")
+    assert result.missing_keys and all(k.startswith(new_parts) for k in result.missing_keys)
+    for key, value in before.items():  # every old key landed, in its wrapped place
+        wrapped = key.replace("classifier.0.", "classifier.0.ga.", 1)
+        torch.testing.assert_close(fresh.state_dict()[wrapped], value, msg=key)
+    with torch.no_grad():  # identity start: the pretrained output, exactly
+        torch.testing.assert_close(fresh.eval()(x)["out"], expected)
+    # a state dict of the wrapped model round-trips strictly, untouched by the hook
+    again = _small_deeplab()
+    gald.wrap(again, "classifier.0", init="identity")
+    again.load_state_dict(fresh.state_dict(), strict=True)

@@ -261,6 +261,25 @@ def _build_ga(
     return ga, width
 
 
+def _read_unwrapped_keys(
+    module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
+) -> None:
+    """Load-state-dict pre-hook of :class:`GALD`: a key of the wrapped module saved before the
+    wrapping (``prefix + "convs.0.weight"``) is moved to where the GA now lives
+    (``prefix + "ga.convs.0.weight"``). Only keys the GA has, under a first name that is not one
+    of the block's own parts, and only when the wrapped form is absent, are moved."""
+    own = {name for name, _ in module.named_children()}
+    own |= {name for name, _ in module.named_parameters(recurse=False)}
+    own |= {name for name, _ in module.named_buffers(recurse=False)}
+    ga_keys = set(module.get_submodule("ga").state_dict())
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.split(".", 1)[0] in own or rest not in ga_keys:
+            continue
+        if prefix + "ga." + rest not in state_dict:
+            state_dict[prefix + "ga." + rest] = state_dict.pop(key)
+
+
 class GALD(nn.Module):
     r"""Global Aggregation then Local Distribution around any context module.
 
@@ -296,6 +315,11 @@ class GALD(nn.Module):
     with a per-channel ``alpha`` initialised to zero (``torch.lerp``). The GA then runs at the
     resolution it was trained at (``downsample`` must be ``False``; a stride-2 conv cannot start
     as the identity). For training from scratch, as in the paper, keep ``init="default"``.
+
+    A state dict of the model *before* wrapping loads into the wrapped model: keys of the
+    wrapped module found at the block's own prefix (``decoder.aspp.convs.0.weight``) are read
+    as the GA's (``decoder.aspp.ga.convs.0.weight``). Load it with ``strict=False``; the keys
+    reported missing are then exactly the block's new parts (``down``, the LD, ``alpha``).
 
     Args:
         in_channels: channels ``C_in`` of the input.
@@ -426,6 +450,7 @@ class GALD(nn.Module):
         if self.ld is not None:
             remedy = self.ld._small_input_remedy
         self._small_input_remedy: str | None = remedy if ga_min == 1 else None
+        self.register_load_state_dict_pre_hook(_read_unwrapped_keys)
 
     def reset_parameters(self) -> None:
         """Re-initialise what the block owns directly: ``alpha`` (``init="identity"``) to zero.
