@@ -3,6 +3,7 @@ wherever Python numbers and lists are."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import gald
 from gald._validate import (
@@ -241,3 +243,14 @@ def test_reprs_show_the_constructor_arguments() -> None:
         net = GALDNet.official(depth=50)
     first = repr(net).splitlines()[1]
     assert "num_classes=19" in first and "in_channels=(1024, 2048), aux=True" in first
+
+
+def test_layer_factories_are_checked_by_the_call_they_get() -> None:
+    with pytest.raises(TypeError, match=r"norm_layer must be a callable .* an nn.Module instance"):
+        gald.GALD(16, "psp", norm_layer=nn.BatchNorm2d(16))
+    with pytest.raises(TypeError, match=r"norm_layer\(num_channels\).*functools.partial"):
+        gald.GALDHead(16, 3, channels=16, norm_layer=nn.GroupNorm)
+    with pytest.raises(TypeError, match=r"act_layer is called as act_layer\(\)"):
+        gald.LocalDistribution(8, act_layer=lambda inplace: nn.ReLU(inplace))
+    # what the calls can take is accepted: partials, classes with defaults, functions
+    gald.GALD(16, "psp", norm_layer=functools.partial(nn.GroupNorm, 4), act_layer=nn.PReLU)

@@ -7,6 +7,7 @@ Python-level shape metadata, so they trace cleanly under ``torch.compile`` and `
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import operator
 import sys
@@ -15,6 +16,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
+from torch import nn
 
 PADDING_REMEDY = "use padding=1 to accept any size"
 """The advice for a too-small input to a layer whose ``padding=0`` sets its minimum size."""
@@ -171,10 +173,35 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
 
 
 def check_factory(value: object, name: str) -> Callable[..., Any]:
-    """``value`` must be a layer factory: a class or any callable that returns a module."""
-    if not callable(value):
+    """``value`` must be a layer factory: a class or any callable that returns a module, not a
+    module instance. A ``*norm_layer`` is called as ``norm_layer(num_channels)`` and an
+    ``*act_layer`` as ``act_layer()``: a factory whose signature cannot take that call (say
+    ``nn.GroupNorm``, which also needs the number of groups) is refused here, by name."""
+    if isinstance(value, nn.Module) or not callable(value):
+        what = "an nn.Module instance" if isinstance(value, nn.Module) else type(value).__name__
         raise TypeError(
             f"{name} must be a callable that builds a layer (a class such as nn.BatchNorm2d, "
-            f"or a function), got {type(value).__name__} {value!r}"
+            f"or a function), got {what} {value!r}"
         )
-    return value
+    call, args = (
+        ("(num_channels)", (1,))
+        if name.endswith("norm_layer")
+        else ("()", ())
+        if name.endswith("act_layer")
+        else (None, ())
+    )
+    if call is not None:
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
+            return value  # type: ignore[return-value]
+        try:
+            signature.bind(*args)
+        except TypeError as exc:
+            raise TypeError(
+                f"{name} is called as {name}{call}, which {value!r} cannot take ({exc}); bind "
+                f"the other arguments first, e.g. functools.partial(nn.GroupNorm, 32)"
+                if call == "(num_channels)"
+                else f"{name} is called as {name}{call}, which {value!r} cannot take ({exc})"
+            ) from None
+    return value  # type: ignore[return-value]
