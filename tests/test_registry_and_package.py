@@ -131,6 +131,12 @@ def test_register_and_unregister() -> None:
     assert snapshot() == before
     with pytest.raises(ValueError, match="unknown GA module 'mine'"):
         gald.unregister_ga("mine")
+    # the call form, as registered(name, cls) takes it
+    assert gald.register_ga("mine", Mine) is Mine
+    assert gald.create_ga("mine", 4).__class__ is Mine
+    with pytest.raises(ValueError, match="already registered"):
+        gald.register_ga("mine", Tiny)
+    assert gald.unregister_ga("mine") is Mine and snapshot() == before
 
 
 def test_registered_restores_the_registry_exactly() -> None:

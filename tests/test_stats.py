@@ -269,3 +269,9 @@ def test_uncalled_ld_reported_as_not_called() -> None:
     assert math.isnan(s["unused"].mean)
     assert "not called" in str(s)
     assert isinstance(s, LDStatistics) and isinstance(s["used"], GateStats)
+
+
+def test_batches_join_the_model_dtype() -> None:
+    ld = gald.LocalDistribution(3).to(torch.bfloat16)
+    stats = gald.ld_statistics(ld, [torch.randn(2, 3, 8, 8)])  # float32 batches
+    assert stats[""].samples == 2 and 1.5 <= stats[""].mean < 2.0  # offset 1 + M

@@ -245,6 +245,12 @@ def test_errors_name_argument_expected_and_received() -> None:
         gald.wrap("model", "a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already a GALD"):
         gald.wrap(model, "1")
+    with pytest.raises(
+        ValueError, match=r"'1.ga' is a part of the GALD block '1'; .* wrapped once"
+    ):
+        gald.wrap(model, "1.ga")
+    with pytest.raises(ValueError, match=r"'ga' is a part of the GALD block \(the model itself\)"):
+        gald.wrap(model[1], "ga")
     with pytest.raises(ValueError, match="in_channels must be >= 1, got 0"):
         gald.GALD(0, "psp")
     with pytest.raises(ValueError, match="out_channels must be >= 1, got -2"):

@@ -28,12 +28,15 @@ Time O(C k^2) per folded pair, once.
 from __future__ import annotations
 
 import copy
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._validate import check_bool
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["fuse", "fuse_conv_bn"]
 
@@ -132,7 +135,7 @@ def _fold_declared(module: nn.Module, shared: set[int]) -> int:
     return folded
 
 
-def fuse(module: nn.Module, *, inplace: bool = False) -> nn.Module:
+def fuse(module: M, *, inplace: bool = False) -> M:
     """Fold, for inference, every eval-mode BatchNorm applied directly to a conv's output.
 
     Folded (into the conv, the BatchNorm replaced by ``nn.Identity``):

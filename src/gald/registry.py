@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from torch import nn
 
@@ -49,8 +49,17 @@ def _label(cls: type[nn.Module], name: str) -> None:
         cls.ga_name = name  # type: ignore[attr-defined]
 
 
-def register_ga(name: str) -> Callable[[T], T]:
-    """Class decorator that registers a GA layer under ``name``.
+@overload
+def register_ga(name: str) -> Callable[[T], T]: ...
+
+
+@overload
+def register_ga(name: str, cls: T) -> T: ...
+
+
+def register_ga(name: str, cls: T | None = None) -> T | Callable[[T], T]:
+    """Register a GA layer class under ``name``: as a class decorator (``@register_ga("se")``)
+    or by a call (``register_ga("se", SqueezeExcitation)``, which returns the class).
 
     Registering a second class under a taken name raises ``ValueError``; use
     :func:`unregister_ga` first, or :func:`registered` for a temporary registration. The class's
@@ -67,7 +76,7 @@ def register_ga(name: str) -> Callable[[T], T]:
         _GA_REGISTRY[name] = cls
         return cls
 
-    return wrap
+    return wrap if cls is None else wrap(cls)
 
 
 def unregister_ga(name: str) -> type[nn.Module]:

@@ -292,8 +292,8 @@ def ld_statistics(
     The model runs in eval mode without gradients (the training flags of all modules are
     restored afterwards). A forward hook on each LD receives its input ``x`` and computes the
     gate as ``ld.offset + ld.mask(x)`` in float64; only running sums are kept, so memory does
-    not depend on the number of batches. Inputs are moved to the device of the model's first
-    parameter.
+    not depend on the number of batches. Floating inputs are moved to the device and dtype of
+    the model's first floating parameter (a bfloat16 model reads float32 batches).
 
     Args:
         model: any module containing at least one ``LocalDistribution`` (the model itself may
@@ -355,7 +355,8 @@ def ld_statistics(
 
         return hook
 
-    device = next((p.device for p in model.parameters()), None)
+    # inputs join the model's device and floating dtype (a bf16 model, float32 batches)
+    ref = next((p for p in model.parameters() if p.is_floating_point()), None)
     handles = [
         m.register_forward_hook(make_hook(accumulators[name]), with_kwargs=True) for name, m in lds
     ]
@@ -364,8 +365,8 @@ def ld_statistics(
         with eval_mode(model), torch.no_grad():
             for batch in itertools.islice(batches, max_batches):
                 x = _input_of(batch, seen)
-                if device is not None:
-                    x = x.to(device)
+                if ref is not None:
+                    x = x.to(device=ref.device, dtype=ref.dtype if x.is_floating_point() else None)
                 model(x)
                 seen += 1
                 del batch, x
