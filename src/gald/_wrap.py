@@ -112,9 +112,9 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     if isinstance(target, GALD):
         raise ValueError(f"{name!r} is already a GALD block")
     if isinstance(parent, GALD):
-        block = repr(name.rsplit(".", 1)[0]) if "." in name else "(the model itself)"
+        owner = repr(name.rsplit(".", 1)[0]) if "." in name else "(the model itself)"
         raise ValueError(
-            f"{name!r} is a part of the GALD block {block}; a context module is wrapped once "
+            f"{name!r} is a part of the GALD block {owner}; a context module is wrapped once "
             "(the block already runs its GA and the LD)"
         )
     if in_channels is None:
