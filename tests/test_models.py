@@ -6,6 +6,8 @@ their checkpoint layout); sliding-window inference is in test_slide_inference.py
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given
@@ -481,3 +483,26 @@ def test_empty_images_are_refused_by_name() -> None:
     net = _tiny_net().eval()
     with pytest.raises(ValueError, match=r"GALDNet: images has an empty side: .*\(2, 3, 9, 0\)"):
         net(torch.randn(2, 3, 9, 0))
+
+
+def test_backbone_and_network_grad_checkpointing_change_nothing_but_memory() -> None:
+    torch.manual_seed(0)
+    net = GALDNet(5, depth=50, head={"channels": 16})
+    net.train()
+    ckpt = copy.deepcopy(net)
+    ckpt.set_grad_checkpointing()
+    assert ckpt.backbone.grad_checkpointing and ckpt.head.gald.ld.grad_checkpointing
+    x = torch.randn(2, 3, 40, 40)
+    outs = []
+    for model in (net, ckpt):
+        torch.manual_seed(1)  # the heads' dropout draws the same masks
+        out = model(x)
+        (out["out"].square().mean() + out["aux"].square().mean()).backward()
+        outs.append(out["out"].detach())
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(net.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=lambda m, n=name: f"{n}: {m}")
+    for (name, b), c in zip(net.named_buffers(), ckpt.buffers()):  # BatchNorm updated once
+        torch.testing.assert_close(c, b, msg=lambda m, n=name: f"{n}: {m}")
+    with pytest.raises(TypeError, match="enable must be a bool"):
+        ckpt.set_grad_checkpointing(1)  # type: ignore[arg-type]

@@ -7,13 +7,11 @@ github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
+from ._checkpoint import checkpoint_once
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import (
     PADDING_REMEDY,
@@ -30,27 +28,6 @@ __all__ = ["IMPLS", "LocalDistribution", "strided_min_size"]
 
 IMPLS = ("auto", "triton", "torch")
 """The kernels a :class:`LocalDistribution` (and :class:`~gald.GALD`) may be told to use."""
-
-
-class _BuffersKept:
-    """Leave every buffer of ``module`` as it was on entry (BatchNorm running statistics and
-    ``num_batches_tracked``): the recomputation of a checkpointed branch must not update them a
-    second time. Re-enterable: each backward through the same graph (``retain_graph=True``)
-    recomputes the branch again, inside the same object."""
-
-    def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.saved: list[dict[str, torch.Tensor]] = []
-
-    def __enter__(self) -> None:
-        self.saved.append({name: b.clone() for name, b in self.module.named_buffers()})
-
-    def __exit__(self, *exc: object) -> None:
-        saved = self.saved.pop()
-        with torch.no_grad():
-            for name, b in self.module.named_buffers():
-                if name in saved:
-                    b.copy_(saved[name])
 
 
 _NON_NEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
@@ -198,18 +175,7 @@ class LocalDistribution(nn.Module):
             remedy=self._small_input_remedy,
         )
         if self.grad_checkpointing and torch.is_grad_enabled():
-            if torch.compiler.is_compiling():
-                # dynamo traces checkpointing as one region; with an AOT backend (inductor,
-                # aot_eager) the compiler plans the recomputation and applies buffer updates
-                # once. It accepts no context_fn.
-                logits = checkpoint(self.branch, x, use_reentrant=False)
-            else:
-                logits = checkpoint(
-                    self.branch,
-                    x,
-                    use_reentrant=False,
-                    context_fn=lambda: (contextlib.nullcontext(), _BuffersKept(self.branch)),
-                )
+            logits = checkpoint_once(self.branch, x)
         else:
             logits = self.branch(x)
         # under autocast the branch may return a lower precision than x

@@ -15,7 +15,13 @@ from torch import nn
 
 from .._layers import LayerFactory
 from .._modes import eval_mode
-from .._validate import check_factory, check_feature, check_int, check_positive_int
+from .._validate import (
+    check_bool,
+    check_factory,
+    check_feature,
+    check_int,
+    check_positive_int,
+)
 from ..head import AuxHead, GALDHead
 from .resnet import DilatedResNet, _check_checkpoint
 
@@ -275,6 +281,17 @@ class GALDNet(nn.Module):
             while backbone.feature_size(size) < head_min:
                 size += 1
             self.min_input_size = size
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch for the whole network: recompute in backward the backbone's blocks
+        (when the backbone has a ``set_grad_checkpointing``, as :class:`DilatedResNet` and timm
+        models do; another backbone is left as it is) and the head's LD branch (a head
+        without the method is left as it is too)."""
+        check_bool(enable, "enable")
+        for part in (self.backbone, self.head):
+            setter = getattr(part, "set_grad_checkpointing", None)
+            if callable(setter):
+                setter(enable)
 
     def extra_repr(self) -> str:
         return (

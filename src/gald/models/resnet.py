@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._checkpoint import checkpoint_once
 from .._layers import LayerFactory
 from .._validate import (
     check_bool,
@@ -237,6 +238,7 @@ class DilatedResNet(nn.Module):
             layers.append(nn.Sequential(*stage))
         self.layer1, self.layer2, self.layer3, self.layer4 = layers
         self._init_weights()
+        self.grad_checkpointing = False
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -271,10 +273,26 @@ class DilatedResNet(nn.Module):
             f"multi_grid={self.multi_grid}, deep_stem={self.deep_stem}"
         )
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each bottleneck block in backward instead of keeping its activations
+        (timm's switch): the backbone then keeps about one feature map per block, at the cost
+        of a second forward of every block. The blocks run under ``torch.utils.checkpoint``
+        (non-reentrant) and their BatchNorm running statistics are updated once per step, as
+        without checkpointing (the LD's :meth:`~gald.LocalDistribution.set_grad_checkpointing`
+        says more, the ``torch.compile`` backends included)."""
+        self.grad_checkpointing = check_bool(enable, "enable")
+
+    def _layer(self, layer: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+        if not (self.grad_checkpointing and torch.is_grad_enabled()):
+            return layer(x)
+        for block in layer:
+            x = checkpoint_once(block, x)
+        return x
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_feature(x, 3, name="images", who=type(self).__name__)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        c3 = self.layer3(x)
-        c4 = self.layer4(c3)
+        x = self._layer(self.layer2, self._layer(self.layer1, x))
+        c3 = self._layer(self.layer3, x)
+        c4 = self._layer(self.layer4, c3)
         return c3, c4
