@@ -10,9 +10,10 @@ forward code (the ``_fuse_pairs`` protocol below), is folded into that conv and 
     W' = W \cdot \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
     b' = (b - \mu) \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}} + \beta
 
-The fold is computed in float64 and cast back to the conv's dtype, so the fused module matches
-the unfused one to rounding. BatchNorms without running statistics are left untouched (they do
-not compute a fixed affine map).
+The fold is PyTorch's ``torch.nn.utils.fuse_conv_bn_weights``, computed on float64 copies and
+cast back to the conv's dtype, so the fused module matches the unfused one to rounding.
+BatchNorms without running statistics are left untouched (they do not compute a fixed affine
+map).
 
 The ``_fuse_pairs`` protocol (private): a module class whose forward applies a BatchNorm
 attribute directly, and only, to a conv attribute's output (``self.bn(self.conv(y))``, the
@@ -33,6 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import fuse_conv_bn_weights
 
 from ._validate import check_bool
 
@@ -69,19 +71,23 @@ def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
         raise ValueError(
             f"bn has {bn.num_features} features, expected conv.out_channels={conv.out_channels}"
         )
+
+    def f64(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.detach().to(torch.float64)
+
     with torch.no_grad():
-        w = conv.weight.detach().to(torch.float64)
-        scale = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.detach().to(torch.float64)
-        shift = -bn.running_mean.to(torch.float64) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.detach().to(torch.float64)
-        if conv.bias is not None:
-            shift = shift + conv.bias.detach().to(torch.float64) * scale
-        new_w = (w * scale.view(-1, *[1] * (w.dim() - 1))).to(conv.weight.dtype)
-        conv.weight.copy_(new_w)
-        new_b = shift.to(device=conv.weight.device, dtype=conv.weight.dtype)
+        # PyTorch's own formula, on float64 copies: the fold rounds once, into the conv's dtype
+        w64, b64 = fuse_conv_bn_weights(
+            conv.weight.detach().to(torch.float64),
+            f64(conv.bias),
+            bn.running_mean.to(torch.float64),
+            bn.running_var.to(torch.float64),
+            bn.eps,
+            f64(bn.weight),
+            f64(bn.bias),
+        )
+        conv.weight.copy_(w64.to(conv.weight.dtype))
+        new_b = b64.detach().to(device=conv.weight.device, dtype=conv.weight.dtype)
         if conv.bias is None:
             conv.bias = nn.Parameter(new_b, requires_grad=conv.weight.requires_grad)
         else:
