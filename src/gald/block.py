@@ -28,7 +28,7 @@ from ._validate import (
 from .ld import IMPLS, LocalDistribution
 from .registry import _declared_width, _ga_class, create_ga
 
-__all__ = ["GALD", "infer_out_channels"]
+__all__ = ["GALD"]
 
 INITS = ("default", "identity")
 
@@ -64,10 +64,10 @@ def _first_tensor(module: nn.Module) -> torch.Tensor | None:
 
 
 class _ProbesRefused(ValueError):
-    """A module refused every input of :func:`infer_out_channels`'s dry run."""
+    """A module refused every input of :func:`_infer_out_channels`'s dry run."""
 
 
-def infer_out_channels(module: nn.Module, in_channels: int) -> int:
+def _infer_out_channels(module: nn.Module, in_channels: int) -> int:
     """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
@@ -147,7 +147,7 @@ def _width_by_dry_run(
     the refusal instead.
     """
     try:
-        found = infer_out_channels(ga, in_channels)
+        found = _infer_out_channels(ga, in_channels)
     except _ProbesRefused as exc:
         declared = _declared_width(ga) if explain_declared else None
         if declared is not None and declared[1] != in_channels:
@@ -297,9 +297,9 @@ class GALD(nn.Module):
     real heads do (torchvision's and smp's ASPP 2048 -> 256). For a registry name or a class,
     ``out_channels`` is passed to the GA when it takes that argument; the block's width is what
     gald's own layers declare, and for a class of yours or a module instance it is found by a
-    dry run, which also checks ``in_channels`` and a given ``out_channels`` (see
-    :func:`infer_out_channels`).
-    A module that refuses every probe input is reported at construction, unless
+    dry run, which also checks ``in_channels`` and a given ``out_channels``: once, in eval mode
+    (the training flags restored), without gradients, on a zero input of side 16 (33, then 65,
+    when a smaller one is refused or does not keep its height and width). A module that refuses every probe input is reported at construction, unless
     ``out_channels`` is given: that wraps a module which only runs on larger inputs or on
     another device. Around a module instance, the parts built here (``down``, the LD,
     ``alpha``) take the device and floating dtype of the module's first parameter.
