@@ -60,7 +60,7 @@ def test_no_dsn_gives_empty_aux() -> None:
     sd = {k: v for k, v in _reference(0).state_dict().items() if not k.startswith("dsn.")}
     head_sd, aux_sd = official_to_gald(sd)
     assert aux_sd == {}
-    assert len(head_sd) == len(gald.GALDHead.official(IN, CLASSES, INTER).state_dict())
+    assert len(head_sd) == len(gald.GALDHead.official(IN, CLASSES, channels=INTER).state_dict())
 
 
 def test_backbone_keys_ignored_and_unknown_keys_listed() -> None:

@@ -131,3 +131,12 @@ def test_bad_input() -> None:
     official = gald.GALDHead.official(in_channels=8, num_classes=3, channels=16).eval()
     with pytest.raises(ValueError, match=r">= 15"):
         official(torch.randn(1, 8, 14, 20))
+
+
+def test_official_presets_take_keywords_as_their_constructors() -> None:
+    from gald.models import GALDNet
+
+    with pytest.raises(TypeError):
+        gald.GALDHead.official(8, 3, 16)  # type: ignore[misc]  # channels is keyword-only
+    with pytest.raises(TypeError):
+        GALDNet.official(50)  # type: ignore[misc]  # depth is keyword-only, not num_classes

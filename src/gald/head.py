@@ -107,7 +107,7 @@ class GALDHead(nn.Module):
 
     @classmethod
     def official(
-        cls, in_channels: int = 2048, num_classes: int = 19, channels: int = 512
+        cls, in_channels: int = 2048, num_classes: int = 19, *, channels: int = 512
     ) -> GALDHead:
         """The authors' configuration: padding 0 in ``down`` and the LD, CGNL with 8 groups and
         ``C/2`` inner channels, ``final_act=True``, offset 2, no dropout.

@@ -304,7 +304,7 @@ class GALDNet(nn.Module):
         return repr(self.in_features[i]) if self.in_features is not None else ("c3", "c4")[i]
 
     @classmethod
-    def official(cls, depth: int = 101, num_classes: int = 19) -> GALDNet:
+    def official(cls, *, depth: int = 101, num_classes: int = 19) -> GALDNet:
         """The authors' GALD-Net: deep-stem :class:`DilatedResNet` at output stride 8,
         :meth:`gald.GALDHead.official` on ``layer4`` and :class:`~gald.AuxHead` on ``layer3``.
 
