@@ -129,7 +129,9 @@ def load_official(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
 
 _LAYER_KEY = re.compile(r"^layer([1-4])\.(\d+)\.")
-_DEPTHS: dict[tuple[int, int, int, int], int] = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101}
+_RESNET_LAYERS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+"""Bottleneck blocks per layer of the ResNets the authors use (``DilatedResNet`` reads it)."""
+_DEPTHS = {blocks: depth for depth, blocks in _RESNET_LAYERS.items()}
 _LISTED = 20
 
 

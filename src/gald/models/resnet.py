@@ -23,11 +23,11 @@ from .._validate import (
     check_int,
     check_positive_int_sequence,
 )
-from ..convert import _layer_blocks
+from ..convert import _RESNET_LAYERS, _layer_blocks
 
 __all__ = ["DilatedResNet"]
 
-_LAYERS: dict[int, tuple[int, int, int, int]] = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+_LAYERS = _RESNET_LAYERS
 _EXPANSION = 4
 
 
