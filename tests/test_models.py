@@ -100,7 +100,7 @@ def test_one_multi_grid_factor_for_every_block() -> None:
         ({"multi_grid": ()}, ValueError, r"one dilation factor per layer4 block \(3\) .* got 0"),
         ({"multi_grid": (1, 2)}, ValueError, r"or one for all of them, got 2: \(1, 2\)"),
         ({"multi_grid": (1, 2, 4, 8)}, ValueError, "or one for all of them, got 4"),
-        ({"multi_grid": (1, 0)}, ValueError, r"multi_grid\[\] must be >= 1, got 0"),
+        ({"multi_grid": (1, 0)}, ValueError, r"multi_grid\[1\] must be >= 1, got 0"),
         ({"deep_stem": 1}, TypeError, "deep_stem must be a bool"),
     ],
 )
@@ -300,11 +300,12 @@ def test_single_tensor_backbone_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"in_features": ("layer3",)}, TypeError, "in_features must be None or a pair"),
+        ({"in_features": ("layer3",)}, ValueError, r"in_features must be a pair .* got 1 items"),
         ({"in_features": "ab"}, TypeError, "in_features must be None or a pair"),
         ({"in_features": (0, 7)}, ValueError, r"cannot pick in_features=\(0, 7\)"),
         ({"in_channels": (6, 0)}, ValueError, r"in_channels\[1\] must be >= 1, got 0"),
-        ({"in_channels": (6,)}, TypeError, r"in_channels must be None or a pair of ints"),
+        ({"in_channels": (6,)}, ValueError, r"in_channels must be a pair of ints .* got 1 items"),
+        ({"in_channels": 6}, TypeError, r"in_channels must be None or a pair of ints .* got int"),
         ({"in_features": (0, 1.0)}, TypeError, r"in_features\[1\] must be an int, got float"),
         ({"depth": 50}, ValueError, "depth and output_stride configure the default backbone"),
         ({"output_stride": 16}, ValueError, "depth and output_stride configure the default"),

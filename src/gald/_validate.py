@@ -124,9 +124,8 @@ def check_ordered_items(value: object, name: str, what: str) -> list[Any]:
 
 def check_positive_int_sequence(value: object, name: str) -> tuple[int, ...]:
     """Ints >= 1 from an ordered iterable (see :func:`check_ordered_items`), as a tuple."""
-    return tuple(
-        check_positive_int(v, f"{name}[]") for v in check_ordered_items(value, name, "ints")
-    )
+    items = check_ordered_items(value, name, "ints")
+    return tuple(check_positive_int(v, f"{name}[{i}]") for i, v in enumerate(items))
 
 
 def check_size_pair(value: object, name: str) -> tuple[int, int]:

@@ -34,10 +34,15 @@ _PROBE_SIZE = 64
 def _check_in_features(value: object) -> tuple[_Key, _Key] | None:
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise TypeError(
             "in_features must be None or a pair of feature names (str) or indices (int), "
-            f"got {value!r}"
+            f"got {type(value).__name__} {value!r}"
+        )
+    if len(value) != 2:
+        raise ValueError(
+            f"in_features must be a pair (the c3 feature, then the c4 one), got {len(value)} "
+            f"items: {value!r}"
         )
     keys = [
         k if isinstance(k, str) else check_int(k, f"in_features[{i}]") for i, k in enumerate(value)
@@ -48,8 +53,15 @@ def _check_in_features(value: object) -> tuple[_Key, _Key] | None:
 def _check_in_channels(value: object) -> tuple[int, int] | None:
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != 2:
-        raise TypeError(f"in_channels must be None or a pair of ints (c3, c4), got {value!r}")
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"in_channels must be None or a pair of ints (c3, c4), got {type(value).__name__} "
+            f"{value!r}"
+        )
+    if len(value) != 2:
+        raise ValueError(
+            f"in_channels must be a pair of ints (c3, c4), got {len(value)} items: {value!r}"
+        )
     return (
         check_positive_int(value[0], "in_channels[0]"),
         check_positive_int(value[1], "in_channels[1]"),

@@ -140,9 +140,8 @@ def slide_inference(
         )
     num_classes = check_positive_int(num_classes, "num_classes")
     check_bool(flip, "flip")
-    scales = [
-        check_float(s, "scales[]") for s in check_ordered_items(scales, "scales", "positive floats")
-    ]
+    items = check_ordered_items(scales, "scales", "positive floats")
+    scales = [check_float(s, f"scales[{i}]") for i, s in enumerate(items)]
     if not scales:
         raise ValueError("scales must not be empty, got an empty sequence")
     if not all(s > 0 for s in scales):
