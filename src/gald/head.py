@@ -153,7 +153,9 @@ class AuxHead(nn.Module):
     r"""The authors' deep-supervision head (``dsn``), usually on ResNet layer3.
 
     3x3 conv (with bias) -> norm -> act -> Dropout2d -> 1x1 conv (with bias). Train it with
-    plain cross-entropy weighted 0.4 next to the main loss.
+    plain cross-entropy weighted 0.4 next to the main loss: the deep supervision of PSPNet
+    (H. Zhao, J. Shi, X. Qi, X. Wang, J. Jia, "Pyramid Scene Parsing Network", CVPR 2017), as
+    the GALD authors use it.
 
     Args:
         in_channels: channels of the feature (1024 for ResNet layer3).

@@ -46,6 +46,12 @@ class OhemCrossEntropy(nn.Module):
         - logits: :math:`(B, K, H, W)`, at label resolution (upsample first).
         - target: :math:`(B, H, W)`, integer labels in ``[0, K)`` or ``ignore_index``.
         - output: scalar.
+
+    References:
+        A. Shrivastava, A. Gupta, R. Girshick, "Training Region-based Object Detectors with
+        Online Hard Example Mining", CVPR 2016 (the idea); the pixel-level form with a
+        probability threshold and a minimum number of kept pixels follows the authors' code
+        (github.com/lxtGH/GALD-DGCNet, ``libs/core/loss.py``).
     """
 
     def __init__(
