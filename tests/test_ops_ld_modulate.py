@@ -534,3 +534,13 @@ def test_op_rejects_unknown_impl():
     x = torch.randn(1, 1, 4, 4)
     with pytest.raises(ValueError, match=r"impl must be 'torch' or 'triton', got 'reference'"):
         torch.ops.gald.ld_modulate(x, torch.randn(1, 1, 2, 2), 1.0, True, "reference")
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback
+def test_jacrev_matches_the_reference():
+    x = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    logits = torch.randn(1, 2, 2, 3, dtype=torch.float64)
+    for wrt in (0, 1):
+        fused = torch.func.jacrev(lambda a, b: ld_modulate(a, b, impl="torch"), argnums=wrt)
+        ref = torch.func.jacrev(lambda a, b: ld_modulate_reference(a, b), argnums=wrt)
+        torch.testing.assert_close(fused(x, logits), ref(x, logits))

@@ -136,6 +136,8 @@ def test_register_and_unregister() -> None:
     assert gald.create_ga("mine", 4).__class__ is Mine
     with pytest.raises(ValueError, match="already registered"):
         gald.register_ga("mine", Tiny)
+    with pytest.raises(TypeError, match="cls must be an nn.Module subclass, got None"):
+        gald.register_ga("other", None)  # type: ignore[call-overload]
     assert gald.unregister_ga("mine") is Mine and snapshot() == before
 
 

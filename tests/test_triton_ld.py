@@ -19,6 +19,7 @@ Every check compares against a slow reference written here with plain ops
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 
@@ -226,6 +227,24 @@ def test_through_the_op_and_autograd(kernels, monkeypatch):
     gx, gl = torch.autograd.grad(out, (xr, lr), g)
     want, want_gx, want_gl = reference_grads(x, logits, g, 1.0, True)
     assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, want)
+    torch.testing.assert_close(gx, want_gx)
+    torch.testing.assert_close(gl, want_gl)
+
+
+# the interpreter's numpy exp overflows to inf for a saturated logit (1 / (1 + inf) = 0, the
+# right sigmoid) and says so; the GPU does the same silently
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_infinite_logits_saturate_in_the_triton_kernels(kernels, monkeypatch):
+    # a logit of +-inf gives what a very large finite one does, as in the torch kernel
+    monkeypatch.setattr(_modulate, "_triton_module", kernels)
+    x, logits, g = random_inputs((2, 2, 7, 6, 3, 3), torch.float64, seed=5)
+    logits[0, 0, 0, 0], logits[1, 1, 2, 2], logits[0, 1, 1, 2] = math.inf, -math.inf, -math.inf
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = ld_modulate(xr, lr, 2.0, impl="triton")
+    gx, gl = torch.autograd.grad(out, (xr, lr), g)
+    want, want_gx, want_gl = reference_grads(x, logits.clamp(-1e4, 1e4), g, 2.0, True)
+    assert torch.isfinite(out).all() and torch.isfinite(gl).all()
     torch.testing.assert_close(out, want)
     torch.testing.assert_close(gx, want_gx)
     torch.testing.assert_close(gl, want_gl)

@@ -254,3 +254,10 @@ def test_layer_factories_are_checked_by_the_call_they_get() -> None:
         gald.LocalDistribution(8, act_layer=lambda inplace: nn.ReLU(inplace))
     # what the calls can take is accepted: partials, classes with defaults, functions
     gald.GALD(16, "psp", norm_layer=functools.partial(nn.GroupNorm, 4), act_layer=nn.PReLU)
+
+
+def test_numpy_bools_are_bools() -> None:
+    ld = gald.LocalDistribution(8, final_act=np.bool_(False))
+    assert ld.final_act is False
+    with pytest.raises(TypeError, match=r"final_act must be a bool, got numpy.int64 "):
+        gald.LocalDistribution(8, final_act=np.int64(1))

@@ -245,12 +245,12 @@ def test_errors_name_argument_expected_and_received() -> None:
         gald.wrap("model", "a")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="already a GALD"):
         gald.wrap(model, "1")
-    with pytest.raises(
-        ValueError, match=r"'1.ga' is a part of the GALD block '1'; .* wrapped once"
-    ):
+    with pytest.raises(ValueError, match=r"'1.ga' is inside the GALD block '1'; .* wrapped once"):
         gald.wrap(model, "1.ga")
-    with pytest.raises(ValueError, match=r"'ga' is a part of the GALD block \(the model itself\)"):
+    with pytest.raises(ValueError, match=r"'ga' is inside the GALD block \(the model itself\)"):
         gald.wrap(model[1], "ga")
+    with pytest.raises(ValueError, match=r"'0.ga.t' is inside the GALD block '0'"):
+        gald.wrap(nn.Sequential(gald.GALD(16, "cgnl")), "0.ga.t")
     with pytest.raises(ValueError, match="in_channels must be >= 1, got 0"):
         gald.GALD(0, "psp")
     with pytest.raises(ValueError, match="out_channels must be >= 1, got -2"):
@@ -549,3 +549,27 @@ def test_a_state_dict_saved_before_wrapping_loads_after_it() -> None:
     again = _small_deeplab()
     gald.wrap(again, "classifier.0", init="identity")
     again.load_state_dict(fresh.state_dict(), strict=True)
+
+
+class _HasDown(nn.Module):
+    """A context module with a child named like a part of the block (``down``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16))
+        self.proj = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.down(x))
+
+
+def test_an_unwrapped_key_named_like_a_block_part_goes_to_the_ga() -> None:
+    before = randomise(nn.Sequential(nn.Conv2d(3, 16, 1), _HasDown())).state_dict()
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), _HasDown())
+    gald.wrap(model, "1")
+    own_down = model[1].down[0].weight.detach().clone()
+    result = model.load_state_dict(before, strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith(("1.down.", "1.ld.")) for k in result.missing_keys)
+    torch.testing.assert_close(model[1].ga.down[0].weight, before["1.down.0.weight"])
+    torch.testing.assert_close(model[1].down[0].weight, own_down)  # the block's own: untouched

@@ -152,11 +152,15 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> N
 
 
 def check_bool(value: object, name: str) -> bool:
-    """``value`` if it is a bool; a ``TypeError`` naming ``name`` otherwise (``"no"``, ``1`` or
-    ``None`` are not read as truth values)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
-    return value
+    """``value`` as a bool (a Python or NumPy bool); a ``TypeError`` naming ``name`` otherwise
+    (``"no"``, ``1`` or ``None`` are not read as truth values)."""
+    if isinstance(value, bool):
+        return value
+    kind = type(value)
+    if kind.__module__ == "numpy" and kind.__name__ in ("bool", "bool_"):  # numpy's bool scalar
+        return bool(value)
+    shown = kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+    raise TypeError(f"{name} must be a bool, got {shown} {value!r}")
 
 
 def check_choice(value: object, name: str, choices: Sequence[str]) -> str:

@@ -111,12 +111,14 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     parent, attr, target = _resolve(model, name)
     if isinstance(target, GALD):
         raise ValueError(f"{name!r} is already a GALD block")
-    if isinstance(parent, GALD):
-        owner = repr(name.rsplit(".", 1)[0]) if "." in name else "(the model itself)"
-        raise ValueError(
-            f"{name!r} is a part of the GALD block {owner}; a context module is wrapped once "
-            "(the block already runs its GA and the LD)"
-        )
+    parts = name.split(".")
+    for depth in range(len(parts)):  # the model itself, then every module on the path
+        if isinstance(model.get_submodule(".".join(parts[:depth])), GALD):
+            owner = repr(".".join(parts[:depth])) if depth else "(the model itself)"
+            raise ValueError(
+                f"{name!r} is inside the GALD block {owner}; a context module is wrapped once "
+                "(the block already runs its GA and the LD)"
+            )
     if in_channels is None:
         in_channels, source = _infer_in_channels(target)
         try:

@@ -264,20 +264,18 @@ def _build_ga(
 def _read_unwrapped_keys(
     module: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any
 ) -> None:
-    """Load-state-dict pre-hook of :class:`GALD`: a key of the wrapped module saved before the
-    wrapping (``prefix + "convs.0.weight"``) is moved to where the GA now lives
-    (``prefix + "ga.convs.0.weight"``). Only keys the GA has, under a first name that is not one
-    of the block's own parts, and only when the wrapped form is absent, are moved."""
-    own = {name for name, _ in module.named_children()}
-    own |= {name for name, _ in module.named_parameters(recurse=False)}
-    own |= {name for name, _ in module.named_buffers(recurse=False)}
+    """Load-state-dict pre-hook of :class:`GALD`: a state dict saved before the wrapping holds
+    the wrapped module's keys at the block's prefix (``prefix + "convs.0.weight"``); they are
+    moved to where the GA now lives (``prefix + "ga.convs.0.weight"``). A state dict with any
+    ``prefix + "ga."`` key is one of the wrapped model and is left as it is; in one without,
+    every key the GA has is the GA's, even one named like a part of the block (``down.*``)."""
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if any(k.startswith(prefix + "ga.") for k in keys):
+        return
     ga_keys = set(module.get_submodule("ga").state_dict())
-    for key in [k for k in state_dict if k.startswith(prefix)]:
-        rest = key[len(prefix) :]
-        if rest.split(".", 1)[0] in own or rest not in ga_keys:
-            continue
-        if prefix + "ga." + rest not in state_dict:
-            state_dict[prefix + "ga." + rest] = state_dict.pop(key)
+    for key in keys:
+        if key[len(prefix) :] in ga_keys:
+            state_dict[prefix + "ga." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 class GALD(nn.Module):
@@ -455,9 +453,14 @@ class GALD(nn.Module):
     def reset_parameters(self) -> None:
         """Re-initialise what the block owns directly: ``alpha`` (``init="identity"``) to zero.
 
-        The parts it composes (convs, norms, the GA) have their own ``reset_parameters``. With
-        a model built on the meta device, ``to_empty`` and then ``reset_parameters`` on every
-        module that has one gives the block its initial state, the identity start included."""
+        The parts it composes (convs, norms, the GA) have their own ``reset_parameters``, which
+        restore PyTorch's default initialisation. Initialisations a layer applies to its
+        children at construction are not replayed by those: the zero-initialised output norms
+        of ``nonlocal``, ``glore`` and ``gc``'s last conv, EMA's and the ResNet's Kaiming
+        convs. After building on the meta device, ``to_empty`` and ``reset_parameters``
+        everywhere therefore give GALD's own start (the identity of ``init="identity"``, the
+        silent gammas of ``danet`` and ``criss_cross``, EMA's bases), not those; load weights
+        or build such layers on a real device."""
         if self.alpha is not None:
             with torch.no_grad():
                 self.alpha.zero_()

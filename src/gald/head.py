@@ -25,8 +25,9 @@ class GALDHead(nn.Module):
     ``cls`` (1x1 conv with bias). Unlike the authors' head, ``channels`` may be anything.
 
     ``norm_layer`` and ``act_layer`` reach every layer of the head: its convs, the GALD ``down``
-    stage, the LD and a GA given by name or class (``norm_layer=nn.SyncBatchNorm`` then leaves no
-    ``BatchNorm2d`` anywhere inside, unless ``ga_kwargs`` sets another norm). A GA given as a
+    stage, the LD and a GA given by name, or as a class whose constructor names them
+    (``norm_layer=nn.SyncBatchNorm`` then leaves no ``BatchNorm2d`` anywhere inside, unless
+    ``ga_kwargs`` sets another norm). A GA given as a
     ready module keeps the layers it was built with; convert those with
     ``nn.SyncBatchNorm.convert_sync_batchnorm``. ``ld=False`` (through ``gald_kwargs``) gives
     the GA-only ablation.

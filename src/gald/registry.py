@@ -57,7 +57,7 @@ def register_ga(name: str) -> Callable[[T], T]: ...
 def register_ga(name: str, cls: T) -> T: ...
 
 
-def register_ga(name: str, cls: T | None = None) -> T | Callable[[T], T]:
+def register_ga(name: str, cls: Any = _MISSING) -> Any:
     """Register a GA layer class under ``name``: as a class decorator (``@register_ga("se")``)
     or by a call (``register_ga("se", SqueezeExcitation)``, which returns the class).
 
@@ -76,7 +76,7 @@ def register_ga(name: str, cls: T | None = None) -> T | Callable[[T], T]:
         _GA_REGISTRY[name] = cls
         return cls
 
-    return wrap if cls is None else wrap(cls)
+    return wrap if cls is _MISSING else wrap(cls)
 
 
 def unregister_ga(name: str) -> type[nn.Module]:

@@ -162,6 +162,8 @@ class DilatedResNet(nn.Module):
           :math:`h, w` given by :meth:`feature_size` (about :math:`H/8` at output stride 8).
     """
 
+    grad_checkpointing: bool = False  # also for instances pickled before the switch existed
+
     def __init__(
         self,
         depth: int = 101,

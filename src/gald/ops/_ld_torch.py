@@ -143,12 +143,7 @@ class _Plan:
         """The logits interpolated along the first axis of the layout: ``A_H L`` as
         (B·H, w, C) (channels_last), or ``L A_W^T`` as (B·C, h, W) (NCHW)."""
         b, c, hh, _, h, w = self.shape
-        # an infinite logit saturates the sigmoid, as a very large finite one does; it is made
-        # finite because the interpolation matmuls multiply every logit by the zero weights of
-        # the positions it does not reach, and 0 * inf is nan (a nan logit stays nan, and
-        # spreads along its plane's rows and columns)
-        big = torch.finfo(self.cdt).max / 4  # a convex combination of these stays finite
-        lg = torch.nan_to_num(logits.to(self.cdt), nan=math.nan, posinf=big, neginf=-big)
+        lg = logits.to(self.cdt)
         if self.channels_last:
             rows = torch.matmul(self.a_h, lg.permute(0, 2, 3, 1).reshape(b, h, w * c))
             return rows.view(b * hh, w, c)

@@ -21,6 +21,7 @@ alive.
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 
 import torch
@@ -116,6 +117,16 @@ def _like(g: torch.Tensor | None, ref: torch.Tensor, needed: bool) -> torch.Tens
     return torch.empty_like(ref).copy_(g)
 
 
+def _saturated(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` with +-inf replaced by +-(largest finite value / 4): an infinite logit
+    saturates the sigmoid, as such a value does. Both kernels interpolate with weights that can
+    be exactly zero (the torch kernel multiplies every logit by the zero weights of the
+    positions it does not reach, the Triton kernel its two neighbours by their weights), and
+    0 * inf is nan. A convex combination of these values stays finite. A nan logit stays nan."""
+    big = torch.finfo(logits.dtype).max / 4
+    return torch.nan_to_num(logits, nan=math.nan, posinf=big, neginf=-big)
+
+
 def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
@@ -124,10 +135,11 @@ def _modulate_kernel(
     # are the op's implementation, never differentiated through (torch.func runs them with
     # tensors that track gradients at an outer level)
     with autocast_off(x.device.type), torch.no_grad():
+        lg = _saturated(logits)
         if impl == "triton":
-            out = _require_triton().ld_modulate_fwd_triton(x, logits, offset, align_corners)
+            out = _require_triton().ld_modulate_fwd_triton(x, lg, offset, align_corners)
         else:
-            out = _ld_torch.forward(x, logits, offset, align_corners)
+            out = _ld_torch.forward(x, lg, offset, align_corners)
     return _like(out, x, True)
 
 
@@ -149,12 +161,13 @@ def _backward_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
     with autocast_off(x.device.type), torch.no_grad():
+        lg = _saturated(logits)
         if impl == "triton":
             gx, gl = _require_triton().ld_modulate_bwd_triton(
-                grad, x, logits, offset, align_corners, need_x, need_logits
+                grad, x, lg, offset, align_corners, need_x, need_logits
             )
         else:
-            gx, gl = _ld_torch.backward(grad, x, logits, offset, align_corners, need_x, need_logits)
+            gx, gl = _ld_torch.backward(grad, x, lg, offset, align_corners, need_x, need_logits)
     return _like(gx, x, need_x), _like(gl, logits, need_logits)
 
 
@@ -195,6 +208,8 @@ def _autograd_backward(ctx, grad):
 class _Backward(torch.autograd.Function):
     """The backward op with a derivative that refuses: without it, autograd would treat the
     first gradients as constants and a double backward would silently give zero."""
+
+    generate_vmap_rule = True  # torch.func.jacrev vmaps over the backward
 
     @staticmethod
     def forward(*args):  # type: ignore[override]
