@@ -544,3 +544,19 @@ def test_jacrev_matches_the_reference():
         fused = torch.func.jacrev(lambda a, b: ld_modulate(a, b, impl="torch"), argnums=wrt)
         ref = torch.func.jacrev(lambda a, b: ld_modulate_reference(a, b), argnums=wrt)
         torch.testing.assert_close(fused(x, logits), ref(x, logits))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap's per-sample fallback
+def test_vmap_and_per_sample_gradients_match_the_reference():
+    x = torch.randn(3, 2, 5, 4, dtype=torch.float64)
+    logits = torch.randn(3, 2, 2, 3, dtype=torch.float64)
+    one = lambda a, b: ld_modulate(a[None], b[None], impl="torch")[0]  # noqa: E731
+    torch.testing.assert_close(torch.func.vmap(one)(x, logits), ld_modulate_reference(x, logits))
+    loss = lambda a, b: one(a, b).square().sum()  # noqa: E731
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)))(x, logits)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    ld_modulate_reference(xr, lr).square().sum().backward()  # samples are independent
+    torch.testing.assert_close(per_sample[0], xr.grad)
+    torch.testing.assert_close(per_sample[1], lr.grad)
+    with pytest.raises(NotImplementedError, match="jvp"):  # no forward-mode formula
+        torch.func.jacfwd(lambda t: ld_modulate(x, t, impl="torch"))(logits)

@@ -231,8 +231,12 @@ class _Backward(torch.autograd.Function):
 class _LDModulate(torch.autograd.Function):
     """The op's autograd for :func:`ld_modulate`, as an ``autograd.Function`` with a separate
     ``setup_context``: the form ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``) accept.
-    The op has no batching rule, so ``vmap``, ``jacfwd`` and ``hessian`` raise.
-    Calling ``torch.ops.gald.ld_modulate`` directly uses the same formula (registered below)."""
+    ``vmap`` runs the op sample by sample (PyTorch's fallback for an op without a batching
+    rule, which warns); ``jacfwd`` and ``hessian`` raise (no forward-mode formula, and no
+    second derivative). Calling ``torch.ops.gald.ld_modulate`` directly uses the same formula
+    (registered below)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(x, logits, offset, align_corners, impl):  # type: ignore[override]
