@@ -242,14 +242,21 @@ def test_frozen_and_folded_gate_equal_the_ld_when_its_gate_is_constant() -> None
     with torch.no_grad():
         ref = model(x)
         assert not torch.allclose(am.freeze_gate(model, gate.channel_mean)(x), ref, atol=1e-4)
-    # the last stage outputs 0 for every input: M = 0.5, the gate is offset + 0.5 everywhere
+    # the last stage outputs its bias for every input: a gate constant over positions and
+    # samples, but different per channel (so a fold along the wrong axis, or of one scalar,
+    # would not match)
     last_norm = ld.branch[-1][1]
     with torch.no_grad():
         last_norm.weight.zero_()
-        last_norm.bias.uniform_(-1.0, 0.0)  # relu(bias <= 0) = 0
+        last_norm.bias.copy_(torch.linspace(0.0, 3.0, last_norm.num_features))  # relu(b) = b
     gate = gald.ld_statistics(model, [x, torch.randn(1, 3, 64, 64) * 5])["head.gald.ld"]
-    assert gate.spatial_cv == gate.sample_cv == gate.channel_cv == 0.0
-    assert set(gate.channel_mean) == {2.5}
+    assert gate.spatial_cv < 1e-6 and gate.sample_cv < 1e-6 and gate.channel_cv > 0.01
+    want = 2.0 + torch.sigmoid(
+        torch.linspace(0.0, 3.0, last_norm.num_features, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        torch.tensor(gate.channel_mean, dtype=torch.float64), want, rtol=1e-6, atol=1e-6
+    )
     frozen = am.freeze_gate(model, gate.channel_mean)
     folded = am.fold_gate_into_convb(model, gate.channel_mean)
     assert folded.head.gald.ld is None

@@ -243,3 +243,22 @@ def test_meta_build_then_reset_parameters_gives_the_initial_state() -> None:
     assert all(torch.equal(g, torch.zeros(1)) for g in gammas)
     norms = ema.bases.norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
+
+
+def test_identity_init_blends_by_alpha_per_channel() -> None:
+    # at alpha = 0 the blend drops out; with a random alpha the documented formula must hold:
+    # out = y + alpha * (y * (offset + M(y)) - y), y = GA(x), written out by hand here
+    torch.manual_seed(0)
+    block = _randomise(gald.GALD(8, "gc", init="identity")).double().eval()
+    with torch.no_grad():
+        block.alpha.uniform_(-1.0, 2.0)
+    x = torch.randn(2, 8, 11, 9, dtype=torch.float64)
+    with torch.no_grad():
+        y = block.ga(x)
+        logits = block.ld.branch(y)
+        mask = torch.sigmoid(
+            F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=True)
+        )
+        ld = y * (block.ld.offset + mask)
+        want = y + block.alpha.view(1, -1, 1, 1) * (ld - y)
+        torch.testing.assert_close(block(x), want)

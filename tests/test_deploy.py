@@ -14,6 +14,7 @@ reason; today every layer takes every path.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -201,3 +202,32 @@ class _Returns(nn.Module):
 
     def forward(self, x: torch.Tensor) -> object:
         return self.value
+
+
+def test_the_onnx_checks_detect_what_they_check(tmp_path: Path) -> None:
+    # verify_onnx measures a real difference: the same file against a changed module
+    torch.manual_seed(0)
+    model = randomize_(_DictOutput(), seed=1).eval()
+    path = deploy.export_onnx(model, _input(SHAPE), tmp_path / "m.onnx", dynamo=False)
+    assert deploy.verify_onnx(model, path, _input(SHAPE)) <= RTOL
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in changed.aux.parameters():
+            p.add_(0.5)
+    assert deploy.verify_onnx(changed, path, _input(SHAPE)) > 1e-2
+    # onnx_custom_domains names a non-standard operator, also inside a nested graph
+    helper = onnx.helper
+    inp = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    out = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    custom = helper.make_node("Mine", ["x"], ["y"], domain="com.example")
+    inner = helper.make_graph([custom], "inner", [], [out])
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=inner, else_branch=inner, domain="")
+    cond = helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])
+    flat = helper.make_model(helper.make_graph([custom], "g", [inp], [out]))
+    nested = helper.make_model(helper.make_graph([branch], "g", [cond], [out]))
+    assert deploy.onnx_custom_domains(flat) == {"com.example"}
+    assert deploy.onnx_custom_domains(nested) == {"com.example"}
+    standard = helper.make_model(
+        helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [inp], [out])
+    )
+    assert deploy.onnx_custom_domains(standard) == set()

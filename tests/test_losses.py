@@ -192,3 +192,21 @@ def test_poly_schedule_is_torchs_own() -> None:
         opt.step()
         sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - it / 10) ** 0.9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_logits_are_mined_in_float32(dtype: torch.dtype) -> None:
+    # logits of a half-precision model: the loss is the float32 loss of the same (rounded)
+    # logits, returned in the logits' dtype, and its gradient reaches them
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(2, 5, 8, 8, generator=gen)).to(dtype).requires_grad_()
+    target = torch.randint(0, 5, (2, 8, 8), generator=gen)
+    target[0, :2] = 255
+    loss_fn = OhemCrossEntropy(thresh=0.6, min_kept=40)
+    loss = loss_fn(logits, target)
+    want = loss_fn(logits.detach().float(), target)
+    assert loss.dtype == dtype
+    torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-3)
+    loss.backward()
+    assert logits.grad is not None and logits.grad.dtype == dtype
+    assert torch.isfinite(logits.grad.float()).all() and logits.grad.abs().sum() > 0

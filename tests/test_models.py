@@ -241,6 +241,18 @@ def test_dry_run_restores_train_flags() -> None:
     assert torch.equal(backbone.bn.running_mean, before)
 
 
+def test_dry_run_leaves_a_training_backbone_statistics_alone() -> None:
+    # a pretrained backbone left in training mode: the width probe must run it in eval mode
+    backbone = Tiny("dict").train()
+    with torch.no_grad():
+        backbone.bn.running_mean.normal_()
+    stats = {k: v.clone() for k, v in backbone.state_dict().items()}
+    GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"), head={"channels": 16})
+    assert backbone.training and backbone.bn.training
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, stats[key]), key
+
+
 def test_width_mismatch_caught_at_construction() -> None:
     with pytest.raises(ValueError, match=r"head expects 16 input channels .*\(c4\) has 8"):
         GALDNet(CLASSES, backbone=Tiny(), head=gald.GALDHead(16, CLASSES, channels=16))
@@ -507,3 +519,18 @@ def test_backbone_and_network_grad_checkpointing_change_nothing_but_memory() -> 
         torch.testing.assert_close(c, b, msg=lambda m, n=name: f"{n}: {m}")
     with pytest.raises(TypeError, match="enable must be a bool"):
         ckpt.set_grad_checkpointing(1)  # type: ignore[arg-type]
+    # and the memory: the checkpointed backbone keeps about one map per block
+    assert _saved_bytes(ckpt.backbone, x) < 0.3 * _saved_bytes(net.backbone, x)
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values())

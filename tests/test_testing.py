@@ -9,6 +9,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import hypothesis
 import pytest
 import torch
 import torch.nn.functional as F
@@ -471,7 +472,11 @@ def test_strategy_arguments() -> None:
         TypeError, match="no int 'in_channels' or 'channels' attribute; pass channels="
     ):
         ga_inputs(nn.Identity())
-    assert ga_inputs(nn.Identity(), channels=2) is not None
+    # the override is what is drawn: the largest map the strategy can give has 2 channels
+    drawn = hypothesis.find(
+        ga_inputs(nn.Identity(), channels=2, max_side=5), lambda t: min(t.shape[-2:]) == 5
+    )
+    assert drawn.shape[1] == 2 and tuple(drawn.shape[-2:]) == (5, 5)
 
 
 def test_strategies_name_the_missing_extra(monkeypatch: pytest.MonkeyPatch) -> None:
