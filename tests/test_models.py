@@ -17,6 +17,7 @@ from torch import nn
 import gald
 from _helpers import assert_close as _assert_close
 from _official_reference import randomise_, upsample_align_corners
+from gald.bench._timing import saved_bytes
 from gald.models import DilatedResNet, GALDNet
 
 CLASSES = 5
@@ -520,17 +521,4 @@ def test_backbone_and_network_grad_checkpointing_change_nothing_but_memory() -> 
     with pytest.raises(TypeError, match="enable must be a bool"):
         ckpt.set_grad_checkpointing(1)  # type: ignore[arg-type]
     # and the memory: the checkpointed backbone keeps about one map per block
-    assert _saved_bytes(ckpt.backbone, x) < 0.3 * _saved_bytes(net.backbone, x)
-
-
-def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    """Bytes of the distinct storages autograd saves for backward in one forward."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(storages.values())
+    assert saved_bytes(lambda: ckpt.backbone(x)) < 0.3 * saved_bytes(lambda: net.backbone(x))
