@@ -175,6 +175,18 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     return value
 
 
+_FACTORY_CALLS = (
+    (
+        "norm_layer",
+        "(num_channels)",
+        (1,),
+        "; bind the other arguments first, e.g. functools.partial(nn.GroupNorm, 32)",
+    ),
+    ("act_layer", "()", (), ""),
+)
+"""How a factory argument ending in each suffix is called: (suffix, call, probe args, hint)."""
+
+
 def check_factory(value: object, name: str) -> Callable[..., Any]:
     """``value`` must be a layer factory: a class or any callable that returns a module, not a
     module instance. A ``*norm_layer`` is called as ``norm_layer(num_channels)`` and an
@@ -186,25 +198,17 @@ def check_factory(value: object, name: str) -> Callable[..., Any]:
             f"{name} must be a callable that builds a layer (a class such as nn.BatchNorm2d, "
             f"or a function), got {what} {value!r}"
         )
-    call, args = (
-        ("(num_channels)", (1,))
-        if name.endswith("norm_layer")
-        else ("()", ())
-        if name.endswith("act_layer")
-        else (None, ())
-    )
-    if call is not None:
+    for suffix, call, args, hint in _FACTORY_CALLS:
+        if not name.endswith(suffix):
+            continue
         try:
             signature = inspect.signature(value)
         except (TypeError, ValueError):  # no signature to read (a builtin): the call will tell
-            return value  # type: ignore[return-value]
+            break
         try:
             signature.bind(*args)
         except TypeError as exc:
             raise TypeError(
-                f"{name} is called as {name}{call}, which {value!r} cannot take ({exc}); bind "
-                f"the other arguments first, e.g. functools.partial(nn.GroupNorm, 32)"
-                if call == "(num_channels)"
-                else f"{name} is called as {name}{call}, which {value!r} cannot take ({exc})"
+                f"{name} is called as {name}{call}, which {value!r} cannot take ({exc}){hint}"
             ) from None
     return value  # type: ignore[return-value]

@@ -14,8 +14,10 @@ __all__ = ["wrap"]
 M = TypeVar("M", bound=nn.Module)
 
 
-def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
-    """(parent, attribute, target) of the dotted path ``name`` inside ``model``."""
+def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module, str | None]:
+    """(parent, attribute, target, block) of the dotted path ``name`` inside ``model``;
+    ``block`` is the path of the outermost GALD the path passes through (``""`` for the model
+    itself), ``None`` when it passes through none."""
     parts = name.split(".")
     if not name:
         raise ValueError(
@@ -25,7 +27,10 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
     if any(not p for p in parts):
         raise ValueError(f"name must be a dotted path like 'decoder.aspp', got {name!r}")
     parent: nn.Module = model
+    block: str | None = None
     for depth, part in enumerate(parts):
+        if block is None and isinstance(parent, GALD):
+            block = ".".join(parts[:depth])
         where = ".".join(parts[:depth]) or "the model"
         children = dict(parent.named_children())
         if part not in children:
@@ -39,7 +44,7 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module]:
                 f"submodules are {sorted(children)}"
             )
         if depth == len(parts) - 1:
-            return parent, part, children[part]
+            return parent, part, children[part], block
         parent = children[part]
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -108,17 +113,15 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if "ga_module" in gald_kwargs:
         raise TypeError("wrap takes the GA from the model; do not pass ga_module")
-    parent, attr, target = _resolve(model, name)
+    parent, attr, target, inside = _resolve(model, name)
     if isinstance(target, GALD):
         raise ValueError(f"{name!r} is already a GALD block")
-    parts = name.split(".")
-    for depth in range(len(parts)):  # the model itself, then every module on the path
-        if isinstance(model.get_submodule(".".join(parts[:depth])), GALD):
-            owner = repr(".".join(parts[:depth])) if depth else "(the model itself)"
-            raise ValueError(
-                f"{name!r} is inside the GALD block {owner}; a context module is wrapped once "
-                "(the block already runs its GA and the LD)"
-            )
+    if inside is not None:
+        owner = repr(inside) if inside else "(the model itself)"
+        raise ValueError(
+            f"{name!r} is inside the GALD block {owner}; a context module is wrapped once "
+            "(the block already runs its GA and the LD)"
+        )
     if in_channels is None:
         in_channels, source = _infer_in_channels(target)
         try:
