@@ -23,11 +23,10 @@ from .._validate import (
     check_int,
     check_positive_int_sequence,
 )
-from ..convert import _RESNET_LAYERS, _layer_blocks
+from ..convert import _DEPTHS, _RESNET_LAYERS, _layer_blocks
 
 __all__ = ["DilatedResNet"]
 
-_LAYERS = _RESNET_LAYERS
 _EXPANSION = 4
 
 
@@ -103,10 +102,10 @@ def _check_checkpoint(
             "DilatedResNet has the 7x7 stem: build DilatedResNet(deep_stem=True)"
         )
     blocks = _layer_blocks([k for k in state_dict if isinstance(k, str)], prefix)
-    expected = _LAYERS[net.depth]
+    expected = _RESNET_LAYERS[net.depth]
     if not strict or not any(blocks) or blocks == expected:
         return
-    found = next((d for d, layers in _LAYERS.items() if layers == blocks), None)
+    found = _DEPTHS.get(blocks)  # type: ignore[arg-type]
     received = (
         f"is a ResNet-{found} ({blocks[2]} blocks in layer3)"
         if found is not None
@@ -175,16 +174,16 @@ class DilatedResNet(nn.Module):
     ) -> None:
         super().__init__()
         depth = check_int(depth, "depth")
-        if depth not in _LAYERS:
-            raise ValueError(f"depth must be one of {sorted(_LAYERS)}, got {depth!r}")
+        if depth not in _RESNET_LAYERS:
+            raise ValueError(f"depth must be one of {sorted(_RESNET_LAYERS)}, got {depth!r}")
         output_stride = check_int(output_stride, "output_stride")
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
         grid = check_positive_int_sequence(multi_grid, "multi_grid")
-        if len(grid) not in (1, _LAYERS[depth][3]):
+        if len(grid) not in (1, _RESNET_LAYERS[depth][3]):
             raise ValueError(
                 f"multi_grid must hold one dilation factor per layer4 block "
-                f"({_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
+                f"({_RESNET_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
             )
         check_bool(deep_stem, "deep_stem")
         check_factory(norm_layer, "norm_layer")
@@ -214,7 +213,7 @@ class DilatedResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
 
-        blocks = _LAYERS[depth]
+        blocks = _RESNET_LAYERS[depth]
         if output_stride == 8:
             strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
         else:
