@@ -413,6 +413,21 @@ def test_check_gald_with_a_width_changing_layer() -> None:
     # a wrong explicit width: GALD refuses to build the block
     with pytest.raises(ValueError, match=r"out_channels=10 does not match .* returns 12"):
         check_gald(widen, in_channels=C, out_channels=10, only=("shapes",))
+    # the width set among the GA's own arguments, as GALD accepts it
+    assert check_gald(
+        "aspp",
+        in_channels=C,
+        gald_kwargs={"ga_kwargs": {"out_channels": 12, "inner_channels": 4}},
+        only=("shapes",),
+    ) == ["shapes"]
+    with pytest.raises(ValueError, match=r"out_channels is given twice: out_channels=12 and"):
+        check_gald(
+            "aspp",
+            in_channels=C,
+            out_channels=12,
+            gald_kwargs={"ga_kwargs": {"out_channels": 12, "inner_channels": 4}},
+            only=("shapes",),
+        )
 
 
 def test_check_gald_failure_names_check_gald() -> None:

@@ -573,3 +573,101 @@ def test_an_unwrapped_key_named_like_a_block_part_goes_to_the_ga() -> None:
     assert all(k.startswith(("1.down.", "1.ld.")) for k in result.missing_keys)
     torch.testing.assert_close(model[1].ga.down[0].weight, before["1.down.0.weight"])
     torch.testing.assert_close(model[1].down[0].weight, own_down)  # the block's own: untouched
+
+
+class _HasGA(nn.Module):
+    """A context module with a child named like the block's ``ga``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ga = nn.Conv2d(16, 16, 3, padding=1)
+        self.proj = nn.Conv2d(16, 16, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.ga(x))
+
+
+def test_an_unwrapped_module_with_a_child_named_ga_loads() -> None:
+    pretrained = randomise(nn.Sequential(nn.Conv2d(3, 16, 1), _HasGA())).eval()
+    before = copy.deepcopy(pretrained.state_dict())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        expected = pretrained(x)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), _HasGA())
+    gald.wrap(model, "1", init="identity")
+    result = model.eval().load_state_dict(before, strict=False)
+    assert result.unexpected_keys == []
+    assert all(k.startswith(("1.ld.", "1.alpha")) for k in result.missing_keys)
+    torch.testing.assert_close(model[1].ga.ga.weight, before["1.ga.weight"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    # and the wrapped model's own state dict round-trips strictly, untouched by the hook
+    again = nn.Sequential(nn.Conv2d(3, 16, 1), _HasGA())
+    gald.wrap(again, "1", init="identity")
+    again.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(again[1].ga.ga.weight, before["1.ga.weight"])
+
+
+def test_a_shared_module_is_refused_naming_every_path() -> None:
+    conv = nn.Conv2d(8, 8, 1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), conv, conv)
+    for path, other in (("1", "2"), ("2", "1")):
+        with pytest.raises(ValueError, match=rf"'{path}' is a module shared with \['{other}'\]"):
+            gald.wrap(model, path)
+    assert model[1] is conv and model[2] is conv  # unchanged
+
+
+class _DefaultWidth(nn.Module):
+    """A torchvision-like context module whose ``out_channels`` defaults to another width."""
+
+    def __init__(self, in_channels: int, out_channels: int = 24) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_an_explicit_out_channels_reaches_the_class_even_when_it_keeps_the_width() -> None:
+    for width in (16, 8):
+        block = gald.GALD(16, _DefaultWidth, out_channels=width)
+        assert block.ga.conv.out_channels == width and block.out_channels == width
+    assert gald.GALD(16, _DefaultWidth).out_channels == 24  # the class's own default
+
+
+class _OptionalNorm(nn.Module):
+    """timm's convention: ``norm_layer=None`` / ``act_layer=None`` build no norm / act."""
+
+    def __init__(
+        self,
+        channels: int,
+        norm_layer: type[nn.Module] | None = None,
+        act_layer: type[nn.Module] | None = None,
+        gate_layer: type[nn.Module] = nn.Sigmoid,
+    ) -> None:
+        super().__init__()
+        self.fc = nn.Conv2d(channels, channels, 1)
+        self.bn = norm_layer(channels) if norm_layer is not None else nn.Identity()
+        self.act = act_layer() if act_layer is not None else nn.Identity()
+        self.gate = gate_layer()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(self.act(self.bn(self.fc(x.mean((2, 3), keepdim=True)))))
+
+
+class _DefaultNorm(_OptionalNorm):
+    def __init__(self, channels: int, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> None:
+        super().__init__(channels, norm_layer=norm_layer)
+
+
+def test_a_class_whose_norm_defaults_to_none_gets_none() -> None:
+    for kwargs in ({}, {"norm_layer": nn.SyncBatchNorm, "act_layer": nn.GELU}):
+        block = gald.GALD(16, _OptionalNorm, **kwargs)  # type: ignore[arg-type]
+        assert isinstance(block.ga.bn, nn.Identity) and isinstance(block.ga.act, nn.Identity)
+        block.train()(torch.randn(1, 16, 32, 32))  # no norm over a 1x1 map of one sample
+    # asked for through the GA's own arguments, it is built
+    block = gald.GALD(16, _OptionalNorm, ga_kwargs={"norm_layer": nn.BatchNorm2d})
+    assert isinstance(block.ga.bn, nn.BatchNorm2d)
+    # a class with a norm by default takes the block's
+    block = gald.GALD(16, _DefaultNorm, norm_layer=nn.SyncBatchNorm)
+    assert isinstance(block.ga.bn, nn.SyncBatchNorm)

@@ -32,7 +32,8 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module, st
         if block is None and isinstance(parent, GALD):
             block = ".".join(parts[:depth])
         where = ".".join(parts[:depth]) or "the model"
-        children = dict(parent.named_children())
+        # every registered child, a shared one too (named_children() lists each module once)
+        children = {k: v for k, v in parent._modules.items() if v is not None}
         if part not in children:
             if hasattr(parent, part):
                 raise ValueError(
@@ -98,7 +99,8 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     Raises:
         KeyError: no submodule at ``name``.
         ValueError: ``name`` is malformed or leads to something that is not an ``nn.Module``,
-            or the channels cannot be inferred or do not match the module.
+            to a module registered at another path too (shared), or the channels cannot be
+            inferred or do not match the module.
 
     Example:
         >>> import torch, gald
@@ -121,6 +123,17 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         raise ValueError(
             f"{name!r} is inside the GALD block {owner}; a context module is wrapped once "
             "(the block already runs its GA and the LD)"
+        )
+    others = [
+        path
+        for path, module in model.named_modules(remove_duplicate=False)
+        if module is target and path != name
+    ]
+    if others:
+        raise ValueError(
+            f"{name!r} is a module shared with {others}; wrapping one path would leave the "
+            "others calling it unwrapped. Build one gald.GALD around it and assign it to every "
+            "path"
         )
     if in_channels is None:
         in_channels, source = _infer_in_channels(target)

@@ -48,6 +48,12 @@ def _accepts(cls: type, name: str) -> bool:
     return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
 
 
+def _default(cls: type, name: str) -> Any:
+    """The default of ``cls``'s argument ``name`` (``inspect.Parameter.empty`` when it has
+    none); call only after :func:`_accepts` said the argument exists."""
+    return inspect.signature(cls).parameters[name].default
+
+
 def _kwargs_text(kwargs: dict[str, Any]) -> str:
     """``norm_layer=BatchNorm2d, out_channels=32``: classes and functions by their name."""
     return ", ".join(f"{k}={getattr(v, '__name__', repr(v))}" for k, v in kwargs.items())
@@ -220,15 +226,16 @@ def _build_ga(
         )
     kwargs = dict(ga_kwargs)
     name = getattr(cls, "ga_name", cls.__name__)
-    # the block's norm and activation reach every GA that builds norms or activations
+    # the block's norm and activation reach every GA that builds norms or activations; a class
+    # whose default for one is None builds none (timm's convention) and is left so
     for key, value in (("norm_layer", norm_layer), ("act_layer", act_layer)):
-        if key not in kwargs and _accepts(cls, key):
+        if key not in kwargs and _accepts(cls, key) and _default(cls, key) is not None:
             kwargs[key] = value
     own = cls.__module__.startswith("gald.")  # gald's layers declare out_channels when it differs
-    if out_channels is not None and out_channels != in_channels:
+    if out_channels is not None:
         if _accepts(cls, "out_channels"):
             kwargs["out_channels"] = out_channels
-        elif own:
+        elif own and out_channels != in_channels:
             raise ValueError(
                 f"out_channels={out_channels} differs from in_channels={in_channels}, but the GA "
                 f"{name!r} ({cls.__name__}) keeps the width: it has no out_channels argument"
@@ -266,13 +273,17 @@ def _read_unwrapped_keys(
 ) -> None:
     """Load-state-dict pre-hook of :class:`GALD`: a state dict saved before the wrapping holds
     the wrapped module's keys at the block's prefix (``prefix + "convs.0.weight"``); they are
-    moved to where the GA now lives (``prefix + "ga.convs.0.weight"``). A state dict with any
-    ``prefix + "ga."`` key is one of the wrapped model and is left as it is; in one without,
-    every key the GA has is the GA's, even one named like a part of the block (``down.*``)."""
+    moved to where the GA now lives (``prefix + "ga.convs.0.weight"``). The state dict is read
+    as one saved before the wrapping when more of the GA's keys are found at the block's prefix
+    than under ``prefix + "ga."`` (a ``ga.`` prefix alone proves nothing: the wrapped module may
+    have a child named ``ga``); then every key the GA has is the GA's, even one named like a part
+    of the block (``down.*``)."""
     keys = [k for k in state_dict if k.startswith(prefix)]
-    if any(k.startswith(prefix + "ga.") for k in keys):
-        return
     ga_keys = set(module.get_submodule("ga").state_dict())
+    unwrapped = sum(prefix + k in state_dict for k in ga_keys)
+    wrapped = sum(prefix + "ga." + k in state_dict for k in ga_keys)
+    if unwrapped <= wrapped:
+        return
     for key in keys:
         if key[len(prefix) :] in ga_keys:
             state_dict[prefix + "ga." + key[len(prefix) :]] = state_dict.pop(key)
@@ -335,7 +346,8 @@ class GALD(nn.Module):
         norm_layer: normalisation factory for ``down``, the LD and every GA that builds norms
             (``nn.SyncBatchNorm`` for multi-GPU training); passed to a GA whose constructor
             names a ``norm_layer`` argument (a ``**kwargs`` does not count), unless
-            ``ga_kwargs`` sets it.
+            ``ga_kwargs`` sets it or the argument defaults to ``None`` (timm's convention for
+            "no norm": such a layer is left without one).
         act_layer: activation factory, passed on in the same way.
         init: ``"default"`` or ``"identity"`` (see above).
         impl: LD kernel choice, ``"auto"``, ``"triton"`` or ``"torch"`` (see

@@ -677,6 +677,12 @@ def check_gald(
     extra = dict(gald_kwargs or {})
     if "out_channels" in extra:
         raise ValueError("pass out_channels to check_gald directly, not inside gald_kwargs")
+    ga_own = extra.get("ga_kwargs") or {}
+    if out_channels is not None and "out_channels" in ga_own:
+        raise ValueError(
+            f"out_channels is given twice: out_channels={out_channels!r} and "
+            f"gald_kwargs['ga_kwargs']['out_channels']={ga_own['out_channels']!r}; pass one"
+        )
     in_channels = check_positive_int(in_channels, "in_channels")
     if not isinstance(ga_factory, str):
         _as_factory(ga_factory)
@@ -696,8 +702,10 @@ def check_gald(
             width = in_channels
     else:
         width = check_positive_int(out_channels, "out_channels")
-    # then explicit: the blocks check_ga builds do not each run GALD's dry run
-    extra["out_channels"] = width
+    # then explicit: the blocks check_ga builds do not each run GALD's dry run (unless the GA's
+    # own arguments set it, which GALD reads and refuses to be given twice)
+    if "out_channels" not in ga_own:
+        extra["out_channels"] = width
     try:
         return check_ga(build, channels=in_channels, out_channels=width, **check_kwargs)
     except AssertionError as exc:
