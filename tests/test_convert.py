@@ -237,6 +237,29 @@ def test_checkpoint_of_another_depth_or_class_count(tmp_path) -> None:
         gald.convert.load_official_galdnet(path)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"depth": "50"}, TypeError, "depth must be an int, got str '50'"),
+        ({"depth": 50.0}, TypeError, "depth must be an int, got float 50.0"),
+        ({"depth": True}, TypeError, "depth must be an int, got bool True"),
+        ({"depth": 34}, ValueError, r"depth must be one of \[50, 101\], got 34"),
+        ({"num_classes": "19"}, TypeError, "num_classes must be an int, got str '19'"),
+        ({"num_classes": 0}, ValueError, "num_classes must be >= 1, got 0"),
+    ],
+)
+def test_load_official_galdnet_checks_its_arguments_before_reading(
+    kwargs: dict, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):  # the file is not opened: it does not exist
+        gald.convert.load_official_galdnet("no-such-file.pth", **kwargs)
+
+
+def test_load_official_wants_a_path() -> None:
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike, got int"):
+        gald.convert.load_official_galdnet(3)  # type: ignore[arg-type]
+
+
 def test_loading_by_hand_names_the_depth_and_the_stem() -> None:
     with torch.device("meta"):
         ref101 = RefGALDNet(101, 3)

@@ -187,6 +187,14 @@ def test_default_picks_are_the_last_two_features() -> None:
     assert net.in_channels == (8, 2)
 
 
+def test_a_head_dict_is_checked_at_construction() -> None:
+    for key in ("in_channels", "num_classes"):
+        with pytest.raises(ValueError, match=rf"head sets \['{key}'\], which GALDNet sets itself"):
+            GALDNet(CLASSES, backbone=Tiny(), head={key: 4})
+    with pytest.raises(TypeError, match=r"GALDHead got unexpected keyword arguments \['bad'\]"):
+        GALDNet(CLASSES, backbone=Tiny(), head={"channels": 16, "bad": 1})
+
+
 def test_no_aux_and_default_heads() -> None:
     net = GALDNet(CLASSES, backbone=Tiny(), aux=False).eval()
     assert net.aux_head is None
@@ -227,10 +235,55 @@ def test_declared_channels_are_used_without_a_dry_run() -> None:
         def module_name(self):
             return ["stem", "layer3", "layer4"]
 
-    backbone = Declared(None)
+    backbone = Declared(None)  # a list output (timm's FeatureListNet): indices
     backbone.feature_info = Info()
-    net = GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"), aux=False)
+    net = GALDNet(CLASSES, backbone=backbone, in_features=(1, 2), aux=False)
     assert net.in_channels == (6, 8) and backbone.calls == 0
+    with pytest.raises(ValueError, match=r"in_channels=\(6, 7\), but the backbone .* declares"):
+        GALDNet(CLASSES, backbone=backbone, in_features=(1, 2), in_channels=(6, 7))
+
+
+class _TimmDict(nn.Module):
+    """timm's FeatureDictNet: a dict keyed by ``return_layers``' values (module name -> key,
+    ``str(out_index)`` by default) and a ``feature_info`` naming the modules."""
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.layer3 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.layer4 = nn.Conv2d(6, 8, 3, padding=1)
+        self.return_layers = keys
+        self.calls = 0
+
+        class Info:
+            def channels(self) -> list[int]:
+                return [4, 6, 8]
+
+            def module_name(self) -> list[str]:
+                return ["stem", "layer3", "layer4"]
+
+        self.feature_info = Info()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        out = {}
+        for name in ("stem", "layer3", "layer4"):
+            x = getattr(self, name)(x)
+            out[self.return_layers[name]] = x
+        return out
+
+
+def test_a_timm_dict_backbone_is_picked_by_its_output_keys() -> None:
+    backbone = _TimmDict({"stem": "0", "layer3": "3", "layer4": "4"})
+    net = GALDNet(CLASSES, backbone=backbone, in_features=("3", "4"), head={"channels": 16})
+    assert net.in_channels == (6, 8) and backbone.calls == 0  # declared: no dry run
+    assert net.eval()(torch.randn(1, 3, 16, 16))["out"].shape == (1, CLASSES, 16, 16)
+    renamed = _TimmDict({"stem": "s", "layer3": "c3", "layer4": "c4"})  # an out_map
+    net = GALDNet(CLASSES, backbone=renamed, in_features=("c3", "c4"), head={"channels": 16})
+    assert net.in_channels == (6, 8) and renamed.calls == 0
+    # the module names are not the output keys: refused, naming the keys it returns
+    with pytest.raises(ValueError, match=r"keys \['0', '3', '4'\]"):
+        GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"))
 
 
 def test_dry_run_restores_train_flags() -> None:

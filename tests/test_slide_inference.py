@@ -259,6 +259,16 @@ def test_bad_images_and_outputs() -> None:
         slide_inference(
             lambda t: "logits", torch.randn(1, 3, 9, 9), crop_size=8, stride=4, num_classes=K
         )
+    with pytest.raises(TypeError, match=r"a dict with 'out' .* got a dict with keys \['logits'\]"):
+        slide_inference(
+            lambda t: {"logits": Net()(t)},
+            torch.randn(1, 3, 9, 9),
+            crop_size=8,
+            stride=4,
+            num_classes=K,
+        )
+    with pytest.raises(TypeError, match=r"model must be a callable .* got int"):
+        slide_inference(3, torch.randn(1, 3, 9, 9), crop_size=8, stride=4, num_classes=K)  # type: ignore[arg-type]
 
 
 def test_exported_from_the_package() -> None:

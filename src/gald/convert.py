@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ._validate import check_int, check_positive_int
+
 if TYPE_CHECKING:
     from .models import GALDNet
 
@@ -116,6 +118,8 @@ def load_official(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 
     Accepts a bare state dict or one wrapped under ``"state_dict"`` / ``"model"``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
@@ -251,6 +255,12 @@ def load_official_galdnet(
     """
     from .models import GALDNet  # late: gald.models imports the heads
 
+    if depth is not None:
+        depth = check_int(depth, "depth")
+        if depth not in _RESNET_LAYERS:
+            raise ValueError(f"depth must be one of {sorted(_RESNET_LAYERS)}, got {depth!r}")
+    if num_classes is not None:
+        num_classes = check_positive_int(num_classes, "num_classes")
     state = official_to_galdnet(load_official(path))
     keys = list(state)
     found = _resnet_depth(keys, "backbone.", f"{os.fspath(path)!r}")

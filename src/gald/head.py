@@ -6,6 +6,7 @@ restated with the hard-coded 512 removed.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,6 +16,11 @@ from torch import nn
 from ._layers import LayerFactory, conv_norm_act
 from ._validate import check_factory, check_feature, check_positive_int, check_probability
 from .block import GALD
+
+_GALD_ONLY = frozenset(inspect.signature(GALD).parameters) - {
+    "in_channels", "ga_module", "ga_kwargs", "padding", "norm_layer", "act_layer", "out_channels"
+}  # fmt: skip
+"""GALD arguments a head passes on as they are (the others it sets itself)."""
 
 
 class GALDHead(nn.Module):
@@ -76,6 +82,12 @@ class GALDHead(nn.Module):
         if "out_channels" in gald_kwargs:
             raise ValueError(
                 "GALDHead keeps the GALD block at `channels`; out_channels is not a head argument"
+            )
+        unknown = sorted(set(gald_kwargs) - _GALD_ONLY)
+        if unknown:
+            raise TypeError(
+                f"GALDHead got unexpected keyword arguments {unknown}: neither GALDHead nor GALD "
+                f"takes them (the GALD arguments a head passes on: {sorted(_GALD_ONLY)})"
             )
         self.conva = conv_norm_act(
             in_channels, channels, norm_layer=norm_layer, act_layer=act_layer

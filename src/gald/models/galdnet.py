@@ -107,13 +107,16 @@ def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | Non
         channels_fn = getattr(info, "channels", None)
         if callable(channels_fn):
             declared = channels_fn()
-            names_fn = getattr(info, "module_name", None)
-            if (
-                isinstance(in_features, tuple)
-                and isinstance(in_features[0], str)
-                and callable(names_fn)
-            ):  # a timm FeatureDictNet: keys are the module names
-                declared = dict(zip(names_fn(), declared))
+            if isinstance(in_features, tuple) and isinstance(in_features[0], str):
+                # a timm FeatureDictNet: its output keys are its return_layers' values (module
+                # name -> key, str(out_index) unless an out_map renamed them)
+                names_fn = getattr(info, "module_name", None)
+                keys = getattr(backbone, "return_layers", None)
+                if callable(names_fn) and isinstance(keys, Mapping):
+                    names = names_fn()
+                    if all(n in keys for n in names):
+                        return {str(keys[n]): c for n, c in zip(names, declared)}
+                return None  # the keys are unknown: the dry run finds them
     if isinstance(declared, (Mapping, list, tuple)):
         return declared
     return None
@@ -175,10 +178,11 @@ class GALDNet(nn.Module):
     The first picked feature feeds the auxiliary head, the second the GALD head. The two widths
     come from ``in_channels`` when given, else from the backbone's own declaration (a
     ``channels`` attribute holding a list/tuple/dict of widths, as :class:`DilatedResNet`, or
-    timm's ``feature_info.channels()``), else from one dry run of the backbone on a
+    timm's ``feature_info.channels()``, keyed by a ``FeatureDictNet``'s output keys, ``"3"``
+    and ``"4"`` for a ResNet's layer3 and layer4), else from one dry run of the backbone on a
     ``(1, 3, 64, 64)`` zero image in eval mode (the train/eval flags are restored afterwards).
-    Heads passed in must have the matching ``in_channels``: a mismatch raises a ``ValueError`` at
-    construction.
+    Heads passed in, and ``in_channels`` when the backbone declares its widths, must match them:
+    a mismatch raises a ``ValueError`` at construction.
 
     Args:
         num_classes: number of classes.
@@ -241,18 +245,31 @@ class GALDNet(nn.Module):
             )
         self.backbone = backbone
 
+        declared = _declared_channels(backbone, self.in_features)
+        if declared is not None:
+            c3, c4 = _pick(declared, self.in_features, "GALDNet (declared channels)")
+            said = (int(c3), int(c4))
+            if explicit is not None and explicit != said:
+                raise ValueError(
+                    f"in_channels={explicit}, but the backbone ({type(backbone).__name__}) "
+                    f"declares {said} for its features {self._feature_name(0)} and "
+                    f"{self._feature_name(1)}; leave in_channels out to use the declared widths"
+                )
         if explicit is not None:
             widths = explicit
+        elif declared is not None:
+            widths = said
         else:
-            declared = _declared_channels(backbone, self.in_features)
-            if declared is not None:
-                c3, c4 = _pick(declared, self.in_features, "GALDNet (declared channels)")
-                widths = (int(c3), int(c4))
-            else:
-                widths = _probe_channels(backbone, self.in_features)
+            widths = _probe_channels(backbone, self.in_features)
         self.in_channels: tuple[int, int] = widths
 
         if head is None or isinstance(head, Mapping):
+            taken = sorted({"in_channels", "num_classes"} & set(head or {}))
+            if taken:
+                raise ValueError(
+                    f"head sets {taken}, which GALDNet sets itself (the backbone's second "
+                    "feature width and num_classes); leave them out of the head dict"
+                )
             kwargs = {"norm_layer": norm_layer, **dict(head or {})}
             head = GALDHead(widths[1], num_classes, **kwargs)
         elif not isinstance(head, nn.Module):

@@ -39,6 +39,11 @@ def _starts(size: int, crop: int, stride: int) -> list[int]:
 
 def _logits(output: object, num_classes: int, crop: tuple[int, int]) -> torch.Tensor:
     if isinstance(output, Mapping):
+        if "out" not in output:
+            raise TypeError(
+                "the model must return logits (B, num_classes, h, w), a dict with 'out' or a "
+                f"list/tuple whose first item is the logits, got a dict with keys {list(output)}"
+            )
         output = output["out"]
     elif isinstance(output, (list, tuple)):
         output = output[0]
@@ -130,6 +135,11 @@ def slide_inference(
         - Input: :math:`(B, C, H, W)`
         - Output: :math:`(B, \text{num\_classes}, H, W)`, float32 for half-precision logits.
     """
+    if not callable(model):
+        raise TypeError(
+            f"model must be a callable (an nn.Module) mapping images to logits, got "
+            f"{type(model).__name__}"
+        )
     check_feature(images, None, name="images", who="slide_inference")
     crop = check_size_pair(crop_size, "crop_size")
     step = check_size_pair(stride, "stride")
