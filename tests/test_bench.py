@@ -163,11 +163,8 @@ def test_tables_state_facts(tiny_run) -> None:
 
 
 def test_plot_writes_a_png(tiny_run) -> None:
+    pytest.importorskip("matplotlib")  # in the dev extra; without it the error is tested above
     _, _, out = tiny_run
-    if not _has_matplotlib():
-        # the extra is not installed here: the clear error is tested above, nothing was written
-        assert not (out / "r.png").exists()
-        return
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -242,8 +239,11 @@ def test_overhead_wording() -> None:
     assert noisy.within_noise and noisy.verdict == "too noisy"
     assert format_overhead(noisy).startswith("too noisy")
     assert format_overhead(Ratio(1.5, 2.0)) == "too noisy: +50 % [-50, +350]"
-    assert format_speed(Ratio(1.5, 2.0)) == "too noisy (2x slower to 4.5x faster)"
-    assert format_speed(Ratio(1 / 1.5, 2.0)) == "too noisy (4.5x slower to 2x faster)"
+    assert format_speed(Ratio(1.5, 2.0)) == "too noisy (2.00x slower to 4.50x faster)"
+    assert format_speed(Ratio(1 / 1.5, 2.0)) == "too noisy (4.50x slower to 2.00x faster)"
+    # no "1x faster" for a factor just above 1, no exponent for a large one
+    assert format_speed(Ratio(1 / 40.0, 40.0)) == "too noisy (1640x slower to 1.03x faster)"
+    assert format_speed(Ratio(1 / 310.0, 0.5)) == "too noisy (207x–465x slower)"
     # rounds that disagree widen the interval beyond what the blocks alone say
     steady = Stats([1.0] * 9, round_medians=[1.0, 1.0, 1.0])
     drifting = Stats(
@@ -268,6 +268,8 @@ def test_overhead_wording() -> None:
     huge = Ratio(15.8, 0.6)
     assert not huge.within_noise and format_overhead(huge) == "too noisy (> +1000 %)"
     assert format_overhead(Ratio(3.0, 0.5)) == "too noisy: +200 % [+100, +350]"
+    # no four-digit end either
+    assert format_overhead(Ratio(3.0, 17.0)) == "too noisy: +200 % [-83, > +1000]"
 
 
 # --------------------------------------------------------------------------------------------
@@ -417,6 +419,22 @@ def test_progress_line_only_on_a_terminal(out_tty, err_tty, enabled, shown, monk
     assert (stream.text == "") == (not shown)
 
 
+def test_each_phase_of_a_run_has_its_own_progress_line(monkeypatch) -> None:
+    from gald.bench._timing import Progress
+
+    stream = _Stream(True)
+    monkeypatch.setattr(sys, "stderr", stream)
+    monkeypatch.setattr(sys, "stdout", _Stream(True))
+    progress = Progress(0.0, enabled=True)
+    progress.total = 10.0  # the GA table's estimate
+    progress.advance(8.0, "cgnl")
+    progress.close()
+    progress.total += 4.0  # the next phase adds its own estimate, from zero
+    progress.advance(1.0, "LD authors")
+    last = stream.text.rsplit("\r", 1)[-1]
+    assert " 25 % LD authors" in last  # 1 of 4 s, not 9 of 14 s
+
+
 def test_ablation_options_are_forwarded(monkeypatch) -> None:
     import types
 
@@ -460,6 +478,10 @@ def test_busy_note_from_cpus_in_use_and_load_average(monkeypatch) -> None:
     assert fallback is not None and "1-minute load average 3.0 of 4" in fallback
     monkeypatch.setattr(_timing, "load_average", lambda: None)
     assert _timing.busy_note(2, in_use=None) is None
+    # more threads than CPUs: said as such, whatever else runs
+    over = _timing.busy_note(6, in_use=0.0)
+    assert over is not None and "6 threads on 4 logical CPUs" in over and "--threads 4" in over
+    assert "busy" not in over
 
 
 def test_cpus_in_use_reads_proc_stat(monkeypatch) -> None:
@@ -506,3 +528,41 @@ def test_docs_speed_interval_is_in_the_unit_of_the_figure() -> None:
     assert _speed(faster) == "**2.00x faster** (95 %: 1.50–2.50)"
     slower = {"ratio": 0.5, "ratio_low": 0.4, "ratio_high": 0.625, "within_noise": False}
     assert _speed(slower) == "2.00x slower (95 %: 1.60–2.50)"
+
+
+def test_rounds_meet_fresh_copies_of_the_models_and_inputs() -> None:
+    from gald.bench._config import Config
+    from gald.bench._timing import measure_interleaved
+    from gald.bench.block import _Pair
+
+    cfg = Config(shape=(1, 16, 17, 17), device=torch.device("cpu"), quiet=True)
+    pair = _Pair("gc", cfg)
+    pair.models["with LD"].eval()
+    before = {n: m for n, m in pair.models.items()}
+    x_before = pair.x
+    fn = pair.inference("with LD")
+    with torch.no_grad():
+        want = fn()
+    order: list[str] = []
+
+    def relocate() -> None:
+        order.append("relocate")
+        pair.relocate()
+
+    measure_interleaved(
+        {"a": lambda: order.append("a")},
+        min_time=0.003,
+        rounds=3,
+        threads=1,
+        call_s={"a": 1.0},
+        between_rounds=relocate,
+    )
+    assert order == ["a", "relocate", "a", "relocate", "a"]  # before every round but the first
+    for name, model in pair.models.items():  # new storages, same weights and mode
+        assert model is not before[name] and model.training == before[name].training
+        for p, q in zip(model.parameters(), before[name].parameters()):
+            assert p.data_ptr() != q.data_ptr() and torch.equal(p, q)
+    assert pair.x.data_ptr() != x_before.data_ptr() and torch.equal(pair.x, x_before)
+    torch.testing.assert_close(fn(), want, rtol=0, atol=0)  # the closure reads the new copies
+    pair.train_step("without LD")()  # backward reaches the relocated input
+    assert pair.xr.grad is not None and pair.xr.grad.shape == pair.x.shape

@@ -204,13 +204,17 @@ def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
         return f"within noise [{lo:+.{digits}f}, {hi:+.{digits}f} %]"
     if verdict == "too noisy":
         # the order of magnitude, not a figure
-        return (
-            f"too noisy: {pct:+.0f} % [{lo:+.0f}, {hi:+.0f}]"
-            if pct < 1000
-            else "too noisy (> +1000 %)"
-        )
+        if pct >= 1000:
+            return "too noisy (> +1000 %)"
+        high = f"{hi:+.0f}" if hi < 1000 else "> +1000"
+        return f"too noisy: {pct:+.0f} % [{lo:+.0f}, {high}]"
     figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
     return f"{figure} [{lo:+.1f}, {hi:+.1f}]"
+
+
+def _times(v: float) -> str:
+    """A factor for a range: ``1.03x``, ``42x``, ``310x`` (no exponent, no ``1x``)."""
+    return f"{v:.2f}x" if v < 10 else f"{v:.0f}x"
 
 
 def format_speed(r: Ratio) -> str:
@@ -223,9 +227,9 @@ def format_speed(r: Ratio) -> str:
     word = "faster" if faster else "slower"
     if verdict == "too noisy":
         if r.within_noise:  # the interval runs from slower to faster
-            return f"too noisy ({1.0 / r.low:.2g}x slower to {r.high:.2g}x faster)"
+            return f"too noisy ({_times(1.0 / r.low)} slower to {_times(r.high)} faster)"
         low, high = (r.low, r.high) if faster else (1.0 / r.high, 1.0 / r.low)
-        return f"too noisy ({low:.2g}x–{high:.2g}x {word})"
+        return f"too noisy ({_times(low)}–{_times(high)} {word})"
     return f"{r.value if faster else 1.0 / r.value:.2f}x {word}"
 
 
@@ -266,6 +270,7 @@ def measure_interleaved(
     threads: int,
     on_block: Callable[[str, int], None] | None = None,
     call_s: Mapping[str, float] | None = None,
+    between_rounds: Callable[[], None] | None = None,
 ) -> dict[str, Stats]:
     """Time every function in ``fns``, interleaved: ``rounds`` rounds, each measuring every
     function with ``Timer.blocked_autorange(min_run_time=min_time / rounds)``.
@@ -274,8 +279,11 @@ def measure_interleaved(
     warm-up after switching from the other candidates. A function whose known duration
     (``call_s``, from a warm-up call) already fills a round's budget is timed by one call per
     round instead (``Timer.timeit(1)`` would add two warm-up calls): the sizing call would
-    double the time of a slow candidate and measure nothing. ``on_block(name, round)`` is called after each
-    measurement (progress reporting).
+    double the time of a slow candidate and measure nothing. ``on_block(name, round)`` is called
+    after each measurement (progress reporting), ``between_rounds()`` before every round but the
+    first: a benchmark that moves its models and tensors to fresh memory there makes each round
+    meet another memory layout, so the spread between rounds, and the interval of a ratio, take
+    in what otherwise differs only from one process to the next.
     """
     stats = {name: Stats() for name in fns}
     timers = {
@@ -284,6 +292,8 @@ def measure_interleaved(
     }
     per_round = min_time / rounds
     for r in range(rounds):
+        if r and between_rounds is not None:
+            between_rounds()
         for name, timer in timers.items():
             if call_s is not None and call_s.get(name, 0.0) >= per_round:
                 times, calls = [_time_single(fns[name], threads)], 1
@@ -461,6 +471,12 @@ def busy_note(threads: int, in_use: float | None = None) -> str | None:
     cpus = os.cpu_count()
     if not cpus:
         return None
+    if threads > cpus:
+        return (
+            f"note: this run uses {threads} threads on {cpus} logical CPUs: the threads take "
+            "turns on the cores, and timings will be slower and noisier than with "
+            f"--threads {cpus} or fewer"
+        )
     if in_use is not None:
         what, value = "CPUs in use by other processes", in_use
     else:
@@ -489,10 +505,15 @@ def format_table(headers: list[str], rows: list[list[str]]) -> str:
 
 class Progress:
     """One status line on stderr, redrawn in place; silent unless both stdout and stderr are
-    terminals (output redirected to a file or a pipe stays free of it)."""
+    terminals (output redirected to a file or a pipe stays free of it). One line per phase of a
+    run: :meth:`close` clears it and starts the next phase from zero (each phase adds its own
+    expected duration to :attr:`total`)."""
 
     def __init__(self, total_s: float, *, enabled: bool) -> None:
         self.enabled = enabled and sys.stdout.isatty() and sys.stderr.isatty()
+        self._reset(total_s)
+
+    def _reset(self, total_s: float) -> None:
         self.total = max(total_s, 1e-9)
         self.start = time.perf_counter()
         self.done = 0.0
@@ -509,6 +530,8 @@ class Progress:
         sys.stderr.flush()
 
     def close(self) -> None:
+        """Clear the line; the next phase starts from zero."""
         if self.enabled:
             sys.stderr.write("\r" + " " * 100 + "\r")
             sys.stderr.flush()
+        self._reset(0.0)

@@ -18,6 +18,7 @@ ratio of the medians minus one, with an approximate 95 % interval.
 
 from __future__ import annotations
 
+import copy
 import functools
 import gc
 from collections.abc import Callable
@@ -87,7 +88,10 @@ def candidates(ga: str, channels: int) -> dict[str, Callable[[], GALD]]:
 
 
 class _Pair:
-    """The with-LD and without-LD models of one GA and their timed closures."""
+    """The with-LD and without-LD models of one GA and their timed closures.
+
+    :meth:`relocate` replaces the models and tensors by copies between rounds, so that each
+    round meets another memory layout (the closures look them up at every call)."""
 
     def __init__(self, ga: str, cfg: Config) -> None:
         b, c, h, w = cfg.shape
@@ -101,31 +105,37 @@ class _Pair:
         self.xr = self.x.detach().clone().requires_grad_(True)
         self.cfg = cfg
 
+    def relocate(self) -> None:
+        """Fresh copies of the models (same weights, buffers and modes) and of the inputs."""
+        self.models = {name: copy.deepcopy(m) for name, m in self.models.items()}
+        self.x, self.grad = self.x.clone(), self.grad.clone()
+        self.xr = self.x.detach().clone().requires_grad_(True)
+
     def inference(self, name: str) -> Callable[[], object]:
-        model, x, cfg = self.models[name], self.x, self.cfg
+        cfg = self.cfg
 
         def fn() -> object:
             with torch.no_grad(), cfg.autocast():
-                return model(x)
+                return self.models[name](self.x)
 
         return fn
 
     def train_forward(self, name: str) -> Callable[[], torch.Tensor]:
-        model, xr, cfg = self.models[name], self.xr, self.cfg
+        cfg = self.cfg
 
         def fn() -> torch.Tensor:
             with cfg.autocast():
-                return model(xr)
+                return self.models[name](self.xr)
 
         return fn
 
     def train_step(self, name: str) -> Callable[[], object]:
-        model, xr, grad, fwd = self.models[name], self.xr, self.grad, self.train_forward(name)
+        fwd = self.train_forward(name)
 
         def fn() -> None:
-            model.zero_grad(set_to_none=True)
-            xr.grad = None
-            fwd().backward(grad)
+            self.models[name].zero_grad(set_to_none=True)
+            self.xr.grad = None
+            fwd().backward(self.grad)
 
         return fn
 
@@ -141,18 +151,17 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
     estimate_each: float | None = None
     for ga in gas:
         pair = _Pair(ga, cfg)
-        models = pair.models
-        need = models["with LD"].min_size
+        need = pair.models["with LD"].min_size
         if min(cfg.shape[2:]) < need:
             raise ValueError(f"GALD({ga}) needs H and W of at least {need}")
         row: dict[str, Any] = {"ga": ga, "models": {}}
-        for name, m in models.items():
+        for name, m in pair.models.items():
             row["models"][name] = {"params": sum(p.numel() for p in m.parameters())}
 
         # warm-up (two calls each), which also gives the duration estimate
         call_s: dict[str, float] = {}
         for key, train in (("inference", False), ("train_step", True)):
-            _mode(models, train)
+            _mode(pair.models, train)
             for name in CANDIDATES:
                 fn = pair.train_step(name) if train else pair.inference(name)
                 time_once(fn, cfg.device)
@@ -179,7 +188,7 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
 
         timed: dict[str, dict[str, Stats]] = {}
         for key, train in (("inference", False), ("train_step", True)):
-            _mode(models, train)
+            _mode(pair.models, train)
             fns = {n: (pair.train_step(n) if train else pair.inference(n)) for n in CANDIDATES}
             timed[key] = measure_interleaved(
                 fns,
@@ -188,18 +197,19 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
                 threads=cfg.threads,
                 on_block=functools.partial(on_block, key=key),
                 call_s={n: call_s[f"{key}/{n}"] for n in CANDIDATES},
+                between_rounds=pair.relocate,
             )
 
-        _mode(models, True)
+        _mode(pair.models, True)
         for name in CANDIDATES:
             entry = row["models"][name]
             entry["inference"] = timed["inference"][name].as_dict()
             entry["train_step"] = timed["train_step"][name].as_dict()
             entry["saved_bytes"] = saved_bytes(pair.train_forward(name))
             entry["peak_bytes"] = peak_bytes(pair.train_step(name), cfg.device)
-            models[name].eval()
-            entry["gflops"] = count_flops(models[name], pair.x) / 1e9
-            models[name].train()
+            pair.models[name].eval()
+            entry["gflops"] = count_flops(pair.models[name], pair.x) / 1e9
+            pair.models[name].train()
         w, wo = row["models"]["with LD"], row["models"]["without LD"]
         row["overhead"] = {
             key: Ratio.of(timed[key]["with LD"], timed[key]["without LD"]).as_dict()
@@ -211,7 +221,7 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
         )
         row["overhead"]["gflops_ratio"] = _safe_ratio(w["gflops"], wo["gflops"])
         rows.append(row)
-        del pair, models
+        del pair
         gc.collect()
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
