@@ -63,6 +63,24 @@ def test_pairing_does_not_depend_on_global_rng() -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_training_with_dropout_does_not_depend_on_global_rng() -> None:
+    from gald.bench.ablation import _train
+
+    cfg = AblationConfig(ga="aspp", channels=8, steps=2, size=32, batch_size=2)
+    trained = []
+    for global_seed in (123, 456):
+        torch.manual_seed(global_seed)
+        model = _variants(ga="aspp")["ld"]
+        assert any(isinstance(m, nn.Dropout2d) and m.p > 0 for m in model.modules())
+        _train(model, cfg, seed=3)
+        trained.append(model.state_dict())
+        after = torch.randn(4)  # the caller's stream is restored, not consumed
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.randn(4))
+    a, b = trained
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_check_pairing_catches_a_difference() -> None:
     models = _variants()
     am.check_pairing(models)

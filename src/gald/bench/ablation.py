@@ -117,7 +117,17 @@ def _seed_data(seed: int) -> int:
 
 
 def _train(model: nn.Module, cfg: AblationConfig, seed: int) -> tuple[float, float]:
-    """Train ``model`` in place; returns (the data checksum, the final loss)."""
+    """Train ``model`` in place; returns (the data checksum, the final loss).
+
+    The global random stream (dropout inside a GA) is seeded from ``seed`` too, inside a fork
+    that restores it afterwards: the variants of one seed draw the same dropout masks, whatever
+    ran before."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_data(seed) + 1)
+        return _train_steps(model, cfg, seed)
+
+
+def _train_steps(model: nn.Module, cfg: AblationConfig, seed: int) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(_seed_data(seed))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.PolynomialLR(opt, total_iters=cfg.steps, power=0.9)
