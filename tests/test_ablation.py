@@ -284,3 +284,11 @@ def test_frozen_and_folded_gate_equal_the_ld_when_its_gate_is_constant() -> None
         torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="'ld' variant"):
         am.freeze_gate(_variants()["ga"], gate.channel_mean)
+
+
+def test_the_start_message_scales_the_default_duration() -> None:
+    from gald.bench.ablation import work_relative_to_default
+
+    assert work_relative_to_default(AblationConfig()) == 1.0
+    assert work_relative_to_default(AblationConfig(seeds=6)) == 2.0
+    assert work_relative_to_default(AblationConfig(size=48, batch_size=4)) == 0.125

@@ -89,8 +89,16 @@ def t95(df: int) -> float:
     return _T95[max(k for k in _T95 if k <= df)] if df >= 1 else math.inf
 
 
-# measured at the default size with --threads 1 on a 2-core x86 CPU shared with other work
+# measured at the default settings with 2 threads on two 2-core x86 CPUs
 DEFAULT_MINUTES = "a few minutes on a 2-core CPU (1.3 to 3.8 min measured on two such machines)"
+
+
+def work_relative_to_default(cfg: AblationConfig) -> float:
+    """The run's training work (seeds x steps x batch x size^2) over the default settings'."""
+    d = AblationConfig()
+    return (cfg.seeds * cfg.steps * cfg.batch_size * cfg.size**2) / (
+        d.seeds * d.steps * d.batch_size * d.size**2
+    )
 
 
 @dataclass(frozen=True)
@@ -464,8 +472,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.quiet:
             print(
-                f"At the default size this takes {DEFAULT_MINUTES}; the time scales with "
-                "seeds x steps x size^2."
+                f"At the default settings this takes {DEFAULT_MINUTES}; the time scales with "
+                f"seeds x steps x batch x size^2, here {work_relative_to_default(cfg):.2g}x the "
+                "default."
             )
         print(
             "A result at this scale (small synthetic task, CPU-sized model) says little about "
