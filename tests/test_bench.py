@@ -566,3 +566,41 @@ def test_rounds_meet_fresh_copies_of_the_models_and_inputs() -> None:
     torch.testing.assert_close(fn(), want, rtol=0, atol=0)  # the closure reads the new copies
     pair.train_step("without LD")()  # backward reaches the relocated input
     assert pair.xr.grad is not None and pair.xr.grad.shape == pair.x.shape
+
+
+def test_ld_comparison_rounds_meet_fresh_copies(monkeypatch) -> None:
+    """``run_vs_authors`` relocates its models and inputs between rounds: new storages, the
+    same values, and the timed closures read the new copies."""
+    from gald.bench import ld as ld_bench
+    from gald.bench._config import Config
+    from gald.bench._timing import measure_interleaved
+
+    relocated: list[str] = []
+
+    def spy(fns, *, between_rounds=None, **kwargs):
+        contest = between_rounds.__self__
+        models = {**contest.train, **{f"inference/{n}": m for n, m in contest.infer_models.items()}}
+        params = {n: [p.detach() for p in m.parameters()] for n, m in models.items()}
+        x = contest.x
+        outs = {name: fn() for name, fn in fns.items()}
+        between_rounds()
+        for name, model in {
+            **contest.train,
+            **{f"inference/{n}": m for n, m in contest.infer_models.items()},
+        }.items():
+            for p, q in zip(model.parameters(), params[name]):
+                assert p.data_ptr() != q.data_ptr() and torch.equal(p.detach(), q)
+        assert contest.x.data_ptr() != x.data_ptr() and torch.equal(contest.x, x)
+        for name, fn in fns.items():
+            if outs[name] is not None:  # inference: the same output from the new copies
+                torch.testing.assert_close(fn(), outs[name], rtol=0, atol=0)
+            else:  # train step: backward reaches the relocated input
+                fn()
+                assert contest.inputs[name].grad is not None
+            relocated.append(name)
+        return measure_interleaved(fns, **kwargs)
+
+    monkeypatch.setattr(ld_bench, "measure_interleaved", spy)
+    cfg = Config(shape=(1, 16, 24, 24), device=torch.device("cpu"), quiet=True, min_time=0.01)
+    res = ld_bench.run_vs_authors(cfg)
+    assert relocated == [*res["train_step"], *res["inference"]]

@@ -119,6 +119,59 @@ def _rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 # LD vs the authors' formulation
 
 
+class _Contest:
+    """The models and tensors of the LD comparison and their timed closures.
+
+    The closures look the models and tensors up at every call, so that :meth:`relocate` can
+    replace them by copies between timing rounds (each round then meets another memory
+    layout). ``infer_models`` is filled once the train-mode checks are done."""
+
+    def __init__(
+        self, train: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, cfg: Config
+    ):
+        self.train = train
+        self.inputs = {name: x.detach().clone().requires_grad_(True) for name in train}
+        self.infer_models: dict[str, nn.Module] = {}
+        self.x, self.grad, self.cfg = x, grad, cfg
+
+    def forward(self, name: str) -> Callable[[], torch.Tensor]:
+        def fn() -> torch.Tensor:
+            with self.cfg.autocast():
+                return self.train[name](self.inputs[name])
+
+        return fn
+
+    def step(self, name: str) -> Callable[[], object]:
+        fwd = self.forward(name)
+
+        def fn() -> None:
+            self.train[name].zero_grad(set_to_none=True)
+            self.inputs[name].grad = None
+            fwd().backward(self.grad)
+
+        return fn
+
+    def infer(self, name: str) -> Callable[[], object]:
+        def fn() -> object:
+            with torch.no_grad(), self.cfg.autocast():
+                return self.infer_models[name](self.x)
+
+        return fn
+
+    def drop(self, name: str) -> None:
+        del self.train[name], self.inputs[name]
+
+    def relocate(self) -> None:
+        """Fresh copies of the models (a compiled one stays: a copy would compile again) and
+        of every input tensor, with the same values."""
+        for name in self.train:
+            if "torch.compile" not in name:
+                self.train[name] = copy.deepcopy(self.train[name])
+            self.inputs[name] = self.inputs[name].detach().clone().requires_grad_(True)
+        self.infer_models = {n: copy.deepcopy(m) for n, m in self.infer_models.items()}
+        self.x, self.grad = self.x.clone(), self.grad.clone()
+
+
 def run_vs_authors(cfg: Config) -> dict[str, Any]:
     """Train step, inference and memory of ``LocalDistribution`` against the authors' module."""
     b, c, h, w = cfg.shape
@@ -143,26 +196,9 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
     train["gald"] = ours
     if ckpt is not None:
         train["gald, grad checkpointing"] = ckpt
-    inputs = {name: x.detach().clone().requires_grad_(True) for name in train}
-
-    def forward(name: str) -> Callable[[], torch.Tensor]:
-        model, xr = train[name], inputs[name]
-
-        def fn() -> torch.Tensor:
-            with cfg.autocast():
-                return model(xr)
-
-        return fn
-
-    def step(name: str) -> Callable[[], object]:
-        model, xr, fwd = train[name], inputs[name], forward(name)
-
-        def fn() -> None:
-            model.zero_grad(set_to_none=True)
-            xr.grad = None
-            fwd().backward(grad)
-
-        return fn
+    contest = _Contest(train, x, grad, cfg)
+    forward, step = contest.forward, contest.step
+    inputs = contest.inputs
 
     for m in train.values():
         m.train()
@@ -186,7 +222,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
             notes.append(
                 f"{name} not measured: it failed on this input ({type(exc).__name__}: {why})"
             )
-            del train[name], inputs[name]
+            contest.drop(name)
             continue
         gx = inputs[name].grad
         assert gx is not None
@@ -203,18 +239,10 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
     # inference: eval mode, no autograd; the library folds its BatchNorms
     authors_eval = copy.deepcopy(authors).eval()
     fused = fuse(copy.deepcopy(ours).eval())
-    infer_models = {"authors": authors_eval, "gald": fused}
+    contest.infer_models = {"authors": authors_eval, "gald": fused}
+    infer = contest.infer
 
-    def infer(name: str) -> Callable[[], object]:
-        model = infer_models[name]
-
-        def fn() -> object:
-            with torch.no_grad(), cfg.autocast():
-                return model(x)
-
-        return fn
-
-    infer_fns = {name: infer(name) for name in infer_models}
+    infer_fns = {name: infer(name) for name in contest.infer_models}
     for name, fn in infer_fns.items():
         time_once(fn, cfg.device)
         call_s[f"inference/{name}"] = time_once(fn, cfg.device)
@@ -242,6 +270,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         threads=cfg.threads,
         on_block=on_block,
         call_s={name: call_s[name] for name in train_fns},
+        between_rounds=contest.relocate,
     )
     t_infer = measure_interleaved(
         infer_fns,
@@ -250,6 +279,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         threads=cfg.threads,
         on_block=functools.partial(on_block, prefix="inference/"),
         call_s={name: call_s[f"inference/{name}"] for name in infer_fns},
+        between_rounds=contest.relocate,
     )
 
     memory: dict[str, dict[str, int | None]] = {}
