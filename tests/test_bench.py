@@ -604,3 +604,19 @@ def test_ld_comparison_rounds_meet_fresh_copies(monkeypatch) -> None:
     cfg = Config(shape=(1, 16, 24, 24), device=torch.device("cpu"), quiet=True, min_time=0.01)
     res = ld_bench.run_vs_authors(cfg)
     assert relocated == [*res["train_step"], *res["inference"]]
+
+
+@pytest.mark.parametrize(
+    ("gflops", "text"),
+    [
+        (41.7234, "41.72 G"),
+        (0.05461, "54.61 M"),
+        (9.888e-05, "98.88 k"),
+        (2.5e-7, "250"),
+        (0.0, "0"),
+    ],
+)
+def test_flops_are_written_with_a_prefix_not_an_exponent(gflops: float, text: str) -> None:
+    from gald.bench._timing import format_flops
+
+    assert format_flops(gflops) == text

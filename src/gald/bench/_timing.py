@@ -253,6 +253,16 @@ def format_mib(b: int | None) -> str:
     return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
+def format_flops(gflops: float) -> str:
+    """A FLOP count given in GFLOPs, with an SI prefix and four significant digits:
+    ``41.72 G``, ``54.61 M``, ``98.88 k`` (no exponent notation at small shapes)."""
+    flops = gflops * 1e9
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.4g} {prefix}"
+    return f"{flops:.4g}"
+
+
 def format_pct(r: float | None) -> str:
     """A ratio as a signed percentage change: 1.25 -> ``+25.0 %``; ``n/a`` when unknown."""
     return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"

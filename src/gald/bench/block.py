@@ -8,7 +8,7 @@ input:
 - **saved for backward**: bytes of the unique storages autograd keeps between forward and
   backward (``torch.autograd.graph.saved_tensors_hooks``);
 - **peak memory** of a train step above what was allocated before it (CUDA only);
-- **GFLOPs** of the forward (``torch.utils.flop_counter.FlopCounterMode``, with the formula of
+- **FLOPs** of the forward (``torch.utils.flop_counter.FlopCounterMode``, with the formula of
   the fused ``gald::ld_modulate`` op registered by :mod:`gald.ops._flops`);
 - parameters.
 
@@ -34,6 +34,7 @@ from ._timing import (
     Ratio,
     Stats,
     expected_seconds,
+    format_flops,
     format_mib,
     format_overhead,
     format_pct,
@@ -252,7 +253,7 @@ def table(
     cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in results["rows"])
     headers = ["GA", "LD", "inference", "train step", "saved MiB"]
     headers += ["peak MiB"] if cuda else []
-    headers += ["GFLOPs", "params"]
+    headers += ["FLOPs", "params"]
     body: list[list[str]] = []
     for r in results["rows"]:
         for name in CANDIDATES:
@@ -265,7 +266,7 @@ def table(
                 format_mib(m["saved_bytes"]),
             ]
             line += [format_mib(m["peak_bytes"])] if cuda else []
-            line += [f"{m['gflops']:.4g}", f"{m['params']:,}"]
+            line += [format_flops(m["gflops"]), f"{m['params']:,}"]
             body.append(line)
         ov = r["overhead"]
         line = [

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..registry import create_ga
-from ._timing import saved_bytes
+from ._timing import format_flops, saved_bytes
 from .block import count_flops
 
 
@@ -49,13 +49,13 @@ def table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows shared by the terminal and the docs."""
     h, w = res["shape"][2:]
     hi, wi = res["inner_shape"][2:]
-    headers = ["GA", "params", f"GFLOPs {h}×{w}", f"GFLOPs {hi}×{wi}", f"saved MiB {h}×{w}"]
+    headers = ["GA", "params", f"FLOPs {h}×{w}", f"FLOPs {hi}×{wi}", f"saved MiB {h}×{w}"]
     rows = [
         [
             f"`{r['ga']}`",
             f"{r['params']:,}",
-            f"{r['gflops']:.4g}",
-            f"{r['gflops_inner']:.4g}",
+            format_flops(r["gflops"]),
+            format_flops(r["gflops_inner"]),
             f"{r['saved_bytes'] / 2**20:.1f}",
         ]
         for r in res["rows"]
