@@ -275,3 +275,24 @@ def test_batches_join_the_model_dtype() -> None:
     ld = gald.LocalDistribution(3).to(torch.bfloat16)
     stats = gald.ld_statistics(ld, [torch.randn(2, 3, 8, 8)])  # float32 batches
     assert stats[""].samples == 2 and 1.5 <= stats[""].mean < 2.0  # offset 1 + M
+
+
+def test_an_ld_called_twice_per_forward_adds_both_calls() -> None:
+    """One LD on two paths: every call counts, as if its inputs had come as separate batches."""
+    ld = _randomise(gald.LocalDistribution(6), 4)
+
+    class TwoPaths(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ld = ld
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.ld(x) + self.ld(x.flip(-1) * 2)
+
+    xs = [torch.randn(3, 6, 17, 15, dtype=torch.float64) for _ in range(2)]
+    s = gald.ld_statistics(TwoPaths().double(), xs)["ld"]
+    calls = [t for x in xs for t in (x, x.flip(-1) * 2)]
+    assert s.samples == 12
+    want = _reference(ld, calls)
+    for key, value in want.items():
+        assert getattr(s, key) == pytest.approx(value, rel=1e-9, abs=1e-12), key

@@ -306,7 +306,9 @@ def ld_statistics(
     Returns:
         :class:`LDStatistics`, a ``dict`` keyed by module name (as in ``named_modules``) of
         :class:`GateStats`; ``print`` it for a table. An LD the model never called reports
-        ``samples == 0`` and NaN statistics.
+        ``samples == 0`` and NaN statistics. An LD that runs more than once per forward (one
+        module on two paths, or at several scales) adds every call: its ``samples`` is the
+        number of calls times their batch sizes, and its statistics mix the calls.
 
     Raises:
         TypeError: ``batches`` is a single tensor or mapping rather than an iterable of batches.
