@@ -671,3 +671,70 @@ def test_a_class_whose_norm_defaults_to_none_gets_none() -> None:
     # a class with a norm by default takes the block's
     block = gald.GALD(16, _DefaultNorm, norm_layer=nn.SyncBatchNorm)
     assert isinstance(block.ga.bn, nn.SyncBatchNorm)
+
+
+class _PoolPyramid(nn.Module):
+    """A context module without a declared minimum that fails below ``2 ** levels`` (three
+    max-pools of stride 2 before an upsampling, as in a feature pyramid attention block)."""
+
+    def __init__(self, channels: int, levels: int = 3) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.levels = levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = x
+        for _ in range(self.levels):
+            p = nn.functional.max_pool2d(p, 2)
+        return self.conv(x) + nn.functional.interpolate(p, size=x.shape[-2:])
+
+
+class _EvenSidesOnly(nn.Module):
+    """Runs on even sides only: the smallest side found must not be above one that works."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % 2 or x.shape[-2] % 2:
+            raise RuntimeError("odd side")
+        return x * 2
+
+
+@pytest.mark.parametrize(
+    ("levels", "downsample", "padding", "expected"),
+    [(3, True, 1, 15), (3, True, 0, 17), (3, False, 1, 8), (2, True, 1, 7), (0, True, 1, 1)],
+)
+def test_the_smallest_side_of_a_users_module_is_found(
+    levels: int, downsample: bool, padding: int, expected: int
+) -> None:
+    """Instance and class alike: the block refuses, naming the module, exactly the inputs the
+    module itself cannot take (checked one side below and at the minimum)."""
+    kw = {"downsample": downsample, "padding": padding, "ld": False}
+    for block in (
+        gald.GALD(6, _PoolPyramid(6, levels), **kw),
+        gald.GALD(6, _PoolPyramid, ga_kwargs={"levels": levels}, **kw),
+    ):
+        block.eval()
+        assert block.min_size == expected
+        assert block(torch.randn(1, 6, expected, expected + 3)).shape[-2] == expected
+        if expected > 1:
+            with pytest.raises(ValueError, match="_PoolPyramid refused inputs smaller than"):
+                block(torch.randn(1, 6, expected - 1, 40))
+            # the same input without the block's check fails inside the module
+            d = block.down(torch.randn(1, 6, expected - 1, 40)) if downsample else None
+            with pytest.raises(RuntimeError):
+                block.ga(d if d is not None else torch.randn(1, 6, expected - 1, 40))
+
+
+def test_the_smallest_side_never_refuses_a_side_that_works() -> None:
+    block = gald.GALD(3, _EvenSidesOnly(), downsample=False, ld=False, out_channels=3)
+    assert block.min_size == 2
+    assert block(torch.randn(1, 3, 2, 2)).shape == (1, 3, 2, 2)
+
+
+def test_a_module_refusing_every_probe_keeps_min_size_one() -> None:
+    """A module taken at a given out_channels without a dry run is not probed further."""
+
+    class Refuses(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("runs on another device only")
+
+    assert gald.GALD(3, Refuses(), out_channels=3, ld=False).min_size == 1

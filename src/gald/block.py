@@ -73,8 +73,9 @@ class _ProbesRefused(ValueError):
     """A module refused every input of :func:`_infer_out_channels`'s dry run."""
 
 
-def _infer_out_channels(module: nn.Module, in_channels: int) -> int:
-    """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input.
+def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
+    """The number of channels ``module`` returns for a ``(1, in_channels, s, s)`` input, and
+    the side ``s`` of the probe that gave it.
 
     Found by a dry run: the module runs once in eval mode, without gradients, on a small zero
     input on the device and dtype of its parameters (sides 16, then 33 and 65 if a smaller input
@@ -120,7 +121,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> int:
             if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
                 changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
                 continue
-            return int(out.shape[1])
+            return int(out.shape[1]), side
     if changed:
         others = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
         raise _ProbesRefused(
@@ -144,8 +145,9 @@ def _width_by_dry_run(
     *,
     explain_declared: bool = False,
     hint: str = "",
-) -> int:
-    """The width ``ga`` returns (a dry run), checked against a given ``out_channels``.
+) -> tuple[int, int | None]:
+    """The width ``ga`` returns (a dry run), checked against a given ``out_channels``, and the
+    side of the probe it ran at (``None`` when it refused every probe).
 
     A module that refuses every probe is taken at the given ``out_channels`` (it may only run
     on larger inputs or on another device); without one, the refusal is raised. With
@@ -153,7 +155,7 @@ def _width_by_dry_run(
     the refusal instead.
     """
     try:
-        found = _infer_out_channels(ga, in_channels)
+        found, side = _infer_out_channels(ga, in_channels)
     except _ProbesRefused as exc:
         declared = _declared_width(ga) if explain_declared else None
         if declared is not None and declared[1] != in_channels:
@@ -163,13 +165,35 @@ def _width_by_dry_run(
             ) from exc
         if out_channels is None:
             raise ValueError(str(exc)) from None  # the private subclass stays inside
-        return out_channels
+        return out_channels, None
     if out_channels is not None and out_channels != found:
         raise ValueError(
             f"out_channels={out_channels} does not match {what}, which returns {found} channels "
             f"for in_channels={in_channels}{hint}"
         )
-    return found
+    return found, side
+
+
+def _smallest_side(module: nn.Module, in_channels: int, runs_at: int) -> int:
+    """The smallest side ``s`` at which ``module`` takes a ``(1, in_channels, s, s)`` input
+    and keeps its height and width, knowing that it does at ``runs_at``: sides 1, 2, ... are
+    tried in turn (eval mode, no gradients, as in the dry run) up to 16 or ``runs_at``. Above
+    16 the answer is a lower bound (17): no side below it works, so an input refused for being
+    smaller than it is one the module would refuse too. The usual case costs one 1x1 probe."""
+    ref = _first_tensor(module)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    last = min(runs_at, 17)
+    with eval_mode(module), torch.no_grad():
+        for side in range(1, last):
+            probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
+            try:
+                out = module(probe)
+            except Exception:  # too small for the module: try the next side
+                continue
+            if isinstance(out, torch.Tensor) and out.ndim == 4 and out.shape[-2:] == (side, side):
+                return side
+    return last
 
 
 def _accepted_widths(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int = 1024) -> str:
@@ -200,8 +224,9 @@ def _build_ga(
     ga_kwargs: Mapping[str, Any],
     norm_layer: LayerFactory,
     act_layer: LayerFactory,
-) -> tuple[nn.Module, int]:
-    """The GA module and its output width (construction through :func:`gald.create_ga`)."""
+) -> tuple[nn.Module, int, int | None]:
+    """The GA module, its output width (construction through :func:`gald.create_ga`) and, for
+    a module whose width a dry run found, the side of the probe it ran at."""
     if isinstance(ga_module, nn.Module):
         if ga_kwargs:
             raise ValueError(
@@ -210,14 +235,14 @@ def _build_ga(
             )
         # an in_channels or channels attribute is only read to explain a refusal: when the
         # module runs, such an attribute may well mean something else
-        width = _width_by_dry_run(
+        width, side = _width_by_dry_run(
             ga_module,
             in_channels,
             out_channels,
             f"the wrapped {_label(ga_module)}",
             explain_declared=True,
         )
-        return ga_module, width
+        return ga_module, width, side
     cls = _ga_class(ga_module, "ga_module")
     if out_channels is not None and "out_channels" in ga_kwargs:
         raise ValueError(
@@ -259,13 +284,13 @@ def _build_ga(
                 f"out_channels={out_channels}, but the GA {name!r} ({cls.__name__}) built with "
                 f"ga_kwargs={dict(ga_kwargs)} gives {width} channels"
             )
-        return ga, width
+        return ga, width, None
     # a user's class may change the width without an out_channels argument: the dry run says
     has_arg = "" if _accepts(cls, "out_channels") else " (it has no out_channels argument)"
-    width = _width_by_dry_run(
+    width, side = _width_by_dry_run(
         ga, in_channels, out_channels, f"the GA {name!r} ({cls.__name__})", hint=has_arg
     )
-    return ga, width
+    return ga, width, side
 
 
 def _read_unwrapped_keys(
@@ -308,9 +333,13 @@ class GALD(nn.Module):
     gald's own layers declare, and for a class of yours or a module instance it is found by a
     dry run, which also checks ``in_channels`` and a given ``out_channels``: once, in eval mode
     (the training flags restored), without gradients, on a zero input of side 16 (33, then 65,
-    when a smaller one is refused or does not keep its height and width). A module that refuses every probe input is reported at construction, unless
-    ``out_channels`` is given: that wraps a module which only runs on larger inputs or on
-    another device. Around a module instance, the parts built here (``down``, the LD,
+    when a smaller one is refused or does not keep its height and width). A module that refuses
+    every probe input is reported at construction, unless ``out_channels`` is given: that wraps
+    a module which only runs on larger inputs or on another device. A module without a
+    ``min_size`` attribute that ran in the dry run is then tried on sides 1, 2, ... (up to 16):
+    the smallest side it takes, through the downsample, sets ``min_size``, so a too-small input
+    is refused by the block with a message naming the module instead of failing deep inside it
+    (usually one extra 1x1 probe). Around a module instance, the parts built here (``down``, the LD,
     ``alpha``) take the device and floating dtype of the module's first parameter.
 
     ``init="identity"`` is for wrapping a *trained* context module (fine-tuning a pretrained
@@ -411,7 +440,7 @@ class GALD(nn.Module):
         self.downsample: bool = downsample
         self.init = init
         self.impl = impl
-        self.ga, self.out_channels = _build_ga(
+        self.ga, self.out_channels, probed_at = _build_ga(
             ga_module,
             self.in_channels,
             out_channels,
@@ -420,9 +449,15 @@ class GALD(nn.Module):
             act_layer,
         )
         self.down: nn.Sequential | None = None
-        # the GA's own declared minimum side, if it declares one
-        ga_min = getattr(self.ga, "min_size", 1)
-        ga_min = ga_min if isinstance(ga_min, int) and not isinstance(ga_min, bool) else 1
+        # the GA's own declared minimum side; for a module of the user's that declares none and
+        # ran in the dry run, the smallest side it takes (found by trying small inputs)
+        ga_min = getattr(self.ga, "min_size", None)
+        found_min = False
+        if not isinstance(ga_min, int) or isinstance(ga_min, bool):
+            ga_min = 1
+            if probed_at is not None:
+                ga_min = _smallest_side(self.ga, self.in_channels, probed_at)
+                found_min = ga_min > 1
         min_size = max(1, ga_min)
         if self.downsample:
             self.down = depthwise_stage(
@@ -460,6 +495,14 @@ class GALD(nn.Module):
         if self.ld is not None:
             remedy = self.ld._small_input_remedy
         self._small_input_remedy: str | None = remedy if ga_min == 1 else None
+        if found_min:
+            self._small_input_remedy = (
+                f"the wrapped {_label(self.ga)} refused inputs smaller than {ga_min}x{ga_min} "
+                "in a dry run at construction, and runs on the output of the stride-2 downsample"
+                if self.downsample
+                else f"the wrapped {_label(self.ga)} refused inputs smaller than "
+                f"{ga_min}x{ga_min} in a dry run at construction"
+            )
         self.register_load_state_dict_pre_hook(_read_unwrapped_keys)
 
     def reset_parameters(self) -> None:
