@@ -7,6 +7,8 @@ their checkpoint layout); sliding-window inference is in test_slide_inference.py
 from __future__ import annotations
 
 import copy
+import enum
+import types
 
 import pytest
 import torch
@@ -575,3 +577,64 @@ def test_backbone_and_network_grad_checkpointing_change_nothing_but_memory() -> 
         ckpt.set_grad_checkpointing(1)  # type: ignore[arg-type]
     # and the memory: the checkpointed backbone keeps about one map per block
     assert saved_bytes(lambda: ckpt.backbone(x)) < 0.3 * saved_bytes(lambda: net.backbone(x))
+
+
+class _NHWCList(nn.Module):
+    """timm's features_only Swin: a list of (B, H, W, C) features and ``output_fmt``, a str
+    enum (timm's ``Format``) or plain string."""
+
+    def __init__(self, output_fmt: object = "NHWC", declare: bool = True) -> None:
+        super().__init__()
+        self.layer3 = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.layer4 = nn.Conv2d(6, 8, 3, padding=1)
+        self.output_fmt = output_fmt
+        if declare:
+            self.feature_info = types.SimpleNamespace(channels=lambda: [6, 8])
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        c3 = self.layer3(x)
+        c4 = self.layer4(c3)
+        return [c3.permute(0, 2, 3, 1), c4.permute(0, 2, 3, 1)]
+
+
+class _Format(str, enum.Enum):  # the shape of timm.layers.Format
+    NCHW = "NCHW"
+    NHWC = "NHWC"
+    NLC = "NLC"
+
+
+@pytest.mark.parametrize("fmt", ["NHWC", _Format.NHWC])
+@pytest.mark.parametrize("declare", [True, False])
+def test_an_nhwc_backbone_is_permuted_to_the_heads_layout(fmt: object, declare: bool) -> None:
+    """The same network as on the NCHW features the backbone computes inside, to rounding."""
+    torch.manual_seed(0)
+    backbone = _NHWCList(fmt, declare)
+    net = GALDNet(CLASSES, backbone=backbone, head={"channels": 16}).eval()
+    assert net.in_channels == (6, 8) and net.nhwc_features and "nhwc_features=True" in repr(net)
+
+    class NCHW(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = backbone
+
+        def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+            return [f.permute(0, 3, 1, 2) for f in self.inner(x)]
+
+    ref = GALDNet(CLASSES, backbone=NCHW(), head=net.head, aux=net.aux_head).eval()
+    x = torch.randn(2, 3, 21, 19)
+    got, want = net(x), ref(x)
+    for key in ("out", "aux"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    net.train()(x)["out"].sum().backward()  # gradients flow through the permute
+    assert backbone.layer3.weight.grad is not None
+
+
+def test_a_backbone_of_token_features_or_an_undeclared_nhwc_layout_is_named() -> None:
+    with pytest.raises(ValueError, match=r"output_fmt='NLC'.*'NCHW' or 'NHWC'"):
+        GALDNet(CLASSES, backbone=_NHWCList(_Format.NLC), head={"channels": 16})
+    # channels-last features without the attribute: widths declared, the layout is not
+    backbone = _NHWCList("NCHW")
+    net = GALDNet(CLASSES, backbone=backbone, head={"channels": 16}).eval()
+    assert not net.nhwc_features
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\) with C=6 it seems.*output_fmt"):
+        net(torch.randn(1, 3, 16, 16))

@@ -99,6 +99,27 @@ def _pick(features: object, in_features: tuple[_Key, _Key] | None, who: str) -> 
     )
 
 
+def _channels_last_features(backbone: nn.Module) -> bool:
+    """Whether the backbone says it returns ``(B, H, W, C)`` features: timm's ``output_fmt``
+    attribute (``"NCHW"`` or ``"NHWC"``, a string enum) on its ``features_only`` models. A
+    backbone without the attribute returns ``(B, C, H, W)``."""
+    fmt = getattr(backbone, "output_fmt", None)
+    if fmt is None:
+        return False
+    text = str(getattr(fmt, "value", fmt))
+    if text not in ("NCHW", "NHWC"):
+        raise ValueError(
+            f"GALDNet: the backbone ({type(backbone).__name__}) declares output_fmt={text!r}; "
+            "its features must be 2-D maps, 'NCHW' or 'NHWC' (tokens of a vision transformer "
+            "need reshaping to a map first)"
+        )
+    return text == "NHWC"
+
+
+def _to_nchw(feature: Any, nhwc: bool) -> Any:
+    return feature.permute(0, 3, 1, 2) if nhwc and isinstance(feature, torch.Tensor) else feature
+
+
 def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) -> Any:
     """Widths the backbone declares: a ``channels`` attribute, or timm's ``feature_info``."""
     declared = getattr(backbone, "channels", None)
@@ -122,7 +143,9 @@ def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | Non
     return None
 
 
-def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) -> tuple[int, int]:
+def _probe_channels(
+    backbone: nn.Module, in_features: tuple[_Key, _Key] | None, nhwc: bool
+) -> tuple[int, int]:
     """Run the backbone once on a small zero image (eval mode, no grad) and read the widths."""
     param = next(iter(backbone.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
@@ -137,7 +160,7 @@ def _probe_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) 
             f"(1, 3, {_PROBE_SIZE}, {_PROBE_SIZE}) input ({type(err).__name__}: {err}); pass "
             "in_channels=(c3, c4)"
         ) from err
-    c3, c4 = _pick(features, in_features, "GALDNet")
+    c3, c4 = (_to_nchw(f, nhwc) for f in _pick(features, in_features, "GALDNet"))
     if not all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in (c3, c4)):
         raise TypeError(
             "GALDNet: the two picked backbone features must be (B, C, H, W) tensors, got "
@@ -175,7 +198,10 @@ class GALDNet(nn.Module):
     - a dict of features (torchvision's ``IntermediateLayerGetter``, timm's ``FeatureDictNet``):
       ``in_features`` holds two keys (default the last two keys in order).
 
-    The first picked feature feeds the auxiliary head, the second the GALD head. The two widths
+    The first picked feature feeds the auxiliary head, the second the GALD head. Features are
+    ``(B, C, H, W)``, or ``(B, H, W, C)`` from a backbone whose ``output_fmt`` attribute is
+    ``"NHWC"`` (timm's ``features_only`` Swin and other channels-last models): those are
+    permuted (a view, channels-last in memory, no copy) before the heads. The two widths
     come from ``in_channels`` when given, else from the backbone's own declaration (a
     ``channels`` attribute holding a list/tuple/dict of widths, as :class:`DilatedResNet`, or
     timm's ``feature_info.channels()``, keyed by a ``FeatureDictNet``'s output keys, ``"3"``
@@ -204,6 +230,7 @@ class GALDNet(nn.Module):
         head: the main head, mapping ``c4`` to logits.
         aux_head: the auxiliary head on ``c3``; ``None`` without one.
         in_channels: the widths ``(c3, c4)`` the heads take.
+        nhwc_features: whether the backbone's features are permuted from ``(B, H, W, C)``.
         min_input_size: the smallest input side the network accepts (known for a
             :class:`DilatedResNet` backbone, else 1; the head still checks its own input).
 
@@ -244,6 +271,7 @@ class GALDNet(nn.Module):
                 f"backbone={type(backbone).__name__}"
             )
         self.backbone = backbone
+        self.nhwc_features = _channels_last_features(backbone)
 
         declared = _declared_channels(backbone, self.in_features)
         if declared is not None:
@@ -260,7 +288,7 @@ class GALDNet(nn.Module):
         elif declared is not None:
             widths = said
         else:
-            widths = _probe_channels(backbone, self.in_features)
+            widths = _probe_channels(backbone, self.in_features, self.nhwc_features)
         self.in_channels: tuple[int, int] = widths
 
         if head is None or isinstance(head, Mapping):
@@ -327,6 +355,7 @@ class GALDNet(nn.Module):
             f"num_classes={self.num_classes}, in_features={self.in_features}, "
             f"in_channels={self.in_channels}, aux={self.aux_head is not None}, "
             f"min_input_size={self.min_input_size}"
+            + (", nhwc_features=True" if self.nhwc_features else "")
         )
 
     def _feature_name(self, i: int) -> str:
@@ -370,6 +399,9 @@ class GALDNet(nn.Module):
             f"gald.models.slide_inference with crop_size >= {least} does",
         )
         c3, c4 = _pick(self.backbone(images), self.in_features, "GALDNet")
+        c3, c4 = _to_nchw(c3, self.nhwc_features), _to_nchw(c4, self.nhwc_features)
+        self._check_layout(c3, 0)
+        self._check_layout(c4, 1)
         head_min = getattr(self.head, "min_size", 1)
         if isinstance(head_min, int) and (c4.shape[-2] < head_min or c4.shape[-1] < head_min):
             raise ValueError(
@@ -382,6 +414,24 @@ class GALDNet(nn.Module):
         if self.aux_head is not None:
             result["aux"] = self._upsample(self.aux_head(c3), size)
         return result
+
+    def _check_layout(self, feature: Any, i: int) -> None:
+        """A feature whose last dimension, not its second, has the expected width is most
+        likely ``(B, H, W, C)``: say so (the head would only report a wrong width)."""
+        width = self.in_channels[i]
+        if (
+            isinstance(feature, torch.Tensor)
+            and feature.ndim == 4
+            and feature.shape[1] != width
+            and feature.shape[-1] == width
+        ):
+            raise ValueError(
+                f"GALDNet: the backbone's feature {self._feature_name(i)} has shape "
+                f"{tuple(feature.shape)}, (B, H, W, C) with C={width} it seems; the heads take "
+                "(B, C, H, W). A backbone that returns channels-last features should say so "
+                "with an output_fmt = 'NHWC' attribute (as timm's features_only models do), "
+                "and GALDNet then permutes them"
+            )
 
     @staticmethod
     def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
