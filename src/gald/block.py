@@ -385,6 +385,16 @@ class GALD(nn.Module):
     ``num_stages``, ``kernel_size``, ``final_act``, ``offset`` and ``impl`` configure the LD;
     giving one with ``ld=False`` is a ``ValueError``.
 
+    Attributes:
+        ga: the GA module (built here, or the module instance given).
+        down: the stride-2 downsample stage; ``None`` with ``downsample=False``.
+        ld: the :class:`~gald.LocalDistribution`; ``None`` with ``ld=False``.
+        alpha: the per-channel blend of ``init="identity"``; ``None`` otherwise.
+        in_channels, out_channels: the widths of the input and of the output.
+        min_size: the smallest height and width the block takes (its downsample, its LD, and
+            the GA's own minimum: declared by gald's layers, found by trying small inputs for
+            a module of yours); a smaller input is a ``ValueError`` that names the GA.
+
     Shape:
         - Input: :math:`(B, C_{in}, H, W)`
         - Output: :math:`(B, C_{out}, H, W)`
