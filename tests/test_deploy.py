@@ -231,3 +231,53 @@ def test_the_onnx_checks_detect_what_they_check(tmp_path: Path) -> None:
         helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [inp], [out])
     )
     assert deploy.onnx_custom_domains(standard) == set()
+
+
+@pytest.mark.parametrize("external_data", [False, True])
+def test_onnx_weights_in_the_file_or_beside_it(external_data: bool, tmp_path: Path) -> None:
+    """The dynamo exporter writes one self-contained file by default; ``external_data=True``
+    puts the weights in ``<path>.data`` beside it, and onnxruntime reads both."""
+    model = _block("gc")
+    path = deploy.export_onnx(
+        model, _input(SHAPE), tmp_path / "m.onnx", external_data=external_data
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == (
+        ["m.onnx", "m.onnx.data"] if external_data else ["m.onnx"]
+    )
+    err = deploy.verify_onnx(model, path, _input(SHAPE), _input(SHAPE2, seed=3))
+    assert err <= RTOL, f"onnxruntime differs from eager by {err:.2e} (relative)"
+
+
+def test_external_data_needs_the_dynamo_exporter(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="external_data=True needs dynamo=True"):
+        deploy.export_onnx(
+            _block("gc"), _input(SHAPE), tmp_path / "m.onnx", dynamo=False, external_data=True
+        )
+    with pytest.raises(TypeError, match="external_data"):
+        deploy.export_onnx(_block("gc"), _input(SHAPE), tmp_path / "m.onnx", external_data="no")
+
+
+@pytest.mark.parametrize(("example_side", "runs", "refused"), [(9, (9, 40), 8), (8, (5, 8), 9), (8, (5, 8), 4)])
+def test_export_specialises_on_a_one_pixel_ld_map(
+    example_side: int, runs: tuple[int, ...], refused: int
+) -> None:
+    """What docs/deploy.md says about the example's size: the LD branch halves the map three
+    times, and torch.export specialises a program on whether a convolution's output is 1x1
+    (sides up to 8 at the block) or not. The ONNX file of the same block is not affected."""
+    model = _block("gc")
+    dyn = torch.export.Dim.DYNAMIC
+    example = _input((2, C, example_side, example_side))
+    exported = torch.export.export(model, (example,), dynamic_shapes=({2: dyn, 3: dyn},)).module()
+    with torch.no_grad():
+        for side in runs:
+            x = _input((2, C, side, side), seed=side)
+            _close(exported(x), model(x), f"export at {example_side}, run at {side}")
+        with pytest.raises(Exception, match="Guard failed"):
+            exported(_input((2, C, refused, refused)))
+
+
+def test_onnx_is_not_specialised_on_a_one_pixel_ld_map(tmp_path: Path) -> None:
+    model = _block("gc")
+    path = deploy.export_onnx(model, _input((2, C, 8, 8)), tmp_path / "small.onnx")
+    err = deploy.verify_onnx(model, path, _input((1, C, 3, 5)), _input((2, C, 33, 40), seed=3))
+    assert err <= RTOL, f"onnxruntime differs from eager by {err:.2e} (relative)"

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._validate import check_feature, check_positive_int
+from .._validate import check_bool, check_feature, check_positive_int
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -111,6 +111,7 @@ def export_onnx(
     dynamic_hw: bool = True,
     opset: int = DEFAULT_OPSET,
     dynamo: bool = True,
+    external_data: bool = False,
 ) -> Path:
     """Export ``module`` (in eval mode) to an ONNX file of standard operators only.
 
@@ -132,6 +133,9 @@ def export_onnx(
             reached by a version conversion).
         dynamo: use the ``torch.export``-based exporter (torch's default); ``False`` uses the
             TorchScript-based exporter.
+        external_data: write the weights to a second file, ``<path>.data``, beside the graph
+            (needed above protobuf's 2 GB limit; ship both files together). ``False`` (the
+            default) writes one self-contained file. Dynamo exporter only.
 
     Returns:
         The path written.
@@ -144,6 +148,12 @@ def export_onnx(
     _check_module(module, "export_onnx")
     check_feature(example_input, None, name="example_input", who="export_onnx")
     check_positive_int(opset, "opset", minimum=MIN_OPSET)
+    check_bool(external_data, "external_data")
+    if external_data and not dynamo:
+        raise ValueError(
+            "export_onnx: external_data=True needs dynamo=True (the TorchScript exporter writes "
+            "the weights into the file)"
+        )
     if module.training:
         raise ValueError(
             "export_onnx: module must be in eval mode (call module.eval() first); ONNX graphs are "
@@ -180,6 +190,7 @@ def export_onnx(
             (example_input,),
             str(path),
             dynamo=True,
+            external_data=external_data,
             opset_version=opset,
             dynamic_shapes=(spec,) if spec else None,
             verbose=False,
