@@ -269,3 +269,31 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
     # the images the shipped pages embed and the data their benchmark blocks are made from
     assert {"docs/img/gald-block.svg", "docs/benchmarks.png", "docs/data/all.json"} <= names
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
+
+
+def test_a_class_gets_back_the_ga_name_it_defined_itself() -> None:
+    """Registered inside a ``registered`` block, or by ``register_ga`` and then unregistered: a
+    class that defined its own ``ga_name`` has it again afterwards; one that had none has none."""
+
+    class Own(nn.Identity):
+        ga_name = "custom"
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+
+    class Bare(nn.Identity):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+
+    with gald.registered("tmp_bare", Bare):
+        gald.register_ga("tmp_own", Own)
+        gald.register_ga("tmp_own2", Own)
+        assert Own.ga_name == "tmp_own" and Bare.ga_name == "tmp_bare"
+    assert Own.ga_name == "custom" and "ga_name" not in Bare.__dict__
+    assert "tmp_own" not in gald.list_ga() and "tmp_bare" not in gald.list_ga()
+    gald.register_ga("tmp_own", Own)
+    gald.register_ga("tmp_own2", Own)
+    gald.unregister_ga("tmp_own")
+    assert Own.ga_name == "tmp_own2"  # still registered under its second name
+    gald.unregister_ga("tmp_own2")
+    assert Own.ga_name == "custom"

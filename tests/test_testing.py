@@ -167,7 +167,11 @@ FIRST_LINE = re.compile(
 @pytest.mark.parametrize(
     ("cls", "prop", "measured"),
     [
-        (MixesBatch, "batch_independence", r"changed sample 0's eval-mode output by [\d.e+-]+ "),
+        (
+            MixesBatch,
+            "batch_independence",
+            r"changing sample 0 changed sample 1's eval-mode output by [\d.e+-]+ ",
+        ),
         (WrongShape, "shapes", r"output shape \(0, 7, 1, 1\), expected \(0, 8, 1, 1\)"),
         (UnusedParameter, "gradients", r"parameter 'temperature' \(1,\) received no gradient"),
         (CrashesOnEmpty, "shapes", r"eval-mode forward raised RuntimeError: .*0 elements"),
@@ -215,9 +219,14 @@ def test_broken_layer_fails_on_its_property(cls: type[nn.Module], prop: str, mea
 
 def test_only_and_switches() -> None:
     assert check_ga(MixesBatch, channels=C, only=("shapes", "gradients")) == ["shapes", "gradients"]
-    assert check_ga(SqueezeExcitation, channels=C, only=["shapes", "compile"], compile=False) == [
-        "shapes"
-    ]
+    with pytest.raises(
+        ValueError, match=r"asks for \['compile'\], which compile=False switches off"
+    ):
+        check_ga(SqueezeExcitation, channels=C, only=["shapes", "compile"], compile=False)
+    # a generator is read once, and an empty one is refused like an empty list
+    assert check_ga(SqueezeExcitation, channels=C, only=(p for p in ["shapes"])) == ["shapes"]
+    with pytest.raises(ValueError, match="only is empty"):
+        check_ga(SqueezeExcitation, only=(p for p in []))
     with pytest.raises(ValueError, match=r"only names unknown properties \['shape'\]"):
         check_ga(SqueezeExcitation, only=("shape",))
     with pytest.raises(TypeError, match="only must be a collection of property names"):
@@ -527,3 +536,120 @@ def test_docs_examples_run() -> None:
     assert len(tests) == 5
     for test in tests:
         test()
+
+
+# ---- more layers of a downstream project -----------------------------------------------------
+
+
+class LazySE(nn.Module):
+    """Built with lazy layers: their shapes come from the first forward."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fc = nn.LazyConv2d(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(self.fc(x.mean((2, 3), keepdim=True)))
+
+
+class MixesThroughSampleZero(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) / (x[:1].std() + 1)
+
+
+class RunningMeanInAnAttribute(SqueezeExcitation):
+    """Train-mode state kept outside the state_dict."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.mu = torch.zeros(channels, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.mu = 0.9 * self.mu + 0.1 * x.mean((0, 2, 3))[:, None, None]
+        return super().forward(x - self.mu)
+
+
+class ScalesItsInput(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            x.mul_(0.5)  # in place, on the caller's tensor
+        return super().forward(x)
+
+
+def test_a_lazy_layer_is_initialised_before_the_checks() -> None:
+    assert check_ga(LazySE, channels=C, compile=False) == [p for p in PROPERTIES if p != "compile"]
+
+
+@pytest.mark.parametrize(
+    ("cls", "prop", "measured"),
+    [
+        (
+            MixesThroughSampleZero,
+            "batch_independence",
+            r"changing sample 0 changed sample 1's eval-mode output",
+        ),
+        (
+            RunningMeanInAnAttribute,
+            "state_dict",
+            r"a fresh module loaded with the state_dict differs",
+        ),
+        (ScalesItsInput, "shapes", r"the eval-mode forward modified its input in place"),
+    ],
+)
+def test_more_broken_layers_fail_on_their_property(cls, prop: str, measured: str) -> None:
+    with pytest.raises(AssertionError) as info:
+        check_ga(cls, channels=C, only=[prop])
+    assert re.match(rf"{prop}: input shape \(\d+, {C}, \d+, \d+\): {measured}", str(info.value))
+
+
+def test_arguments_that_would_check_nothing_or_overflow() -> None:
+    shared = SqueezeExcitation(C)
+    with pytest.raises(ValueError, match="returned the same module instance twice"):
+        check_ga(lambda c: shared, channels=C)
+    with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got 4294967296"):
+        check_ga(SqueezeExcitation, seed=2**32)
+    with pytest.raises(ValueError, match="autocast_dtypes is empty"):
+        check_ga(SqueezeExcitation, autocast_dtypes=())
+    assert check_ga(SqueezeExcitation, autocast_dtypes=(), autocast=False, only=["shapes"])
+    with pytest.raises(ValueError, match=r"bfloat16 and/or torch.float16 .* got torch.float64"):
+        check_ga(SqueezeExcitation, autocast_dtypes=(torch.float64,))
+    np = pytest.importorskip("numpy")
+    assert check_ga(SqueezeExcitation, channels=C, shapes=np.bool_(True), only=["shapes"])
+
+
+def test_randomize_and_declared_min_size_validate_their_arguments() -> None:
+    with pytest.raises(TypeError, match="module must be an nn.Module, got int"):
+        randomize_(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="seed must be an int"):
+        randomize_(nn.Conv2d(2, 2, 1), seed=1.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="scale must be"):
+        randomize_(nn.Conv2d(2, 2, 1), scale=float("nan"))
+    with pytest.raises(TypeError, match="module must be an nn.Module, got int"):
+        declared_min_size(3)  # type: ignore[arg-type]
+
+
+def test_compile_resets_dynamo_also_when_the_compiled_call_fails(monkeypatch) -> None:
+    class GraphBreak(SqueezeExcitation):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            print("", end="")  # a graph break: fullgraph=True refuses it
+            return super().forward(x)
+
+    resets: list[int] = []
+    real = torch.compiler.reset
+    monkeypatch.setattr(torch.compiler, "reset", lambda: (resets.append(1), real())[1])
+    with pytest.raises(AssertionError, match="compile: "):
+        check_ga(GraphBreak, channels=C, only=["compile"])
+    assert len(resets) == 2  # before and after
+
+
+@given(st.data())
+@hypothesis.settings(max_examples=5, deadline=None)
+def test_feature_maps_refuses_formats_of_other_ranks(data) -> None:
+    with pytest.raises(ValueError, match="channels_last_3d"):
+        feature_maps(4, memory_format=torch.channels_last_3d)
+    with pytest.raises(TypeError, match="memory_format must be a torch.memory_format"):
+        feature_maps(4, memory_format=5)  # type: ignore[arg-type]
+    x = data.draw(feature_maps(4, memory_format=[torch.channels_last], height=3, width=2))
+    assert x.is_contiguous(memory_format=torch.channels_last) and x.shape[1:] == (4, 3, 2)

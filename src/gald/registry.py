@@ -42,11 +42,29 @@ def _names_of(cls: type[nn.Module]) -> list[str]:
     return [n for n, c in _GA_REGISTRY.items() if c is cls]
 
 
+# the ga_name a class defined itself (or _MISSING) before its first registration: what it gets
+# back when its last registered name goes
+_OWN_LABEL: dict[type[nn.Module], object] = {}
+
+
 def _label(cls: type[nn.Module], name: str) -> None:
     """Set ``cls.ga_name`` to ``name`` unless ``cls`` is registered under it already: the first
     name a class is registered under stays its ``ga_name``."""
+    if not _names_of(cls):
+        _OWN_LABEL[cls] = cls.__dict__.get("ga_name", _MISSING)
     if cls.__dict__.get("ga_name") not in _names_of(cls):
         cls.ga_name = name  # type: ignore[attr-defined]
+
+
+def _restore_own_label(cls: type[nn.Module]) -> None:
+    """Give a class that is no longer registered the ``ga_name`` it had before (none, or the
+    one it defined itself)."""
+    own = _OWN_LABEL.pop(cls, _MISSING)
+    if own is _MISSING:
+        if "ga_name" in cls.__dict__:
+            del cls.ga_name  # type: ignore[attr-defined]
+    else:
+        cls.ga_name = own  # type: ignore[attr-defined]
 
 
 @overload
@@ -83,7 +101,8 @@ def unregister_ga(name: str) -> type[nn.Module]:
     """Remove ``name`` from the registry and return the class it pointed to.
 
     When ``name`` was the class's ``ga_name``, that attribute moves to another name the class is
-    still registered under, and is deleted with the last one.
+    still registered under; with the last one the class gets back the ``ga_name`` it had before
+    its first registration (none, or the one it defined itself).
     Raises ``ValueError`` for a name that is not registered.
     """
     _ensure_loaded()
@@ -91,12 +110,11 @@ def unregister_ga(name: str) -> type[nn.Module]:
     if name not in _GA_REGISTRY:
         raise ValueError(f"unknown GA module {name!r}; expected one of {sorted(_GA_REGISTRY)}")
     cls = _GA_REGISTRY.pop(name)
-    if cls.__dict__.get("ga_name") == name:
-        others = _names_of(cls)
-        if others:
-            cls.ga_name = others[0]  # type: ignore[attr-defined]
-        else:
-            del cls.ga_name  # type: ignore[attr-defined]
+    others = _names_of(cls)
+    if not others:
+        _restore_own_label(cls)
+    elif cls.__dict__.get("ga_name") == name:
+        cls.ga_name = others[0]  # type: ignore[attr-defined]
     return cls
 
 
@@ -137,6 +155,7 @@ def registered(
             "it inside the block"
         )
     snapshot = dict(_GA_REGISTRY)
+    own = dict(_OWN_LABEL)
     # the ga_name attribute of every class involved, as it is now
     labels = {c: c.__dict__.get("ga_name", _MISSING) for c in {cls, *snapshot.values()}}
     _label(cls, name)
@@ -144,16 +163,14 @@ def registered(
     try:
         yield cls
     finally:
-        # classes registered inside the block with register_ga, with their names
-        added: dict[type[nn.Module], set[str]] = {}
-        for n, c in _GA_REGISTRY.items():
-            if c not in labels:
-                added.setdefault(c, set()).add(n)
+        # classes first registered inside the block get back the ga_name they had before
+        added = {c for c in _GA_REGISTRY.values() if c not in labels}
         _GA_REGISTRY.clear()
         _GA_REGISTRY.update(snapshot)
-        for c, names in added.items():
-            if c.__dict__.get("ga_name") in names:
-                del c.ga_name  # type: ignore[attr-defined]
+        for c in added:
+            _restore_own_label(c)
+        _OWN_LABEL.clear()
+        _OWN_LABEL.update(own)
         for c, label in labels.items():
             if label is _MISSING:
                 if "ga_name" in c.__dict__:

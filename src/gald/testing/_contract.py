@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import re
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -14,7 +14,9 @@ import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
 
+from .._modes import eval_mode
 from .._validate import (
+    check_bool,
     check_float,
     check_int,
     check_ordered_items,
@@ -50,6 +52,12 @@ def randomize_(module: nn.Module, *, seed: int = 0, scale: float = 0.2) -> nn.Mo
     gradients or differ between memory formats. The noise is additive, ``scale * N(0, 1)``, drawn
     from a generator seeded with ``seed``.
     """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    seed = _check_seed(seed)
+    scale = check_float(scale, "scale")
+    if scale < 0:
+        raise ValueError(f"scale must be >= 0, got {scale}")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
@@ -67,9 +75,22 @@ def randomize_(module: nn.Module, *, seed: int = 0, scale: float = 0.2) -> nn.Mo
     return module
 
 
+_SEED_LIMIT = 2**32
+
+
+def _check_seed(seed: object) -> int:
+    """A seed in ``[0, 2**32)``: the checks derive further seeds from it."""
+    value = check_int(seed, "seed")
+    if not 0 <= value < _SEED_LIMIT:
+        raise ValueError(f"seed must be in [0, 2**32), got {value}")
+    return value
+
+
 def declared_min_size(module: nn.Module) -> tuple[int, int]:
     """The smallest (height, width) ``module`` accepts: its ``min_size`` attribute (an int for
     both sides or an ``(h, w)`` pair), ``(1, 1)`` when it has none."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
     return check_size_pair(getattr(module, "min_size", 1), f"{type(module).__name__}.min_size")
 
 
@@ -83,7 +104,8 @@ def _fail(
     lines = [f"{prop}: {where}: {measured}"]
     if detail and detail.strip() != _first_line(detail):
         lines.append(detail.strip())
-    lines.append(f"(pass {prop}=False to check_ga to skip this property)")
+    if prop in PROPERTIES:
+        lines.append(f"(pass {prop}=False to check_ga to skip this property)")
     failure = AssertionError("\n".join(lines))
     # a plain AssertionError for the user; the mark tells it from the module's own assertions
     setattr(failure, _LABELLED, True)
@@ -110,6 +132,11 @@ class _Context:
             raise TypeError(
                 f"factory must return an nn.Module, got {type(module).__name__} from {self.factory!r}"
             )
+        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+            # lazy layers (nn.LazyConv2d, ...) take their shapes from a first forward
+            x = self.input(self.train_batch, self.typical(), seed=97)
+            with eval_mode(module), torch.no_grad(), _forward_errors("construction", x, "forward"):
+                module(x)
         return module
 
     def prepared(self) -> nn.Module:
@@ -200,6 +227,14 @@ def _check_shapes(ctx: _Context) -> None:
             with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward"):
                 y = module(x)
             _check_output("shapes", x, y, ctx)
+            if not torch.equal(x, ctx.input(b, hw)):
+                _fail(
+                    "shapes",
+                    x.shape,
+                    "the eval-mode forward modified its input in place",
+                    "A layer must leave its input as it found it (the caller may still use it): "
+                    "apply in-place operations to tensors the layer created.",
+                )
     module.train()
     for hw in ctx.sizes():
         x = ctx.input(ctx.train_batch, hw)
@@ -301,31 +336,36 @@ def _check_gradcheck(ctx: _Context) -> None:
 def _check_batch_independence(ctx: _Context) -> None:
     module = ctx.prepared().eval()
     x = ctx.input(3, ctx.typical())
-    x2 = x.clone()
-    x2[1] = ctx.input(1, ctx.typical(), seed=1)[0] * 3
     with torch.no_grad(), _forward_errors("batch_independence", x, "eval-mode forward"):
         y = _check_output("batch_independence", x, module(x), ctx)
-        y2 = _check_output("batch_independence", x, module(x2), ctx)
     tol = ctx.tolerance(y)
-    for i in (0, 2):
-        _assert_near(
-            "batch_independence",
-            x,
-            y2[i],
-            y[i],
-            tol,
-            f"changing sample 1 changed sample {i}'s eval-mode output",
-            "In eval mode each sample's output must depend on that sample only.",
-        )
-    own = _max_diff(y2[1], y[1])
-    if not own > tol:
-        _fail(
-            "batch_independence",
-            x.shape,
-            f"changing sample 1 changed its own output by only {own:.3g} (tolerance {tol:.3g})",
-            "The output does not depend on the input, so independence cannot be told apart from "
-            "a constant (check that the module is not switched off by a zero gate).",
-        )
+    for changed in range(x.shape[0]):  # each sample in turn: mixing may come from any of them
+        x2 = x.clone()
+        x2[changed] = ctx.input(1, ctx.typical(), seed=1 + changed)[0] * 3
+        with torch.no_grad(), _forward_errors("batch_independence", x, "eval-mode forward"):
+            y2 = _check_output("batch_independence", x, module(x2), ctx)
+        for i in range(x.shape[0]):
+            if i == changed:
+                continue
+            _assert_near(
+                "batch_independence",
+                x,
+                y2[i],
+                y[i],
+                tol,
+                f"changing sample {changed} changed sample {i}'s eval-mode output",
+                "In eval mode each sample's output must depend on that sample only.",
+            )
+        own = _max_diff(y2[changed], y[changed])
+        if not own > tol:
+            _fail(
+                "batch_independence",
+                x.shape,
+                f"changing sample {changed} changed its own output by only {own:.3g} "
+                f"(tolerance {tol:.3g})",
+                "The output does not depend on the input, so independence cannot be told apart "
+                "from a constant (check that the module is not switched off by a zero gate).",
+            )
 
 
 def _check_autocast(ctx: _Context) -> None:
@@ -398,17 +438,25 @@ def _check_compile(ctx: _Context) -> None:
         with _forward_errors("compile", x, "eager reference forward"):
             ref = module(x)
         torch.compiler.reset()
-        compiled = torch.compile(module, fullgraph=True, backend="eager")
-        with _forward_errors("compile", x, 'torch.compile(fullgraph=True, backend="eager")'):
-            out = compiled(x)
-        torch.compiler.reset()
+        try:
+            compiled = torch.compile(module, fullgraph=True, backend="eager")
+            with _forward_errors("compile", x, 'torch.compile(fullgraph=True, backend="eager")'):
+                out = compiled(x)
+        finally:
+            torch.compiler.reset()
     _check_output("compile", x, out, ctx)
     _assert_near("compile", x, out, ref, ctx.tolerance(ref), "compiled output differs from eager")
 
 
 def _check_state_dict(ctx: _Context) -> None:
-    module = ctx.prepared().eval()
+    module = ctx.prepared().train()
     x = ctx.input(2, ctx.typical())
+    # a train-mode forward first: state it updates (running statistics, moving averages) must
+    # be in the state_dict too
+    warm = ctx.input(ctx.train_batch, ctx.typical(), seed=5)
+    with torch.no_grad(), _forward_errors("state_dict", warm, "train-mode forward"):
+        module(warm)
+    module.eval()
     buffer = io.BytesIO()
     with _forward_errors("state_dict", x, "saving and loading the state_dict"):
         torch.save(module.state_dict(), buffer)
@@ -537,13 +585,13 @@ def check_ga(
 
     - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
-      and a generic one.
+      and a generic one; the eval-mode forward must leave its input unchanged.
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
       finite gradients (the input's not all zero). A parameter's gradient must not be ``None``;
       exactly zero is accepted, as behind a zero-initialised last layer, which is in the graph
       and learns once that layer moves.
-    - ``batch_independence``: in eval mode, changing one sample changes that sample's output
-      only.
+    - ``batch_independence``: in eval mode, changing one sample (each of three in turn) changes
+      that sample's output only.
     - ``gradcheck``: float64 ``torch.autograd.gradcheck`` (fast mode) with respect to the input
       and every parameter, eval mode.
     - ``autocast``: under autocast in each of ``autocast_dtypes`` the output is finite and within
@@ -551,11 +599,13 @@ def check_ga(
     - ``memory_format``: channels_last and non-contiguous inputs give the contiguous result.
     - ``compile``: ``torch.compile(fullgraph=True, backend="eager")`` agrees with eager
       (``torch.compiler.reset()`` runs before and after).
-    - ``state_dict``: a fresh module loaded (strictly) with the state_dict saved and reloaded
-      through ``torch.save``/``torch.load(weights_only=True)`` gives the same output.
+    - ``state_dict``: after one train-mode forward, a fresh module loaded (strictly) with the
+      state_dict saved and reloaded through ``torch.save``/``torch.load(weights_only=True)``
+      gives the same eval-mode output.
     - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
       the forward run under ``torch.device("meta")`` on a CPU input still gives the CPU result,
-      so no tensor is created on the default device instead of the input's.
+      so no tensor is created on the default device instead of the input's (a tensor created
+      with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs).
 
     Minimum size: the layer's ``min_size`` attribute (int or ``(h, w)``; 1 when absent), or the
     ``min_size`` argument, which wins. Train mode uses batch ``train_batch`` (2: BatchNorm on a 1x1
@@ -577,7 +627,7 @@ def check_ga(
     channels = check_positive_int(channels, "channels")
     out = channels if out_channels is None else check_positive_int(out_channels, "out_channels")
     train_batch = check_positive_int(train_batch, "train_batch")
-    seed = check_int(seed, "seed")
+    seed = _check_seed(seed)
     tolerances = {}
     for key, value in (("atol", atol), ("rtol", rtol), ("autocast_tol", autocast_tol)):
         tolerances[key] = check_float(value, key)
@@ -587,6 +637,11 @@ def check_ga(
     for dt in dtypes:
         if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
             raise TypeError(f"autocast_dtypes must hold floating torch dtypes, got {dt!r}")
+        if dt not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"autocast_dtypes must hold torch.bfloat16 and/or torch.float16 (the types "
+                f"autocast runs in), got {dt}"
+            )
     switches = {
         "shapes": shapes,
         "gradients": gradients,
@@ -598,11 +653,13 @@ def check_ga(
         "state_dict": state_dict,
         "device": device,
     }
-    for key, value in {**switches, "randomize": randomize}.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{key} must be a bool, got {type(value).__name__} {value!r}")
+    switches = {key: check_bool(value, key) for key, value in switches.items()}
+    randomize = check_bool(randomize, "randomize")
     if only is not None:
-        if isinstance(only, str) or not all(isinstance(o, str) for o in only):
+        if isinstance(only, str) or not isinstance(only, Iterable):
+            raise TypeError(f"only must be a collection of property names, got {only!r}")
+        only = tuple(only)  # a generator is read once
+        if not all(isinstance(o, str) for o in only):
             raise TypeError(f"only must be a collection of property names, got {only!r}")
         unknown = sorted(set(only) - set(PROPERTIES))
         if unknown:
@@ -613,10 +670,28 @@ def check_ga(
             raise ValueError(
                 f"only is empty: nothing would be checked; expected names from {PROPERTIES}"
             )
-        switches = {k: v and k in only for k, v in switches.items()}
+        off = [name for name in PROPERTIES if name in only and not switches[name]]
+        if off:
+            raise ValueError(
+                f"only={list(only)} asks for {off}, which "
+                + " and ".join(f"{name}=False" for name in off)
+                + " switches off"
+            )
+        switches = {k: k in only for k in switches}
+    if switches["autocast"] and not dtypes:
+        raise ValueError(
+            "autocast_dtypes is empty, so the autocast property would check nothing; pass "
+            "autocast=False to skip it"
+        )
     probe = fac(channels)
     if not isinstance(probe, nn.Module):
         raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
+    if fac(channels) is probe:
+        raise ValueError(
+            "factory returned the same module instance twice; it must build a fresh module on "
+            "every call (the checks compare independent copies), e.g. a class or "
+            "lambda c: MyGA(c)"
+        )
     min_hw = declared_min_size(probe) if min_size is None else check_size_pair(min_size, "min_size")
     ctx = _Context(
         factory=fac,

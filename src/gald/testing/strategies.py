@@ -77,13 +77,23 @@ def feature_maps(
     w_lo, w_hi = _bounds(width, "width", 1)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    formats = (
-        (memory_format,) if isinstance(memory_format, torch.memory_format) else tuple(memory_format)
-    )
+    if isinstance(memory_format, torch.memory_format):
+        formats: tuple[Any, ...] = (memory_format,)
+    elif isinstance(memory_format, Sequence) and not isinstance(memory_format, str):
+        formats = tuple(memory_format)
+    else:
+        formats = ()
     if not formats or not all(isinstance(f, torch.memory_format) for f in formats):
         raise TypeError(
             "memory_format must be a torch.memory_format or a non-empty sequence of them, "
             f"got {memory_format!r}"
+        )
+    four_d = (torch.contiguous_format, torch.channels_last, torch.preserve_format)
+    other = [f for f in formats if f not in four_d]
+    if other:
+        raise ValueError(
+            "memory_format must be one of torch.contiguous_format, torch.channels_last and "
+            f"torch.preserve_format for (B, C, H, W) tensors, got {other[0]}"
         )
 
     def make(b: int, h: int, w: int, fmt: torch.memory_format, seed: int) -> torch.Tensor:
