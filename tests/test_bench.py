@@ -51,7 +51,7 @@ def _has_matplotlib() -> bool:
         (["--ga", "cgnl,nope"], "unknown GA 'nope'"),
         (["--device", "cuda"], "no CUDA device is available"),
         (["--rounds", "2"], "expected an integer >= 3"),
-        (["--min-time", "0"], "expected a positive, finite number"),
+        (["--min-time", "0"], "expected a positive number of seconds"),
         (["--dtype", "float64"], "invalid choice"),
         (["--ga", "none"], "--ga none measures nothing without --ld"),
         (["--ga", "none", "--ld", "--plot", "x.png"], "--plot draws the GA table"),
@@ -230,10 +230,10 @@ def test_overhead_wording() -> None:
     tight_b = Stats([0.50, 0.51, 0.49, 0.50, 0.50])
     loose = Stats([0.2, 1.0, 3.0, 0.5, 2.0])
     faster = Ratio.of(tight_a, tight_b)
-    assert not faster.within_noise and format_speed(faster) == "2.00x faster"
+    assert not faster.within_noise and format_speed(faster) == "2.00x faster (95 %: 1.98–2.02)"
     assert format_overhead(faster).startswith("+100.0 % [")
     slower = Ratio.of(tight_b, tight_a)
-    assert format_speed(slower) == "2.00x slower"
+    assert format_speed(slower) == "2.00x slower (95 %: 1.98–2.02)"
     noisy = Ratio.of(loose, tight_a)
     # an interval that contains 0 but spans more than a factor of 2 is no figure either
     assert noisy.within_noise and noisy.verdict == "too noisy"
@@ -262,7 +262,7 @@ def test_overhead_wording() -> None:
         [0.127, 0.125, 0.126, 0.128, 0.124], round_medians=[0.123, 0.125, 0.125, 1.054, 0.127]
     )
     stalled = Ratio.of(base, fast)
-    assert not stalled.within_noise and format_speed(stalled) == "1.68x faster"
+    assert not stalled.within_noise and format_speed(stalled) == "1.68x faster (95 %: 1.61–1.76)"
     assert stalled.rel_halfwidth < 0.1
     # an interval that excludes zero but is wider than the baseline: no four-digit figure
     huge = Ratio(15.8, 0.6)
@@ -524,8 +524,8 @@ def test_slow_candidates_are_timed_once_per_round() -> None:
 def test_docs_speed_interval_is_in_the_unit_of_the_figure() -> None:
     from gald.bench.docs import _speed
 
-    faster = {"ratio": 2.0, "ratio_low": 1.5, "ratio_high": 2.5, "within_noise": False}
-    assert _speed(faster) == "**2.00x faster** (95 %: 1.50–2.50)"
+    faster = {"ratio": 2.0, "ratio_low": 1.5, "ratio_high": 8 / 3, "within_noise": False}
+    assert _speed(faster) == "**2.00x faster** (95 %: 1.50–2.67)"
     slower = {"ratio": 0.5, "ratio_low": 0.4, "ratio_high": 0.625, "within_noise": False}
     assert _speed(slower) == "2.00x slower (95 %: 1.60–2.50)"
 
@@ -620,3 +620,36 @@ def test_flops_are_written_with_a_prefix_not_an_exponent(gflops: float, text: st
     from gald.bench._timing import format_flops
 
     assert format_flops(gflops) == text
+
+
+def test_the_terminal_speed_cell_has_its_interval() -> None:
+    from gald.bench._timing import Ratio, format_speed
+
+    assert format_speed(Ratio(1.5, 0.1)) == "1.50x faster (95 %: 1.36–1.65)"
+    assert format_speed(Ratio(0.5, 0.25)) == "2.00x slower (95 %: 1.60–2.50)"
+    assert format_speed(Ratio(1.5, float("nan"))) == "1.50x faster"  # spread unknown
+    assert format_speed(Ratio(1 / 735.03, 0.03)) == "735x slower (95 %: 714–757)"
+
+
+def test_small_figures_are_not_written_as_zero() -> None:
+    from gald.bench._timing import format_fraction, format_mib, format_rate
+
+    assert [format_mib(b) for b in (None, 0, 1000, 400_000, 2**20 * 9.4, 2**20 * 147)] == [
+        "n/a",
+        "0",
+        "< 0.01",
+        "0.381",
+        "9.4",
+        "147.0",
+    ]
+    assert [format_rate(g) for g in (4800.0, 312.5, 4.381e-05)] == [
+        "4.8 TB/s",
+        "312.5 GB/s",
+        "43.81 kB/s",
+    ]
+    assert [format_fraction(x) for x in (0.873, 0.042, 1e-6, 0.0)] == [
+        "87 %",
+        "4.2 %",
+        "< 0.1 %",
+        "0 %",
+    ]

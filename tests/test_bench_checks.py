@@ -120,6 +120,44 @@ def test_ga_too_small_names_the_ga_instead_of_a_raw_batchnorm_error(capsys, noth
     assert _runs(model, (1, 16, 9, 9)) and not _runs(model, (1, 16, 8, 8))
 
 
+def test_a_channel_count_a_ga_refuses_fails_before_any_ga_runs(capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--shape", "1,4,17,17", *SMALL, "--ga", "cgnl,criss_cross"])
+    assert "error: --shape 1,4,17,17: what it is asked to run cannot be built for C = 4" in err
+    assert "--ga criss_cross: GALD(criss_cross) with LD cannot be built: ValueError" in err
+    assert "--ga cgnl" not in err  # cgnl takes 4 channels
+
+
+@pytest.mark.parametrize(
+    ("shape", "why"),
+    [
+        ("99999999999999999999,16,17,17", "more than a tensor can index"),
+        ("67108864,16,8192,8192", "the input alone needs 268,435,456 GiB, which cpu refuses"),
+    ],
+)
+def test_an_input_too_large_to_allocate_is_named(capsys, nothing_runs, shape, why) -> None:
+    err = _error(capsys, main, ["--shape", shape, *SMALL])
+    assert f"error: --shape {shape}: " in err and why in err
+
+
+def test_running_out_of_memory_is_an_error_not_a_traceback(monkeypatch, capsys) -> None:
+    def oom(*args, **kwargs):
+        raise RuntimeError(
+            "DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 bytes"
+        )
+
+    monkeypatch.setattr(block, "run", oom)
+    assert main(["--shape", "1,16,17,17", *SMALL]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "error: the models do not fit in the memory of cpu at --shape (1, 16, 17, 17)" in err
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not an allocation")
+
+    monkeypatch.setattr(block, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["--shape", "1,16,17,17", *SMALL])
+
+
 def test_shapes_that_fit_pass_the_check() -> None:
     from gald.bench.__main__ import _too_small
 
@@ -135,11 +173,26 @@ def test_shapes_that_fit_pass_the_check() -> None:
 # non-finite numbers
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "x"])
-def test_min_time_must_be_positive_and_finite(value, capsys, nothing_runs) -> None:
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1", "x", "3601", "1e308"])
+def test_min_time_must_be_positive_and_at_most_an_hour(value, capsys, nothing_runs) -> None:
     err = _error(capsys, main, ["--shape", "1,16,17,17", f"--min-time={value}"])
-    assert "argument --min-time: expected a positive, finite number of seconds" in err
+    assert "argument --min-time: expected a positive number of seconds, at most 3600" in err
     assert repr(value) in err
+
+
+def test_durations_are_written_in_a_readable_unit() -> None:
+    from gald.bench.block import _fmt_duration
+
+    assert [_fmt_duration(s) for s in (59, 150, 7300)] == ["59 s", "2.5 min", "2.0 h"]
+
+
+@pytest.mark.parametrize("option", ["--json", "--plot"])
+def test_an_empty_output_path_is_named_as_empty(option, capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, option, ""])
+    assert (
+        f"error: {option}: expected a writable file path in an existing directory, got '' " in err
+    )
+    assert "(an empty path)" in err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])
@@ -192,8 +245,8 @@ def test_speed_of_a_huge_spread_is_not_a_figure() -> None:
     assert format_speed(fast) == "too noisy (22x–86x faster)"
     assert format_overhead(fast) == "too noisy (> +1000 %)"
     # measured: a figure, and the same figure both ways
-    assert format_speed(Ratio(2.0, 0.1)) == "2.00x faster"
-    assert format_speed(Ratio(0.5, 0.1)) == "2.00x slower"
+    assert format_speed(Ratio(2.0, 0.1)) == "2.00x faster (95 %: 1.82–2.20)"
+    assert format_speed(Ratio(0.5, 0.1)) == "2.00x slower (95 %: 1.82–2.20)"
     assert format_speed(Ratio(0.5, math.nan)) == "2.00x slower"  # spread unknown: as before
 
 
@@ -331,3 +384,17 @@ def test_size_search_on_synthetic_parts() -> None:
     assert msg.endswith("smallest square input that runs all of it: --shape 1,3,12,12")
     # a failure that a smaller square does not have is not about the size: left to the real run
     assert too_small({"--m": {"m": lambda: _NeedsSide(1, multiple=8)}}, (1, 3, 16, 20)) is None
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--first-seed", str(10**20)], "--first-seed must be in [0, 2**32 - --seeds]"),
+        (["--first-seed", "-1"], "--first-seed must be in [0, 2**32 - --seeds]"),
+        (["--size", str(10**8)], "--size 100000000 with --batch-size 8: one batch of images"),
+        (["--channels", str(10**16)], f"--channels {10**16}: the models cannot be built"),
+    ],
+)
+def test_ablation_values_too_large_are_named(argv, message, capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--ablation", "--seeds", "1", *argv])
+    assert message in err

@@ -234,3 +234,14 @@ def test_the_benchmarks_page_lists_every_marker_kind() -> None:
     listed = re.search(r"\(KIND: ([^)]*)\)", page.replace("\n", " "))
     assert listed, "docs/benchmarks.md no longer lists the marker kinds"
     assert set(re.findall(r"`(\w+)`", listed.group(1))) == set(RENDERERS)
+
+
+def test_check_outside_the_repository_says_where_to_run_it(tmp_path, monkeypatch, capsys) -> None:
+    from gald.bench.docs import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        main(["--check"])
+    assert exc.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no such file: README.md" in err and "run it from the repository root" in err

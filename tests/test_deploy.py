@@ -257,7 +257,9 @@ def test_external_data_needs_the_dynamo_exporter(tmp_path: Path) -> None:
         deploy.export_onnx(_block("gc"), _input(SHAPE), tmp_path / "m.onnx", external_data="no")
 
 
-@pytest.mark.parametrize(("example_side", "runs", "refused"), [(9, (9, 40), 8), (8, (5, 8), 9), (8, (5, 8), 4)])
+@pytest.mark.parametrize(
+    ("example_side", "runs", "refused"), [(9, (9, 40), 8), (8, (5, 8), 9), (8, (5, 8), 4)]
+)
 def test_export_specialises_on_a_one_pixel_ld_map(
     example_side: int, runs: tuple[int, ...], refused: int
 ) -> None:

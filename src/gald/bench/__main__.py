@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ._args import check_outputs, positive_seconds
+from ._args import check_outputs, first_line, positive_seconds
 from ._config import DTYPES, Config
 from ._timing import Progress, busy_note, environment, load_average
 
@@ -195,6 +195,16 @@ def _too_small(gas: list[str], ld: bool, shape: tuple[int, int, int, int]) -> st
     return too_small(parts, shape)
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation that failed (CPU or CUDA), not another error."""
+    text = str(exc)
+    return (
+        isinstance(exc, (MemoryError, torch.OutOfMemoryError))
+        or "can't allocate memory" in text
+        or "out of memory" in text.lower()
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--ablation" in argv:
@@ -235,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         ok, why = plot_available()
         if not ok:
             parser.error(f"--plot: {why}")
+    from ._sizes import input_problem
+
+    unallocatable = input_problem(args.shape, DTYPES[args.dtype], torch.device(args.device))
+    if unallocatable is not None:
+        parser.error(f"--shape {','.join(map(str, args.shape))}: {unallocatable}")
     problem = _too_small(gas, args.ld, args.shape)
     if problem:
         parser.error(problem)
@@ -311,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 out["kernels"] = res
                 out["durations_s"]["kernels"] = round(time.perf_counter() - started, 1)
                 print()
-                print(ld.render_kernels(res, cfg_text), flush=True)
+                print(ld.render_kernels(res, cfg.describe(kernels=True)), flush=True)
                 if not all(ld.passed(c) for c in res["checks"]):
                     status = 1
             else:
@@ -345,6 +360,16 @@ def main(argv: list[str] | None = None) -> int:
         progress.close()
         print(
             f"python -m gald.bench: error: the models cannot run at --shape {cfg.shape}: {exc}",
+            file=sys.stderr,
+        )
+        return 2
+    except (RuntimeError, MemoryError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        progress.close()
+        print(
+            f"python -m gald.bench: error: the models do not fit in the memory of {device} at "
+            f"--shape {cfg.shape}: {first_line(exc)}; try a smaller --shape",
             file=sys.stderr,
         )
         return 2

@@ -26,15 +26,19 @@ def finite_float(text: str) -> float:
     return value
 
 
+MAX_SECONDS = 3600.0
+
+
 def positive_seconds(text: str) -> float:
-    """An ``argparse`` type: a finite, positive number of seconds."""
+    """An ``argparse`` type: a positive number of seconds, at most an hour (a longer minimum
+    measured time per candidate is a typo, not a benchmark)."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
+    if not (math.isfinite(value) and 0 < value <= MAX_SECONDS):
         raise argparse.ArgumentTypeError(
-            f"expected a positive, finite number of seconds, got {text!r}"
+            f"expected a positive number of seconds, at most {MAX_SECONDS:.0f}, got {text!r}"
         )
     return value
 
@@ -42,6 +46,8 @@ def positive_seconds(text: str) -> float:
 def output_problem(path: str) -> str | None:
     """Why a file cannot be written at ``path`` (``None`` when it can), checked before a run
     so that its results are not lost at the end."""
+    if not path:
+        return "an empty path"
     p = Path(path)
     if p.is_dir():
         return "that is a directory"

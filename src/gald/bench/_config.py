@@ -59,10 +59,14 @@ class Config:
             m.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         return m
 
-    def describe(self) -> str:
+    def describe(self, *, kernels: bool = False) -> str:
+        """The run's device, dtype, memory format and threads; with ``kernels``, the device and
+        threads only (the kernel checks cover every dtype and format, each named in its row)."""
         fmt = "channels_last" if self.channels_last else "NCHW"
+        threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+        if kernels:
+            return f"{self.device.type}, {threads}; dtype and memory format per row"
         return (
             f"{self.device.type}, {self.dtype_name}"
-            f"{' (autocast)' if self.dtype != torch.float32 else ''}, {fmt}, "
-            f"{self.threads} thread{'s' if self.threads != 1 else ''}"
+            f"{' (autocast)' if self.dtype != torch.float32 else ''}, {fmt}, {threads}"
         )

@@ -22,12 +22,42 @@ Factories = Mapping[str, Callable[[], nn.Module]]
 to build it."""
 
 
-def _build(factories: Factories) -> dict[str, nn.Module] | None:
+def _build(factories: Factories) -> tuple[dict[str, nn.Module] | None, str | None]:
+    """The models on the meta device, or ``None`` and why one of them cannot be built at all.
+
+    A model that the meta device cannot build (a constructor that reads tensor values, say) is
+    built for real, on the CPU, to tell such a limit from a configuration that no device can
+    build (a GA that refuses the channel count, or one too large to allocate)."""
     try:
         with torch.device("meta"):
-            return {label: make().train() for label, make in factories.items()}
-    except Exception:  # a model that cannot be built fails in the real run, with its message
-        return None
+            return {label: make().train() for label, make in factories.items()}, None
+    except Exception:
+        pass
+    for label, make in factories.items():
+        try:
+            make()
+        except Exception as exc:  # reported to the user, with its type
+            return None, f"{label} cannot be built: {type(exc).__name__}: {first_line(exc)}"
+    return None, None  # builds on the CPU only: the real run reports any later failure
+
+
+def input_problem(
+    shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device
+) -> str | None:
+    """Why an input of ``shape`` cannot be allocated on ``device`` (``None`` when it can): a
+    size beyond what a tensor can index, or an allocation the device refuses."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    gib = f"{size / 2**30:,.0f} GiB" if size >= 10 * 2**30 else f"{size / 2**30:.3g} GiB"
+    if numel >= 2**63:
+        return f"it has {numel:,} elements, more than a tensor can index"
+    try:
+        torch.empty(shape, dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        return f"the input alone needs {gib}, which {device} refuses ({first_line(exc)})"
+    return None
 
 
 def _failure(models: Mapping[str, nn.Module], shape: tuple[int, ...]) -> tuple[str, str] | None:
@@ -88,7 +118,16 @@ def too_small(parts: Mapping[str, Factories], shape: tuple[int, int, int, int]) 
     a side that runs at batch ``B`` runs at batch 2 too."""
     b, c, h, w = shape
     built = {option: _build(factories) for option, factories in parts.items()}
-    models = {option: m for option, m in built.items() if m is not None}
+    unbuildable = [f"  {option}: {why}" for option, (_, why) in built.items() if why is not None]
+    if unbuildable:
+        return "\n".join(
+            [
+                f"--shape {b},{c},{h},{w}: what it is asked to run cannot be built for "
+                f"C = {c} input channels:",
+                *unbuildable,
+            ]
+        )
+    models = {option: m for option, (m, _) in built.items() if m is not None}
     lines, sides, sides2 = [], [], []
     passing = []
     for option, ms in models.items():

@@ -217,9 +217,12 @@ def _times(v: float) -> str:
     return f"{v:.2f}x" if v < 10 else f"{v:.0f}x"
 
 
-def format_speed(r: Ratio) -> str:
-    """``r`` = baseline time / candidate time: ``2.10x faster``, ``1.3x slower``, or by
-    :attr:`Ratio.verdict` ``same within noise`` / ``too noisy (2.1x–5.3x slower)``."""
+def format_speed(r: Ratio, *, emphasis: bool = False) -> str:
+    """``r`` = baseline time / candidate time: ``2.10x faster (95 %: 1.98–2.23)``, ``1.30x
+    slower (95 %: ...)`` (the interval in the unit of the figure), or by :attr:`Ratio.verdict`
+    ``same within noise`` / ``too noisy (2.1x–5.3x slower)``.
+
+    ``emphasis`` sets a figure faster than the baseline in Markdown bold."""
     verdict = r.verdict
     if verdict == "within noise":
         return "same within noise"
@@ -230,7 +233,15 @@ def format_speed(r: Ratio) -> str:
             return f"too noisy ({_times(1.0 / r.low)} slower to {_times(r.high)} faster)"
         low, high = (r.low, r.high) if faster else (1.0 / r.high, 1.0 / r.low)
         return f"too noisy ({_times(low)}–{_times(high)} {word})"
-    return f"{r.value if faster else 1.0 / r.value:.2f}x {word}"
+    value = r.value if faster else 1.0 / r.value
+    figure = f"{_times(value)} {word}"
+    if emphasis and faster:
+        figure = f"**{figure}**"
+    if verdict == "spread unknown":
+        return figure
+    low, high = (r.low, r.high) if faster else (1.0 / r.high, 1.0 / r.low)
+    digits = 2 if value < 10 else 0
+    return f"{figure} (95 %: {low:.{digits}f}–{high:.{digits}f})"
 
 
 def format_time(d: Mapping[str, Any]) -> str:
@@ -249,8 +260,38 @@ def ratio_from(d: Mapping[str, Any]) -> Ratio:
 
 
 def format_mib(b: int | None) -> str:
-    """Bytes as MiB with one decimal; ``n/a`` when unknown."""
-    return "n/a" if b is None else f"{b / 2**20:.1f}"
+    """Bytes as MiB: one decimal from 10 MiB, three significant digits below (``0.38``), ``<
+    0.01`` for less than 10 KiB and ``0`` for nothing; ``n/a`` when unknown. A small figure never
+    reads as ``0.0`` beside an overhead computed from it."""
+    if b is None:
+        return "n/a"
+    mib = b / 2**20
+    if mib >= 10:
+        return f"{mib:.1f}"
+    if mib >= 0.01:
+        return f"{mib:.3g}"
+    return "< 0.01" if b > 0 else "0"
+
+
+def format_rate(gbps: float) -> str:
+    """A bandwidth given in GB/s, with an SI prefix and four significant digits: ``4.8 TB/s``,
+    ``312.5 GB/s``, ``43.81 kB/s`` (no exponent notation)."""
+    rate = gbps * 1e9
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(rate) >= scale:
+            return f"{rate / scale:.4g} {prefix}B/s"
+    return f"{rate:.4g} B/s"
+
+
+def format_fraction(x: float) -> str:
+    """A fraction as a percentage: ``87 %``, ``4.2 %``, ``< 0.1 %`` (never ``0 %`` for
+    something)."""
+    pct = 100.0 * x
+    if pct >= 10:
+        return f"{pct:.0f} %"
+    if pct >= 0.1:
+        return f"{pct:.1f} %"
+    return "< 0.1 %" if pct > 0 else "0 %"
 
 
 def format_flops(gflops: float) -> str:

@@ -435,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if not 0 <= cfg.first_seed <= 2**32 - cfg.seeds:
+        parser.error(
+            f"--first-seed must be in [0, 2**32 - --seeds] = [0, {2**32 - cfg.seeds}], got "
+            f"{cfg.first_seed}"
+        )
     try:  # a GA that cannot take this width fails here, before anything runs
         variants = build_variants(
             cfg.first_seed,
@@ -446,14 +451,22 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, TypeError) as e:
         parser.error(f"--ga {cfg.ga} with --channels {cfg.channels}: {e}")
+    except (RuntimeError, MemoryError) as e:  # e.g. an allocation refused
+        parser.error(f"--channels {cfg.channels}: the models cannot be built ({first_line(e)})")
     # one training-mode forward of a zero batch per variant (BatchNorm needs more than one
     # value per channel at the LD's coarsest stage): a size that cannot train fails now
-    probe = torch.zeros(cfg.batch_size, 3, cfg.size, cfg.size)
+    try:
+        probe = torch.zeros(cfg.batch_size, 3, cfg.size, cfg.size)
+    except (RuntimeError, MemoryError) as e:
+        parser.error(
+            f"--size {cfg.size} with --batch-size {cfg.batch_size}: one batch of images cannot "
+            f"be allocated ({first_line(e)})"
+        )
     for name, model in variants.items():
         try:
             with torch.no_grad():
                 model.train()(probe)
-        except (ValueError, RuntimeError) as e:
+        except (ValueError, RuntimeError, MemoryError) as e:
             why = first_line(e)
             parser.error(
                 f"--size {cfg.size} with --batch-size {cfg.batch_size}: the {name} variant "

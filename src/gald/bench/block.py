@@ -236,7 +236,11 @@ def _safe_ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _fmt_duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 2 * 3600:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
 
 
 def _overhead(d: dict[str, Any]) -> str:

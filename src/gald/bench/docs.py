@@ -63,13 +63,7 @@ def _overhead(d: dict[str, Any]) -> str:
 
 
 def _speed(d: dict[str, Any]) -> str:
-    if ratio_from(d).verdict in ("within noise", "too noisy"):
-        return format_speed(ratio_from(d))
-    r, low, high = d["ratio"], d["ratio_low"], d["ratio_high"]
-    if r < 1 and low is not None:  # the interval in the unit of the figure: times slower
-        low, high = 1 / high, 1 / low
-    half = "" if low is None else f" (95 %: {low:.2f}–{high:.2f})"
-    return (f"**{r:.2f}x faster**" if r >= 1 else f"{1 / r:.2f}x slower") + half
+    return format_speed(ratio_from(d), emphasis=True)
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -590,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
         help="write nothing; exit with status 1 if a block differs from its data",
     )
     args = parser.parse_args(argv)
+    if missing := [f for f in args.files if not Path(f).is_file()]:
+        hint = (
+            "; run it from the repository root (where README.md and docs/ are) or pass the files"
+            if args.files == list(DEFAULT_FILES)
+            else ""
+        )
+        parser.error(f"no such file: {', '.join(missing)} (in {Path.cwd()}){hint}")
     res = None
     try:
         if args.results is not None:
