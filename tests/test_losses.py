@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -210,3 +212,20 @@ def test_half_logits_are_mined_in_float32(dtype: torch.dtype) -> None:
     loss.backward()
     assert logits.grad is not None and logits.grad.dtype == dtype
     assert torch.isfinite(logits.grad.float()).all() and logits.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16])
+def test_any_integer_target_dtype_gives_the_int64_loss(dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=gen)
+    target = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    loss = OhemCrossEntropy(min_kept=4)
+    torch.testing.assert_close(loss(logits, target.to(dtype)), loss(logits, target))
+
+
+def test_a_loss_without_kept_pixels_is_plus_zero() -> None:
+    logits = torch.randn(1, 3, 2, 2, requires_grad=True)
+    out = OhemCrossEntropy(ignore_index=1)(logits, torch.ones(1, 2, 2, dtype=torch.long))
+    assert out.item() == 0.0 and math.copysign(1.0, out.item()) == 1.0
+    out.backward()
+    assert logits.grad is not None and not logits.grad.any()

@@ -322,3 +322,18 @@ def test_flags_are_restored_when_the_model_raises() -> None:
     with pytest.raises(RuntimeError, match="boom"):
         slide_inference(model, torch.randn(1, 3, 9, 9), crop_size=8, stride=4, num_classes=K)
     assert model.training and model[0].training
+
+
+@pytest.mark.parametrize(
+    ("output", "exc", "pattern"),
+    [
+        (lambda t: torch.zeros(1, K, 8, 8), ValueError, r"logits for 1 images .* crop batch of 2"),
+        (lambda t: torch.zeros(3, K, 8, 8), ValueError, r"logits for 3 images .* crop batch of 2"),
+        (lambda t: torch.zeros(2, 8, 8), ValueError, r"got a 3-D tensor of shape \(2, 8, 8\)"),
+        (lambda t: [], TypeError, r"got an empty list"),
+    ],
+)
+def test_a_model_output_of_the_wrong_batch_or_rank_is_named(output, exc, pattern) -> None:
+    """One row of logits for two images used to be broadcast over both, silently."""
+    with pytest.raises(exc, match=pattern):
+        slide_inference(output, torch.randn(2, 3, 10, 10), crop_size=8, stride=4, num_classes=K)

@@ -96,8 +96,10 @@ class OhemCrossEntropy(nn.Module):
             raise ValueError(f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
             raise TypeError(f"logits must have a floating dtype, got {logits.dtype}")
-        if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-            raise TypeError(f"target must hold integer labels, got {target.dtype}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(
+                f"target must hold integer labels (any integer dtype), got {target.dtype}"
+            )
         expected = (logits.shape[0], *logits.shape[2:])
         if tuple(target.shape) != tuple(expected):
             raise ValueError(
@@ -139,5 +141,6 @@ class OhemCrossEntropy(nn.Module):
         else:
             w = kept.to(logp_t.dtype)
         denom = w.sum()
-        loss = -(logp_t * w).sum() / denom.clamp_min(torch.finfo(logp_t.dtype).tiny)
+        # (-logp) * w, not -(logp * w): a loss without kept pixels is +0, not -0
+        loss = (logp_t.neg() * w).sum() / denom.clamp_min(torch.finfo(logp_t.dtype).tiny)
         return loss.to(logits.dtype)

@@ -37,20 +37,29 @@ def _starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(count)]
 
 
-def _logits(output: object, num_classes: int, crop: tuple[int, int]) -> torch.Tensor:
+_OUTPUTS = (
+    "the model must return logits (B, num_classes, h, w), a dict with 'out' or a list/tuple "
+    "whose first item is the logits"
+)
+
+
+def _logits(output: object, num_classes: int, crop: tuple[int, int], batch: int) -> torch.Tensor:
     if isinstance(output, Mapping):
         if "out" not in output:
-            raise TypeError(
-                "the model must return logits (B, num_classes, h, w), a dict with 'out' or a "
-                f"list/tuple whose first item is the logits, got a dict with keys {list(output)}"
-            )
+            raise TypeError(f"{_OUTPUTS}, got a dict with keys {list(output)}")
         output = output["out"]
     elif isinstance(output, (list, tuple)):
+        if not output:
+            raise TypeError(f"{_OUTPUTS}, got an empty {type(output).__name__}")
         output = output[0]
-    if not isinstance(output, torch.Tensor) or output.ndim != 4:
-        raise TypeError(
-            "the model must return logits (B, num_classes, h, w), a dict with 'out' or a "
-            f"list/tuple whose first item is the logits, got {type(output).__name__}"
+    if not isinstance(output, torch.Tensor):
+        raise TypeError(f"{_OUTPUTS}, got {type(output).__name__}")
+    if output.ndim != 4:
+        raise ValueError(f"{_OUTPUTS}, got a {output.ndim}-D tensor of shape {tuple(output.shape)}")
+    if output.shape[0] != batch:
+        raise ValueError(
+            f"the model returned logits for {output.shape[0]} images (shape "
+            f"{tuple(output.shape)}) from a crop batch of {batch}"
         )
     if output.shape[1] != num_classes:
         raise ValueError(
@@ -79,9 +88,9 @@ def _slide(
             tile = images[:, :, y : y + h, x : x + w]
             if (h, w) != crop:  # only when the image is smaller than the crop
                 tile = F.pad(tile, (0, crop[1] - w, 0, crop[0] - h))
-            logits = _logits(model(tile), num_classes, crop)
+            logits = _logits(model(tile), num_classes, crop, batch)
             if flip:
-                flipped = _logits(model(tile.flip(-1)), num_classes, crop).flip(-1)
+                flipped = _logits(model(tile.flip(-1)), num_classes, crop, batch).flip(-1)
                 logits = (logits + flipped) / 2
             if total is None:
                 total = logits.new_zeros(
