@@ -185,3 +185,28 @@ def test_fuse_argument_errors():
         fuse(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"inplace must be a bool, got int"):
         fuse(nn.Identity(), inplace=1)  # type: ignore[arg-type]
+
+
+def test_a_conv_whose_weight_is_tied_to_another_is_left_alone() -> None:
+    """Tied weights: scaling the folded conv's weight would rescale the other conv too."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+            self.b = nn.Conv2d(4, 4, 3, padding=1)
+            self.b.weight = self.a[0].weight
+            self.c = nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))  # not tied: folded
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.a(x) + self.b(x))
+
+    torch.manual_seed(0)
+    model = Tied().eval()
+    for bn in (model.a[1], model.c[1]):
+        bn.running_var.uniform_(2.0, 4.0)
+        bn.running_mean.normal_()
+    x = torch.randn(2, 4, 7, 7)
+    fused = gald.fuse(model)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(fused.a[1], nn.BatchNorm2d) and isinstance(fused.c[1], nn.Identity)

@@ -329,11 +329,14 @@ def test_branch_with_forward_hooks_gets_correct_gradients(checkpointing: bool) -
     _assert_same(got, want)
 
 
+@pytest.mark.parametrize("final_act", [False, True])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_stochastic_activation_gets_correct_gradients(checkpointing: bool) -> None:
+def test_stochastic_activation_gets_correct_gradients(checkpointing: bool, final_act: bool) -> None:
     # nn.RReLU in train mode draws a random slope per element: the backward must use the
-    # slopes of the forward (with checkpointing, the recomputation must draw the same ones)
-    ld = _randomise(gald.LocalDistribution(4, act_layer=nn.RReLU, final_act=False)).double()
+    # slopes of the forward (with checkpointing, the recomputation must draw the same ones).
+    # As the branch's last op (final_act=True) its noise is filled after being saved, which
+    # checkpointing's early stop would leave unfilled
+    ld = _randomise(gald.LocalDistribution(4, act_layer=nn.RReLU, final_act=final_act)).double()
     ld.train().set_grad_checkpointing(checkpointing)
     x = torch.randn(2, 4, 17, 15, dtype=torch.float64)
     g = torch.randn_like(x)
@@ -368,3 +371,25 @@ def test_torch_func_grad_matches_autograd() -> None:
     xr = x.clone().requires_grad_()
     ld(xr).sum().backward()
     torch.testing.assert_close(grad(lambda t: ld(t).sum())(x), xr.grad)
+
+
+@pytest.mark.parametrize("offset", [2.0, 0.0])
+def test_blend_is_the_linear_blend_with_its_gradients(offset: float) -> None:
+    """``ld(x, blend=a) == x + a * (ld(x) - x)`` in float64, values and gradients (x, a and the
+    branch's parameters); ``a = 0`` gives ``x`` bit for bit."""
+    ld = _randomise(gald.LocalDistribution(4, offset=offset)).double().train()
+    x = torch.randn(2, 4, 13, 11, dtype=torch.float64)
+    a = torch.randn(1, 4, 1, 1, dtype=torch.float64)
+    g = torch.randn_like(x)
+    got_x, got_a = x.clone().requires_grad_(), a.clone().requires_grad_()
+    ld(got_x, blend=got_a).backward(g)
+    got_params = [p.grad.clone() for p in ld.parameters()]
+    ld.zero_grad()
+    want_x, want_a = x.clone().requires_grad_(), a.clone().requires_grad_()
+    (want_x + want_a * (ld(want_x) - want_x)).backward(g)
+    torch.testing.assert_close(got_x.grad, want_x.grad)
+    torch.testing.assert_close(got_a.grad, want_a.grad)
+    for p, want in zip(ld.parameters(), got_params):
+        torch.testing.assert_close(want, p.grad)
+    with torch.no_grad():
+        assert torch.equal(ld.eval()(x, blend=torch.zeros_like(a)), x)

@@ -123,6 +123,18 @@ def test_identity_init_equals_original() -> None:
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
+def test_identity_init_is_exact_where_the_ld_output_overflows_in_half_precision() -> None:
+    conv = nn.Conv2d(4, 4, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.eye(4).view(4, 4, 1, 1))
+    conv = conv.half().eval()
+    block = gald.GALD(4, conv, init="identity").eval()
+    x = torch.full((1, 4, 8, 8), 30000.0, dtype=torch.float16)  # 3 * 30000 overflows float16
+    with torch.no_grad():
+        assert torch.isinf(block.ld(conv(x))).all()
+        torch.testing.assert_close(block(x), conv(x), rtol=0, atol=0)
+
+
 def test_identity_init_learns_the_ld() -> None:
     block = gald.GALD(8, nn.Conv2d(8, 8, 3, padding=1), init="identity").train()
     opt = torch.optim.SGD(block.parameters(), lr=0.1)

@@ -4,6 +4,11 @@
 training mode would update its running statistics (and ``num_batches_tracked``) again there.
 :func:`checkpoint_once` restores the buffers around the recomputation, so a checkpointed step
 leaves them as an ordinary step does. Used by the LD branch and the ResNet blocks.
+
+The recomputation runs the whole module (``set_checkpoint_early_stop(False)``): with early
+stopping, PyTorch ends it as soon as every saved tensor has been produced, which leaves a tensor
+that an op saves first and fills afterwards unfilled (``nn.RReLU``'s noise when it is the
+module's last op: its gradients were wrong by orders of magnitude).
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 
 
 class _BuffersKept:
@@ -43,9 +48,10 @@ def checkpoint_once(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         # the compiler plans the recomputation and applies buffer updates once. It accepts no
         # context_fn.
         return checkpoint(module, x, use_reentrant=False)
-    return checkpoint(
-        module,
-        x,
-        use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _BuffersKept(module)),
-    )
+    with set_checkpoint_early_stop(False):
+        return checkpoint(
+            module,
+            x,
+            use_reentrant=False,
+            context_fn=lambda: (contextlib.nullcontext(), _BuffersKept(module)),
+        )

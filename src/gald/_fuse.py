@@ -95,13 +95,22 @@ def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
 
 
 def _shared_convs(module: nn.Module) -> set[int]:
-    """ids of the convs that appear more than once in ``module`` (folding one would change the
-    other use)."""
+    """ids of the convs that appear more than once in ``module``, or whose weight or bias is
+    also another module's (tied weights): folding into one would change the other use."""
     seen: dict[int, int] = {}
+    owners: dict[int, set[int]] = {}  # parameter id -> ids of the modules holding it
+    convs: dict[int, nn.Module] = {}
     for _, sub in module.named_modules(remove_duplicate=False):
+        for p in sub.parameters(recurse=False):
+            owners.setdefault(id(p), set()).add(id(sub))
         if isinstance(sub, _CONVS):
             seen[id(sub)] = seen.get(id(sub), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
+            convs[id(sub)] = sub
+    shared = {k for k, n in seen.items() if n > 1}
+    for k, conv in convs.items():
+        if any(len(owners[id(p)]) > 1 for p in conv.parameters(recurse=False)):
+            shared.add(k)
+    return shared
 
 
 def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
@@ -161,7 +170,8 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     activation, or a norm first in a ``Sequential``), one inside a module's forward code that
     does not declare it (a ``Sequential`` subclass with its own ``forward`` included: it may
     call its children in another order, or add a residual before the norm), a BatchNorm in training mode or without running statistics, and any
-    norm of a conv used at two places in the model (folding it would change the other use).
+    norm of a conv used at two places in the model, or whose weight is tied to another module's
+    (folding it would change the other use).
     Other norms (``GroupNorm``, ``LayerNorm``, ``FrozenBatchNorm2d``) are never touched.
 
     Args:

@@ -350,7 +350,9 @@ class GALD(nn.Module):
         \mathrm{out} = y + \alpha \odot \big(y \odot (\mathrm{offset} + M(y)) - y\big),
         \qquad y = \mathrm{GA}(x),
 
-    with a per-channel ``alpha`` initialised to zero (``torch.lerp``). The GA then runs at the
+    with a per-channel ``alpha`` initialised to zero, computed as
+    ``y + (alpha * y) * (offset - 1 + M(y))`` so that it is exactly ``y`` while ``alpha`` is
+    zero, in half precision too (see :meth:`gald.LocalDistribution.forward`). The GA then runs at the
     resolution it was trained at (``downsample`` must be ``False``; a stride-2 conv cannot start
     as the identity). For training from scratch, as in the paper, keep ``init="default"``.
 
@@ -598,7 +600,8 @@ class GALD(nn.Module):
             self._check_ga_output(y, tuple(x.shape[-2:]))
         if self.ld is None:
             return y
-        out = self.ld(y)
-        if self.alpha is not None:
-            out = torch.lerp(y, out, self.alpha.view(1, -1, 1, 1).to(y.dtype))
-        return out
+        if self.alpha is None:
+            return self.ld(y)
+        # y + alpha * (LD(y) - y), exactly y where alpha is 0 (also where LD(y) would overflow
+        # in half precision: a lerp would give y + 0 * inf = nan there)
+        return self.ld(y, blend=self.alpha.view(1, -1, 1, 1))

@@ -188,5 +188,14 @@ class LocalDistribution(nn.Module):
             F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ld_modulate(x, self.logits(x), self.offset, impl=self.impl)
+    def forward(self, x: torch.Tensor, blend: torch.Tensor | None = None) -> torch.Tensor:
+        """``x * (offset + M(x))``; with ``blend`` (a tensor broadcastable to ``x``, e.g. a
+        per-channel ``(1, C, 1, 1)`` weight), ``x + blend * (x * (offset + M(x)) - x)``,
+        computed as ``x + (blend * x) * (offset - 1 + M(x))`` so that ``blend = 0`` gives ``x``
+        exactly, also where ``x * (offset + M)`` would overflow in half precision (the blend
+        :class:`~gald.GALD` uses for ``init="identity"``)."""
+        logits = self.logits(x)
+        if blend is None:
+            return ld_modulate(x, logits, self.offset, impl=self.impl)
+        scaled = blend.to(x.dtype) * x
+        return x + ld_modulate(scaled, logits, self.offset - 1.0, impl=self.impl)
