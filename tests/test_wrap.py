@@ -750,3 +750,72 @@ def test_a_module_refusing_every_probe_keeps_min_size_one() -> None:
             raise RuntimeError("runs on another device only")
 
     assert gald.GALD(3, Refuses(), out_channels=3, ld=False).min_size == 1
+
+
+def test_a_module_reached_but_not_registered_at_the_path_names_its_path() -> None:
+    class Ctx(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    class ByProperty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Conv2d(3, 8, 1), Ctx()])
+
+        @property
+        def ctx(self) -> nn.Module:
+            return self.layers[1]
+
+    model = ByProperty()
+    with pytest.raises(KeyError, match=r"through the attribute 'ctx'.*registered at 'layers.1'"):
+        gald.wrap(model, "ctx")
+    assert isinstance(model.layers[1], Ctx)
+    compiled = torch.compile(nn.Sequential(nn.Conv2d(3, 8, 1), Ctx()), backend="eager")
+    with pytest.raises(KeyError, match=r"registered at '_orig_mod.1'"):
+        gald.wrap(compiled, "1")
+    gald.wrap(compiled, "_orig_mod.1")
+    assert isinstance(compiled._orig_mod[1], gald.GALD)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"num_stages": 0}, {"offset": float("nan")}, {"kernel_size": 0}, {"final_act": 1}],
+)
+def test_bad_ld_arguments_are_refused_before_the_module_runs(bad: dict) -> None:
+    class Counts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 1)
+            self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.conv(x)
+
+    model = nn.Sequential(Counts())
+    with pytest.raises((ValueError, TypeError), match=next(iter(bad))):
+        gald.wrap(model, "0", **bad)
+    assert model[0].calls.item() == 0 and isinstance(model[0], Counts)
+
+
+def test_the_small_input_advice_names_what_sets_the_limit() -> None:
+    class NeedsThree(nn.Module):  # takes sides >= 3 (reflect padding), keeps them
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(8, 8, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(nn.functional.pad(x, (2, 2, 2, 2), mode="reflect"))
+
+    block = gald.GALD(8, NeedsThree(), padding=0).eval()  # the LD's padding-0 branch binds
+    assert block.min_size == block.ld.min_size == 15
+    with pytest.raises(ValueError, match=r"use padding=1"):
+        block(torch.randn(1, 8, 14, 14))
+    block = gald.GALD(8, NeedsThree(), padding=1, ld=False).eval()  # the module binds
+    assert block.min_size == 5
+    with pytest.raises(ValueError, match=r"NeedsThree refused inputs smaller than 3x3"):
+        block(torch.randn(1, 8, 4, 4))

@@ -35,7 +35,22 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module, st
         # every registered child, a shared one too (named_children() lists each module once)
         children = {k: v for k, v in parent._modules.items() if v is not None}
         if part not in children:
-            if hasattr(parent, part):
+            found = getattr(parent, part, None)
+            if isinstance(found, nn.Module):
+                # a property, or an attribute a wrapper (torch.compile's) forwards: the module
+                # lives elsewhere; replacing it here would not change the model
+                paths = [n for n, m in model.named_modules(remove_duplicate=False) if m is found]
+                hint = (
+                    f"; it is registered at {', '.join(repr(p) for p in paths)}: wrap that path"
+                    if paths
+                    else ""
+                )
+                raise KeyError(
+                    f"{name!r}: {where} ({type(parent).__name__}) reaches a "
+                    f"{type(found).__name__} through the attribute {part!r}, which is not a "
+                    f"registered submodule{hint}"
+                )
+            if found is not None or hasattr(parent, part):
                 raise ValueError(
                     f"{'.'.join(parts[: depth + 1])!r} leads to a "
                     f"{type(getattr(parent, part)).__name__}, not an nn.Module"
@@ -94,10 +109,14 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
             ``offset``, ``norm_layer``, ...).
 
     Returns:
-        ``model`` itself. If anything fails, ``model`` is left unchanged.
+        ``model`` itself. If anything fails, ``model`` is left unchanged: arguments are checked
+        before the dry run runs the module; a failure the dry run itself finds (a width that
+        does not match) comes after it, so what the module's forward does in eval mode
+        (hooks, lazy submodules taking their shapes) has happened once more.
 
     Raises:
-        KeyError: no submodule at ``name``.
+        KeyError: no submodule registered at ``name`` (a module reached through a property
+            or a wrapper's attribute names the path where it is registered).
         ValueError: ``name`` is malformed or leads to something that is not an ``nn.Module``,
             to a module registered at another path too (shared), or the channels cannot be
             inferred or do not match the module.

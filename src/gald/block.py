@@ -449,6 +449,15 @@ class GALD(nn.Module):
         given += ["impl"] if impl != "auto" else []
         if not ld and given:
             raise ValueError(f"LD arguments {given} given with ld=False")
+        # the LD's own arguments, checked before the dry run runs a module instance (a failed
+        # call must not have run the user's module); LocalDistribution checks them the same way
+        if num_stages is not None:
+            check_positive_int(num_stages, "num_stages")
+        if kernel_size is not None:
+            check_positive_int(kernel_size, "kernel_size")
+        if final_act is not None:
+            check_bool(final_act, "final_act")
+        self.offset = 2.0 if offset is None else check_float(offset, "offset")
         self.downsample: bool = downsample
         self.init = init
         self.impl = impl
@@ -481,7 +490,7 @@ class GALD(nn.Module):
             )
             # the smallest input whose stride-2 down stage still gives the GA its minimum side
             min_size = max(1, 2 * (min_size - 1) + 3 - 2 * self.padding)
-        self.offset = 2.0 if offset is None else check_float(offset, "offset")
+        ga_block_min = min_size  # what the GA (through the downsample) needs
         self.ld: LocalDistribution | None = None
         self.alpha: nn.Parameter | None = None
         if ld:
@@ -506,8 +515,9 @@ class GALD(nn.Module):
         remedy = PADDING_REMEDY if self.padding == 0 else None
         if self.ld is not None:
             remedy = self.ld._small_input_remedy
-        self._small_input_remedy: str | None = remedy if ga_min == 1 else None
-        if found_min:
+        ld_binds = self.ld is not None and self.ld.min_size > ga_block_min
+        self._small_input_remedy: str | None = remedy if ga_min == 1 or ld_binds else None
+        if found_min and not ld_binds:
             self._small_input_remedy = (
                 f"the wrapped {_label(self.ga)} refused inputs smaller than {ga_min}x{ga_min} "
                 "in a dry run at construction, and runs on the output of the stride-2 downsample"
