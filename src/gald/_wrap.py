@@ -50,10 +50,10 @@ def _resolve(model: nn.Module, name: str) -> tuple[nn.Module, str, nn.Module, st
                     f"{type(found).__name__} through the attribute {part!r}, which is not a "
                     f"registered submodule{hint}"
                 )
-            if found is not None or hasattr(parent, part):
+            if hasattr(parent, part):
                 raise ValueError(
-                    f"{'.'.join(parts[: depth + 1])!r} leads to a "
-                    f"{type(getattr(parent, part)).__name__}, not an nn.Module"
+                    f"{'.'.join(parts[: depth + 1])!r} leads to a {type(found).__name__}, not "
+                    "an nn.Module"
                 )
             raise KeyError(
                 f"{name!r}: {where} ({type(parent).__name__}) has no submodule {part!r}; its "

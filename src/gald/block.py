@@ -69,6 +69,15 @@ def _first_tensor(module: nn.Module) -> torch.Tensor | None:
     return ref if ref is not None else next(iter(module.buffers()), None)
 
 
+def _probe_setting(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of the dry run's inputs: those of the module's first parameter or
+    buffer (float32 for an integer one), the CPU and float32 for a module without any."""
+    ref = _first_tensor(module)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return device, dtype
+
+
 class _ProbesRefused(ValueError):
     """A module refused every input of :func:`_infer_out_channels`'s dry run."""
 
@@ -93,9 +102,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
         ValueError: the module returns a tensor that is not 4-D, or changes the height and
             width of every probe it accepts.
     """
-    ref = _first_tensor(module)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device, dtype = _probe_setting(module)
     errors: list[str] = []
     changed: list[str] = []
     with eval_mode(module), torch.no_grad():
@@ -180,9 +187,7 @@ def _smallest_side(module: nn.Module, in_channels: int, runs_at: int) -> int:
     tried in turn (eval mode, no gradients, as in the dry run) up to 16 or ``runs_at``. Above
     16 the answer is a lower bound (17): no side below it works, so an input refused for being
     smaller than it is one the module would refuse too. The usual case costs one 1x1 probe."""
-    ref = _first_tensor(module)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device, dtype = _probe_setting(module)
     last = min(runs_at, 17)
     with eval_mode(module), torch.no_grad():
         for side in range(1, last):
@@ -516,14 +521,16 @@ class GALD(nn.Module):
         if self.ld is not None:
             remedy = self.ld._small_input_remedy
         ld_binds = self.ld is not None and self.ld.min_size > ga_block_min
-        self._small_input_remedy: str | None = remedy if ga_min == 1 or ld_binds else None
-        if found_min and not ld_binds:
+        self._small_input_remedy: str | None = None  # a minimum the GA declares: no advice
+        if ga_min == 1 or ld_binds:
+            self._small_input_remedy = remedy
+        elif found_min:
+            through = (
+                ", and runs on the output of the stride-2 downsample" if self.downsample else ""
+            )
             self._small_input_remedy = (
                 f"the wrapped {_label(self.ga)} refused inputs smaller than {ga_min}x{ga_min} "
-                "in a dry run at construction, and runs on the output of the stride-2 downsample"
-                if self.downsample
-                else f"the wrapped {_label(self.ga)} refused inputs smaller than "
-                f"{ga_min}x{ga_min} in a dry run at construction"
+                f"in a dry run at construction{through}"
             )
         self.register_load_state_dict_pre_hook(_read_unwrapped_keys)
 

@@ -49,7 +49,7 @@ def input_problem(
     numel = 1
     for n in shape:
         numel *= n
-    size = numel * torch.empty((), dtype=dtype).element_size()
+    size = numel * dtype.itemsize
     gib = f"{size / 2**30:,.0f} GiB" if size >= 10 * 2**30 else f"{size / 2**30:.3g} GiB"
     if numel >= 2**63:
         return f"it has {numel:,} elements, more than a tensor can index"

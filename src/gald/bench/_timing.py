@@ -273,14 +273,21 @@ def format_mib(b: int | None) -> str:
     return "< 0.01" if b > 0 else "0"
 
 
+def _si(value: float, unit: str, largest: str) -> str:
+    """``value`` with the largest SI prefix up to ``largest`` that keeps it at 1 or more, four
+    significant digits and ``unit``: ``_si(5.461e7, "", "G") == "54.61 M"`` (no exponent
+    notation; no prefix below 1000)."""
+    prefixes = [("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)]
+    for prefix, scale in prefixes[[p for p, _ in prefixes].index(largest) :]:
+        if abs(value) >= scale:
+            return f"{value / scale:.4g} {prefix}{unit}"
+    return f"{value:.4g}" + (f" {unit}" if unit else "")
+
+
 def format_rate(gbps: float) -> str:
     """A bandwidth given in GB/s, with an SI prefix and four significant digits: ``4.8 TB/s``,
     ``312.5 GB/s``, ``43.81 kB/s`` (no exponent notation)."""
-    rate = gbps * 1e9
-    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(rate) >= scale:
-            return f"{rate / scale:.4g} {prefix}B/s"
-    return f"{rate:.4g} B/s"
+    return _si(gbps * 1e9, "B/s", "T")
 
 
 def format_fraction(x: float) -> str:
@@ -297,11 +304,7 @@ def format_fraction(x: float) -> str:
 def format_flops(gflops: float) -> str:
     """A FLOP count given in GFLOPs, with an SI prefix and four significant digits:
     ``41.72 G``, ``54.61 M``, ``98.88 k`` (no exponent notation at small shapes)."""
-    flops = gflops * 1e9
-    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(flops) >= scale:
-            return f"{flops / scale:.4g} {prefix}"
-    return f"{flops:.4g}"
+    return _si(gflops * 1e9, "", "G")
 
 
 def format_pct(r: float | None) -> str:
