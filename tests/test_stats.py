@@ -190,7 +190,8 @@ def test_ld_called_with_a_keyword_argument() -> None:
             self.ld = _randomise(gald.LocalDistribution(3), 8)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.ld(x=x)
+            # keywords in another order than the signature's: the gate is still x's
+            return self.ld(blend=torch.full((1, 3, 1, 1), 0.5), x=x)
 
     model = Wrapper()
     xs = [torch.randn(2, 3, 12, 12)]
@@ -269,6 +270,14 @@ def test_uncalled_ld_reported_as_not_called() -> None:
     assert math.isnan(s["unused"].mean)
     assert "not called" in str(s)
     assert isinstance(s, LDStatistics) and isinstance(s["used"], GateStats)
+    assert s["used"].calls == 1 and s["unused"].calls == 0
+
+
+def test_ld_that_saw_only_empty_batches_is_not_reported_as_uncalled() -> None:
+    ld = gald.LocalDistribution(2)
+    s = gald.ld_statistics(ld, [torch.randn(0, 2, 8, 8), torch.randn(0, 2, 5, 5)])
+    assert s[""].samples == 0 and s[""].calls == 2
+    assert "2 empty batches" in str(s) and "not called" not in str(s)
 
 
 def test_batches_join_the_model_dtype() -> None:

@@ -578,6 +578,54 @@ class ScalesItsInput(SqueezeExcitation):
         return super().forward(x)
 
 
+class ScalesItsInputInTraining(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                x.mul_(2.0)  # hidden from autograd, not from the caller
+        return super().forward(x)
+
+
+class Float64UnderAutocast(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y.double() if torch.is_autocast_enabled("cpu") else y
+
+
+class ViewsAsContiguous(SqueezeExcitation):
+    """The usual non-local flattening with .view: fails on a cropped input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return super().forward(x.view(b, c, h * w).softmax(-1).view(b, c, h, w))
+
+
+class CachesOnFirstCall(SqueezeExcitation):
+    """Builds a positional ramp on the default device the first time it runs."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.ramp: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ramp is None:
+            self.ramp = torch.linspace(0.5, 1.5, x.shape[-1])  # no device=x.device
+        return super().forward(x) * self.ramp[: x.shape[-1]]
+
+
+class HalvesEvenMaps(SqueezeExcitation):
+    """A fast path taken only when both sides are even, with the wrong output size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return F.avg_pool2d(y, 2) if x.shape[-1] % 2 == 0 and x.shape[-2] % 2 == 0 else y
+
+
+class NoisyInEval(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + 1e-2 * torch.randn_like(x)
+
+
 def test_a_lazy_layer_is_initialised_before_the_checks() -> None:
     assert check_ga(LazySE, channels=C, compile=False) == [p for p in PROPERTIES if p != "compile"]
 
@@ -596,6 +644,20 @@ def test_a_lazy_layer_is_initialised_before_the_checks() -> None:
             r"a fresh module loaded with the state_dict differs",
         ),
         (ScalesItsInput, "shapes", r"the eval-mode forward modified its input in place"),
+        (
+            ScalesItsInputInTraining,
+            "shapes",
+            r"the train-mode forward modified its input in place \(max abs change [\d.e+-]+\)",
+        ),
+        (
+            Float64UnderAutocast,
+            "autocast",
+            r"torch.bfloat16 autocast output is torch.float64 on cpu, expected",
+        ),
+        (ViewsAsContiguous, "memory_format", r"non-contiguous forward raised RuntimeError: view"),
+        (CachesOnFirstCall, "device", r"forward under torch.device\('meta'\) raised"),
+        (HalvesEvenMaps, "shapes", r"output shape \(0, 8, 3, 4\), expected \(0, 8, 6, 8\)"),
+        (NoisyInEval, "batch_independence", r"two eval-mode forwards of the same batch differ by"),
     ],
 )
 def test_more_broken_layers_fail_on_their_property(cls, prop: str, measured: str) -> None:

@@ -55,6 +55,9 @@ class GateStats:
         offset, final_act: the LD's settings.
         samples: number of samples seen.
         channels: number of channels.
+        calls: number of forward calls of the LD seen (empty batches included), so that
+            ``samples == 0`` tells an LD never called (``calls == 0``) from one that only saw
+            empty batches.
         channel_mean: the mean gate of every channel (length ``channels``), the constant
             per-channel scale an LD with a flat gate amounts to.
         low_included: whether ``low`` itself can occur (``[low, high)`` or ``(low, high)``).
@@ -76,6 +79,7 @@ class GateStats:
     channels: int
     channel_mean: tuple[float, ...] = ()
     low_included: bool = True
+    calls: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Every field as a plain ``dict`` (for JSON)."""
@@ -108,7 +112,8 @@ class LDStatistics(dict[str, GateStats]):
         for name, s in self.items():
             rng = gate_range_text(s.low, s.high, s.low_included)
             if s.samples == 0:
-                rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), "0 (not called)"])
+                why = "0 (not called)" if s.calls == 0 else f"0 ({s.calls} empty batches)"
+                rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), why])
                 continue
             values = [fmt.format(getattr(s, attr)) for _, attr, fmt in _COLUMNS]
             rows.append([name or "<model>", rng, *values, str(s.samples)])
@@ -177,6 +182,7 @@ class _GateAccumulator:
         self.pairs = 0
         self.far = 0
         self.positions = 0
+        self.calls = 0
 
     def state_numel(self) -> int:
         """Number of stored scalars (for checking that nothing grows with the batch count)."""
@@ -190,6 +196,7 @@ class _GateAccumulator:
 
     def update(self, gate: torch.Tensor) -> None:
         """Add one (B, C, H, W) gate (float64)."""
+        self.calls += 1
         if gate.numel() == 0:
             return
         self.per_channel.update(gate, dim=(0, 2, 3))
@@ -225,6 +232,7 @@ class _GateAccumulator:
                 0,
                 0,
                 low_included=self.low_included,
+                calls=self.calls,
             )
         channels = pc.mean.numel()
         # overall moments from the per-channel ones (every channel has the same count)
@@ -255,6 +263,7 @@ class _GateAccumulator:
             channels=channels,
             channel_mean=tuple(mean_c.tolist()),
             low_included=self.low_included,
+            calls=self.calls,
         )
 
 
@@ -351,7 +360,7 @@ def ld_statistics(
         def hook(
             module: LocalDistribution, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
+            x = args[0] if args else kwargs["x"]
             gate = module.mask(x).to(torch.float64) + module.offset
             acc.update(gate)
 

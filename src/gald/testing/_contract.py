@@ -146,9 +146,10 @@ class _Context:
         return module
 
     def sizes(self) -> list[tuple[int, int]]:
-        """The smallest map, a wide one, a tall one and a generic one (odd and even sides)."""
+        """The smallest map, a wide one, a tall one and a generic one: between them every
+        combination of odd and even height and width."""
         h, w = self.min_hw
-        return [(h, w), (h, w + 5), (h + 4, w), (h + 5, w + 6)]
+        return [(h, w), (h, w + 5), (h + 5, w), (h + 5, w + 7)]
 
     def typical(self) -> tuple[int, int]:
         h, w = self.min_hw
@@ -219,6 +220,18 @@ def _check_output(prop: str, x: torch.Tensor, y: object, ctx: _Context) -> torch
     return y
 
 
+def _check_unchanged(x: torch.Tensor, original: torch.Tensor, mode: str) -> None:
+    if not torch.equal(x, original):
+        diff = _max_diff(x, original) if x.shape == original.shape else float("nan")
+        _fail(
+            "shapes",
+            x.shape,
+            f"the {mode} forward modified its input in place (max abs change {diff:.3g})",
+            "A layer must leave its input as it found it (the caller may still use it): "
+            "apply in-place operations to tensors the layer created.",
+        )
+
+
 def _check_shapes(ctx: _Context) -> None:
     module = ctx.build().eval()
     for b in (0, 1, 2):
@@ -227,20 +240,14 @@ def _check_shapes(ctx: _Context) -> None:
             with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward"):
                 y = module(x)
             _check_output("shapes", x, y, ctx)
-            if not torch.equal(x, ctx.input(b, hw)):
-                _fail(
-                    "shapes",
-                    x.shape,
-                    "the eval-mode forward modified its input in place",
-                    "A layer must leave its input as it found it (the caller may still use it): "
-                    "apply in-place operations to tensors the layer created.",
-                )
+            _check_unchanged(x, ctx.input(b, hw), "eval-mode")
     module.train()
     for hw in ctx.sizes():
         x = ctx.input(ctx.train_batch, hw)
         with _forward_errors("shapes", x, "train-mode forward"):
             y = module(x)
         _check_output("shapes", x, y, ctx)
+        _check_unchanged(x, ctx.input(ctx.train_batch, hw), "train-mode")
 
 
 def _check_gradients(ctx: _Context) -> None:
@@ -339,6 +346,18 @@ def _check_batch_independence(ctx: _Context) -> None:
     with torch.no_grad(), _forward_errors("batch_independence", x, "eval-mode forward"):
         y = _check_output("batch_independence", x, module(x), ctx)
     tol = ctx.tolerance(y)
+    with torch.no_grad(), _forward_errors("batch_independence", x, "eval-mode forward"):
+        again = _check_output("batch_independence", x, module(x), ctx)
+    repeat = _max_diff(again, y)
+    if not repeat <= tol:
+        _fail(
+            "batch_independence",
+            x.shape,
+            f"two eval-mode forwards of the same batch differ by {repeat:.3g} "
+            f"(max abs; tolerance {tol:.3g})",
+            "The eval-mode output is not a function of the input (random numbers or state "
+            "carried between calls), so independence of the samples cannot be checked.",
+        )
     for changed in range(x.shape[0]):  # each sample in turn: mixing may come from any of them
         x2 = x.clone()
         x2[changed] = ctx.input(1, ctx.typical(), seed=1 + changed)[0] * 3
@@ -388,6 +407,13 @@ def _check_autocast(ctx: _Context) -> None:
                     x.shape,
                     f"{dtype} autocast output {shape}, expected {ctx.expected(x)}",
                 )
+            if out.dtype not in (x.dtype, dtype) or out.device != x.device:
+                _fail(
+                    "autocast",
+                    x.shape,
+                    f"{dtype} autocast output is {out.dtype} on {out.device}, expected "
+                    f"{dtype} or the input's {x.dtype} on {x.device}",
+                )
             if not torch.isfinite(out).all():
                 bad = int((~torch.isfinite(out)).sum())
                 _fail("autocast", x.shape, f"{bad} non-finite output values under {dtype} autocast")
@@ -403,8 +429,10 @@ def _check_autocast(ctx: _Context) -> None:
 
 
 def _non_contiguous(x: torch.Tensor) -> torch.Tensor:
-    wide = torch.zeros(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)
-    view = wide[..., ::2]
+    """``x`` as a crop of a larger buffer: no two of its dims can be merged by ``.view``."""
+    b, c, h, w = x.shape
+    big = torch.zeros(b, c, h + 2, w + 3, dtype=x.dtype, device=x.device)
+    view = big[..., 1 : 1 + h, 2 : 2 + w]
     view.copy_(x)
     return view
 
@@ -510,16 +538,19 @@ def _check_device(ctx: _Context) -> None:
                     "that the module can be built directly on any device.",
                 )
     # Forward: tensors the forward creates must follow the input, not the default device.
+    # The module under the other default device runs first, on a copy that has never run:
+    # a cache the forward builds on its first call must follow the input too.
     module = ctx.prepared().eval()
+    fresh = copy.deepcopy(module)
     x = ctx.input(2, ctx.typical())
     with torch.no_grad():
-        with _forward_errors("device", x, "reference forward"):
-            ref = module(x)
         with (
             _forward_errors("device", x, f"forward under torch.device({_OTHER_DEVICE!r})"),
             torch.device(_OTHER_DEVICE),
         ):
-            out = module(x)
+            out = fresh(x)
+        with _forward_errors("device", x, "reference forward"):
+            ref = module(x)
     _check_output("device", x, out, ctx)
     _assert_near(
         "device", x, out, ref, ctx.tolerance(ref), "forward under another default device differs"
@@ -585,25 +616,29 @@ def check_ga(
 
     - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
-      and a generic one; the eval-mode forward must leave its input unchanged.
+      and a generic one (every combination of odd and even sides); the forward must leave its
+      input unchanged in both modes.
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
       finite gradients (the input's not all zero). A parameter's gradient must not be ``None``;
       exactly zero is accepted, as behind a zero-initialised last layer, which is in the graph
       and learns once that layer moves.
-    - ``batch_independence``: in eval mode, changing one sample (each of three in turn) changes
-      that sample's output only.
+    - ``batch_independence``: in eval mode, the same batch twice gives the same output, and
+      changing one sample (each of three in turn) changes that sample's output only.
     - ``gradcheck``: float64 ``torch.autograd.gradcheck`` (fast mode) with respect to the input
       and every parameter, eval mode.
-    - ``autocast``: under autocast in each of ``autocast_dtypes`` the output is finite and within
+    - ``autocast``: under autocast in each of ``autocast_dtypes`` the output has that dtype or
+      the input's, stays on the input's device, is finite and is within
       ``autocast_tol * max(|float32 output|, 1)`` of the float32 output.
-    - ``memory_format``: channels_last and non-contiguous inputs give the contiguous result.
+    - ``memory_format``: channels_last and non-contiguous inputs (a crop of a larger buffer)
+      give the contiguous result.
     - ``compile``: ``torch.compile(fullgraph=True, backend="eager")`` agrees with eager
       (``torch.compiler.reset()`` runs before and after).
     - ``state_dict``: after one train-mode forward, a fresh module loaded (strictly) with the
       state_dict saved and reloaded through ``torch.save``/``torch.load(weights_only=True)``
       gives the same eval-mode output.
     - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
-      the forward run under ``torch.device("meta")`` on a CPU input still gives the CPU result,
+      the forward run under ``torch.device("meta")`` on a CPU input (the module's first
+      forward, so caches built on a first call are covered) still gives the CPU result,
       so no tensor is created on the default device instead of the input's (a tensor created
       with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs).
 
