@@ -123,8 +123,10 @@ def test_a_failed_build_names_what_gald_passed() -> None:
 
     with pytest.raises(
         ValueError, match=r"ga_kwargs=\{\} \(GALD also passed norm_layer=broken_norm\)"
-    ):
-        gald.GALD(8, _NamesNorm, norm_layer=broken_norm)
+    ):  # no stage of GALD's own builds a norm here: the GA's failure is the one reported
+        gald.GALD(8, _NamesNorm, norm_layer=broken_norm, ld=False, downsample=False)
+    with pytest.raises(ValueError, match=r"norm_layer=.*broken_norm.* cannot build a 8-channel"):
+        gald.GALD(8, _NamesNorm, norm_layer=broken_norm)  # GALD's own stages fail first
 
 
 def test_ga_module_errors() -> None:
@@ -262,3 +264,21 @@ def test_identity_init_blends_by_alpha_per_channel() -> None:
         ld = y * (block.ld.offset + mask)
         want = y + block.alpha.view(1, -1, 1, 1) * (ld - y)
         torch.testing.assert_close(block(x), want)
+
+
+def test_a_factory_that_cannot_build_a_width_is_named_before_the_module_runs() -> None:
+    from functools import partial
+
+    calls: list[int] = []
+    model = nn.Sequential(nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1))
+    model[1].register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"norm_layer=.*GroupNorm.*3\) cannot build a 16-channel"):
+        gald.wrap(model, "1", norm_layer=partial(nn.GroupNorm, 3))
+    with pytest.raises(TypeError, match=r"act_layer=.* must build an nn.Module .*returned int 5"):
+        gald.wrap(model, "1", act_layer=lambda: 5)
+    assert calls == [] and type(model[1]) is nn.Conv2d  # nothing ran, nothing replaced
+    with pytest.raises(ValueError, match=r"cannot build the norm of a 16 -> 16 conv block"):
+        gald.GALDHead(16, 3, channels=16, norm_layer=partial(nn.GroupNorm, 32))
+    # the LD's width of a module instance is known only after the dry run: still named
+    with pytest.raises(ValueError, match=r"cannot build the norm of the LD's 24-channel mask"):
+        gald.GALD(16, nn.Conv2d(16, 24, 1), init="identity", norm_layer=partial(nn.GroupNorm, 16))

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import prune
 
 import gald
 from gald import fuse, fuse_conv_bn
@@ -210,3 +211,59 @@ def test_a_conv_whose_weight_is_tied_to_another_is_left_alone() -> None:
     fused = gald.fuse(model)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
     assert isinstance(fused.a[1], nn.BatchNorm2d) and isinstance(fused.c[1], nn.Identity)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """Shaped like timm's BatchNormAct2d: a BatchNorm with its activation inside."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(super().forward(x))
+
+
+class _StdConv(nn.Conv2d):
+    """Shaped like timm's StdConv2d: standardises its weight in every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std, mean = torch.std_mean(self.weight, dim=(1, 2, 3), keepdim=True)
+        w = (self.weight - mean) / (std + 1e-6)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+def _weight_norm(conv: nn.Conv2d) -> nn.Conv2d:
+    return nn.utils.parametrizations.weight_norm(conv)
+
+
+def _pruned(conv: nn.Conv2d) -> nn.Conv2d:
+    return prune.random_unstructured(conv, "weight", amount=0.5)
+
+
+def _hooked(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.register_forward_hook(lambda m, args, out: out * 2)
+    return conv
+
+
+@pytest.mark.parametrize(
+    ("make_conv", "make_bn", "reason"),
+    [
+        (lambda: nn.Conv2d(4, 4, 3, padding=1), lambda: _BatchNormAct(4), "_BatchNormAct has its"),
+        (lambda: _StdConv(4, 4, 3, padding=1), lambda: nn.BatchNorm2d(4), "_StdConv has its own"),
+        (lambda: _weight_norm(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "param"),
+        (lambda: _pruned(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "hooks"),
+        (lambda: _hooked(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "hooks"),
+    ],
+)
+def test_pairs_the_fold_would_not_reproduce_are_left_alone(make_conv, make_bn, reason) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(make_conv(), make_bn(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)).eval()
+    for bn in (model[1], model[3]):
+        bn.running_var.uniform_(2.0, 4.0)
+        bn.running_mean.normal_()
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        kept = type(model[1])
+        fused = gald.fuse(model, inplace=True)  # a pruned conv cannot be deep-copied
+        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
+    assert type(fused[1]) is kept and isinstance(fused[3], nn.Identity)
+    with pytest.raises(ValueError, match=rf"cannot fold bn into conv exactly: .*{reason}"):
+        fuse_conv_bn(make_conv(), make_bn().eval())

@@ -484,6 +484,9 @@ def test_a_lazy_conv_not_run_yet_is_named() -> None:
     model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Sequential(nn.LazyConv2d(8, 1), nn.ReLU()))
     with pytest.raises(ValueError, match=r"'0' is a lazy module not run yet; run the model once"):
         gald.wrap(model, "1")
+    bare = nn.Sequential(nn.Conv2d(3, 8, 1), nn.LazyConv2d(8, 1))
+    with pytest.raises(ValueError, match=r"of LazyConv2d: it is a lazy module not run yet"):
+        gald.wrap(bare, "1")
     model(torch.randn(1, 3, 8, 8))  # the lazy conv learns its width
     assert gald.wrap(model, "1")[1].in_channels == 8
 
@@ -509,6 +512,9 @@ def test_a_module_that_changes_the_spatial_size_is_refused_at_construction() -> 
     with pytest.raises(ValueError, match="does not keep the height and width") as info:
         gald.wrap(model, "1")
     assert "inferred" not in str(info.value)
+    # it ran at every probe and halved each: passing out_channels would not help
+    assert "downsamples every input" in str(info.value)
+    assert "pass out_channels" not in str(info.value)
     assert type(model[1]) is nn.Conv2d
 
 

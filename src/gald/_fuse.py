@@ -34,7 +34,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils import fuse_conv_bn_weights
+from torch.nn.utils import fuse_conv_bn_weights, parametrize
 
 from ._validate import check_bool
 
@@ -44,6 +44,33 @@ __all__ = ["fuse", "fuse_conv_bn"]
 
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
+_CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward)
+_BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_pre_hooks or m._forward_hooks)
+
+
+def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
+    """Why the pair cannot be folded although both have the right types, or ``None``.
+
+    The fold rewrites the stored ``conv.weight`` and replaces ``bn`` by the identity, which is
+    exact only when the conv's forward convolves with the stored weight as it is and the norm
+    does nothing but the affine normalisation: not for a conv subclass with its own forward
+    (timm's ``StdConv2d`` standardises its weight), a parametrized or pruned conv (the weight
+    is recomputed in every call), a norm subclass that adds an activation (timm's
+    ``BatchNormAct2d``), or a module with forward hooks (they would see other tensors)."""
+    if type(conv).forward not in _CONV_FORWARDS:
+        return f"conv's class {type(conv).__name__} has its own forward"
+    if type(bn).forward not in _BN_FORWARDS:
+        return f"bn's class {type(bn).__name__} has its own forward"
+    for name, m in (("conv", conv), ("bn", bn)):
+        if parametrize.is_parametrized(m):
+            return f"{name} is parametrized (its weight is recomputed in every call)"
+        if _hooks(m):
+            return f"{name} has forward hooks (pruning, or a user's hook)"
+    return None
 
 
 def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
@@ -56,7 +83,10 @@ def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
     Raises:
         TypeError: ``conv`` is not an ``nn.Conv1d`` or ``nn.Conv2d``, or ``bn`` not a BatchNorm.
         ValueError: ``bn`` is in training mode, has no running statistics, or its number of
-            features differs from ``conv.out_channels``.
+            features differs from ``conv.out_channels``; or the pair cannot be folded exactly:
+            a conv or norm subclass with its own forward (timm's ``StdConv2d``,
+            ``BatchNormAct2d``), a parametrized conv (``weight_norm``, ``spectral_norm``), or a
+            module with forward hooks (``torch.nn.utils.prune`` uses one).
     """
     if not isinstance(conv, _CONVS):
         raise TypeError(f"conv must be an nn.Conv1d or nn.Conv2d, got {type(conv).__name__}")
@@ -71,6 +101,9 @@ def fuse_conv_bn(conv: nn.Conv1d | nn.Conv2d, bn: _BatchNorm) -> None:
         raise ValueError(
             f"bn has {bn.num_features} features, expected conv.out_channels={conv.out_channels}"
         )
+    reason = _unfoldable(conv, bn)
+    if reason is not None:
+        raise ValueError(f"cannot fold bn into conv exactly: {reason}")
 
     def f64(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.detach().to(torch.float64)
@@ -120,7 +153,7 @@ def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
         return False
     if not isinstance(bn, _BatchNorm) or bn.training or bn.running_mean is None:
         return False
-    if bn.num_features != conv.out_channels:
+    if bn.num_features != conv.out_channels or _unfoldable(conv, bn) is not None:
         return False
     fuse_conv_bn(conv, bn)
     return True
@@ -171,7 +204,10 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     does not declare it (a ``Sequential`` subclass with its own ``forward`` included: it may
     call its children in another order, or add a residual before the norm), a BatchNorm in training mode or without running statistics, and any
     norm of a conv used at two places in the model, or whose weight is tied to another module's
-    (folding it would change the other use).
+    (folding it would change the other use), and any pair the fold would not reproduce exactly:
+    a conv or norm subclass with its own forward (timm's ``StdConv2d``, ``Conv2dSame``,
+    ``BatchNormAct2d``), a parametrized conv (``weight_norm``, ``spectral_norm``), a conv or norm
+    with forward hooks (``torch.nn.utils.prune`` works through one).
     Other norms (``GroupNorm``, ``LayerNorm``, ``FrozenBatchNorm2d``) are never touched.
 
     Args:

@@ -10,6 +10,26 @@ LayerFactory = Callable[..., nn.Module]
 """A callable that builds a layer: ``norm_layer(num_channels)`` or ``act_layer()``."""
 
 
+def make_layer(factory: LayerFactory, name: str, *args: int, purpose: str) -> nn.Module:
+    """``factory(*args)``, with an error naming the argument ``name`` and what the layer is for
+    when the factory cannot build it (``partial(nn.GroupNorm, 32)`` on 16 channels) or builds
+    something that is not a module."""
+    call = f"{name}({', '.join(map(str, args))})"
+    try:
+        layer = factory(*args)
+    except (TypeError, ValueError) as exc:
+        kind = TypeError if isinstance(exc, TypeError) else ValueError
+        raise kind(
+            f"{name}={factory!r} cannot build {purpose}: {call} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(layer, nn.Module):
+        raise TypeError(
+            f"{name}={factory!r} must build an nn.Module ({purpose}), but {call} returned "
+            f"{type(layer).__name__} {layer!r}"
+        )
+    return layer
+
+
 def strided_min_size(num_stages: int, kernel_size: int, padding: int, stride: int = 2) -> int:
     """Smallest side a chain of ``num_stages`` strided convs accepts (each output side >= 1)."""
     size = 1
@@ -26,16 +46,19 @@ def depthwise_stage(
     padding: int,
     norm_layer: LayerFactory,
     act_layer: LayerFactory | None,
+    where: str = "a depthwise stage",
 ) -> nn.Sequential:
-    """Depthwise ``kernel_size`` stride-2 conv (with bias, as the authors) -> norm -> act."""
+    """Depthwise ``kernel_size`` stride-2 conv (with bias, as the authors) -> norm -> act.
+
+    ``where`` names the stage in error messages ("GALD's downsample stage")."""
     layers: list[nn.Module] = [
         nn.Conv2d(
             channels, channels, kernel_size, stride=2, padding=padding, groups=channels, bias=True
         ),
-        norm_layer(channels),
+        make_layer(norm_layer, "norm_layer", channels, purpose=f"the norm of {where}"),
     ]
     if act_layer is not None:
-        layers.append(act_layer())
+        layers.append(make_layer(act_layer, "act_layer", purpose=f"the activation of {where}"))
     return nn.Sequential(*layers)
 
 
@@ -60,7 +83,10 @@ def conv_norm_act(
             bias=norm_layer is None,
         )
     ]
+    where = f"a {in_channels} -> {out_channels} conv block"
     if norm_layer is not None:
-        layers.append(norm_layer(out_channels))
-    layers.append(act_layer())
+        layers.append(
+            make_layer(norm_layer, "norm_layer", out_channels, purpose=f"the norm of {where}")
+        )
+    layers.append(make_layer(act_layer, "act_layer", purpose=f"the activation of {where}"))
     return nn.Sequential(*layers)

@@ -75,10 +75,13 @@ def _infer_in_channels(module: nn.Module) -> tuple[int, str]:
         if isinstance(sub, nn.Conv2d) or getattr(sub, "original_name", None) == "Conv2d":
             width = getattr(sub, "in_channels", None)
             if any(isinstance(p, nn.parameter.UninitializedParameter) for p in sub.parameters()):
+                which = (
+                    "it is" if sub_name == "" else f"its first registered Conv2d {sub_name!r} is"
+                )
                 raise ValueError(
-                    f"cannot infer the input channels of {type(module).__name__}: its first "
-                    f"registered Conv2d {sub_name!r} is a lazy module not run yet; run the "
-                    "model once before wrapping, or pass in_channels"
+                    f"cannot infer the input channels of {type(module).__name__}: {which} a "
+                    "lazy module not run yet; run the model once before wrapping, or pass "
+                    "in_channels"
                 )
             if isinstance(width, int):
                 return width, f"its first registered Conv2d {sub_name!r}"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage
+from ._layers import LayerFactory, depthwise_stage, make_layer
 from ._modes import eval_mode
 from ._validate import (
     PADDING_REMEDY,
@@ -105,6 +105,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
     device, dtype = _probe_setting(module)
     errors: list[str] = []
     changed: list[str] = []
+    strided = True  # every size change so far at least halved both sides
     with eval_mode(module), torch.no_grad():
         for side in _PROBE_SIDES:
             probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
@@ -127,15 +128,26 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
                 )
             if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
                 changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
+                strided = strided and 2 * max(out.shape[-2:]) <= side + 1
                 continue
             return int(out.shape[1]), side
     if changed:
-        others = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
+        if strided and not errors:  # it ran at every probe and at least halved each
+            advice = (
+                ". It downsamples every input it was given (a strided stage), so it is not a "
+                "context module GALD can wrap: wrap a module that keeps its input's size, such "
+                "as the context module of the head"
+            )
+        else:
+            failed = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
+            advice = (
+                f"{failed}. For a module that keeps it only at some sizes, pass out_channels "
+                "(no dry run then decides)"
+            )
         raise _ProbesRefused(
             f"the wrapped {_label(module)} does not keep the height and width of its input "
-            f"({', '.join(changed)}{others}); GALD upsamples the GA's output from the size the "
-            "GA receives, so the GA must keep it. For a module that keeps it only at some "
-            "sizes, pass out_channels (no dry run then decides)"
+            f"({', '.join(changed)}); GALD upsamples the GA's output from the size the GA "
+            f"receives, so the GA must keep it{advice}"
         )
     raise _ProbesRefused(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
@@ -255,7 +267,7 @@ def _build_ga(
             f"ga_kwargs['out_channels']={ga_kwargs['out_channels']!r}; pass it to GALD only"
         )
     kwargs = dict(ga_kwargs)
-    name = getattr(cls, "ga_name", cls.__name__)
+    name = vars(cls).get("ga_name", cls.__name__)  # a subclass's own, not its base's name
     # the block's norm and activation reach every GA that builds norms or activations; a class
     # whose default for one is None builds none (timm's convention) and is left so
     for key, value in (("norm_layer", norm_layer), ("act_layer", act_layer)):
@@ -466,6 +478,18 @@ class GALD(nn.Module):
         self.downsample: bool = downsample
         self.init = init
         self.impl = impl
+        ld_width_known = not isinstance(ga_module, nn.Module) or out_channels is not None
+        if self.downsample or (ld and ld_width_known):
+            # the factories at the widths known before the dry run, so that a factory that
+            # cannot build them is refused before the user's module runs (norm factories build
+            # ones and zeros; the RNG is forked all the same, so seeded builds are unchanged)
+            widths = [self.in_channels] if self.downsample else []
+            if ld and ld_width_known:
+                widths.append(self.in_channels if out_channels is None else out_channels)
+            with torch.random.fork_rng(devices=[]):
+                for c in dict.fromkeys(widths):
+                    make_layer(norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm")
+                make_layer(act_layer, "act_layer", purpose="GALD's activations")
         self.ga, self.out_channels, probed_at = _build_ga(
             ga_module,
             self.in_channels,
@@ -492,6 +516,7 @@ class GALD(nn.Module):
                 padding=self.padding,
                 norm_layer=norm_layer,
                 act_layer=act_layer,
+                where=f"GALD's {self.in_channels}-channel downsample stage",
             )
             # the smallest input whose stride-2 down stage still gives the GA its minimum side
             min_size = max(1, 2 * (min_size - 1) + 3 - 2 * self.padding)

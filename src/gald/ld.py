@@ -120,6 +120,7 @@ class LocalDistribution(nn.Module):
                     padding=padding,
                     norm_layer=norm_layer,
                     act_layer=act_layer if (i < num_stages - 1 or final_act) else None,
+                    where=f"the LD's {channels}-channel mask stage {i}",
                 )
                 for i in range(num_stages)
             )

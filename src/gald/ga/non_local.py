@@ -205,6 +205,7 @@ class NonLocal2d(nn.Module):
             f"channels={self.channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, "
             f"use_scale={self.use_scale}, sub_sample={self.sub_sample}, "
             f"zero_init={self.zero_init}"
+            + (f", chunk_elements={self.chunk_elements}" if self.mode == "concatenation" else "")
         )
 
     def _keys(self, t: torch.Tensor) -> torch.Tensor:
