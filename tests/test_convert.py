@@ -315,6 +315,17 @@ def test_official_to_galdnet_maps_and_lists_unknown_keys() -> None:
         official_to_galdnet(sd)
     with pytest.raises(TypeError, match="state_dict must be a mapping"):
         official_to_galdnet([("a", torch.zeros(1))])  # type: ignore[arg-type]
+    # a gald state dict given to the converter: said so, and the list is capped
+    with torch.device("meta"):
+        ours = GALDNet.official(depth=50, num_classes=3)
+    with pytest.raises(
+        ValueError, match=r"\.\.\. and \d+ more\]; it looks like a state dict saved"
+    ):
+        official_to_galdnet(ours.state_dict())
+    with pytest.raises(
+        ValueError, match=r"\.\.\. and \d+ more\]; it looks like a state dict saved"
+    ):
+        official_to_gald(ours.head.state_dict())
 
 
 _SPLIT = {"conv1.0": "conv1", "conv1.1": "bn1", "conv1.3": "conv2", "conv1.4": "bn2",

@@ -74,10 +74,12 @@ def test_output_stride_16_and_plain_stem(r50_os16_plain_stem: DilatedResNet) -> 
     assert {b.conv2.dilation for b in net.layer3} == {(1, 1)}
     # multi-grid (1, 2, 1) over the three blocks at base dilation 2
     assert [b.conv2.dilation for b in net.layer4] == [(2, 2), (4, 4), (2, 2)]
+    # torchvision's 7x7 ResNet pools in floor mode: the same grid as its weights were used on
+    assert not net.maxpool.ceil_mode
     with torch.no_grad():
-        c3, c4 = net(torch.randn(1, 3, 64, 48))
-    assert c3.shape == (1, 1024, 5, 4) and c4.shape == (1, 2048, 5, 4)
-    assert (net.feature_size(64), net.feature_size(48)) == (5, 4)
+        c3, c4 = net(torch.randn(1, 3, 64, 50))
+    assert c3.shape == (1, 1024, 4, 4) and c4.shape == (1, 2048, 4, 4)  # ceil mode: 5, 4
+    assert (net.feature_size(64), net.feature_size(50)) == (4, 4)
 
 
 def test_norm_layer_factory(r50_os16_plain_stem: DilatedResNet) -> None:
@@ -638,3 +640,18 @@ def test_a_backbone_of_token_features_or_an_undeclared_nhwc_layout_is_named() ->
     assert not net.nhwc_features
     with pytest.raises(ValueError, match=r"\(B, H, W, C\) with C=6 it seems.*output_fmt"):
         net(torch.randn(1, 3, 16, 16))
+
+
+def test_undeclared_nhwc_features_found_by_the_dry_run() -> None:
+    # no declared widths: the dry run reads dimension 1, which is the height here; a 64x64
+    # probe alone would read (32, 32) as widths and build heads for them
+    backbone = _NHWCList("NCHW", declare=False)
+    del backbone.output_fmt
+    with pytest.raises(
+        ValueError,
+        match=r"dimension 1 of the backbone's features follows the input height \(\(32, 32\) at "
+        r"64x64, \(64, 64\) at 128x64\).*output_fmt = 'NHWC'.*in_channels=\(c3, c4\)",
+    ):
+        GALDNet(CLASSES, backbone=backbone, head={"channels": 16})
+    # the usual NCHW backbone: the second probe agrees
+    assert GALDNet(CLASSES, backbone=_NHWCList("NHWC", declare=False)).in_channels == (6, 8)

@@ -80,3 +80,16 @@ def test_sync_state_dict_loads_into_batchnorm_model_and_back() -> None:
     back.eval().load_state_dict(module.state_dict(), strict=True)
     with torch.no_grad():
         assert torch.equal(back(x), module(x))
+
+
+def test_official_constructors_take_norm_layer() -> None:
+    with torch.device("meta"):
+        net = gald.models.GALDNet.official(depth=50, num_classes=3, norm_layer=nn.SyncBatchNorm)
+        plain = gald.models.GALDNet.official(depth=50, num_classes=3)
+    assert _count(net, nn.SyncBatchNorm) == _count(plain, nn.BatchNorm2d) > 0
+    assert not any(type(m) is nn.BatchNorm2d for m in net.modules())
+    # the same keys and shapes: the authors' weights load either way
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in plain.state_dict().items()}
+    head = gald.GALDHead.official(64, 3, channels=32, norm_layer=nn.SyncBatchNorm)
+    assert not any(type(m) is nn.BatchNorm2d for m in head.modules())

@@ -109,7 +109,9 @@ def official_to_gald(
         else:
             unknown.append(raw_key)
     if unknown:
-        raise ValueError(f"unknown keys in the official state dict: {sorted(unknown)}")
+        raise ValueError(
+            f"unknown keys in the official state dict: {_listing(unknown)}{_gald_hint(unknown)}"
+        )
     return head, aux
 
 
@@ -157,6 +159,17 @@ def _items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch
         seen[key] = raw_key
         items.append((raw_key, key, value))
     return items
+
+
+def _gald_hint(unknown: list[str]) -> str:
+    """A note for a state dict that is gald's own already (saved from a gald model)."""
+    own = ("backbone.", "aux_head.", "head.gald.", "gald.", "module.backbone.", "module.gald.")
+    if any(k.startswith(own) for k in unknown):
+        return (
+            "; it looks like a state dict saved from a gald model already, which loads with "
+            "model.load_state_dict as it is"
+        )
+    return ""
 
 
 def _listing(keys: list[str]) -> str:
@@ -223,7 +236,10 @@ def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     under the same names, ``head.*`` to ``head.*`` as :func:`official_to_gald` maps it and
     ``dsn.*`` to ``aux_head.*``. Keys may carry a ``module.`` prefix; any other key raises a
     ``ValueError`` that lists them. Load the result with ``strict=True`` (or use
-    :func:`load_official_galdnet`, which also infers the depth and the number of classes).
+    :func:`load_official_galdnet`, which also infers the depth and the number of classes) into
+    a :meth:`~gald.models.GALDNet.official` network: a ``GALDNet`` built otherwise (the default
+    head has padding 1) has the same parameter shapes, so the weights load without an error,
+    but it computes another function than the authors' network.
     """
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
@@ -237,7 +253,9 @@ def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         else:
             unknown.append(raw_key)
     if unknown:
-        raise ValueError(f"unknown keys in the official state dict: {_listing(unknown)}")
+        raise ValueError(
+            f"unknown keys in the official state dict: {_listing(unknown)}{_gald_hint(unknown)}"
+        )
     return out
 
 

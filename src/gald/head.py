@@ -120,17 +120,25 @@ class GALDHead(nn.Module):
 
     @classmethod
     def official(
-        cls, in_channels: int = 2048, num_classes: int = 19, *, channels: int = 512
+        cls,
+        in_channels: int = 2048,
+        num_classes: int = 19,
+        *,
+        channels: int = 512,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
     ) -> GALDHead:
         """The authors' configuration: padding 0 in ``down`` and the LD, CGNL with 8 groups and
         ``C/2`` inner channels, ``final_act=True``, offset 2, no dropout.
 
-        Load the released weights with :func:`gald.convert.official_to_gald`.
+        ``norm_layer`` (e.g. ``nn.SyncBatchNorm`` for training on several GPUs, as the authors)
+        changes no parameter or state-dict key. Load the released weights with
+        :func:`gald.convert.official_to_gald`.
         """
         return cls(
             in_channels,
             num_classes,
             channels=channels,
+            norm_layer=norm_layer,
             ga_module="cgnl",
             ga_kwargs={"groups": 8, "use_scale": False},
             padding=0,

@@ -146,27 +146,52 @@ def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | Non
 def _probe_channels(
     backbone: nn.Module, in_features: tuple[_Key, _Key] | None, nhwc: bool
 ) -> tuple[int, int]:
-    """Run the backbone once on a small zero image (eval mode, no grad) and read the widths."""
+    """Run the backbone on a small zero image (eval mode, no grad) and read the widths.
+
+    A second, taller image checks that what was read is a width: dimension 1 of a
+    ``(B, H, W, C)`` feature is its height, which follows the input's (a backbone that refuses
+    the taller image is taken at the first reading)."""
     param = next(iter(backbone.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
-    try:
+
+    def run(height: int) -> Any:
         with eval_mode(backbone), torch.no_grad():
-            probe = torch.zeros(1, 3, _PROBE_SIZE, _PROBE_SIZE, device=device, dtype=dtype)
-            features = backbone(probe)
+            return backbone(torch.zeros(1, 3, height, _PROBE_SIZE, device=device, dtype=dtype))
+
+    def widths_of(features: Any) -> tuple[int, int]:
+        c3, c4 = (_to_nchw(f, nhwc) for f in _pick(features, in_features, "GALDNet"))
+        if not all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in (c3, c4)):
+            raise TypeError(
+                "GALDNet: the two picked backbone features must be (B, C, H, W) tensors, got "
+                f"{type(c3).__name__} and {type(c4).__name__}"
+            )
+        return int(c3.shape[1]), int(c4.shape[1])
+
+    try:
+        features = run(_PROBE_SIZE)
     except Exception as err:
         raise ValueError(
             "GALDNet: could not infer the backbone's feature widths from a dry run on a "
             f"(1, 3, {_PROBE_SIZE}, {_PROBE_SIZE}) input ({type(err).__name__}: {err}); pass "
             "in_channels=(c3, c4)"
         ) from err
-    c3, c4 = (_to_nchw(f, nhwc) for f in _pick(features, in_features, "GALDNet"))
-    if not all(isinstance(f, torch.Tensor) and f.ndim == 4 for f in (c3, c4)):
-        raise TypeError(
-            "GALDNet: the two picked backbone features must be (B, C, H, W) tensors, got "
-            f"{type(c3).__name__} and {type(c4).__name__}"
+    widths = widths_of(features)
+    taller = 2 * _PROBE_SIZE
+    try:
+        features = run(taller)
+    except Exception:  # it takes only some sizes: the first reading stands
+        return widths
+    again = widths_of(features)
+    if again != widths:
+        raise ValueError(
+            "GALDNet: dimension 1 of the backbone's features follows the input height "
+            f"({widths} at {_PROBE_SIZE}x{_PROBE_SIZE}, {again} at {taller}x{_PROBE_SIZE}), "
+            "so the features look like (B, H, W, C); a backbone that returns channels-last "
+            "features should say so with an output_fmt = 'NHWC' attribute (as timm's "
+            "features_only models do), or pass in_channels=(c3, c4)"
         )
-    return int(c3.shape[1]), int(c4.shape[1])
+    return widths
 
 
 def _head_width(head: nn.Module) -> int | None:
@@ -362,19 +387,29 @@ class GALDNet(nn.Module):
         return repr(self.in_features[i]) if self.in_features is not None else ("c3", "c4")[i]
 
     @classmethod
-    def official(cls, *, depth: int = 101, num_classes: int = 19) -> GALDNet:
+    def official(
+        cls,
+        *,
+        depth: int = 101,
+        num_classes: int = 19,
+        norm_layer: LayerFactory = nn.BatchNorm2d,
+    ) -> GALDNet:
         """The authors' GALD-Net: deep-stem :class:`DilatedResNet` at output stride 8,
         :meth:`gald.GALDHead.official` on ``layer4`` and :class:`~gald.AuxHead` on ``layer3``.
 
         71,394,790 parameters at depth 101 and 52,402,662 at depth 50 (19 classes), as the
         authors' models. Load their checkpoints with :func:`gald.convert.load_official_galdnet`.
-        For SyncBN, convert afterwards with ``nn.SyncBatchNorm.convert_sync_batchnorm``.
+        ``norm_layer`` reaches the backbone and both heads (``nn.SyncBatchNorm`` for training on
+        several GPUs, as the authors); it changes no parameter or state-dict key.
         """
         return cls(
             num_classes,
             depth=depth,
-            head=GALDHead.official(in_channels=2048, num_classes=num_classes, channels=512),
+            head=GALDHead.official(
+                in_channels=2048, num_classes=num_classes, channels=512, norm_layer=norm_layer
+            ),
             aux=True,
+            norm_layer=norm_layer,
         )
 
     def load_state_dict(

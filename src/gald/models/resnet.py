@@ -130,7 +130,9 @@ class DilatedResNet(nn.Module):
 
     Stem (``deep_stem=True``): three 3x3 convs 3->64 (stride 2), 64->64, 64->128 with norm + ReLU
     between them, then norm + ReLU, then a 3x3 stride-2 max-pool with ``ceil_mode=True``. With
-    ``deep_stem=False`` the stem is the classic 7x7 stride-2 conv to 64 channels. Then bottleneck
+    ``deep_stem=False`` the stem is the classic 7x7 stride-2 conv to 64 channels, norm + ReLU and
+    the max-pool in floor mode, as torchvision's ResNet (so its weights give the same feature
+    grid). Then bottleneck
     layers ``[3, 4, 6, 3]`` (depth 50) or ``[3, 4, 23, 3]`` (depth 101); ``layer2`` has stride 2.
 
     - ``output_stride=8``: ``layer3`` dilation 2, ``layer4`` dilation 4 times ``multi_grid``
@@ -211,7 +213,8 @@ class DilatedResNet(nn.Module):
         # bn1 follows the stem's last conv: gald.fuse folds it
         self._fuse_pairs = (("conv1.6" if deep_stem else "conv1", "bn1"),)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=True)
+        # ceil mode as the authors with their deep stem; floor mode as torchvision's 7x7 ResNet
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=deep_stem)
 
         blocks = _RESNET_LAYERS[depth]
         if output_stride == 8:
@@ -254,7 +257,7 @@ class DilatedResNet(nn.Module):
         s = _conv_out(size, 3 if self.deep_stem else 7, 2, 1 if self.deep_stem else 3)
         if s < 1:
             return 0
-        s = _pool_out_ceil(s, 3, 2, 1)
+        s = _pool_out_ceil(s, 3, 2, 1) if self.deep_stem else _conv_out(s, 3, 2, 1)
         s = _conv_out(s, 3, 2, 1)  # layer2
         if self.output_stride == 16:
             s = _conv_out(s, 3, 2, 1)  # layer3

@@ -124,8 +124,10 @@ def slide_inference(
     side ``round(scale * H)``), slid over, resized back and the results averaged.
 
     The model is called with one window of the whole batch at a time, ``(B, C, *crop_size)``,
-    under ``torch.no_grad()``, so memory stays bounded by one crop batch plus the
-    ``(B, num_classes, H, W)`` accumulator whatever the image size. An ``nn.Module`` runs in
+    under ``torch.no_grad()``, so memory stays bounded by one crop batch plus the accumulators,
+    whatever the image size: the ``(B, num_classes, H, W)`` result and, for a scale other than
+    1, the resized images and one ``(B, num_classes, sH, sW)`` accumulator at that scale (4x
+    the result's size at scale 2). An ``nn.Module`` runs in
     eval mode (BatchNorm uses, and does not update, its running statistics); the training flag
     of each of its submodules is restored afterwards.
 
