@@ -183,12 +183,17 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     assert torch.get_num_threads() == threads  # restored
     captured = capsys.readouterr()
     out = captured.out
-    assert "seed 1   ld: large" in captured.err and "seed 1" not in out  # progress on stderr
+    # per-seed progress only on a terminal (stdout and stderr are captured here)
+    assert "seed 1" not in captured.err and "seed 1" not in out
     first = out.splitlines()[:3]
     assert "minutes" in first[1] and "says little about full-size training" in first[2]
     assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out
     assert "says little about full-size training" in out.split("How to read this")[1]
-    res = json.loads(path.read_text())
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON: not strict JSON")
+
+    res = json.loads(path.read_text(), parse_constant=no_constants)
     assert set(res["runs"]) == {"0", "1"}
     for per_seed in res["runs"].values():
         assert set(per_seed) == {"none", "ga", "ld", "frozen"}
@@ -292,3 +297,21 @@ def test_the_start_message_scales_the_default_duration() -> None:
     assert work_relative_to_default(AblationConfig()) == 1.0
     assert work_relative_to_default(AblationConfig(seeds=6)) == 2.0
     assert work_relative_to_default(AblationConfig(size=48, batch_size=4)) == 0.125
+
+
+def test_progress_lines_on_a_terminal_and_strict_json_for_one_seed(
+    tmp_path, capsys, monkeypatch
+) -> None:  # type: ignore[no-untyped-def]
+    import sys
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True, raising=False)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    path = tmp_path / "one.json"
+    argv = ["--seeds", "1", "--steps", "1", "--size", "16", "--channels", "8"]
+    argv += ["--batch-size", "2", "--eval-images", "2", "--ga", "gc", "--json", str(path)]
+    assert main(argv) == 0
+    assert "seed 0   ld: large" in capsys.readouterr().err  # progress on stderr
+    text = path.read_text()
+    assert "NaN" not in text
+    res = json.loads(text)  # one seed: no spread, written as null
+    assert any(v is None for d in res["paired"].values() for m in d.values() for v in m.values())

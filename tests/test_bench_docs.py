@@ -245,3 +245,22 @@ def test_check_outside_the_repository_says_where_to_run_it(tmp_path, monkeypatch
     assert exc.value.code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "no such file: README.md" in err and "run it from the repository root" in err
+
+
+def test_the_runs_summary_flags_figures_the_runs_would_not_quote() -> None:
+    from gald.bench.docs import _runs_range
+
+    def run(train: float, verdict: str) -> dict:
+        speed = {"speedup_vs_authors": {"ratio": train, "verdict": verdict}}
+        memory = {"authors": {"saved_bytes": 100}, "gald": {"saved_bytes": 60}}
+        memory["gald, grad checkpointing"] = {"saved_bytes": 40}
+        kinds = {
+            "train_step": {"gald": speed, "gald, grad checkpointing": speed},
+            "inference": {"gald": speed},
+        }
+        return {"ld": {**kinds, "memory": memory}}
+
+    text = _runs_range([run(1.6, "measured"), run(0.25, "too noisy"), run(1.7, "measured")])
+    assert "train step 0.25–1.70x (1 of 3 runs too noisy)" in text
+    assert "bytes saved for backward 0.60x" in text
+    assert "runs" not in _runs_range([run(1.6, "measured")] * 2).split("saved")[0].split(": ")[1]

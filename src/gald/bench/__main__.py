@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     unallocatable = input_problem(args.shape, DTYPES[args.dtype], torch.device(args.device))
     if unallocatable is not None:
         parser.error(f"--shape {','.join(map(str, args.shape))}: {unallocatable}")
-    problem = _too_small(gas, args.ld, args.shape)
+    # --cost runs each GA alone (at --shape and half of it), not inside GALD
+    problem = _too_small([] if args.cost else gas, args.ld, args.shape)
     if problem:
         parser.error(problem)
 
@@ -383,14 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
     )
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
-        say(f"wrote {args.json}")
+        try:
+            with open(args.json, "w") as f:
+                json.dump(out, f, indent=2)
+            say(f"wrote {args.json}")
+        except OSError as exc:  # it could be opened before the run; something changed since
+            print(f"error: could not write --json {args.json!r}: {exc}", file=sys.stderr)
+            status = 1
     if args.plot:
         from ._plot import plot
 
-        plot(out, args.plot)
-        say(f"wrote {args.plot}")
+        try:
+            plot(out, args.plot)
+            say(f"wrote {args.plot}")
+        except OSError as exc:
+            print(f"error: could not write --plot {args.plot!r}: {exc}", file=sys.stderr)
+            status = 1
     return status
 
 

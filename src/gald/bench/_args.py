@@ -60,6 +60,17 @@ def output_problem(path: str) -> str | None:
         return "the file is not writable"
     if not p.exists() and not os.access(parent, os.W_OK | os.X_OK):
         return f"directory {str(parent)!r} is not writable"
+    # permissions are not the whole story (a read-only mount, /proc, a full quota): open it
+    try:
+        if p.exists():
+            with open(p, "a"):  # appending nothing leaves the file as it is
+                pass
+        else:
+            with open(p, "x"):
+                pass
+            p.unlink()
+    except OSError as exc:
+        return f"it cannot be opened for writing: {exc.strerror or exc}"
     return None
 
 

@@ -496,9 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         env = environment(torch.device("cpu"), torch.get_num_threads())
         # per-seed progress on stderr, as the timing benchmark's: stdout holds the report
+        # on a terminal only, as the timing benchmark's progress line
+        shown = not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
         res = run(
             cfg,
-            log=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+            log=(lambda line: print(line, file=sys.stderr)) if shown else (lambda line: None),
         )
     finally:
         torch.set_num_threads(threads_before)
@@ -507,10 +509,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(res))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+        with open(args.json, "w") as f:  # strict JSON: an undefined spread (one seed) is null
+            json.dump(_nan_to_none(res), f, indent=2, allow_nan=False)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
+
+
+def _nan_to_none(obj: Any) -> Any:
+    """``obj`` with every float NaN replaced by ``None`` (JSON has no NaN)."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
 
 
 if __name__ == "__main__":

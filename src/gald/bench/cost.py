@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..registry import create_ga
-from ._timing import format_flops, saved_bytes
+from ._timing import format_flops, format_mib, saved_bytes
 from .block import count_flops
 
 
@@ -56,7 +56,7 @@ def table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             f"{r['params']:,}",
             format_flops(r["gflops"]),
             format_flops(r["gflops_inner"]),
-            f"{r['saved_bytes'] / 2**20:.1f}",
+            format_mib(r["saved_bytes"]),
         ]
         for r in res["rows"]
     ]

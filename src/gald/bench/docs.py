@@ -37,6 +37,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -177,7 +178,7 @@ def render_environment(res: dict[str, Any]) -> str:
 
 def _command(res: dict[str, Any]) -> str:
     """The run's command without its output options (``--json``, ``--plot``, ``--quiet``)."""
-    words = res.get("command", "python -m gald.bench").split()
+    words = shlex.split(res.get("command", "python -m gald.bench"))
     kept: list[str] = []
     skip = False
     for w in words:
@@ -190,7 +191,7 @@ def _command(res: dict[str, Any]) -> str:
         if w == "--quiet" or w.startswith(("--json=", "--plot=")):
             continue
         kept.append(w)
-    return " ".join(kept)
+    return shlex.join(kept)
 
 
 def _machine(results: list[dict[str, Any]]) -> str:
@@ -266,14 +267,21 @@ def _runs_range(results: list[dict[str, Any]]) -> str:
     """The range of each figure over the runs, so that a reader sees the worst run too."""
     ckpt = "gald, grad checkpointing"
 
-    def span(values: list[float], unit: str) -> str:
+    def span(values: list[float], unit: str, verdicts: list[str] | None = None) -> str:
         low, high = min(values), max(values)
-        return (
+        text = (
             f"{low:.2f}{unit}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}–{high:.2f}{unit}"
         )
+        unsure = [v for v in verdicts or [] if v != "measured"]
+        if unsure:  # a figure the run's own table would not quote
+            text += f" ({len(unsure)} of {len(values)} runs {' / '.join(sorted(set(unsure)))})"
+        return text
 
     def speeds(kind: str, who: str) -> list[float]:
         return [r["ld"][kind][who]["speedup_vs_authors"]["ratio"] for r in results]
+
+    def verdicts(kind: str, who: str) -> list[str]:
+        return [r["ld"][kind][who]["speedup_vs_authors"]["verdict"] for r in results]
 
     def saved(who: str) -> list[float]:
         return [
@@ -284,9 +292,10 @@ def _runs_range(results: list[dict[str, Any]]) -> str:
     return (
         f"Over these {len(results)} runs, against the authors' formulation (median ratios; "
         "above 1 is faster): train step "
-        f"{span(speeds('train_step', 'gald'), 'x')}, with checkpointing "
-        f"{span(speeds('train_step', ckpt), 'x')}; inference "
-        f"{span(speeds('inference', 'gald'), 'x')}; bytes saved for backward "
+        f"{span(speeds('train_step', 'gald'), 'x', verdicts('train_step', 'gald'))}, with "
+        f"checkpointing {span(speeds('train_step', ckpt), 'x', verdicts('train_step', ckpt))}; "
+        f"inference {span(speeds('inference', 'gald'), 'x', verdicts('inference', 'gald'))}; "
+        "bytes saved for backward "
         f"{span(saved('gald'), 'x')}, with checkpointing {span(saved(ckpt), 'x')}."
     )
 
