@@ -393,3 +393,20 @@ def test_blend_is_the_linear_blend_with_its_gradients(offset: float) -> None:
         torch.testing.assert_close(want, p.grad)
     with torch.no_grad():
         assert torch.equal(ld.eval()(x, blend=torch.zeros_like(a)), x)
+
+
+def test_blend_is_checked_and_the_mask_is_computed_as_the_op_does() -> None:
+    ld = gald.LocalDistribution(4).eval()
+    x = torch.randn(1, 4, 9, 9)
+    with pytest.raises(TypeError, match=r"blend must be a tensor or None, got float"):
+        ld(x, blend=0.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"without enlarging it, got \(2, 4, 1, 1\)"):
+        ld(x, blend=torch.zeros(2, 4, 1, 1))  # would turn a batch of 1 into 2
+    assert torch.equal(ld(x, blend=torch.zeros(1, 4, 1, 1)), x)
+    # half precision: the mask in float32, as the fused op applies it
+    with torch.no_grad():
+        xb = x.to(torch.bfloat16)
+        ld_b = ld.to(torch.bfloat16)
+        m = ld_b.mask(xb)
+        assert m.dtype == torch.float32
+        torch.testing.assert_close(ld_b(xb), (xb.float() * (ld.offset + m)).to(torch.bfloat16))

@@ -560,3 +560,27 @@ def test_vmap_and_per_sample_gradients_match_the_reference():
     torch.testing.assert_close(per_sample[1], lr.grad)
     with pytest.raises(NotImplementedError, match="jvp"):  # no forward-mode formula
         torch.func.jacfwd(lambda t: ld_modulate(x, t, impl="torch"))(logits)
+
+
+def test_the_raw_ops_check_their_inputs_too() -> None:
+    # torch.ops.gald.* called directly, eagerly and under torch.compile: no silent scrambling
+    x, swapped = torch.randn(2, 3, 8, 8), torch.randn(3, 2, 2, 2)
+    with pytest.raises(ValueError, match=r"logits must have the batch and channels of x"):
+        torch.ops.gald.ld_modulate(x, swapped, 1.0, True, "torch")
+    with pytest.raises(TypeError, match=r"logits must have the dtype of x"):
+        torch.ops.gald.ld_modulate(
+            x, torch.randn(2, 3, 2, 2, dtype=torch.float64), 1.0, True, "torch"
+        )
+    with pytest.raises(ValueError, match=r"grad must have the shape and dtype of x"):
+        torch.ops.gald.ld_modulate_backward(
+            torch.randn(2, 3, 8, 7), x, torch.randn(2, 3, 2, 2), 1.0, True, "torch", True, True
+        )
+    compiled = torch.compile(
+        lambda a, b: torch.ops.gald.ld_modulate(a, b, 1.0, True, "torch"), backend="eager"
+    )
+    with pytest.raises(Exception, match=r"logits must have the batch and channels of x"):
+        compiled(x, swapped)
+    float8 = getattr(torch, "float8_e5m2", None)
+    if float8 is not None:
+        with pytest.raises(TypeError, match=r"x must be float16, bfloat16, float32 or float64"):
+            gald.ops.ld_modulate(x.to(float8), torch.randn(2, 3, 2, 2).to(float8))

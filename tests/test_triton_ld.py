@@ -502,3 +502,20 @@ def test_missing_triton_raises_a_clear_error(monkeypatch):
         _triton_ld.ld_modulate_fwd_triton(x, logits, 1.0, True)
     with pytest.raises(RuntimeError, match=r"ld_modulate_bwd_triton: triton is not installed"):
         _triton_ld.ld_modulate_bwd_triton(g, x, logits, 1.0, True, True, True)
+
+
+def test_logits_too_wide_for_the_backward_window_run_the_torch_backward(kernels, monkeypatch):
+    # logits 100x wider than x: the Triton backward's window would outgrow shared memory on a
+    # GPU; the op takes the torch backward, the direct kernel call says why it refuses
+    monkeypatch.setattr(_modulate, "_triton_module", kernels)
+    x, logits, g = random_inputs((1, 2, 3, 3, 2, 300), torch.float64)
+    assert not kernels.bwd_window_fits(3, 300, True) and kernels.bwd_window_fits(3, 24, True)
+    xr, lr = x.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = ld_modulate(xr, lr, 2.0, impl="triton")
+    gx, gl = torch.autograd.grad(out, (xr, lr), g)
+    want, want_gx, want_gl = reference_grads(x, logits, g, 2.0, True)
+    torch.testing.assert_close(out, want, **tol(torch.float64))
+    torch.testing.assert_close(gx, want_gx, **tol(torch.float64))
+    torch.testing.assert_close(gl, want_gl, **tol(torch.float64))
+    with pytest.raises(ValueError, match=r"300 columns wide for an x 3 wide need a backward"):
+        kernels.ld_modulate_bwd_triton(g, x, logits, 2.0, True, True, True)

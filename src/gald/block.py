@@ -371,7 +371,9 @@ class GALD(nn.Module):
     ``y + (alpha * y) * (offset - 1 + M(y))`` so that it is exactly ``y`` while ``alpha`` is
     zero, in half precision too (see :meth:`gald.LocalDistribution.forward`). The GA then runs at the
     resolution it was trained at (``downsample`` must be ``False``; a stride-2 conv cannot start
-    as the identity). For training from scratch, as in the paper, keep ``init="default"``.
+    as the identity). The blend keeps one more full-size tensor for backward than the plain LD
+    (``alpha * y``, the input of the fused op). For training from scratch, as in the paper, keep
+    ``init="default"``.
 
     A state dict of the model *before* wrapping loads into the wrapped model: keys of the
     wrapped module found at the block's own prefix (``decoder.aspp.convs.0.weight``) are read

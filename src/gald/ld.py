@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._amp import autocast_off, compute_dtype
 from ._checkpoint import checkpoint_once
 from ._layers import LayerFactory, depthwise_stage, strided_min_size
 from ._validate import (
@@ -161,7 +162,9 @@ class LocalDistribution(nn.Module):
         Under ``torch.compile`` use an AOT backend (the default inductor, or ``aot_eager``):
         with ``backend="eager"`` the backward of a checkpointed branch with BatchNorm in
         training mode fails (``... is at version 2; expected version 1``), a PyTorch limitation
-        shared by any checkpointed BatchNorm.
+        shared by any checkpointed BatchNorm. ``torch.func`` transforms (``grad``, ``vjp``,
+        ``jacrev``) refuse checkpointed code (``don't yet support saved tensor hooks``), a
+        PyTorch limitation: switch checkpointing off for them.
         """
         check_bool(enable, "enable")
         self.grad_checkpointing = enable
@@ -183,19 +186,33 @@ class LocalDistribution(nn.Module):
         return logits if logits.dtype == x.dtype else logits.to(x.dtype)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
-        """The full-resolution mask ``sigmoid(Up(branch(x)))``, shape (B, C, H, W)."""
-        logits = self.logits(x)
-        return torch.sigmoid(
-            F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
-        )
+        """The full-resolution mask ``sigmoid(Up(branch(x)))``, shape (B, C, H, W).
+
+        Computed as the fused op computes it: in float32 for float16 and bfloat16 inputs (and
+        returned in float32 then), in the input's dtype otherwise."""
+        logits = self.logits(x).to(compute_dtype(x.dtype))
+        with autocast_off(x.device.type):
+            up = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=True)
+            return torch.sigmoid(up)
 
     def forward(self, x: torch.Tensor, blend: torch.Tensor | None = None) -> torch.Tensor:
         """``x * (offset + M(x))``; with ``blend`` (a tensor broadcastable to ``x``, e.g. a
         per-channel ``(1, C, 1, 1)`` weight), ``x + blend * (x * (offset + M(x)) - x)``,
         computed as ``x + (blend * x) * (offset - 1 + M(x))`` so that ``blend = 0`` gives ``x``
         exactly, also where ``x * (offset + M)`` would overflow in half precision (the blend
-        :class:`~gald.GALD` uses for ``init="identity"``)."""
+        :class:`~gald.GALD` uses for ``init="identity"``; autograd then keeps ``blend * x``,
+        one more full-size tensor, besides ``x`` and the logits)."""
         logits = self.logits(x)
+        if blend is not None:
+            if not isinstance(blend, torch.Tensor):
+                raise TypeError(f"blend must be a tensor or None, got {type(blend).__name__}")
+            if blend.dim() > x.dim() or any(
+                b != 1 and b != s for b, s in zip(reversed(blend.shape), reversed(x.shape))
+            ):
+                raise ValueError(
+                    f"blend must broadcast to x's shape {tuple(x.shape)} without enlarging it, "
+                    f"got {tuple(blend.shape)}"
+                )
         if blend is None:
             return ld_modulate(x, logits, self.offset, impl=self.impl)
         scaled = blend.to(x.dtype) * x

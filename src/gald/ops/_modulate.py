@@ -131,6 +131,7 @@ def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
     _check_impl_in_op(impl)
+    _check_inputs(x, logits, offset, align_corners)  # the op may be called directly
     # the kernels choose their own precision: an enclosing autocast must not recast them; they
     # are the op's implementation, never differentiated through (torch.func runs them with
     # tensors that track gradients at an outer level)
@@ -146,6 +147,7 @@ def _modulate_kernel(
 def _modulate_fake(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
+    _check_inputs(x, logits, offset, align_corners)
     return torch.empty_like(x)
 
 
@@ -160,13 +162,17 @@ def _backward_kernel(
     need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
+    _check_backward_inputs(grad, x, logits, offset, align_corners)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
-        if impl == "triton":
-            gx, gl = _require_triton().ld_modulate_bwd_triton(
+        kernels = _require_triton() if impl == "triton" else None
+        if kernels is not None and (
+            not need_logits or kernels.bwd_window_fits(x.shape[-1], lg.shape[-1], align_corners)
+        ):
+            gx, gl = kernels.ld_modulate_bwd_triton(
                 grad, x, lg, offset, align_corners, need_x, need_logits
             )
-        else:
+        else:  # the torch kernel, also for logits too wide for the Triton backward's window
             gx, gl = _ld_torch.backward(grad, x, lg, offset, align_corners, need_x, need_logits)
     return _like(gx, x, need_x), _like(gl, logits, need_logits)
 
@@ -181,6 +187,7 @@ def _backward_fake(
     need_x: bool,
     need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_backward_inputs(grad, x, logits, offset, align_corners)
     gx = torch.empty_like(x) if need_x else x.new_empty(0)
     gl = torch.empty_like(logits) if need_logits else logits.new_empty(0)
     return gx, gl
@@ -271,6 +278,9 @@ def _exporting() -> bool:
     return torch.onnx.is_in_onnx_export()
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_inputs(x: object, logits: object, offset: object, align_corners: object) -> None:
     check_feature(x, None, name="x", who="ld_modulate")
     check_feature(logits, None, name="logits", who="ld_modulate")
@@ -282,6 +292,10 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
             f"({x.shape[0]}, {x.shape[1]}, h, w), got x {tuple(x.shape)} and logits "
             f"{tuple(logits.shape)}"
         )
+    if x.dtype not in _DTYPES:
+        raise TypeError(
+            f"ld_modulate: x must be float16, bfloat16, float32 or float64, got {x.dtype}"
+        )
     if x.dtype != logits.dtype:
         raise TypeError(
             f"ld_modulate: logits must have the dtype of x ({x.dtype}), got {logits.dtype}"
@@ -292,6 +306,22 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
         )
     check_float(offset, "ld_modulate: offset")
     check_bool(align_corners, "ld_modulate: align_corners")
+
+
+def _check_backward_inputs(
+    grad: object, x: torch.Tensor, logits: torch.Tensor, offset: object, align_corners: object
+) -> None:
+    _check_inputs(x, logits, offset, align_corners)
+    if not isinstance(grad, torch.Tensor) or grad.shape != x.shape or grad.dtype != x.dtype:
+        got = (
+            f"{tuple(grad.shape)} {grad.dtype}"
+            if isinstance(grad, torch.Tensor)
+            else type(grad).__name__
+        )
+        raise ValueError(
+            f"ld_modulate_backward: grad must have the shape and dtype of x "
+            f"({tuple(x.shape)} {x.dtype}), got {got}"
+        )
 
 
 def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
@@ -337,7 +367,9 @@ def ld_modulate(
             triton imports (for float64, triton >= 3.5) and the torch kernel otherwise (the
             reference formula while a tracer or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
             temporaries bounded by a constant); ``"triton"`` the Triton kernel (``RuntimeError`` when
-            triton is unavailable); ``"reference"`` the plain-ops formula (the oracle: autograd
+            triton is unavailable; the backward of logits over about 8x wider than ``x``, whose
+            window would not fit in the GPU's shared memory, runs the torch kernel);
+            ``"reference"`` the plain-ops formula (the oracle: autograd
             saves the full-resolution mask).
 
     Shape:
@@ -358,7 +390,9 @@ def ld_modulate(
     mask with ``h`` (NCHW) or ``w`` (channels_last) multiply-adds per element and its backward
     reduces with ``w`` more); autograd saves ``x`` and ``logits`` only; extra memory is a
     constant (scratch chunks of at most 4 MiB on CPU and 32 MiB on other devices, unless one
-    plane (NCHW) or image row (channels_last) is larger) plus O(B C H w).
+    plane (NCHW) or image row (channels_last) is larger) plus O(B C H w); the torch kernel
+    also copies ``x`` (and, in backward, the incoming gradient, e.g. the expanded one of a
+    ``.sum()``) when its strides are neither NCHW nor channels_last.
     """
     _check_inputs(x, logits, offset, align_corners)
     which = resolve_impl(x, impl)

@@ -115,6 +115,10 @@ _FWD_TILE_ELEMS = 2048
 _BWD_MIN_BLOCK = 16
 _BWD_MAX_BLOCK = 64  # columns per tile, and channels per program for channels_last
 _BWD_MAX_ROWS = 32  # rows per program for NCHW
+# the backward's low-resolution window: the (BLOCK_J, WIN) weight tile and its tl.dot live in
+# shared memory, which a window grown with the logits' width would exhaust (logits over about
+# 8x wider than x); such a backward runs the torch kernel instead (see bwd_window_fits)
+_BWD_MAX_WIN = 128
 _NUM_WARPS = 4
 
 
@@ -398,6 +402,12 @@ def _window(block: int, in_size: int, out_size: int, align_corners: bool) -> int
     return max(_BWD_MIN_BLOCK, _pow2(min(span, in_size + 2)))
 
 
+def bwd_window_fits(W: int, w: int, align_corners: bool) -> bool:
+    """Whether the Triton backward takes logits ``w`` columns wide for an ``x`` ``W`` wide: its
+    window of logits columns stays within :data:`_BWD_MAX_WIN` (up to about 8x wider)."""
+    return _window(_BWD_MIN_BLOCK, w, W, align_corners) <= _BWD_MAX_WIN
+
+
 def _bwd_tiles(C: int, H: int, W: int, w: int, align_corners: bool, channels_inner: bool):
     """(BLOCK_A, BLOCK_J, WIN) of the backward; the column tile shrinks when windows grow."""
     block_j = min(max(_pow2(W), _BWD_MIN_BLOCK), _BWD_MAX_BLOCK)
@@ -574,6 +584,11 @@ def ld_modulate_bwd_triton(
 
     b, c, H, W = x.shape
     h, w = logits.shape[-2:]
+    if not bwd_window_fits(W, w, align_corners):
+        raise ValueError(
+            f"{who}: logits {w} columns wide for an x {W} wide need a backward window over "
+            f"{_BWD_MAX_WIN} columns; the op runs the torch kernel for such a backward"
+        )
     grad_logits = torch.empty_like(logits)
     channels_inner = _channels_inner(x)
     acc = compute_dtype(x.dtype)
