@@ -315,3 +315,6 @@ def test_progress_lines_on_a_terminal_and_strict_json_for_one_seed(
     assert "NaN" not in text
     res = json.loads(text)  # one seed: no spread, written as null
     assert any(v is None for d in res["paired"].values() for m in d.values() for v in m.values())
+    from gald.bench.docs import render_ablation
+
+    assert "1 seed;" in render_ablation(res)  # the docs' renderer reads the nulls

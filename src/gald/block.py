@@ -386,7 +386,8 @@ class GALD(nn.Module):
             ``cls(in_channels, **ga_kwargs)``, or a ready ``nn.Module``.
         out_channels: channels of the GA output and of the block (default: inferred, see above).
         ga_kwargs: keyword arguments for the GA constructor (any mapping).
-        downsample: run the GA on a 2x-downsampled copy and upsample its output.
+        downsample: run the GA on a 2x-downsampled copy and upsample its output (default
+            ``None``: ``True``, or ``False`` with ``init="identity"``).
         ld: apply the local distribution.
         offset: the LD offset (default 2.0, the authors' block).
         padding: padding of the ``down`` conv and of every LD conv (``0`` = the authors' code).
@@ -411,7 +412,8 @@ class GALD(nn.Module):
         down: the stride-2 downsample stage; ``None`` with ``downsample=False``.
         ld: the :class:`~gald.LocalDistribution`; ``None`` with ``ld=False``.
         alpha: the per-channel blend of ``init="identity"``; ``None`` otherwise.
-        in_channels, out_channels: the widths of the input and of the output.
+        in_channels: the width of the input.
+        out_channels: the width of the output.
         min_size: the smallest height and width the block takes (its downsample, its LD, and
             the GA's own minimum: declared by gald's layers, found by trying small inputs for
             a module of yours); a smaller input is a ``ValueError`` that names the GA.

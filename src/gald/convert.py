@@ -92,8 +92,11 @@ def official_to_gald(
     raises a ``ValueError`` that lists them.
 
     Example:
-        >>> head_sd, aux_sd = official_to_gald(load_official("GALD_res101.pth"))  # doctest: +SKIP
-        >>> head = GALDHead.official(num_classes=19)  # doctest: +SKIP
+        >>> import gald
+        >>> path = "GALD_res101.pth"  # the authors' checkpoint, where you saved it
+        >>> state = gald.convert.load_official(path)  # doctest: +SKIP
+        >>> head_sd, aux_sd = gald.convert.official_to_gald(state)  # doctest: +SKIP
+        >>> head = gald.GALDHead.official(num_classes=19)
         >>> head.load_state_dict(head_sd)  # doctest: +SKIP
     """
     head: dict[str, torch.Tensor] = {}

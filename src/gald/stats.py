@@ -37,8 +37,10 @@ class GateStats:
     """Statistics of one LD's gate ``offset + M`` over every element seen.
 
     Attributes:
-        mean, std, min, max: of the gate over all samples, channels and positions
-            (``std`` is the population standard deviation).
+        mean: the gate's mean over all samples, channels and positions.
+        std: its population standard deviation over the same.
+        min: its smallest value.
+        max: its largest value.
         spatial_cv: mean over (sample, channel) of the coefficient of variation (std / mean)
             of the gate over positions. ``0`` means the gate is flat over space.
         channel_cv: coefficient of variation across channels of the per-channel mean gate.
@@ -46,13 +48,15 @@ class GateStats:
             per-sample spatial mean gate. ``0`` means every sample gets the same gate.
         far_fraction: fraction of positions whose gate differs from the mean of its
             (sample, channel) map by more than 5 % of that mean.
-        low, high: the range the gate can take under this LD's settings
+        low: the lower end of the range the gate can take under this LD's settings
             (:attr:`gald.LocalDistribution.gate_range`: ``[offset + 0.5, offset + 1)`` when the
             last stage ends in a non-negative activation such as the default ReLU,
             ``(offset, offset + 1)`` with ``final_act=False`` or another activation). In
             floating point the sigmoid of a large logit rounds to 1, so ``max`` may equal
             ``high``.
-        offset, final_act: the LD's settings.
+        high: the upper end of that range (excluded in exact arithmetic; see ``low``).
+        offset: the LD's offset.
+        final_act: whether the LD's last stage ends in its activation.
         samples: number of samples seen.
         channels: number of channels.
         calls: number of forward calls of the LD seen (empty batches included), so that

@@ -90,7 +90,7 @@ def t95(df: int) -> float:
 
 
 # measured at the default settings with 2 threads on two 2-core x86 CPUs
-DEFAULT_MINUTES = "a few minutes on a 2-core CPU (1.3 to 3.8 min measured on two such machines)"
+DEFAULT_MINUTES = "a few minutes on a 2-core CPU"
 
 
 def work_relative_to_default(cfg: AblationConfig) -> float:
@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         sys.stdout.flush()
         env = environment(torch.device("cpu"), torch.get_num_threads())
-        # per-seed progress on stderr, as the timing benchmark's: stdout holds the report
-        # on a terminal only, as the timing benchmark's progress line
+        # per-seed progress on stderr (stdout holds the report), on a terminal only, as the
+        # timing benchmark's progress line
         shown = not args.quiet and sys.stdout.isatty() and sys.stderr.isatty()
         res = run(
             cfg,

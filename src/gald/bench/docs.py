@@ -396,6 +396,11 @@ def render_first_call(res: dict[str, Any]) -> str:
     )
 
 
+def _undefined(value: float | None) -> bool:
+    """A spread the run could not compute: ``null`` in its JSON (NaN in older files)."""
+    return value is None or math.isnan(value)
+
+
 def render_ablation(res: dict[str, Any]) -> str:
     """The paired-seed ablation (``python -m gald.bench --ablation --json``) as Markdown."""
     _needs(res, "paired", "--ablation results")
@@ -420,9 +425,9 @@ def render_ablation(res: dict[str, Any]) -> str:
         cells = [key.replace("-", " − ")]
         for m in METRICS:
             d = per_metric[m]
-            std = "" if math.isnan(d["std"]) else f" ± {d['std']:.1f}"
+            std = "" if _undefined(d["std"]) else f" ± {d['std']:.1f}"
             cells.append(f"{d['mean']:+.1f}{std} ({d['wins']}/{d['n']})".replace("-", "−"))
-            if not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]:
+            if not _undefined(d["ci95"]) and abs(d["mean"]) > d["ci95"]:
                 beyond.append(f"{key.replace('-', ' − ')} on {'mIoU' if m == 'miou' else m}")
         paired_rows.append(cells)
     verdict = (

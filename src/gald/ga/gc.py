@@ -51,15 +51,15 @@ class GlobalContext(nn.Module):
 
     .. math::
         \alpha_j = \mathrm{softmax}_j(W_k x_j), \qquad
-        c = \sum_j \alpha_j x_j \quad(\text{``att''}) \quad\text{or}\quad
-        c = \tfrac{1}{N}\sum_j x_j \quad(\text{``avg''}),
+        c = \sum_j \alpha_j x_j \quad(\text{"att"}) \quad\text{or}\quad
+        c = \tfrac{1}{N}\sum_j x_j \quad(\text{"avg"}),
 
     .. math::
         t_f = W_{2,f}\, \mathrm{act}(\mathrm{LN}(W_{1,f}\, c)) \quad (f \in \text{fusion}),
 
     .. math::
-        \mathrm{out} = x + t_{add} \;(\text{``add''}), \qquad
-        \mathrm{out} = x \odot \sigma(t_{mul}) \;(\text{``mul''}), \qquad
+        \mathrm{out} = x + t_{add} \;(\text{"add"}), \qquad
+        \mathrm{out} = x \odot \sigma(t_{mul}) \;(\text{"mul"}), \qquad
         \mathrm{out} = x \odot \sigma(t_{mul}) + t_{add} \;(\text{both}),
 
     each fusion with its own transform: ``W_1`` a 1x1 conv ``C -> C_r``, ``LN`` a LayerNorm over
