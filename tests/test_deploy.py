@@ -137,6 +137,15 @@ def test_export_onnx_refuses_bad_arguments(tmp_path: Path) -> None:
         deploy.export_onnx(head, _input(SHAPE), tmp_path / "c.onnx", opset=13)
     with pytest.raises(TypeError, match="module must be a torch.nn.Module"):
         deploy.export_onnx("head", _input(SHAPE), tmp_path / "d.onnx")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dynamic_batch must be a bool, got str 'no'"):
+        deploy.export_onnx(head, _input(SHAPE), tmp_path / "e.onnx", dynamic_batch="no")  # type: ignore[arg-type]
+
+
+def test_cgnl_scale_stays_symbolic_in_export() -> None:
+    # the 1/sqrt(N) of use_scale=True must follow the input size, not the example's
+    torch.manual_seed(0)
+    model = randomize_(gald.ga.CGNL(C, use_scale=True), seed=1).eval()
+    _export_and_compare(model, (SHAPE, SHAPE2), "CGNL(use_scale=True)")
 
 
 def _train_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -215,6 +224,9 @@ def test_the_onnx_checks_detect_what_they_check(tmp_path: Path) -> None:
         for p in changed.aux.parameters():
             p.add_(0.5)
     assert deploy.verify_onnx(changed, path, _input(SHAPE)) > 1e-2
+    with torch.no_grad():  # a NaN is no match (Python's max(0.0, nan) would say 0.0)
+        next(changed.aux.parameters()).fill_(float("nan"))
+    assert deploy.verify_onnx(changed, path, _input(SHAPE)) == float("inf")
     # onnx_custom_domains names a non-standard operator, also inside a nested graph
     helper = onnx.helper
     inp = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])

@@ -288,3 +288,20 @@ def test_registered_and_inside_gald() -> None:
     block = gald.GALD(C, ga_module="dualgcn").eval()
     with torch.no_grad():
         assert block(torch.randn(1, C, 11, 6)).shape == (1, C, 11, 6)
+
+
+def test_fp16_autocast_on_a_large_sum_stays_finite() -> None:
+    # the re-projection sums N positions: with the norms' statistics as training leaves them
+    # (large variances) the output is moderate, but an fp16 copy of the sum would overflow
+    torch.manual_seed(0)
+    m = gald.create_ga("dualgcn", 16).eval()
+    with torch.no_grad():
+        for bn, var in ((m.bn_adj, 1e9), (m.bn_wg, 1e9), (m.bn3, 1e12)):
+            bn.running_var.fill_(var)
+    x = torch.relu(torch.randn(1, 16, 33, 33)) * 20
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = m(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()

@@ -218,3 +218,18 @@ def test_registered_and_inside_gald() -> None:
     block = gald.GALD(C, ga_module="glore").eval()
     with torch.no_grad():
         assert block(torch.randn(1, C, 11, 6)).shape == (1, C, 11, 6)
+
+
+def test_fp16_autocast_without_normalize_stays_finite() -> None:
+    # normalize=False (the authors' setting) sums N positions into the graph's nodes
+    torch.manual_seed(0)
+    m = gald.create_ga("glore", 16, normalize=False).eval()
+    with torch.no_grad():
+        m.blocker.running_var.fill_(1e12)
+    x = torch.relu(torch.randn(1, 16, 33, 33)) * 20
+    with torch.no_grad():
+        ref = m(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = m(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()

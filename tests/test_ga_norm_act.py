@@ -57,3 +57,11 @@ def test_the_check_can_fail() -> None:
         if any(isinstance(m, nn.BatchNorm2d) for m in gald.create_ga(name, 16).modules())
     ]
     assert {"aspp", "psp", "nonlocal", "ema", "glore", "dualgcn"} <= set(with_bn)
+
+
+@pytest.mark.parametrize("name", ["aspp", "psp", "dualgcn", "glore", "ema", "nonlocal"])
+def test_a_norm_factory_that_cannot_build_a_width_is_named(name: str) -> None:
+    from functools import partial
+
+    with pytest.raises(ValueError, match=r"^norm_layer=.*GroupNorm.*32\) cannot build a norm of"):
+        gald.create_ga(name, 16, norm_layer=partial(nn.GroupNorm, 32))

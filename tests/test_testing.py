@@ -83,7 +83,7 @@ class BufferOnDefaultDevice(SqueezeExcitation):
 
 class TensorOnDefaultDeviceInForward(SqueezeExcitation):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ramp = torch.linspace(0.5, 1.5, x.shape[-1])  # no device=x.device
+        ramp = torch.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype)  # no device=x.device
         return super().forward(x) * ramp
 
 
@@ -137,7 +137,7 @@ class StateOutsideStateDict(SqueezeExcitation):
         self.scale = torch.rand(channels, 1, 1) + 0.5  # a plain attribute, not a buffer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) * self.scale
+        return super().forward(x) * self.scale.to(x.dtype)
 
 
 class NeedsThree(SqueezeExcitation):
@@ -715,3 +715,20 @@ def test_feature_maps_refuses_formats_of_other_ranks(data) -> None:
         feature_maps(4, memory_format=5)  # type: ignore[arg-type]
     x = data.draw(feature_maps(4, memory_format=[torch.channels_last], height=3, width=2))
     assert x.is_contiguous(memory_format=torch.channels_last) and x.shape[1:] == (4, 3, 2)
+
+
+class ReturnsFloat32InAHalfModel(SqueezeExcitation):
+    """Computes in float32 and forgets to cast back: breaks the next layer of a half model."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).float()
+
+
+def test_a_layer_that_breaks_half_precision_models_fails_autocast() -> None:
+    with pytest.raises(AssertionError) as info:
+        check_ga(ReturnsFloat32InAHalfModel, channels=C, only=["autocast"])
+    assert re.match(
+        r"autocast: input shape \(2, 8, \d+, \d+\): the module converted to torch.bfloat16 "
+        r"returned torch.float32 on cpu, expected torch.bfloat16",
+        str(info.value),
+    )

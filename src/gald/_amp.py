@@ -35,3 +35,15 @@ def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
     if enabled:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def run_unscaled(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with autocast off and ``x`` cast to the dtype of the module's floating
+    parameters: float32 under autocast (which leaves parameters in float32), the model's own
+    dtype after ``model.half()``. For layers fed by an unnormalised sum over many positions,
+    whose values can exceed float16's range before a norm brings them back."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    if dtype is None:
+        dtype = next((b.dtype for b in module.buffers() if b.is_floating_point()), x.dtype)
+    with autocast_off(x.device.type):
+        return module(x.to(dtype))

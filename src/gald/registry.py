@@ -194,7 +194,7 @@ def get_ga_class(name: str) -> type[nn.Module]:
     """The class registered under ``name``."""
     _ensure_loaded()
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str, got {type(name).__name__}")
+        raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
     try:
         return _GA_REGISTRY[name]
     except KeyError:

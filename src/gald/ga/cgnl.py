@@ -7,8 +7,6 @@ GroupNorm, no scale).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,7 +113,8 @@ class CGNL(nn.Module):
             g = g.to(dtype).reshape(b, groups, n, 1)
             a = torch.matmul(p, g).reshape(b, groups, 1)  # one scalar per sample and group
             if self.use_scale:
-                a = a / math.sqrt(n)
+                # a tensor op on the size, not math.sqrt: torch.export and ONNX keep N symbolic
+                a = a * torch.rsqrt(a.new_ones(()) * n)
             y = (a * t).reshape(b, self.inter_channels, h, w)
             z = F.conv2d(y, self.z.weight.to(dtype), groups=groups)
             z = F.group_norm(

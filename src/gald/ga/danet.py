@@ -51,12 +51,13 @@ class _PositionAttention(nn.Module):
             # leaves every q.k unchanged and spares the N x N affinity the math fallback stores.
             q = F.pad(q, (0, pad))
             k = F.pad(k, (0, pad))
-        dtype = compute_dtype(v.dtype)
+        out_dtype = v.dtype  # the values' dtype (a half model's, or autocast's)
+        dtype = compute_dtype(out_dtype)
         # fused kernels also need a unit stride in the head dimension
         q, k, v = (t.to(dtype).contiguous() for t in (q, k, v))
         with autocast_off(x.device.type):
             y = F.scaled_dot_product_attention(q, k, v, scale=1.0)  # (B, 1, N, C)
-        y = rearrange(y.to(v.dtype), "b 1 (h w) c -> b c h w", h=h)
+        y = rearrange(y.to(out_dtype), "b 1 (h w) c -> b c h w", h=h)
         return self.gamma * y
 
 
@@ -89,7 +90,7 @@ class DualAttention(nn.Module):
     r"""DANet's position and channel attention as one residual layer.
 
     With :math:`X \in \mathbb{R}^{C \times N}` (``N = H * W``), ``Q, K`` 1x1 convs ``C -> C'``
-    (``C' = max(1, C // reduction)``) and ``V`` a 1x1 conv ``C -> C`` (all with bias):
+    (``C' = C // reduction``, at least 1: a larger ``reduction`` is a ``ValueError``) and ``V`` a 1x1 conv ``C -> C`` (all with bias):
 
     .. math::
         \mathrm{PAM}(X) = V\, \mathrm{softmax}_j(Q_i^\top K_j)^\top, \qquad
@@ -128,7 +129,7 @@ class DualAttention(nn.Module):
 
     Args:
         channels: input and output channels ``C``.
-        reduction: PAM query/key reduction; ``C' = max(1, C // reduction)``.
+        reduction: PAM query/key reduction; ``C' = C // reduction`` must be at least 1.
         branches: the branches to use, a non-empty sub-sequence of ``("pam", "cam")``.
 
     Shape:

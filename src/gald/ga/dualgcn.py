@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory
+from .._amp import autocast_off, compute_dtype, run_unscaled
+from .._layers import LayerFactory, make_layer
 from .._validate import check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -74,9 +74,18 @@ class _SpatialGCN(nn.Module):
         self.node_v = nn.Conv2d(channels, inter, 1)
         self.node_q = nn.Conv2d(channels, inter, 1)
         self.conv_wg = nn.Conv1d(inter, inter, 1, bias=False)
-        self.bn_wg = norm_layer(inter)
-        self.out = nn.Sequential(nn.Conv2d(inter, channels, 1), norm_layer(channels))
-        self.act = act_layer()
+        self.bn_wg = make_layer(
+            norm_layer, "norm_layer", inter, purpose=f"a norm of {type(self).__name__}"
+        )
+        self.out = nn.Sequential(
+            nn.Conv2d(inter, channels, 1),
+            make_layer(
+                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+            ),
+        )
+        self.act = make_layer(
+            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -188,25 +197,44 @@ class DualGCN(nn.Module):
             stages.append(
                 nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False)
             )
-            stages.append(norm_layer(channels))
+            stages.append(
+                make_layer(
+                    norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+                )
+            )
         self.local = nn.Sequential(*stages)
         self.gcn_local_attention = _SpatialGCN(channels, norm_layer, act_layer)
 
         # feature space
         self.phi = nn.Conv2d(channels, states, 1, bias=False)
-        self.bn_phi = norm_layer(states)
+        self.bn_phi = make_layer(
+            norm_layer, "norm_layer", states, purpose=f"a norm of {type(self).__name__}"
+        )
         self.theta = nn.Conv2d(channels, nodes, 1, bias=False)
-        self.bn_theta = norm_layer(nodes)
+        self.bn_theta = make_layer(
+            norm_layer, "norm_layer", nodes, purpose=f"a norm of {type(self).__name__}"
+        )
         self.conv_adj = nn.Conv1d(nodes, nodes, 1, bias=False)
-        self.bn_adj = norm_layer(nodes)
+        self.bn_adj = make_layer(
+            norm_layer, "norm_layer", nodes, purpose=f"a norm of {type(self).__name__}"
+        )
         self.conv_wg = nn.Conv1d(states, states, 1, bias=False)
-        self.bn_wg = norm_layer(states)
+        self.bn_wg = make_layer(
+            norm_layer, "norm_layer", states, purpose=f"a norm of {type(self).__name__}"
+        )
         self.conv3 = nn.Conv2d(states, channels, 1, bias=False)
-        self.bn3 = norm_layer(channels)
-        self.act = act_layer()
+        self.bn3 = make_layer(
+            norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+        )
+        self.act = make_layer(
+            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
+        )
 
         self.final = nn.Sequential(
-            nn.Conv2d(2 * channels, channels, 1, bias=False), norm_layer(channels)
+            nn.Conv2d(2 * channels, channels, 1, bias=False),
+            make_layer(
+                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+            ),
         )
 
     def extra_repr(self) -> str:
@@ -233,12 +261,18 @@ class DualGCN(nn.Module):
             z_idt = torch.matmul(
                 states.to(dtype), nodes.to(dtype).transpose(1, 2)
             )  # (B, 2C/r, C/r)
-        z_idt = z_idt.to(states.dtype)
-        z = _norm_1d(self.bn_adj, self.conv_adj(z_idt.transpose(1, 2))).transpose(1, 2)
-        z = _norm_1d(self.bn_wg, self.conv_wg(z + z_idt))
+        # z_idt sums N positions: the small graph convs run in their parameters' dtype with
+        # autocast off (float32 under autocast; an fp16 copy would overflow on large maps)
+        with autocast_off(x.device.type):
+            z_idt = z_idt.to(self.conv_adj.weight.dtype)
+            z = _norm_1d(self.bn_adj, self.conv_adj(z_idt.transpose(1, 2))).transpose(1, 2)
+            z = _norm_1d(self.bn_wg, self.conv_wg(z + z_idt))
         with autocast_off(x.device.type):
             y = torch.matmul(z.to(dtype), nodes.to(dtype))  # re-projection, (B, 2C/r, N)
-        y = y.to(states.dtype).reshape(b, self.num_state, h, w)
-        global_feat = self.act(x + self.bn3(self.conv3(y)))
+        y = y.reshape(b, self.num_state, h, w)
+        # a sum over N positions: conv3 and its norm run in float32 under autocast, where an
+        # fp16 copy of y (or of conv3's output) would overflow on large maps
+        g = run_unscaled(self.bn3, run_unscaled(self.conv3, y))
+        global_feat = self.act(x + g.to(torch.promote_types(x.dtype, states.dtype)))
 
         return self.final(torch.cat((local_feat, global_feat), dim=1))

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory
-from .._validate import check_factory, check_feature, check_float, check_positive_int
+from .._layers import LayerFactory, make_layer
+from .._validate import check_choice, check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
 POOLINGS: Final = ("att", "avg")
@@ -125,10 +125,7 @@ class GlobalContext(nn.Module):
                 f"ratio={ratio} leaves no channels: int(channels * ratio) must be >= 1, "
                 f"got channels={channels}"
             )
-        if not isinstance(pooling, str):
-            raise TypeError(f"pooling must be a str, got {type(pooling).__name__}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        check_choice(pooling, "pooling", POOLINGS)
         self.fusion = _check_fusion(fusion)
         if norm_layer is not None:
             check_factory(norm_layer, "norm_layer")
@@ -145,7 +142,17 @@ class GlobalContext(nn.Module):
             if last.bias is not None:
                 nn.init.zeros_(last.bias)
             self.transforms[name] = nn.Sequential(
-                nn.Conv2d(channels, hidden, 1), bottleneck_norm_layer(hidden), act_layer(), last
+                nn.Conv2d(channels, hidden, 1),
+                make_layer(
+                    bottleneck_norm_layer,
+                    "bottleneck_norm_layer",
+                    hidden,
+                    purpose=f"a norm of {type(self).__name__}",
+                ),
+                make_layer(
+                    act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
+                ),
+                last,
             )
 
     def _load_from_state_dict(

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory
+from .._amp import autocast_off, compute_dtype, run_unscaled
+from .._layers import LayerFactory, make_layer
 from .._validate import check_bool, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -22,7 +22,9 @@ class _GraphConv(nn.Module):
     def __init__(self, num_state: int, num_node: int, act_layer: LayerFactory) -> None:
         super().__init__()
         self.conv1 = nn.Conv1d(num_node, num_node, 1)  # mixes nodes (the adjacency)
-        self.act = act_layer()
+        self.act = make_layer(
+            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
+        )
         self.conv2 = nn.Conv1d(num_state, num_state, 1, bias=False)  # mixes states
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,9 @@ class GloRe(nn.Module):
         self.conv_proj = nn.Conv2d(channels, self.num_node, 1)
         self.gcn = _GraphConv(self.num_state, self.num_node, act_layer)
         self.conv_extend = nn.Conv2d(self.num_state, channels, 1, bias=False)
-        self.blocker = norm_layer(channels)
+        self.blocker = make_layer(
+            norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+        )
         weight = getattr(self.blocker, "weight", None)
         if isinstance(weight, nn.Parameter):
             nn.init.zeros_(weight)
@@ -128,6 +132,10 @@ class GloRe(nn.Module):
             v = torch.matmul(states.to(dtype), proj.to(dtype).transpose(1, 2))  # (B, S, K)
             if self.normalize:
                 v = v / n
-        v = v.to(states.dtype)
-        y = torch.matmul(self.gcn(v), proj).reshape(b, self.num_state, h, w)  # back-projection
-        return x + self.blocker(self.conv_extend(y))
+        # without normalize, v sums N positions: the graph, the back-projection, conv_extend and
+        # its norm run in float32 under autocast, where fp16 copies would overflow
+        v = run_unscaled(self.gcn, v)
+        with autocast_off(x.device.type):
+            y = torch.matmul(v.to(dtype), proj.to(dtype)).reshape(b, self.num_state, h, w)
+        out = run_unscaled(self.blocker, run_unscaled(self.conv_extend, y))
+        return x + out.to(torch.promote_types(x.dtype, states.dtype))

@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory
-from .._validate import check_bool, check_factory, check_feature, check_positive_int
+from .._layers import LayerFactory, make_layer
+from .._validate import check_bool, check_choice, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -159,10 +159,7 @@ class NonLocal2d(nn.Module):
                 f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
                 f"got channels={channels}"
             )
-        if not isinstance(mode, str):
-            raise TypeError(f"mode must be a str, got {type(mode).__name__}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        check_choice(mode, "mode", MODES)
         self.inter_channels = channels // reduction
         self.mode = mode
         self.use_scale = check_bool(use_scale, "use_scale")
@@ -187,7 +184,13 @@ class NonLocal2d(nn.Module):
             nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True) if self.sub_sample else None
         )
         self.conv_out = nn.Conv2d(inter, channels, 1, bias=norm_layer is None)
-        self.norm: nn.Module = norm_layer(channels) if norm_layer is not None else nn.Identity()
+        self.norm: nn.Module = (
+            make_layer(
+                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
+            )
+            if norm_layer is not None
+            else nn.Identity()
+        )
         if self.zero_init:
             self._zero_output()
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import LayerFactory
+from .._layers import LayerFactory, make_layer
 from .._validate import (
     check_bool,
     check_factory,
@@ -155,8 +155,19 @@ class PyramidPooling(nn.Module):
         for _ in self.bins:
             layers: list[nn.Module] = [nn.Conv2d(channels, self.branch_channels, 1, bias=with_bias)]
             if pool_norm_layer is not None:
-                layers.append(pool_norm_layer(self.branch_channels))
-            layers.append(act_layer())
+                layers.append(
+                    make_layer(
+                        pool_norm_layer,
+                        "pool_norm_layer",
+                        self.branch_channels,
+                        purpose=f"a norm of {type(self).__name__}",
+                    )
+                )
+            layers.append(
+                make_layer(
+                    act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
+                )
+            )
             self.branches.append(nn.Sequential(*layers))
         self.fuse = nn.Sequential(
             nn.Conv2d(
@@ -166,8 +177,13 @@ class PyramidPooling(nn.Module):
                 padding=1,
                 bias=False,
             ),
-            norm_layer(self.out_channels),
-            act_layer(),
+            make_layer(
+                norm_layer,
+                "norm_layer",
+                self.out_channels,
+                purpose=f"a norm of {type(self).__name__}",
+            ),
+            make_layer(act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"),
         )
 
     def extra_repr(self) -> str:

@@ -426,6 +426,34 @@ def _check_autocast(ctx: _Context) -> None:
                 ctx.autocast_tol * scale,
                 f"{dtype} autocast output differs from float32",
             )
+            # the model itself in half precision (model.to(dtype), as for inference on a GPU)
+            half = copy.deepcopy(module).to(dtype)
+            xh = x.to(dtype)
+            with _forward_errors("autocast", x, f"forward of the module converted to {dtype}"):
+                out = half(xh)
+            if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device != x.device:
+                got = (
+                    f"{out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else "no tensor"
+                )
+                _fail(
+                    "autocast",
+                    x.shape,
+                    f"the module converted to {dtype} returned {got}, expected {dtype} on "
+                    f"{x.device}",
+                    "A layer in a half-precision model must return that precision (cast back "
+                    "what it computes in float32).",
+                )
+            if not torch.isfinite(out).all():
+                bad = int((~torch.isfinite(out)).sum())
+                _fail("autocast", x.shape, f"{bad} non-finite outputs of the {dtype} module")
+            _assert_near(
+                "autocast",
+                x,
+                out.float(),
+                ref,
+                ctx.autocast_tol * scale,
+                f"the module converted to {dtype} differs from float32",
+            )
 
 
 def _non_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -628,7 +656,8 @@ def check_ga(
       and every parameter, eval mode.
     - ``autocast``: under autocast in each of ``autocast_dtypes`` the output has that dtype or
       the input's, stays on the input's device, is finite and is within
-      ``autocast_tol * max(|float32 output|, 1)`` of the float32 output.
+      ``autocast_tol * max(|float32 output|, 1)`` of the float32 output; the module converted
+      to that dtype (``module.to(dtype)``) returns that dtype, finite and as close.
     - ``memory_format``: channels_last and non-contiguous inputs (a crop of a larger buffer)
       give the contiguous result.
     - ``compile``: ``torch.compile(fullgraph=True, backend="eager")`` agrees with eager
