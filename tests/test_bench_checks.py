@@ -441,3 +441,9 @@ def test_the_rounds_interval_covers_95_percent_of_normal_noise() -> None:
     assert median_q95(30) > median_q95(31) > median_q95(60) > 1.96 * 1.2533 / math.sqrt(60)
     with pytest.raises(ValueError, match="n must be at least 3, got 2"):
         median_q95(2)
+
+
+def test_cost_checks_each_ga_alone_before_anything_runs(capsys, nothing_runs) -> None:
+    err = _error(capsys, main, ["--ga", "dualgcn,gc", "--cost", "--shape", "1,64,3,3"])
+    assert "--ga dualgcn --cost: dualgcn needs H, W >= 9 at batch size 1" in err
+    assert "--ga gc" not in err  # gc alone runs at 3x3

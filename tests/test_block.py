@@ -282,3 +282,24 @@ def test_a_factory_that_cannot_build_a_width_is_named_before_the_module_runs() -
     # the LD's width of a module instance is known only after the dry run: still named
     with pytest.raises(ValueError, match=r"cannot build the norm of the LD's 24-channel mask"):
         gald.GALD(16, nn.Conv2d(16, 24, 1), init="identity", norm_layer=partial(nn.GroupNorm, 16))
+
+
+def test_the_factory_probe_does_not_guess_the_width_of_a_widening_ga() -> None:
+    from functools import partial
+
+    gn = partial(nn.GroupNorm, 16)  # takes 64 channels, not 40
+
+    class Widen(nn.Module):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(channels, 64, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    for block in (
+        gald.GALD(40, "aspp", ga_kwargs={"out_channels": 64}, downsample=False, norm_layer=gn),
+        gald.GALD(40, Widen, downsample=False, norm_layer=gn),
+    ):
+        assert block.out_channels == 64
+        assert block(torch.randn(1, 40, 17, 17)).shape == (1, 64, 17, 17)

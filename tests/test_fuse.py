@@ -229,6 +229,19 @@ class _StdConv(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, self.padding)
 
 
+class _StdConvInner(nn.Conv2d):
+    """Standardises its weight in ``_conv_forward``, keeping ``nn.Conv2d.forward``."""
+
+    def _conv_forward(self, x, weight, bias):  # type: ignore[no-untyped-def, override]
+        std, mean = torch.std_mean(weight, dim=(1, 2, 3), keepdim=True)
+        return super()._conv_forward(x, (weight - mean) / (std + 1e-6), bias)
+
+
+def _backward_hooked(conv: nn.Conv2d) -> nn.Conv2d:
+    conv.register_full_backward_hook(lambda m, gi, go: None)
+    return conv
+
+
 def _weight_norm(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.utils.parametrizations.weight_norm(conv)
 
@@ -250,6 +263,12 @@ def _hooked(conv: nn.Conv2d) -> nn.Conv2d:
         (lambda: _weight_norm(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "param"),
         (lambda: _pruned(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "hooks"),
         (lambda: _hooked(nn.Conv2d(4, 4, 3, padding=1)), lambda: nn.BatchNorm2d(4), "hooks"),
+        (lambda: _StdConvInner(4, 4, 3, padding=1), lambda: nn.BatchNorm2d(4), "_StdConvInner"),
+        (
+            lambda: _backward_hooked(nn.Conv2d(4, 4, 3, padding=1)),
+            lambda: nn.BatchNorm2d(4),
+            "hooks",
+        ),
     ],
 )
 def test_pairs_the_fold_would_not_reproduce_are_left_alone(make_conv, make_bn, reason) -> None:

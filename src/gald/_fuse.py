@@ -45,11 +45,14 @@ __all__ = ["fuse", "fuse_conv_bn"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d)
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward)
+_CONV_INNER = (nn.Conv1d._conv_forward, nn.Conv2d._conv_forward)
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _hooks(m: nn.Module) -> bool:
-    return bool(m._forward_pre_hooks or m._forward_hooks)
+    return bool(
+        m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
 
 
 def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
@@ -60,8 +63,9 @@ def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
     does nothing but the affine normalisation: not for a conv subclass with its own forward
     (timm's ``StdConv2d`` standardises its weight), a parametrized or pruned conv (the weight
     is recomputed in every call), a norm subclass that adds an activation (timm's
-    ``BatchNormAct2d``), or a module with forward hooks (they would see other tensors)."""
-    if type(conv).forward not in _CONV_FORWARDS:
+    ``BatchNormAct2d``), or a module with hooks (they would see other tensors)."""
+    inner = getattr(type(conv), "_conv_forward", None)
+    if type(conv).forward not in _CONV_FORWARDS or inner not in _CONV_INNER:
         return f"conv's class {type(conv).__name__} has its own forward"
     if type(bn).forward not in _BN_FORWARDS:
         return f"bn's class {type(bn).__name__} has its own forward"
@@ -69,7 +73,7 @@ def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
         if parametrize.is_parametrized(m):
             return f"{name} is parametrized (its weight is recomputed in every call)"
         if _hooks(m):
-            return f"{name} has forward hooks (pruning, or a user's hook)"
+            return f"{name} has hooks (pruning, or a user's forward or backward hook)"
     return None
 
 

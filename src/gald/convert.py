@@ -166,8 +166,8 @@ def _items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch
 
 def _gald_hint(unknown: list[str]) -> str:
     """A note for a state dict that is gald's own already (saved from a gald model)."""
-    own = ("backbone.", "aux_head.", "head.gald.", "gald.", "module.backbone.", "module.gald.")
-    if any(k.startswith(own) for k in unknown):
+    own = ("backbone.", "aux_head.", "head.gald.", "gald.")
+    if any(k.removeprefix("module.").startswith(own) for k in unknown):
         return (
             "; it looks like a state dict saved from a gald model already, which loads with "
             "model.load_state_dict as it is"

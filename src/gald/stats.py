@@ -364,7 +364,15 @@ def ld_statistics(
         def hook(
             module: LocalDistribution, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
         ) -> None:
-            x = args[0] if args else kwargs["x"]
+            if args:
+                x = args[0]
+            elif "x" in kwargs:
+                x = kwargs["x"]
+            else:
+                raise TypeError(
+                    f"ld_statistics: the LD {type(module).__name__} was called without its "
+                    f"input x (positional or x=...), got keywords {sorted(kwargs)}"
+                )
             gate = module.mask(x).to(torch.float64) + module.offset
             acc.update(gate)
 

@@ -181,15 +181,26 @@ def _gas(parser: argparse.ArgumentParser, text: str) -> list[str]:
     return list(dict.fromkeys(names))  # each once, in the order given
 
 
-def _too_small(gas: list[str], ld: bool, shape: tuple[int, int, int, int]) -> str | None:
+def _too_small(
+    gas: list[str], ld: bool, shape: tuple[int, int, int, int], *, cost: bool = False
+) -> str | None:
     """Why the models asked for cannot run at ``shape`` (checked on the meta device, before
-    anything runs), or ``None``."""
+    anything runs), or ``None``. With ``cost`` each GA runs alone, not inside GALD."""
+    import functools
+
+    from ..registry import create_ga
     from . import block
     from . import ld as ld_bench
     from ._sizes import Factories, too_small
 
     channels = shape[1]
-    parts: dict[str, Factories] = {f"--ga {ga}": block.candidates(ga, channels) for ga in gas}
+    parts: dict[str, Factories]
+    if cost:
+        parts = {
+            f"--ga {ga} --cost": {ga: functools.partial(create_ga, ga, channels)} for ga in gas
+        }
+    else:
+        parts = {f"--ga {ga}": block.candidates(ga, channels) for ga in gas}
     if ld:
         parts["--ld"] = ld_bench.candidates(channels)
     return too_small(parts, shape)
@@ -250,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     unallocatable = input_problem(args.shape, DTYPES[args.dtype], torch.device(args.device))
     if unallocatable is not None:
         parser.error(f"--shape {','.join(map(str, args.shape))}: {unallocatable}")
-    # --cost runs each GA alone (at --shape and half of it), not inside GALD
-    problem = _too_small([] if args.cost else gas, args.ld, args.shape)
+    # --cost runs each GA alone, not inside GALD
+    problem = _too_small(gas, args.ld, args.shape, cost=args.cost)
     if problem:
         parser.error(problem)
 

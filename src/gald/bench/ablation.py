@@ -509,15 +509,18 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(render(res))
     if args.json:
-        with open(args.json, "w") as f:  # strict JSON: an undefined spread (one seed) is null
-            json.dump(_nan_to_none(res), f, indent=2, allow_nan=False)
+        # strict JSON: an undefined spread (one seed) or a diverged loss is null; serialised
+        # before the file is opened, so that a failure cannot leave it truncated
+        text = json.dumps(_nan_to_none(res), indent=2, allow_nan=False)
+        with open(args.json, "w") as f:
+            f.write(text)
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
 
 
 def _nan_to_none(obj: Any) -> Any:
-    """``obj`` with every float NaN replaced by ``None`` (JSON has no NaN)."""
-    if isinstance(obj, float) and math.isnan(obj):
+    """``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN or inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
         return {k: _nan_to_none(v) for k, v in obj.items()}

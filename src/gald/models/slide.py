@@ -126,8 +126,8 @@ def slide_inference(
     The model is called with one window of the whole batch at a time, ``(B, C, *crop_size)``,
     under ``torch.no_grad()``, so memory stays bounded by one crop batch plus the accumulators,
     whatever the image size: the ``(B, num_classes, H, W)`` result and, for a scale other than
-    1, the resized images and one ``(B, num_classes, sH, sW)`` accumulator at that scale (4x
-    the result's size at scale 2). An ``nn.Module`` runs in
+    1, the resized images, one ``(B, num_classes, sH, sW)`` accumulator at that scale (4x
+    the result's size at scale 2) and its logits resized back, added to the result in place. An ``nn.Module`` runs in
     eval mode (BatchNorm uses, and does not update, its running statistics); the training flag
     of each of its submodules is restored afterwards.
 
@@ -184,6 +184,10 @@ def slide_inference(
                 logits = F.interpolate(
                     logits, size=(height, width), mode="bilinear", align_corners=True
                 )
-            result = logits if result is None else result + logits
+            if result is None:
+                result = logits
+            else:
+                result.add_(logits)  # in place: no third full-size tensor
+            del logits
     assert result is not None
-    return result / len(scales) if len(scales) > 1 else result
+    return result.div_(len(scales)) if len(scales) > 1 else result
