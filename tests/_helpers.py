@@ -58,3 +58,14 @@ def require_triton_interpreter() -> None:
         pytest.skip(
             f"Triton's interpreter before 3.7 cannot run the kernels (triton {triton.__version__})"
         )
+
+
+def assert_finite_under_fp16_autocast(module: nn.Module, x: torch.Tensor) -> None:
+    """Eval-mode ``module(x)`` under CPU float16 autocast: finite, and within 1 % of the
+    largest float32 output."""
+    with torch.no_grad():
+        ref = module(x)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = module(x)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() <= 1e-2 * ref.abs().max()

@@ -30,6 +30,18 @@ def make_layer(factory: LayerFactory, name: str, *args: int, purpose: str) -> nn
     return layer
 
 
+def make_norm(
+    norm_layer: LayerFactory, channels: int, owner: nn.Module, name: str = "norm_layer"
+) -> nn.Module:
+    """``norm_layer(channels)`` for a layer ``owner``, errors naming the argument ``name``."""
+    return make_layer(norm_layer, name, channels, purpose=f"a norm of {type(owner).__name__}")
+
+
+def make_act(act_layer: LayerFactory, owner: nn.Module) -> nn.Module:
+    """``act_layer()`` for a layer ``owner``, errors naming the argument."""
+    return make_layer(act_layer, "act_layer", purpose=f"an activation of {type(owner).__name__}")
+
+
 def strided_min_size(num_stages: int, kernel_size: int, padding: int, stride: int = 2) -> int:
     """Smallest side a chain of ``num_stages`` strided convs accepts (each output side >= 1)."""
     size = 1

@@ -482,16 +482,14 @@ class GALD(nn.Module):
         self.downsample: bool = downsample
         self.init = init
         self.impl = impl
-        # the LD's width is known before the dry run only when given: a GA (a registry name
-        # with ga_kwargs["out_channels"], a class of the user's) may change the width itself
-        ld_width_known = out_channels is not None
-        if self.downsample or (ld and ld_width_known):
-            # the factories at the widths known before the dry run, so that a factory that
-            # cannot build them is refused before the user's module runs (norm factories build
-            # ones and zeros; the RNG is forked all the same, so seeded builds are unchanged)
-            widths = [self.in_channels] if self.downsample else []
-            if ld and out_channels is not None:
-                widths.append(out_channels)
+        # the factories at the widths known before the dry run (the LD's only when given: a GA
+        # may change the width itself), so that a factory that cannot build them is refused
+        # before the user's module runs (norm factories build ones and zeros; the RNG is forked
+        # all the same, so seeded builds are unchanged)
+        widths = [self.in_channels] if self.downsample else []
+        if ld and out_channels is not None:
+            widths.append(out_channels)
+        if widths:
             with torch.random.fork_rng(devices=[]):
                 for c in dict.fromkeys(widths):
                     make_layer(norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm")

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._layers import LayerFactory, conv_norm_act, make_layer
+from .._layers import LayerFactory, conv_norm_act, make_act, make_norm
 from .._validate import (
     check_factory,
     check_feature,
@@ -140,13 +140,8 @@ class ASPP(nn.Module):
         )
         self.fuse = nn.Sequential(
             nn.Conv2d((2 + len(self.rates)) * inner, self.out_channels, 1, bias=False),
-            make_layer(
-                norm_layer,
-                "norm_layer",
-                self.out_channels,
-                purpose=f"a norm of {type(self).__name__}",
-            ),
-            make_layer(act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"),
+            make_norm(norm_layer, self.out_channels, self),
+            make_act(act_layer, self),
             nn.Dropout2d(self.dropout),
         )
 

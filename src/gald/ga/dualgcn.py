@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype, run_unscaled
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_act, make_norm
 from .._validate import check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -74,18 +74,12 @@ class _SpatialGCN(nn.Module):
         self.node_v = nn.Conv2d(channels, inter, 1)
         self.node_q = nn.Conv2d(channels, inter, 1)
         self.conv_wg = nn.Conv1d(inter, inter, 1, bias=False)
-        self.bn_wg = make_layer(
-            norm_layer, "norm_layer", inter, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.bn_wg = make_norm(norm_layer, inter, self)
         self.out = nn.Sequential(
             nn.Conv2d(inter, channels, 1),
-            make_layer(
-                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-            ),
+            make_norm(norm_layer, channels, self),
         )
-        self.act = make_layer(
-            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-        )
+        self.act = make_act(act_layer, self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, _, h, w = x.shape
@@ -197,44 +191,26 @@ class DualGCN(nn.Module):
             stages.append(
                 nn.Conv2d(channels, channels, 3, stride=2, padding=1, groups=channels, bias=False)
             )
-            stages.append(
-                make_layer(
-                    norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-                )
-            )
+            stages.append(make_norm(norm_layer, channels, self))
         self.local = nn.Sequential(*stages)
         self.gcn_local_attention = _SpatialGCN(channels, norm_layer, act_layer)
 
         # feature space
         self.phi = nn.Conv2d(channels, states, 1, bias=False)
-        self.bn_phi = make_layer(
-            norm_layer, "norm_layer", states, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.bn_phi = make_norm(norm_layer, states, self)
         self.theta = nn.Conv2d(channels, nodes, 1, bias=False)
-        self.bn_theta = make_layer(
-            norm_layer, "norm_layer", nodes, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.bn_theta = make_norm(norm_layer, nodes, self)
         self.conv_adj = nn.Conv1d(nodes, nodes, 1, bias=False)
-        self.bn_adj = make_layer(
-            norm_layer, "norm_layer", nodes, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.bn_adj = make_norm(norm_layer, nodes, self)
         self.conv_wg = nn.Conv1d(states, states, 1, bias=False)
-        self.bn_wg = make_layer(
-            norm_layer, "norm_layer", states, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.bn_wg = make_norm(norm_layer, states, self)
         self.conv3 = nn.Conv2d(states, channels, 1, bias=False)
-        self.bn3 = make_layer(
-            norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-        )
-        self.act = make_layer(
-            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-        )
+        self.bn3 = make_norm(norm_layer, channels, self)
+        self.act = make_act(act_layer, self)
 
         self.final = nn.Sequential(
             nn.Conv2d(2 * channels, channels, 1, bias=False),
-            make_layer(
-                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-            ),
+            make_norm(norm_layer, channels, self),
         )
 
     def extra_repr(self) -> str:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_act, make_norm
 from .._validate import check_bool, check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
@@ -132,16 +132,10 @@ class EMA(nn.Module):
         self.conv1 = nn.Conv2d(channels, channels, 1)
         self.conv2 = nn.Sequential(
             nn.Conv2d(channels, channels, 1, bias=False),
-            make_layer(
-                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-            ),
+            make_norm(norm_layer, channels, self),
         )
-        self.recon_act = make_layer(
-            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-        )
-        self.out_act = make_layer(
-            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-        )
+        self.recon_act = make_act(act_layer, self)
+        self.out_act = make_act(act_layer, self)
         for conv in (self.conv1, self.conv2[0]):
             assert isinstance(conv, nn.Conv2d)
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")

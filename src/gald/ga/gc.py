@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_act, make_norm
 from .._validate import check_choice, check_factory, check_feature, check_float, check_positive_int
 from ..registry import register_ga
 
@@ -143,15 +143,8 @@ class GlobalContext(nn.Module):
                 nn.init.zeros_(last.bias)
             self.transforms[name] = nn.Sequential(
                 nn.Conv2d(channels, hidden, 1),
-                make_layer(
-                    bottleneck_norm_layer,
-                    "bottleneck_norm_layer",
-                    hidden,
-                    purpose=f"a norm of {type(self).__name__}",
-                ),
-                make_layer(
-                    act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-                ),
+                make_norm(bottleneck_norm_layer, hidden, self, "bottleneck_norm_layer"),
+                make_act(act_layer, self),
                 last,
             )
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype, run_unscaled
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_act, make_norm
 from .._validate import check_bool, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -22,9 +22,7 @@ class _GraphConv(nn.Module):
     def __init__(self, num_state: int, num_node: int, act_layer: LayerFactory) -> None:
         super().__init__()
         self.conv1 = nn.Conv1d(num_node, num_node, 1)  # mixes nodes (the adjacency)
-        self.act = make_layer(
-            act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-        )
+        self.act = make_act(act_layer, self)
         self.conv2 = nn.Conv1d(num_state, num_state, 1, bias=False)  # mixes states
 
     def forward(self, v: torch.Tensor) -> torch.Tensor:
@@ -108,9 +106,7 @@ class GloRe(nn.Module):
         self.conv_proj = nn.Conv2d(channels, self.num_node, 1)
         self.gcn = _GraphConv(self.num_state, self.num_node, act_layer)
         self.conv_extend = nn.Conv2d(self.num_state, channels, 1, bias=False)
-        self.blocker = make_layer(
-            norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-        )
+        self.blocker = make_norm(norm_layer, channels, self)
         weight = getattr(self.blocker, "weight", None)
         if isinstance(weight, nn.Parameter):
             nn.init.zeros_(weight)

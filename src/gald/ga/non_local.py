@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off, compute_dtype
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_norm
 from .._validate import check_bool, check_choice, check_factory, check_feature, check_positive_int
 from ..registry import register_ga
 
@@ -185,11 +185,7 @@ class NonLocal2d(nn.Module):
         )
         self.conv_out = nn.Conv2d(inter, channels, 1, bias=norm_layer is None)
         self.norm: nn.Module = (
-            make_layer(
-                norm_layer, "norm_layer", channels, purpose=f"a norm of {type(self).__name__}"
-            )
-            if norm_layer is not None
-            else nn.Identity()
+            make_norm(norm_layer, channels, self) if norm_layer is not None else nn.Identity()
         )
         if self.zero_init:
             self._zero_output()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import LayerFactory, make_layer
+from .._layers import LayerFactory, make_act, make_norm
 from .._validate import (
     check_bool,
     check_factory,
@@ -156,18 +156,9 @@ class PyramidPooling(nn.Module):
             layers: list[nn.Module] = [nn.Conv2d(channels, self.branch_channels, 1, bias=with_bias)]
             if pool_norm_layer is not None:
                 layers.append(
-                    make_layer(
-                        pool_norm_layer,
-                        "pool_norm_layer",
-                        self.branch_channels,
-                        purpose=f"a norm of {type(self).__name__}",
-                    )
+                    make_norm(pool_norm_layer, self.branch_channels, self, "pool_norm_layer")
                 )
-            layers.append(
-                make_layer(
-                    act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"
-                )
-            )
+            layers.append(make_act(act_layer, self))
             self.branches.append(nn.Sequential(*layers))
         self.fuse = nn.Sequential(
             nn.Conv2d(
@@ -177,13 +168,8 @@ class PyramidPooling(nn.Module):
                 padding=1,
                 bias=False,
             ),
-            make_layer(
-                norm_layer,
-                "norm_layer",
-                self.out_channels,
-                purpose=f"a norm of {type(self).__name__}",
-            ),
-            make_layer(act_layer, "act_layer", purpose=f"an activation of {type(self).__name__}"),
+            make_norm(norm_layer, self.out_channels, self),
+            make_act(act_layer, self),
         )
 
     def extra_repr(self) -> str:
