@@ -214,6 +214,8 @@ def test_broken_layer_fails_on_its_property(cls: type[nn.Module], prop: str, mea
         return  # every property reads the output shape
     # switching that property off lets the rest pass (compile is slow: off unless it is the one)
     switches = {prop: False} if prop == "compile" else {prop: False, "compile": False}
+    if prop == "autocast":
+        switches["half_precision"] = False  # the model converted to float16 overflows as well
     assert prop not in check_ga(cls, channels=C, **switches)
 
 
@@ -724,11 +726,90 @@ class ReturnsFloat32InAHalfModel(SqueezeExcitation):
         return super().forward(x).float()
 
 
-def test_a_layer_that_breaks_half_precision_models_fails_autocast() -> None:
+def test_a_layer_that_breaks_half_precision_models_fails_half_precision() -> None:
+    # under autocast it is fine: only the model converted to half precision shows the slip
+    assert check_ga(ReturnsFloat32InAHalfModel, channels=C, only=["autocast"]) == ["autocast"]
     with pytest.raises(AssertionError) as info:
-        check_ga(ReturnsFloat32InAHalfModel, channels=C, only=["autocast"])
+        check_ga(ReturnsFloat32InAHalfModel, channels=C, only=["half_precision"])
     assert re.match(
-        r"autocast: input shape \(2, 8, \d+, \d+\): the module converted to torch.bfloat16 "
+        r"half_precision: input shape \(2, 8, \d+, \d+\): the module converted to torch.bfloat16 "
         r"returned torch.float32 on cpu, expected torch.bfloat16",
         str(info.value),
     )
+
+
+class PairwiseDistanceAttention(nn.Module):
+    """Attention over negative squared distances: ``torch.cdist`` has no half kernel on CPU,
+    while autocast runs it in float32."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.query = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        f = self.query(x).flatten(2).transpose(1, 2)
+        attn = torch.softmax(-(torch.cdist(f, f) ** 2) / c, -1)
+        out = attn @ x.flatten(2).transpose(1, 2).to(attn.dtype)
+        return x + out.transpose(1, 2).reshape(b, c, h, w).to(x.dtype)
+
+
+def test_a_missing_half_kernel_fails_half_precision_only() -> None:
+    assert check_ga(PairwiseDistanceAttention, channels=4, only=["autocast"]) == ["autocast"]
+    with pytest.raises(AssertionError) as info:
+        check_ga(PairwiseDistanceAttention, channels=4, only=["half_precision"])
+    first, *rest = str(info.value).splitlines()
+    assert first.startswith("half_precision: input shape (2, 4, 5, 4): forward of the module ")
+    assert "NotImplementedError" in first and "cdist" in first
+    assert any("pass half_precision=False" in line for line in rest)
+
+
+class AssertsNonEmptyInTraining(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] == 0:
+            raise RuntimeError("cannot normalise an empty batch")
+        return super().forward(x)
+
+
+def test_an_empty_batch_in_training_is_checked() -> None:
+    with pytest.raises(AssertionError, match=r"^shapes: input shape \(0, 8, 5, 4\): train-mode "):
+        check_ga(AssertsNonEmptyInTraining, channels=C, only=["shapes"])
+
+
+class UpcastSoftmax(nn.Module):
+    """The usual stable-softmax idiom: ``.float()`` upcasts half inputs, and downcasts float64."""
+
+    def __init__(self, channels: int, wrong: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.wrong = wrong
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        attn = self.conv(x).flatten(2).float().softmax(-1).to(x.dtype).view(b, c, h, w)
+        if self.wrong:
+            attn = attn + 0.5 * (attn - attn.detach())  # gradient 1.5x too large
+        return x + attn * x
+
+
+def test_gradcheck_of_a_layer_computing_in_float32_compares_at_float32_precision() -> None:
+    # at eps=1e-6 the float32 rounding swamps the derivative; compared where float32 can resolve
+    # it, a sound layer passes and a wrong gradient still fails, with the reason named
+    assert check_ga(UpcastSoftmax, channels=2, only=["gradcheck"]) == ["gradcheck"]
+    with pytest.raises(AssertionError) as info:
+        check_ga(partial(UpcastSoftmax, wrong=True), channels=2, only=["gradcheck"])
+    first = str(info.value).splitlines()[0]
+    assert first.startswith("gradcheck: input shape (2, 2, 2, 3): numerical and analytical ")
+    assert re.search(r"random direction [\d.e+-]+ \(compared at float32 precision", first), first
+    assert "float(...) in torch.float32" in first
+
+
+class OnesOnDefaultDevice(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * torch.ones(x.shape[1], 1, 1)  # default device and dtype
+
+
+def test_a_tensor_made_on_the_default_device_is_reported_as_device() -> None:
+    # it breaks the half model too; the device property runs first and names the cause
+    with pytest.raises(AssertionError, match=r"^device: input shape .*torch.device\('meta'\)"):
+        check_ga(OnesOnDefaultDevice, channels=C, compile=False)

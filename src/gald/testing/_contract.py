@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import torch
 from torch import nn
 from torch.autograd.gradcheck import GradcheckError
+from torch.overrides import TorchFunctionMode
 
 from .._modes import eval_mode
 from .._validate import (
@@ -28,14 +29,15 @@ Factory = type[nn.Module] | Callable[[int], nn.Module]
 
 PROPERTIES = (
     "shapes",
+    "device",
     "gradients",
     "batch_independence",
     "gradcheck",
     "autocast",
+    "half_precision",
     "memory_format",
     "compile",
     "state_dict",
-    "device",
 )
 """The names of the properties :func:`check_ga` and :func:`check_gald` assert, in the order they
 run; each is also a keyword of those functions that switches it off, and ``only=`` takes a
@@ -248,6 +250,12 @@ def _check_shapes(ctx: _Context) -> None:
             y = module(x)
         _check_output("shapes", x, y, ctx)
         _check_unchanged(x, ctx.input(ctx.train_batch, hw), "train-mode")
+    # an empty batch in training too: a rank of a distributed sampler or a filtered crop batch
+    # can be empty, and code paths guarded by self.training are not covered by the eval runs
+    x = ctx.input(0, ctx.typical())
+    with _forward_errors("shapes", x, "train-mode forward"):
+        y = module(x)
+    _check_output("shapes", x, y, ctx)
 
 
 def _check_gradients(ctx: _Context) -> None:
@@ -331,13 +339,95 @@ def _check_gradcheck(ctx: _Context) -> None:
     inputs = (x, flat) if params else (x,)
     call = fn if params else (lambda inp: module(inp))
     try:
-        torch.autograd.gradcheck(call, inputs, eps=1e-6, atol=ctx.atol, rtol=1e-3, fast_mode=True)
+        try:
+            torch.autograd.gradcheck(
+                call, inputs, eps=1e-6, atol=ctx.atol, rtol=1e-3, fast_mode=True
+            )
+        except GradcheckError as err:
+            lower = _below_float64(call, inputs)
+            if lower is None:
+                raise
+            # the layer computes part of its float64 forward in a lower precision (an upcast
+            # written as .float()): finite differences at eps=1e-6 then measure rounding, not
+            # the derivative; compare again at a step and tolerance float32 can resolve
+            try:
+                torch.autograd.gradcheck(
+                    call, inputs, eps=1e-3, atol=max(ctx.atol, 1e-3), rtol=1e-2, fast_mode=False
+                )
+            except GradcheckError as err32:
+                which = re.search(r"with respect to input (\d+)", str(err32))
+                wrt = "the input" if which is None or which.group(1) == "0" else "the parameters"
+                _fail(
+                    "gradcheck",
+                    x.shape,
+                    f"numerical and analytical Jacobians disagree with respect to {wrt}: "
+                    f"max difference along a random direction "
+                    f"{_directional_error(call, inputs, 1e-3):.3g} (compared at float32 "
+                    f"precision, eps=1e-3, rtol=1e-2: the float64 forward computes {lower})",
+                    str(err32),
+                    err32,
+                )
+            del err
     except GradcheckError as err:
         _fail("gradcheck", x.shape, _gradcheck_error_summary(str(err)), str(err), err)
     except Exception as err:
+        if getattr(err, _LABELLED, False):
+            raise
         _fail(
             "gradcheck", x.shape, f"float64 forward/backward raised {_describe(err)}", str(err), err
         )
+
+
+class _LowerPrecisionProbe(TorchFunctionMode):
+    """Remembers the first torch function that returns a floating tensor below float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: str | None = None
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.found is None:
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if (
+                    isinstance(t, torch.Tensor)
+                    and t.is_floating_point()
+                    and t.dtype != torch.float64
+                ):
+                    name = getattr(func, "__name__", None) or repr(func)
+                    self.found = f"{name}(...) in {t.dtype}"
+                    break
+        return out
+
+
+def _directional_error(
+    call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...], eps: float
+) -> float:
+    """Max abs difference between the autograd and the central-difference derivative of
+    ``call`` along one random direction of all its inputs."""
+    gen = torch.Generator().manual_seed(0)
+    dirs = tuple(torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in inputs)
+    _, analytic = torch.autograd.functional.jvp(call, inputs, dirs)
+    with torch.no_grad():
+        plus = call(*(t + eps * d for t, d in zip(inputs, dirs)))
+        minus = call(*(t - eps * d for t, d in zip(inputs, dirs)))
+    return _max_diff(analytic, (plus - minus) / (2 * eps))
+
+
+def _below_float64(
+    call: Callable[..., torch.Tensor], inputs: tuple[torch.Tensor, ...]
+) -> str | None:
+    """Which function of the float64 forward returned a lower-precision tensor, if any."""
+    probe = _LowerPrecisionProbe()
+    with torch.no_grad(), probe:
+        call(*inputs)
+    return probe.found
 
 
 def _check_batch_independence(ctx: _Context) -> None:
@@ -426,28 +516,68 @@ def _check_autocast(ctx: _Context) -> None:
                 ctx.autocast_tol * scale,
                 f"{dtype} autocast output differs from float32",
             )
-            # the model itself in half precision (model.to(dtype), as for inference on a GPU)
+
+
+def _check_half_precision(ctx: _Context) -> None:
+    # the model itself in half precision (model.to(dtype), as for inference on a GPU)
+    module = ctx.prepared().eval()
+    x = ctx.input(2, ctx.typical())
+    with torch.no_grad():
+        with _forward_errors("half_precision", x, "float32 reference forward"):
+            ref = module(x)
+        scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
+        for dtype in ctx.autocast_dtypes:
             half = copy.deepcopy(module).to(dtype)
             xh = x.to(dtype)
-            with _forward_errors("autocast", x, f"forward of the module converted to {dtype}"):
+            try:
                 out = half(xh)
+            except NotImplementedError as err:
+                # a kernel without a half-precision implementation on this device (cdist, LU
+                # solves, FFTs on CPU): the layer cannot run converted here, which is not
+                # necessarily so on a GPU
+                _fail(
+                    "half_precision",
+                    x.shape,
+                    f"forward of the module converted to {dtype} raised {_describe(err)}",
+                    f"{err}\nAn operator has no {dtype} kernel on {x.device.type}; if the layer "
+                    "is only meant to run in half precision under autocast or on another "
+                    "device, pass half_precision=False.",
+                    err,
+                )
+            except Exception as err:
+                if getattr(err, _LABELLED, False):
+                    raise
+                _fail(
+                    "half_precision",
+                    x.shape,
+                    f"forward of the module converted to {dtype} raised {_describe(err)}",
+                    str(err),
+                    err,
+                )
             if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device != x.device:
                 got = (
                     f"{out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else "no tensor"
                 )
                 _fail(
-                    "autocast",
+                    "half_precision",
                     x.shape,
                     f"the module converted to {dtype} returned {got}, expected {dtype} on "
                     f"{x.device}",
                     "A layer in a half-precision model must return that precision (cast back "
                     "what it computes in float32).",
                 )
+            if tuple(out.shape) != ctx.expected(x):
+                _fail(
+                    "half_precision",
+                    x.shape,
+                    f"the module converted to {dtype} returned shape {tuple(out.shape)}, "
+                    f"expected {ctx.expected(x)}",
+                )
             if not torch.isfinite(out).all():
                 bad = int((~torch.isfinite(out)).sum())
-                _fail("autocast", x.shape, f"{bad} non-finite outputs of the {dtype} module")
+                _fail("half_precision", x.shape, f"{bad} non-finite outputs of the {dtype} module")
             _assert_near(
-                "autocast",
+                "half_precision",
                 x,
                 out.float(),
                 ref,
@@ -591,6 +721,7 @@ _CHECKS: dict[str, Callable[[_Context], None]] = {
     "batch_independence": _check_batch_independence,
     "gradcheck": _check_gradcheck,
     "autocast": _check_autocast,
+    "half_precision": _check_half_precision,
     "memory_format": _check_memory_format,
     "compile": _check_compile,
     "state_dict": _check_state_dict,
@@ -625,6 +756,7 @@ def check_ga(
     batch_independence: bool = True,
     gradcheck: bool = True,
     autocast: bool = True,
+    half_precision: bool = True,
     memory_format: bool = True,
     compile: bool = True,
     state_dict: bool = True,
@@ -644,8 +776,13 @@ def check_ga(
 
     - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
-      and a generic one (every combination of odd and even sides); the forward must leave its
-      input unchanged in both modes.
+      and a generic one (every combination of odd and even sides), and for an empty batch in
+      train mode; the forward must leave its input unchanged in both modes.
+    - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
+      the forward run under ``torch.device("meta")`` on a CPU input (the module's first
+      forward, so caches built on a first call are covered) still gives the CPU result,
+      so no tensor is created on the default device instead of the input's (a tensor created
+      with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs).
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
       finite gradients (the input's not all zero). A parameter's gradient must not be ``None``;
       exactly zero is accepted, as behind a zero-initialised last layer, which is in the graph
@@ -656,8 +793,11 @@ def check_ga(
       and every parameter, eval mode.
     - ``autocast``: under autocast in each of ``autocast_dtypes`` the output has that dtype or
       the input's, stays on the input's device, is finite and is within
-      ``autocast_tol * max(|float32 output|, 1)`` of the float32 output; the module converted
-      to that dtype (``module.to(dtype)``) returns that dtype, finite and as close.
+      ``autocast_tol * max(|float32 output|, 1)`` of the float32 output.
+    - ``half_precision``: the module converted to each of ``autocast_dtypes``
+      (``module.to(dtype)``, as for half-precision inference) returns that dtype, finite and
+      within the same tolerance of the float32 output. An operator without a half kernel on
+      the CPU (``torch.cdist``, LU solves) fails it; switch it off for such layers.
     - ``memory_format``: channels_last and non-contiguous inputs (a crop of a larger buffer)
       give the contiguous result.
     - ``compile``: ``torch.compile(fullgraph=True, backend="eager")`` agrees with eager
@@ -665,11 +805,6 @@ def check_ga(
     - ``state_dict``: after one train-mode forward, a fresh module loaded (strictly) with the
       state_dict saved and reloaded through ``torch.save``/``torch.load(weights_only=True)``
       gives the same eval-mode output.
-    - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
-      the forward run under ``torch.device("meta")`` on a CPU input (the module's first
-      forward, so caches built on a first call are covered) still gives the CPU result,
-      so no tensor is created on the default device instead of the input's (a tensor created
-      with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs).
 
     Minimum size: the layer's ``min_size`` attribute (int or ``(h, w)``; 1 when absent), or the
     ``min_size`` argument, which wins. Train mode uses batch ``train_batch`` (2: BatchNorm on a 1x1
@@ -712,6 +847,7 @@ def check_ga(
         "batch_independence": batch_independence,
         "gradcheck": gradcheck,
         "autocast": autocast,
+        "half_precision": half_precision,
         "memory_format": memory_format,
         "compile": compile,
         "state_dict": state_dict,
@@ -742,11 +878,12 @@ def check_ga(
                 + " switches off"
             )
         switches = {k: k in only for k in switches}
-    if switches["autocast"] and not dtypes:
-        raise ValueError(
-            "autocast_dtypes is empty, so the autocast property would check nothing; pass "
-            "autocast=False to skip it"
-        )
+    for name in ("autocast", "half_precision"):
+        if switches[name] and not dtypes:
+            raise ValueError(
+                f"autocast_dtypes is empty, so the {name} property would check nothing; pass "
+                f"{name}=False to skip it"
+            )
     probe = fac(channels)
     if not isinstance(probe, nn.Module):
         raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
