@@ -23,7 +23,16 @@ from _helpers import require_triton_interpreter
 from gald.bench import block
 from gald.bench.__main__ import main
 from gald.bench._config import Config
-from gald.bench._timing import Ratio, Stats, format_overhead, format_speed
+from gald.bench._timing import (
+    KERNEL_NOTE,
+    OVERHEAD_NOTE,
+    Ratio,
+    Stats,
+    format_overhead,
+    format_pct,
+    format_speed,
+    signed,
+)
 from gald.bench.docs import rewrite
 from gald.ops import ld_modulate
 
@@ -168,10 +177,42 @@ def test_tables_state_facts(tiny_run) -> None:
     assert "goal" not in text.lower() and "| NO" not in text
 
 
+def test_the_overhead_says_it_is_not_the_ratio_of_the_medians(tiny_run) -> None:
+    # the overhead is the median of the per-round ratios: 75.8 / 39.1 ms can read +69.2 %, so
+    # the terminal table, the docs table and the JSON say so
+    res, text, _ = tiny_run
+    table_end = text.rindex("LD overhead | ")  # the last row of the table
+    assert text.index(OVERHEAD_NOTE) > table_end
+    assert "median over the rounds of the per-round ratio" in OVERHEAD_NOTE
+    assert "ratio of the medians above" in OVERHEAD_NOTE
+    assert res["block"]["overhead_definition"] == OVERHEAD_NOTE
+    new, _ = rewrite("<!-- bench:start block -->\n<!-- bench:end -->\n", res)
+    # under the Markdown table, after a blank line (a line right below would be a table row)
+    assert "\n\n*LD overhead*: median over the rounds of the per-round ratio" in new
+
+
 def test_plot_writes_a_png(tiny_run) -> None:
     pytest.importorskip("matplotlib")  # in the dev extra; without it the error is tested above
     _, _, out = tiny_run
     assert (out / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_title_fits_the_figure_with_a_long_device_name(tiny_run) -> None:
+    pytest.importorskip("matplotlib")
+    from gald.bench._plot import figure
+
+    res = json.loads(json.dumps(tiny_run[0]))
+    res["environment"]["device_name"] = "AMD EPYC 9654 96-Core Processor " * 4 + "X" * 120
+    res["config"].update(dtype="bfloat16", channels_last=True)
+    fig = figure(res)
+    fig.canvas.draw()
+    title = fig._suptitle
+    assert title is not None and title.get_text().count("\n") >= 3
+    assert all(len(line) <= 100 for line in title.get_text().splitlines())
+    box, page = title.get_window_extent(), fig.bbox
+    assert page.x0 <= box.x0 and box.x1 <= page.x1 and page.y0 <= box.y0 and box.y1 <= page.y1
+    # above the panels' titles, not over them
+    assert box.y0 >= max(ax.title.get_window_extent().y1 for ax in fig.axes)
 
 
 def test_docs_rewriter_replaces_only_marked_blocks(tiny_run) -> None:
@@ -279,6 +320,43 @@ def test_overhead_wording() -> None:
     assert format_overhead(Ratio(3.0, 17.0)) == "too noisy: +200 % [-83, > +1000]"
 
 
+def test_zero_is_never_written_as_minus_zero() -> None:
+    assert [signed(v, 0) for v in (-0.4, -0.0, 0.0, 0.4, -0.6, -1.2)] == [
+        "+0",
+        "+0",
+        "+0",
+        "+0",
+        "-1",
+        "-1",
+    ]
+    assert [signed(v, 1) for v in (-0.04, 0.04, -0.06, 12.34)] == ["+0.0", "+0.0", "-0.1", "+12.3"]
+    # the audit's case: an interval from just below 0 to +953 %
+    assert format_overhead(Ratio(3.24, 2.25)) == "too noisy: +224 % [+0, +953]"
+    assert format_overhead(Ratio(1.0, 0.0004)) == "within noise [+0.0, +0.0 %]"
+    assert format_overhead(Ratio(0.9996, math.nan)) == "+0.0 % (spread unknown)"
+    assert format_overhead(Ratio(0.9996, 1.5)) == "too noisy: +0 % [-60, +150]"
+    assert [format_pct(r) for r in (0.9999, 1.0, 0.9)] == ["+0.0 %", "+0.0 %", "-10.0 %"]
+
+
+def test_cost_prints_no_timing_notes(monkeypatch, capsys) -> None:
+    # --cost times nothing: no busy-machine note and no threads in the footer; a timing run
+    # (here the first call, faked) still gets both
+    from gald.bench import __main__ as cli
+    from gald.bench import first_call
+
+    monkeypatch.setattr(cli, "busy_note", lambda threads, in_use=None: "note: BUSY")
+    assert main(["--ga", "gc", "--cost", "--shape", "1,16,9,9"]) == 0
+    out, err = capsys.readouterr()
+    assert "note: BUSY" not in err and "thread" not in out
+    assert "machine-independent" in out and f"torch {torch.__version__}" in out
+    fake = {"first_ms": 50.0, "second_ms": 5.0, "dynamo_imported": False}
+    monkeypatch.setattr(first_call, "_one", lambda device, threads, step: dict(fake))
+    argv = ["--ga", "gc", "--cost", "--first-call", "--shape", "1,16,9,9", "--threads", "1"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "note: BUSY" in err and out.rstrip().endswith("1 thread")
+
+
 # --------------------------------------------------------------------------------------------
 # FLOPs of the fused op
 
@@ -373,6 +451,7 @@ def test_gpu_check_path_under_the_triton_interpreter(tmp_path) -> None:
     for r in rows:
         assert r["bytes"] > 0 and r["triton_GBps"] > 0 and r["copy_GBps"] > 0
     assert "Triton kernels of gald.ops.ld_modulate" in proc.stdout
+    assert KERNEL_NOTE in proc.stdout and kernels["ratio_definition"] == KERNEL_NOTE
 
 
 def test_ld_branch_size_matches_the_convs() -> None:

@@ -12,7 +12,7 @@ import torch
 from gald.bench import ablation, block
 from gald.bench import ld as ld_bench
 from gald.bench.__main__ import main
-from gald.bench._timing import Ratio, Stats, format_overhead, format_speed
+from gald.bench._timing import SPEEDUP_NOTE, Ratio, Stats, format_overhead, format_speed
 
 SMALL = ["--min-time", "0.05", "--rounds", "3", "--threads", "1", "--quiet"]
 
@@ -331,6 +331,8 @@ def test_a_compile_failure_is_a_note_not_a_crash(monkeypatch, capsys) -> None:
     out = capsys.readouterr().out
     assert "authors, torch.compile not measured: it failed on this input" in out
     assert "inductor failed here" in out and "train step: gald" in out
+    # the speedup column is the median of per-round ratios, and the table says so under it
+    assert out.index(SPEEDUP_NOTE) > out.index("inference: gald (BN folded)")
 
 
 def test_duplicate_gas_once_and_compile_needs_ld(capsys, nothing_runs) -> None:

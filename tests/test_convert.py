@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import gald
-from _official_reference import RefGALDNet, RefNet, randomise_
+from _official_reference import RefGALDNet, RefNet, randomise_, upsample_align_corners
 from gald.convert import load_official, official_to_gald, official_to_galdnet
 from gald.models import DilatedResNet, GALDNet
 
@@ -246,6 +248,7 @@ def test_checkpoint_of_another_depth_or_class_count(tmp_path) -> None:
         ({"depth": 34}, ValueError, r"depth must be one of \[50, 101\], got 34"),
         ({"num_classes": "19"}, TypeError, "num_classes must be an int, got str '19'"),
         ({"num_classes": 0}, ValueError, "num_classes must be >= 1, got 0"),
+        ({"aux": "no"}, TypeError, "aux must be a bool, got str 'no'"),
     ],
 )
 def test_load_official_galdnet_checks_its_arguments_before_reading(
@@ -373,3 +376,162 @@ def test_imagenet_bad_layouts() -> None:
         ValueError, match=r"unknown keys in the ImageNet state dict: \[avgpool\.x\]"
     ):
         gald.convert.imagenet_to_backbone(sd)
+
+
+# --------------------------------------------------------------------------- layouts named
+
+
+def _resnet_d(shortcut: bool = True, stem: bool = True) -> dict[str, torch.Tensor]:
+    """timm's ``resnet50d`` layout by hand (timm is not installed in CI): a parameter-free
+    average pool at ``downsample.0``, so the shortcut conv is ``downsample.1`` and its norm
+    ``downsample.2``; a deep stem 3->32, 32->32, 32->64 (``bn1`` and ``layer1`` 64 wide)."""
+    with torch.device("meta"):
+        sd = dict(DilatedResNet(50).state_dict())
+        if shortcut:
+            sd = {
+                re.sub(r"\.downsample\.(\d)\.", lambda m: f".downsample.{int(m[1]) + 1}.", k): v
+                for k, v in sd.items()
+            }
+        if stem:
+            for name, shape in (("conv1.0", (32, 3)), ("conv1.3", (32, 32)), ("conv1.6", (64, 32))):
+                sd[f"{name}.weight"] = torch.empty(*shape, 3, 3)
+            for name, width in (("conv1.1", 32), ("conv1.4", 32), ("bn1", 64)):
+                for leaf in ("weight", "bias", "running_mean", "running_var"):
+                    sd[f"{name}.{leaf}"] = torch.empty(width)
+            sd["layer1.0.conv1.weight"] = torch.empty(64, 64, 1, 1)
+            sd["layer1.0.downsample.1.weight" if shortcut else "layer1.0.downsample.0.weight"] = (
+                torch.empty(256, 64, 1, 1)
+            )
+        sd["fc.weight"], sd["fc.bias"] = torch.empty(1000, 2048), torch.empty(1000)
+    return sd
+
+
+def test_resnet_d_imagenet_weights_are_named() -> None:
+    sd = _resnet_d()
+    assert "layer1.0.downsample.2.running_mean" in sd and "layer1.0.downsample.0.weight" not in sd
+    expected = (
+        r"the ResNet-D layout \(avg-pool shortcut, 32-wide stem\) of timm's resnet50d / "
+        r"resnet101d, which DilatedResNet does not implement; expected the GALD-Net authors' "
+        r"layout: a conv shortcut \(downsample\.0 the 1x1 conv, downsample\.1 its norm\) and a "
+        r"deep stem 64/64/128 wide"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"^the state dict has an average-pool shortcut \(layer1\.0\.downsample\.1\.weight: "
+        r"the conv at downsample\.1, its norm at downsample\.2\) and a deep stem 32/32/64 wide "
+        r"\(conv1\.0, conv1\.3, conv1\.6\): " + expected,
+    ):
+        gald.convert.imagenet_to_backbone({"module." + k: v for k, v in sd.items()})
+    # loaded directly (its keys are the authors' names otherwise): the same, not torch's list
+    del sd["fc.weight"], sd["fc.bias"]
+    with torch.device("meta"):
+        net = GALDNet.official(depth=50, num_classes=3)
+    for strict in (True, False):
+        with pytest.raises(ValueError, match=r"^DilatedResNet: the state dict has .*" + expected):
+            net.backbone.load_state_dict(sd, strict=strict)
+    with pytest.raises(ValueError, match=r"^DilatedResNet \(keys backbone\.\*\): .*ResNet-D"):
+        net.load_state_dict({f"backbone.{k}": v for k, v in sd.items()}, strict=False)
+    # the avg-pool shortcut alone, and the 32-wide stem alone (timm's resnet50c)
+    with pytest.raises(ValueError, match=r"has an average-pool shortcut .*\): the ResNet-D"):
+        gald.convert.imagenet_to_backbone(_resnet_d(stem=False))
+    with pytest.raises(
+        ValueError,
+        match=r"^the state dict has a deep stem 32/32/64 wide \(conv1\.0, conv1\.3, conv1\.6\): "
+        r"the ResNet-C stem \(32-wide\) of timm's resnet50c",
+    ):
+        gald.convert.imagenet_to_backbone(_resnet_d(shortcut=False))
+    # and in the split layout of other code bases (conv1, conv2, conv3)
+    split = _to_split_layout({k: v for k, v in _resnet_d().items()})
+    with pytest.raises(ValueError, match=r"deep stem 32/32/64 wide \(conv1, conv2, conv3\)"):
+        gald.convert.imagenet_to_backbone(split)
+
+
+def test_unconverted_authors_checkpoint_loaded_by_hand_is_named() -> None:
+    with torch.device("meta"):
+        ref = RefGALDNet(50, 3)
+        net = GALDNet.official(depth=50, num_classes=3)
+    sd = ref.state_dict()
+    for prefix, first in (("", "conv1.0.weight"), ("module.", "module.conv1.0.weight")):
+        for strict in (True, False):  # strict=False would load a few head keys silently
+            with pytest.raises(
+                ValueError,
+                match=rf"^GALDNet: the state dict has the GALD-Net authors' layout \('{first}': "
+                r"the backbone at the top level, without the 'backbone\.' prefix.*; convert it "
+                r"with gald\.convert\.official_to_galdnet\(state_dict\), or build and load the "
+                r"network from the file with gald\.convert\.load_official_galdnet\(path\)$",
+            ) as err:
+                net.load_state_dict({prefix + k: v for k, v in sd.items()}, strict=strict)
+            assert len(str(err.value)) < 400  # torch's own message: some 20,000 characters
+    # a backbone alone, without the prefix
+    backbone = {k: v for k, v in sd.items() if not k.startswith(("head.", "dsn."))}
+    with pytest.raises(ValueError, match=r"holds a backbone alone \('conv1\.0\.weight'.*backbone"):
+        net.load_state_dict(backbone)
+    # converted, it loads
+    assert not any(net.load_state_dict(official_to_galdnet(sd), assign=True))
+
+
+def test_checkpoint_without_the_auxiliary_head(authors_r50, monkeypatch) -> None:
+    ref, _ = authors_r50
+    no_dsn = {k: v for k, v in ref.state_dict().items() if not k.startswith("dsn.")}
+    files = {"GALD_res50_no_dsn.pth": no_dsn, "GALD_res50.pth": dict(ref.state_dict())}
+    monkeypatch.setattr(gald.convert, "load_official", lambda path: dict(files[path]))
+    net = gald.convert.load_official_galdnet("GALD_res50_no_dsn.pth").eval()  # read: no aux
+    assert net.aux_head is None and "aux=False" in repr(net)
+    x = torch.randn(1, 3, 111, 113, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        out = net(x)
+        main = ref.head(ref.features(x)[1])
+    assert set(out) == {"out"}
+    _assert_close_rel(out["out"], upsample_align_corners(main, (111, 113)), rtol=1e-4)
+    with pytest.raises(
+        ValueError,
+        match=r"expected a GALD-Net with the auxiliary head \(aux=True\), but "
+        r"'GALD_res50_no_dsn\.pth' has no dsn\.\* keys; pass aux=False, or leave aux out",
+    ):
+        gald.convert.load_official_galdnet("GALD_res50_no_dsn.pth", aux=True)
+    # aux=False on a checkpoint with dsn.*: built without the head, its weights left out
+    lean = gald.convert.load_official_galdnet("GALD_res50.pth", aux=False)
+    assert lean.aux_head is None
+    assert sum(p.numel() for p in lean.parameters()) == 52_402_662 - 4_729_875
+    # by hand: official_to_galdnet(..., aux=False) and GALDNet.official(..., aux=False)
+    converted = official_to_galdnet(ref.state_dict(), aux=False)
+    assert not any(k.startswith("aux_head.") for k in converted)
+    with torch.device("meta"):
+        with_aux = GALDNet.official(depth=50, num_classes=FULL_CLASSES)
+        without = GALDNet.official(depth=50, num_classes=FULL_CLASSES, aux=False)
+    assert not any(without.load_state_dict(official_to_galdnet(no_dsn), assign=True))
+    with pytest.raises(
+        ValueError,
+        match=r"^GALDNet: the state dict has no auxiliary head \(no aux_head\.\* keys\), but this "
+        r"GALDNet has one; build it with aux=False \(GALDNet\.official\(\.\.\., aux=False\)",
+    ):
+        with_aux.load_state_dict(converted)
+    with pytest.raises(
+        ValueError,
+        match=r"has an auxiliary head \(aux_head\.\* keys\), but .* built with aux=False",
+    ):
+        without.load_state_dict(official_to_galdnet(ref.state_dict()))
+    with pytest.raises(TypeError, match="aux must be a bool, got int 1"):
+        official_to_galdnet(no_dsn, aux=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="aux must be a bool, got str 'no'"):
+        GALDNet.official(aux="no")  # type: ignore[arg-type]
+
+
+def test_head_only_checkpoint_is_named(tmp_path) -> None:
+    head_only = {k: v for k, v in _reference(0).state_dict().items() if k.startswith("head.")}
+    message = (
+        r"has no backbone keys \(conv1\.\*, bn1\.\*, layer1\.\*-layer4\.\*\), only head\.\* "
+        r"and dsn\.\* ones: it looks like a head-only checkpoint; convert it with "
+        r"gald\.convert\.official_to_gald\(state_dict\)"
+    )
+    with pytest.raises(ValueError, match=r"^the state dict " + message):
+        official_to_galdnet({"module." + k: v for k, v in head_only.items()})
+    path = tmp_path / "head.pth"
+    torch.save({"state_dict": head_only}, path)
+    with pytest.raises(ValueError, match=r"^'.*head\.pth' " + message) as err:
+        gald.convert.load_official_galdnet(path)
+    assert "[0, 0, 0, 0]" not in str(err.value)
+    with pytest.raises(ValueError, match="^the state dict is empty; expected the authors'"):
+        official_to_galdnet({})
+    head_sd, _ = official_to_gald(head_only)  # where the message points: it converts
+    assert head_sd

@@ -295,3 +295,12 @@ def test_onnx_is_not_specialised_on_a_one_pixel_ld_map(tmp_path: Path) -> None:
     path = deploy.export_onnx(model, _input((2, C, 8, 8)), tmp_path / "small.onnx")
     err = deploy.verify_onnx(model, path, _input((1, C, 3, 5)), _input((2, C, 33, 40), seed=3))
     assert err <= RTOL, f"onnxruntime differs from eager by {err:.2e} (relative)"
+
+
+def test_fx_symbolic_trace_names_the_leaf_module_remedy() -> None:
+    # the traceable form is a leaf module (docs/deploy.md runs it); tracing into a layer says so
+    import torch.fx
+
+    for module in (gald.GALD(16, "gc"), gald.create_ga("psp", 16), gald.LocalDistribution(16)):
+        with pytest.raises(TypeError, match=r"is a torch.fx Proxy: .*leaf_modules"):
+            torch.fx.symbolic_trace(module)

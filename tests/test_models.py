@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import enum
+import re
 import types
 
 import pytest
@@ -288,6 +289,82 @@ def test_a_timm_dict_backbone_is_picked_by_its_output_keys() -> None:
     # the module names are not the output keys: refused, naming the keys it returns
     with pytest.raises(ValueError, match=r"keys \['0', '3', '4'\]"):
         GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"))
+
+
+class FeatureListNet(_TimmDict):
+    """timm's FeatureListNet: a FeatureDictNet (``return_layers``, ``feature_info``) whose
+    forward returns the dict's values as a list."""
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
+        return list(super().forward(x).values())
+
+
+def test_feature_names_for_a_list_backbone_are_refused_by_what_it_returns() -> None:
+    backbone = FeatureListNet({"stem": "0", "layer3": "3", "layer4": "4"})
+    for names in (("layer3", "layer4"), ("3", "4")):  # module names or FeatureDictNet keys
+        with pytest.raises(
+            ValueError,
+            match=rf"^GALDNet: in_features={re.escape(repr(names))} names features, but the backbone "
+            r"\(FeatureListNet\) returns a list of them, which in_features picks by integer "
+            r"index: pass in_features=\(1, 2\) \(its features come from the modules "
+            r"\['stem', 'layer3', 'layer4'\], in that order\)$",
+        ) as err:
+            GALDNet(CLASSES, backbone=backbone, in_features=names)
+        assert "dict" not in str(err.value)
+    with pytest.raises(ValueError, match=r"pass in_features=\(i, j\) \(its features come from"):
+        GALDNet(CLASSES, backbone=backbone, in_features=("a", "b"))
+    assert backbone.calls == 0  # said at construction, without running the backbone
+    net = GALDNet(CLASSES, backbone=backbone, in_features=(1, 2), head={"channels": 16})
+    assert net.in_channels == (6, 8) and backbone.calls == 0
+    assert net.eval()(torch.randn(1, 3, 16, 16))["out"].shape == (1, CLASSES, 16, 16)
+    # a feature net with return_dict=False (timm's FeatureHookNet, FeatureGetterNet)
+    hooks = Tiny("list")
+    hooks.return_dict = False
+    with pytest.raises(
+        ValueError, match=r"\(Tiny\) returns a list of them, .*in_features=\(i, j\)$"
+    ):
+        GALDNet(CLASSES, backbone=hooks, in_features=("a", "b"))
+
+
+def test_feature_names_for_a_list_found_by_the_dry_run_or_declared() -> None:
+    from _standins import create_model
+
+    features = create_model("resnet50d", features_only=True)  # a list, widths declared
+    with pytest.raises(
+        ValueError,
+        match=r"^GALDNet: the backbone returned a list of 2 features, which in_features picks "
+        r"by integer index; got the names in_features=\('a', 'b'\): pass two indices from -2 "
+        r"to 1 \(in_features=\(-2, -1\) for the last two\)$",
+    ):
+        GALDNet(CLASSES, backbone=features, in_features=("a", "b"))
+    declared = Tiny("list")
+    declared.channels = [1, 6, 8, 2]  # read without running it: said so
+    with pytest.raises(
+        ValueError, match=r"^GALDNet: the backbone declares widths for a list of 4 features, "
+    ):
+        GALDNet(CLASSES, backbone=declared, in_features=("layer3", "layer4"))
+    declared.channels = {"layer3": 6, "layer4": 8}
+    with pytest.raises(
+        ValueError,
+        match=r"^GALDNet: the backbone declares widths for a dict with keys \['layer3', 'layer4'\]; "
+        r"in_features=\(0, 1\) must be two of its keys \(a dict is picked by key, not by position\)$",
+    ):
+        GALDNet(CLASSES, backbone=declared, in_features=(0, 1))
+
+
+def test_a_timm_dict_backbone_given_module_names_is_told_its_keys() -> None:
+    backbone = _TimmDict({"stem": "0", "layer3": "3", "layer4": "4"})
+    with pytest.raises(
+        ValueError,
+        match=r"^GALDNet: in_features=\('layer3', 'layer4'\) are not output keys of the backbone "
+        r"\(_TimmDict\), which returns a dict with keys \['0', '3', '4'\] \(from its modules "
+        r"\['stem', 'layer3', 'layer4'\]\); \('layer3', 'layer4'\) name its modules, whose "
+        r"output keys are \('3', '4'\): pass in_features=\('3', '4'\)$",
+    ):
+        GALDNet(CLASSES, backbone=backbone, in_features=("layer3", "layer4"))
+    with pytest.raises(ValueError, match=r"keys \['0', '3', '4'\] \(from its modules .*\)$"):
+        GALDNet(CLASSES, backbone=backbone, in_features=("c3", "c4"))
+    assert backbone.calls == 0
 
 
 def test_dry_run_restores_train_flags() -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -584,3 +586,25 @@ def test_the_raw_ops_check_their_inputs_too() -> None:
     if float8 is not None:
         with pytest.raises(TypeError, match=r"x must be float16, bfloat16, float32 or float64"):
             gald.ops.ld_modulate(x.to(float8), torch.randn(2, 3, 2, 2).to(float8))
+
+
+def test_an_eager_call_does_not_import_the_exporters() -> None:
+    # torch.onnx is imported lazily; asking it whether an export runs would import it (a
+    # noticeable share of the first call). A fresh process: this one may have imported it.
+    script = (
+        "import sys, torch, gald\n"
+        "gald.GALD(16)(torch.randn(1, 16, 9, 9))\n"
+        "print('torch.onnx' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_the_reference_formula_is_chosen_while_onnx_exports(monkeypatch) -> None:
+    import torch.onnx
+
+    assert _modulate._exporting() is False
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    assert _modulate._exporting() is True

@@ -4,6 +4,7 @@ surface and what the sdist contains."""
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,7 @@ def test_create_from_class_instance_and_mapping() -> None:
     assert isinstance(built, Tiny) and built.channels == 8 and built.scale == 2.0
     ready = Tiny(8)
     assert gald.create_ga(ready, 8) is ready
+    assert gald.create_ga(ready) is ready  # an instance needs no width
     cfg = Config(groups=2, use_scale=True)
     layer = gald.create_ga("cgnl", 16, **cfg)
     assert layer.groups == 2 and layer.use_scale  # type: ignore[union-attr]
@@ -99,6 +101,12 @@ def test_create_errors_name_the_argument() -> None:
         gald.create_ga("cgnl", 0)
     with pytest.raises(TypeError, match="channels must be an int, got float"):
         gald.create_ga("cgnl", 16.0)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="channels is required to build CGNL from the name 'cgnl'"):
+        gald.create_ga("cgnl")
+    with pytest.raises(TypeError, match="channels is required to build Tiny from its class"):
+        gald.create_ga(Tiny)
+    with pytest.raises(ValueError, match="channels must be >= 1, got 0"):
+        gald.create_ga(Tiny(8), 0)
 
 
 @pytest.mark.parametrize("name", gald.list_ga())
@@ -297,3 +305,18 @@ def test_a_class_gets_back_the_ga_name_it_defined_itself() -> None:
     assert Own.ga_name == "tmp_own2"  # still registered under its second name
     gald.unregister_ga("tmp_own2")
     assert Own.ga_name == "custom"
+
+
+@pytest.mark.parametrize("name", gald.list_ga())
+def test_repr_names_every_constructor_argument(name: str) -> None:
+    # factories show up as the child modules they build; chunk_elements only where it is used
+    shown_as_children = {"norm_layer", "act_layer", "pool_norm_layer", "bottleneck_norm_layer"}
+    cls = gald.get_ga_class(name)
+    params = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    text = gald.create_ga(name, 16).extra_repr()
+    missing = [
+        p
+        for p in params
+        if p not in shown_as_children and p != "chunk_elements" and f"{p}=" not in text
+    ]
+    assert not missing, f"{cls.__name__}.extra_repr() omits {missing}: {text}"

@@ -104,9 +104,9 @@ def test_positive_int_sequence_from_any_iterable(values: list[int]) -> None:
 @pytest.mark.parametrize(
     ("value", "error", "match"),
     [
-        ("12", TypeError, "rates must be a sequence of ints, got str"),
+        ("12", TypeError, "rates must be a sequence of ints, got str '12'"),
         (b"12", TypeError, "rates must be a sequence of ints, got bytes"),
-        (3, TypeError, "rates must be a sequence of ints, got int"),
+        (3, TypeError, "rates must be a sequence of ints, got int 3"),
         ([1, 2.0], TypeError, r"rates\[1\] must be an int, got float"),
         (np.array([1.0, 2.0]), TypeError, r"rates\[0\] must be an int, got float64"),
         ([1, 0], ValueError, r"rates\[1\] must be >= 1, got 0"),

@@ -825,3 +825,53 @@ def test_the_small_input_advice_names_what_sets_the_limit() -> None:
     assert block.min_size == 5
     with pytest.raises(ValueError, match=r"NeedsThree refused inputs smaller than 3x3"):
         block(torch.randn(1, 8, 4, 4))
+
+
+class _ListDecoder(nn.Module):
+    """Takes a list of features, as segmentation-models-pytorch's decoders do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(32, 16, 3, padding=1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.conv(features[-1])
+
+
+class _StarDecoder(_ListDecoder):
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        low, high = features  # two levels, 16 channels each
+        return self.conv(torch.cat([low, high], 1))
+
+
+def test_modules_that_are_not_context_modules_are_named_as_such() -> None:
+    # a segmentation head that upsamples: out_channels would not help, so it is not advised
+    model = nn.Sequential(nn.Conv2d(8, 3, 1), nn.UpsamplingBilinear2d(scale_factor=8))
+    with pytest.raises(ValueError, match="upsamples every input it was given") as info:
+        gald.wrap(nn.Sequential(model), "0")
+    assert "pass out_channels" not in str(info.value)
+    # a decoder over a list of features: the signature is named, the width is not blamed
+    for decoder, signature in (
+        (_ListDecoder(), r"features: list\[torch.Tensor\]"),
+        (_StarDecoder(), r"\*features"),
+    ):
+        holder = nn.Sequential(decoder)
+        with pytest.raises(ValueError, match=f"its forward takes {signature}") as info:
+            gald.wrap(holder, "0")
+        assert "inferred" not in str(info.value) and "check in_channels" not in str(info.value)
+        assert holder[0] is decoder
+
+
+def test_a_norm_layer_for_another_layout_is_refused_by_name() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"norm_layer=<class 'torch.nn.modules.normalization.LayerNorm'> builds "
+        r"LayerNorm\(\(16,\).*cannot normalise a \(B, C, H, W\) feature map",
+    ):
+        gald.GALD(16, "gc", norm_layer=nn.LayerNorm)
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1))
+    with pytest.raises(ValueError, match="norm_layer="):
+        gald.wrap(model, "1", norm_layer=nn.LayerNorm)
+    assert type(model[1]) is nn.Conv2d
+    # channels-first norms pass: SyncBatchNorm runs its eval path without a process group
+    assert gald.GALD(16, "gc", norm_layer=nn.SyncBatchNorm).out_channels == 16

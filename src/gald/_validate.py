@@ -16,6 +16,7 @@ from collections.abc import Set as AbstractSet
 from typing import Any
 
 import torch
+import torch.fx
 from torch import nn
 
 PADDING_REMEDY = "use padding=1 to accept any size"
@@ -39,6 +40,14 @@ def check_feature(
     """
     prefix = f"{who}: " if who else ""
     if not isinstance(x, torch.Tensor):
+        if isinstance(x, torch.fx.Proxy):
+            raise TypeError(
+                f"{prefix}{name} is a torch.fx Proxy: gald layers check shapes and dtypes in "
+                "their forward, so torch.fx.symbolic_trace cannot trace into them; trace them "
+                "as leaf modules (torchvision's create_feature_extractor(..., "
+                "tracer_kwargs={'leaf_modules': [gald.GALD]}), or a torch.fx.Tracer whose "
+                "is_leaf_module returns True for them), or use torch.export"
+            )
         raise TypeError(f"{prefix}{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(
@@ -118,6 +127,9 @@ def check_ordered_items(value: object, name: str, what: str) -> list[Any]:
         got = type(value).__name__
         if getattr(value, "ndim", 1) != 1:
             got += f" with {value.ndim} dimensions"  # type: ignore[attr-defined]
+        else:
+            text = repr(value)
+            got += f" {text if len(text) <= 60 else text[:57] + '...'}"
         raise TypeError(f"{name} must be a sequence of {what}, got {got}")
     return list(value)
 

@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from torch import nn
 
 from ._validate import check_positive_int
-from .block import GALD, _first_tensor
+from .block import GALD, _first_tensor, _not_one_tensor
 
 __all__ = ["wrap"]
 
@@ -163,7 +163,11 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
             block = GALD(in_channels, target, **gald_kwargs)
         except ValueError as exc:
             message = str(exc)
-            if f"in_channels={in_channels}" not in message or message.startswith("out_channels="):
+            if (
+                f"in_channels={in_channels}" not in message
+                or message.startswith("out_channels=")
+                or _not_one_tensor(target)
+            ):
                 raise  # not about the input width
             raise ValueError(
                 f"wrap({name!r}): in_channels={in_channels} was inferred from {source}; if the "

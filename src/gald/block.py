@@ -78,6 +78,28 @@ def _probe_setting(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device, dtype
 
 
+def _check_norm_runs(norm: nn.Module, factory: object, channels: int) -> None:
+    """Run ``norm`` once in eval mode on a small (2, channels, 2, 2) map: a factory that builds a
+    layer for another layout (``nn.LayerNorm`` normalises the last dimension) is refused here,
+    by name, rather than at the first forward."""
+    probe = torch.zeros(2, channels, 2, 2)
+    try:
+        with eval_mode(norm), torch.no_grad():
+            norm(probe)
+    except Exception as exc:
+        raise ValueError(
+            f"norm_layer={factory!r} builds {norm!r}, which cannot normalise a (B, C, H, W) "
+            f"feature map: on a {tuple(probe.shape)} input it raised {type(exc).__name__}: "
+            f"{_first_line(str(exc))}. GALD's norms take (B, C, H, W) maps: nn.BatchNorm2d, "
+            "nn.SyncBatchNorm, functools.partial(nn.GroupNorm, 32), or a channels-first "
+            "layer norm"
+        ) from exc
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 class _ProbesRefused(ValueError):
     """A module refused every input of :func:`_infer_out_channels`'s dry run."""
 
@@ -106,6 +128,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
     errors: list[str] = []
     changed: list[str] = []
     strided = True  # every size change so far at least halved both sides
+    grows = True  # every size change so far enlarged both sides
     with eval_mode(module), torch.no_grad():
         for side in _PROBE_SIDES:
             probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
@@ -122,21 +145,28 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
                 )
             if out.ndim != 4:
                 got = tuple(out.shape)
+                note = _not_one_tensor(module)
                 raise ValueError(
                     f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
                     f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
+                    + (f"; {note.rstrip('; ')}" if note else "")
                 )
             if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
                 changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
                 strided = strided and 2 * max(out.shape[-2:]) <= side + 1
+                grows = grows and min(out.shape[-2:]) > side
                 continue
             return int(out.shape[1]), side
     if changed:
-        if strided and not errors:  # it ran at every probe and at least halved each
+        if not errors and (strided or grows):  # it ran at every probe, shrank or grew each
+            kind = (
+                "downsamples every input it was given (a strided stage)"
+                if strided
+                else "upsamples every input it was given (a segmentation head or decoder)"
+            )
             advice = (
-                ". It downsamples every input it was given (a strided stage), so it is not a "
-                "context module GALD can wrap: wrap a module that keeps its input's size, such "
-                "as the context module of the head"
+                f". It {kind}, so it is not a context module GALD can wrap: wrap a module that "
+                "keeps its input's size, such as the context module of the head"
             )
         else:
             failed = f"; the other probes failed: {'; '.join(errors)}" if errors else ""
@@ -149,11 +179,57 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
             f"({', '.join(changed)}); GALD upsamples the GA's output from the size the GA "
             f"receives, so the GA must keep it{advice}"
         )
+    note = _not_one_tensor(module)
+    advice = (
+        f"{note}wrap the context module inside it, which does"
+        if note
+        else f"check in_channels={in_channels} (the width the module takes), or pass "
+        "out_channels to wrap a module that cannot run on a small input here"
+    )
     raise _ProbesRefused(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
-        f"side s ({'; '.join(errors)}); check in_channels={in_channels} (the width the module "
-        "takes), or pass out_channels to wrap a module that cannot run on a small input here"
+        f"side s ({'; '.join(errors)}); {advice}"
     )
+
+
+def _annotation(annotation: object) -> str:
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    return text.replace("typing.", "")
+
+
+def _not_one_tensor(module: nn.Module) -> str:
+    """A note when ``module.forward``'s signature shows that it does not take one tensor (it
+    takes ``*features``, or several required arguments), as a decoder over a feature list does;
+    empty otherwise."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return ""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [p for p in params if p.kind in positional and p.default is p.empty]
+    star = [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
+    if star and not required:
+        return (
+            f"its forward takes *{star[0].name} (a list of features, as a decoder does), while "
+            "GALD wraps a module that takes one (B, C, H, W) tensor; "
+        )
+    if len(required) == 1:
+        note = str(required[0].annotation)
+        if required[0].annotation is not required[0].empty and any(
+            word in note for word in ("List", "list", "Sequence", "Tuple", "tuple", "Iterable")
+        ):
+            return (
+                f"its forward takes {required[0].name}: {_annotation(required[0].annotation)} "
+                "(a list of features, as a decoder does), while GALD wraps a module that takes "
+                "one (B, C, H, W) tensor; "
+            )
+    if len(required) > 1:
+        names = ", ".join(p.name for p in required)
+        return (
+            f"its forward takes {len(required)} arguments ({names}), while GALD wraps a module "
+            "that takes one (B, C, H, W) tensor; "
+        )
+    return ""
 
 
 def _width_by_dry_run(
@@ -492,7 +568,10 @@ class GALD(nn.Module):
         if widths:
             with torch.random.fork_rng(devices=[]):
                 for c in dict.fromkeys(widths):
-                    make_layer(norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm")
+                    norm = make_layer(
+                        norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm"
+                    )
+                    _check_norm_runs(norm, norm_layer, c)
                 make_layer(act_layer, "act_layer", purpose="GALD's activations")
         self.ga, self.out_channels, probed_at = _build_ga(
             ga_module,

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._validate import check_int, check_positive_int
+from ._validate import check_bool, check_int, check_positive_int
 
 if TYPE_CHECKING:
     from .models import GALDNet
@@ -232,18 +232,29 @@ def _load_strict(module: torch.nn.Module, state_dict: Mapping[str, torch.Tensor]
     module.load_state_dict(dict(state_dict), strict=True)
 
 
-def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def official_to_galdnet(
+    state_dict: Mapping[str, torch.Tensor], *, aux: bool = True
+) -> dict[str, torch.Tensor]:
     """Map the authors' full GALD-Net keys to :meth:`gald.models.GALDNet.official` keys.
 
     The backbone (``conv1.{0,1,3,4,6}``, ``bn1``, ``layer1``-``layer4``) goes to ``backbone.*``
     under the same names, ``head.*`` to ``head.*`` as :func:`official_to_gald` maps it and
-    ``dsn.*`` to ``aux_head.*``. Keys may carry a ``module.`` prefix; any other key raises a
-    ``ValueError`` that lists them. Load the result with ``strict=True`` (or use
-    :func:`load_official_galdnet`, which also infers the depth and the number of classes) into
-    a :meth:`~gald.models.GALDNet.official` network: a ``GALDNet`` built otherwise (the default
-    head has padding 1) has the same parameter shapes, so the weights load without an error,
-    but it computes another function than the authors' network.
+    ``dsn.*`` to ``aux_head.*`` (dropped with ``aux=False``). Keys may carry a ``module.``
+    prefix; any other key raises a ``ValueError`` that lists them, and so does a state dict
+    without backbone keys (a head-only checkpoint goes to :func:`official_to_gald`). Load the
+    result with ``strict=True`` (or use :func:`load_official_galdnet`, which also infers the
+    depth, the number of classes and whether there is an auxiliary head) into a
+    :meth:`~gald.models.GALDNet.official` network, built with ``aux=False`` when the checkpoint
+    has no ``dsn.*`` keys or ``aux=False`` is passed here: a ``GALDNet`` built otherwise (the
+    default head has padding 1) has the same parameter shapes, so the weights load without an
+    error, but it computes another function than the authors' network.
     """
+    return _to_galdnet(state_dict, check_bool(aux, "aux"), "the state dict")
+
+
+def _to_galdnet(
+    state_dict: Mapping[str, torch.Tensor], aux: bool, what: str
+) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for raw_key, key, value in _items(state_dict):
@@ -252,27 +263,44 @@ def official_to_galdnet(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
         elif (new := _map_head(key)) is not None:
             out[f"head.{new}"] = value
         elif (new := _map_aux(key)) is not None:
-            out[f"aux_head.{new}"] = value
+            if aux:
+                out[f"aux_head.{new}"] = value
         else:
             unknown.append(raw_key)
     if unknown:
         raise ValueError(
             f"unknown keys in the official state dict: {_listing(unknown)}{_gald_hint(unknown)}"
         )
+    if not any(k.startswith("backbone.") for k in out):
+        if len(state_dict) == 0:
+            raise ValueError(f"{what} is empty; expected the authors' GALD-Net keys")
+        raise ValueError(
+            f"{what} has no backbone keys (conv1.*, bn1.*, layer1.*-layer4.*), only head.* "
+            "and dsn.* ones: it looks like a head-only checkpoint; convert it with "
+            "gald.convert.official_to_gald(state_dict), which gives the state dicts of "
+            "gald.GALDHead.official and gald.AuxHead"
+        )
     return out
 
 
 def load_official_galdnet(
-    path: str | os.PathLike[str], *, depth: int | None = None, num_classes: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    depth: int | None = None,
+    num_classes: int | None = None,
+    aux: bool | None = None,
 ) -> GALDNet:
     """Build :meth:`gald.models.GALDNet.official` and load the authors' checkpoint at ``path``.
 
-    The depth (from the number of blocks in ``layer1``-``layer4``) and the number of classes
-    (from the classifier) are read from the file; ``depth`` / ``num_classes``, when given, must
-    match them, or a ``ValueError`` says what the file holds. Loading is strict: missing,
-    unknown and mis-shaped keys raise a ``ValueError`` that lists them. The file is read with
-    ``torch.load(weights_only=True)``. The model is returned in train mode, like any new module;
-    call ``.eval()`` before evaluating.
+    The depth (from the number of blocks in ``layer1``-``layer4``), the number of classes (from
+    the classifier) and whether the network has the auxiliary head (whether the file has
+    ``dsn.*`` keys) are read from the file; ``depth`` / ``num_classes``, when given, must
+    match them, or a ``ValueError`` says what the file holds. ``aux=False`` builds the network
+    without the auxiliary head and ignores the file's ``dsn.*`` weights (for inference);
+    ``aux=True`` requires them. Loading is strict: missing, unknown and mis-shaped keys raise a
+    ``ValueError`` that lists them. The file is read with ``torch.load(weights_only=True)``.
+    The model is returned in train mode, like any new module; call ``.eval()`` before
+    evaluating.
     """
     from .models import GALDNet  # late: gald.models imports the heads
 
@@ -282,24 +310,35 @@ def load_official_galdnet(
             raise ValueError(f"depth must be one of {sorted(_RESNET_LAYERS)}, got {depth!r}")
     if num_classes is not None:
         num_classes = check_positive_int(num_classes, "num_classes")
-    state = official_to_galdnet(load_official(path))
+    if aux is not None:
+        aux = check_bool(aux, "aux")
+    raw = load_official(path)
+    where = repr(os.fspath(path))
+    state = _to_galdnet(raw, aux is not False, where)
     keys = list(state)
-    found = _resnet_depth(keys, "backbone.", f"{os.fspath(path)!r}")
+    found = _resnet_depth(keys, "backbone.", where)
     if depth is not None and depth != found:
         raise ValueError(
-            f"expected a depth-{depth} GALD-Net, but {os.fspath(path)!r} holds a depth-{found} "
+            f"expected a depth-{depth} GALD-Net, but {where} holds a depth-{found} "
             f"one (ResNet layers with {list(_layer_blocks(keys, 'backbone.'))} blocks)"
         )
     cls_weight = state.get("head.cls.weight")
     if cls_weight is None:
-        raise ValueError(f"{os.fspath(path)!r} has no classifier (head.bottleneck.3.weight)")
+        raise ValueError(f"{where} has no classifier (head.bottleneck.3.weight)")
     classes = int(cls_weight.shape[0])
     if num_classes is not None and num_classes != classes:
         raise ValueError(
-            f"expected num_classes={num_classes}, but {os.fspath(path)!r} has a classifier for "
+            f"expected num_classes={num_classes}, but {where} has a classifier for "
             f"{classes} classes"
         )
-    model = GALDNet.official(depth=found, num_classes=classes)
+    has_aux = any(k.startswith("aux_head.") for k in keys)
+    if aux and not has_aux:
+        raise ValueError(
+            f"expected a GALD-Net with the auxiliary head (aux=True), but {where} has no "
+            "dsn.* keys; pass aux=False, or leave aux out, to build GALDNet.official(..., "
+            "aux=False) without it"
+        )
+    model = GALDNet.official(depth=found, num_classes=classes, aux=has_aux)
     _load_strict(model, state)
     return model
 
@@ -307,6 +346,62 @@ def load_official_galdnet(
 _SPLIT_STEM = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv1.3", "bn2": "conv1.4",
                "conv3": "conv1.6", "bn3": "bn1"}  # fmt: skip
 _STEM_KEY = re.compile(r"^(conv[1-3]|bn[1-3])\.(?:(\d+)\.)?([A-Za-z_]+)$")
+
+
+_SHORTCUT_D = re.compile(r"^layer[1-4]\.\d+\.downsample\.(?:(1)\.weight|2\.\w+)$")
+_DEEP_STEMS = (("conv1.0", "conv1.3", "conv1.6"), ("conv1", "conv2", "conv3"))
+
+
+def _out_channels(value: object) -> int | None:
+    """The output width of a conv weight (4-D), else ``None``."""
+    shape = getattr(value, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) == 4 else None
+
+
+def _resnet_d_problem(state_dict: Mapping[str, object], prefix: str = "") -> str | None:
+    """What makes the ResNet under ``prefix`` one of the ResNet-C/-D layouts (timm's
+    ``resnet50d``: a parameter-free average pool in front of each shortcut conv, so the conv is
+    ``downsample.1`` and its norm ``downsample.2``; a deep stem 32/32/64 wide), which
+    :class:`gald.models.DilatedResNet` does not implement; ``None`` for any other layout."""
+    shortcut = None
+    for key, value in state_dict.items():
+        if isinstance(key, str) and key.startswith(prefix):
+            m = _SHORTCUT_D.match(key[len(prefix) :])
+            # downsample.1 is the norm in the authors' layout: only a conv weight there counts
+            if m is not None and (m.group(1) is None or _out_channels(value) is not None):
+                shortcut = key
+                break
+    stem = None
+    for names in _DEEP_STEMS:
+        keys = [f"{prefix}{n}.weight" for n in names]
+        if names[1] == "conv2" and keys[1] not in state_dict:
+            continue  # a 7x7 stem
+        widths = [_out_channels(state_dict.get(k)) for k in keys]
+        if all(w is not None for w in widths) and widths != [64, 64, 128]:
+            stem = f"a deep stem {'/'.join(map(str, widths))} wide ({', '.join(names)})"
+            break
+    found = []
+    if shortcut is not None:
+        found.append(
+            f"an average-pool shortcut ({shortcut}: the conv at downsample.1, its norm at "
+            "downsample.2)"
+        )
+    if stem is not None:
+        found.append(stem)
+    if not found:
+        return None
+    layout = (
+        "the ResNet-D layout (avg-pool shortcut, 32-wide stem) of timm's resnet50d / resnet101d"
+        if shortcut is not None
+        else "the ResNet-C stem (32-wide) of timm's resnet50c / resnet101c"
+    )
+    return (
+        f"the state dict has {' and '.join(found)}: {layout}, which DilatedResNet does not implement; "
+        "expected the GALD-Net authors' layout: a conv shortcut (downsample.0 the 1x1 conv, "
+        "downsample.1 its norm) and a deep stem 64/64/128 wide (conv1.0 3->64, conv1.3 "
+        "64->64, conv1.6 64->128), or torchvision's 7x7 stem (conv1 3->64) for "
+        "DilatedResNet(deep_stem=False)"
+    )
 
 
 def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -318,7 +413,9 @@ def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
     checkpoints of dilated-ResNet segmentation code bases); a torchvision-style 7x7 stem
     (``conv1``, ``bn1``) loads into ``DilatedResNet(deep_stem=False)``. ``fc.*`` is dropped, a
     ``module.`` prefix removed, and any other key raises a ``ValueError`` that lists them.
-    Load the result with ``strict=True``.
+    The ResNet-D layout (timm's ``resnet50d`` / ``resnet101d``: an average pool in each
+    shortcut, a 32-wide deep stem) raises a ``ValueError`` that says so: ``DilatedResNet`` does
+    not implement it. Load the result with ``strict=True``.
     """
     items = [
         (raw, key, value) for raw, key, value in _items(state_dict) if not key.startswith("fc.")
@@ -331,6 +428,8 @@ def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
             "the state dict mixes the two deep-stem layouts (conv1.0.* and conv2.*/bn2.*); "
             "expected one of them"
         )
+    if (problem := _resnet_d_problem({key: value for _, key, value in items})) is not None:
+        raise ValueError(problem)
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for raw_key, key, value in items:

@@ -213,28 +213,35 @@ def _declared_width(module: nn.Module) -> tuple[str, int] | None:
     return None
 
 
-def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: Any) -> nn.Module:
+def create_ga(
+    ga: str | type[nn.Module] | nn.Module, channels: int | None = None, **kwargs: Any
+) -> nn.Module:
     """Build a GA layer with ``channels`` input channels.
 
     Args:
         ga: a registry name (see :func:`list_ga`), an ``nn.Module`` class built as
             ``ga(channels, **kwargs)``, or a ready ``nn.Module`` instance, returned as it is
-            (``kwargs`` must then be empty; an instance with an int ``in_channels``, or else
-            ``channels``, attribute must agree with ``channels``).
-        channels: input channels ``C``.
+            (``kwargs`` must then be empty; when ``channels`` is given, an instance with an int
+            ``in_channels``, or else ``channels``, attribute must agree with it).
+        channels: input channels ``C``; required for a name or a class, optional for an
+            instance.
         **kwargs: constructor arguments; any mapping unpacks here (``**cfg``).
 
     Example:
         >>> import gald
         >>> layer = gald.create_ga("cgnl", 64, groups=4)
+        >>> gald.create_ga(layer) is layer
+        True
     """
-    channels = check_positive_int(channels, "channels")
     if isinstance(ga, nn.Module):
         if kwargs:
             raise ValueError(
                 "kwargs must be empty when ga is an nn.Module instance (it is already built), "
                 f"got {sorted(kwargs)}"
             )
+        if channels is None:
+            return ga
+        channels = check_positive_int(channels, "channels")
         declared = _declared_width(ga)
         if declared is not None and declared[1] != channels:
             attr, width = declared
@@ -243,7 +250,13 @@ def create_ga(ga: str | type[nn.Module] | nn.Module, channels: int, **kwargs: An
                 f"expected {attr}={channels} (the channels argument)"
             )
         return ga
-    return _ga_class(ga, "ga")(channels, **kwargs)
+    cls = _ga_class(ga, "ga")
+    if channels is None:
+        raise TypeError(
+            f"create_ga: channels is required to build {cls.__name__} from "
+            f"{'the name ' + repr(ga) if isinstance(ga, str) else 'its class'}, got none"
+        )
+    return cls(check_positive_int(channels, "channels"), **kwargs)
 
 
 def _ga_class(ga: object, name: str) -> type[nn.Module]:

@@ -288,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         say=say,
     )
     env = environment(device, args.threads)
-    note = busy_note(args.threads, env["cpus_in_use_at_start"]) if device.type == "cpu" else None
+    # --cost alone times nothing: no note on competing processes, no threads in the footer
+    timing = (bool(gas) and not args.cost) or args.ld or args.first_call
+    note = (
+        busy_note(args.threads, env["cpus_in_use_at_start"])
+        if timing and device.type == "cpu"
+        else None
+    )
     if note and not args.quiet:
         say(note)
     out: dict[str, Any] = {
@@ -390,10 +396,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
 
     env["load_average_1min_end"] = load_average()
-    print(
-        f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, "
-        f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
-    )
+    if timing:
+        print(
+            f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, "
+            f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+        )
+    else:  # counts that hold on any machine: when and with which torch they were made
+        print(f"\n{env['date']}, torch {env['torch']}")
     if args.json:
         try:
             with open(args.json, "w") as f:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+import textwrap
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 INSTALL_HINT = "matplotlib is not installed; install it with: pip install 'gald[plot]'"
 
@@ -16,9 +20,35 @@ def plot_available() -> tuple[bool, str]:
     return True, ""
 
 
+TITLE_SIZE = 10  # points
+
+
+def title(results: dict[str, Any], width_in: float) -> str:
+    """The figure's title: what was measured, where, and what the bars mean, one item per line,
+    each wrapped to fit ``width_in`` inches at :data:`TITLE_SIZE` (a long device name, broken if
+    need be, does not run off the figure)."""
+    env, cfg = results["environment"], results["config"]
+    fmt = "channels_last" if cfg["channels_last"] else "NCHW"
+    threads = f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
+    lines = [
+        f"GALD with and without LD, input {tuple(cfg['shape'])}, {cfg['dtype']}, {fmt}",
+        f"{cfg['device']} ({env['device_name']}), {threads}, {env['date']}",
+        "bars: median, whiskers: interquartile range",
+    ]
+    # a character of the default sans-serif averages about 0.55 em; 0.65 leaves a margin, and
+    # lines of at most 100 characters stay readable
+    chars = max(20, min(100, int(width_in * 72 / (0.65 * TITLE_SIZE))))
+    return "\n".join(textwrap.fill(line, chars) for line in lines)
+
+
 def plot(results: dict[str, Any], path: str) -> None:
     """Write a PNG of the block results: inference and train-step medians (whiskers: the
     interquartile range) and bytes saved for backward (and peak memory on CUDA) per GA."""
+    figure(results).savefig(path, dpi=110)
+
+
+def figure(results: dict[str, Any]) -> Figure:
+    """The figure :func:`plot` writes."""
     ok, why = plot_available()
     if not ok:
         raise RuntimeError(why)
@@ -35,7 +65,10 @@ def plot(results: dict[str, Any], path: str) -> None:
     ]
     if cuda:
         panels.append(("peak", "peak memory of a train step, MiB"))
-    fig = Figure(figsize=(4.2 * len(panels), 3.8))
+    width_in = 4.2 * len(panels)
+    text = title(results, width_in)
+    # the panels keep their height under a title of more than three lines
+    fig = Figure(figsize=(width_in, 3.8 + 0.17 * max(0, text.count("\n") - 2)))
     axes = fig.subplots(1, len(panels), squeeze=False)
     xs = list(range(len(gas)))
     width = 0.38
@@ -57,14 +90,6 @@ def plot(results: dict[str, Any], path: str) -> None:
         ax.set_xticklabels(gas, rotation=45, ha="right")
         ax.set_title(label, fontsize=10)
     axes[0][0].legend(fontsize=8)
-    env, cfg = results["environment"], results["config"]
-    fig.suptitle(
-        f"GALD with and without LD, input {tuple(cfg['shape'])}, {cfg['device']} "
-        f"({env['device_name']}), {cfg['dtype']}, "
-        f"{'channels_last' if cfg['channels_last'] else 'NCHW'}, threads: {env['threads']}, "
-        f"{env['date']}; "
-        "bars: median, whiskers: interquartile range",
-        fontsize=10,
-    )
+    fig.suptitle(text, fontsize=TITLE_SIZE)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig

@@ -200,28 +200,58 @@ class Ratio:
         }
 
 
+def signed(value: float, digits: int) -> str:
+    """``value`` with an explicit sign and ``digits`` decimals; a value that rounds to zero is
+    ``+0`` (``+0.0``), never ``-0``: ``signed(-0.4, 0) == "+0"``, ``signed(-1.2, 0) == "-1"``."""
+    text = f"{value:+.{digits}f}"
+    return "+" + text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def format_overhead(r: Ratio, *, emphasis: bool = False) -> str:
     """``+12.3 % [+8.9, +15.8]`` (the figure and the ends of its ~95 % interval, which is not
     symmetric: ``[value / (1 + h), value * (1 + h)]``); ``within noise [...]`` or ``too
-    noisy...`` by :attr:`Ratio.verdict`.
+    noisy...`` by :attr:`Ratio.verdict`. A figure or an end that rounds to zero reads ``+0``.
 
     ``emphasis`` sets a measured figure in Markdown bold (``**+12.3 %** [+8.9, +15.8]``)."""
     pct = 100.0 * (r.value - 1.0)
     verdict = r.verdict
     if verdict == "spread unknown":
-        return f"{pct:+.1f} % (spread unknown)"
+        return f"{signed(pct, 1)} % (spread unknown)"
     lo, hi = 100.0 * (r.low - 1.0), 100.0 * (r.high - 1.0)
     if verdict == "within noise":
         digits = 0 if hi - lo >= 10 else 1
-        return f"within noise [{lo:+.{digits}f}, {hi:+.{digits}f} %]"
+        return f"within noise [{signed(lo, digits)}, {signed(hi, digits)} %]"
     if verdict == "too noisy":
         # the order of magnitude, not a figure
         if pct >= 1000:
             return "too noisy (> +1000 %)"
-        high = f"{hi:+.0f}" if hi < 1000 else "> +1000"
-        return f"too noisy: {pct:+.0f} % [{lo:+.0f}, {high}]"
-    figure = f"**{pct:+.1f} %**" if emphasis else f"{pct:+.1f} %"
-    return f"{figure} [{lo:+.1f}, {hi:+.1f}]"
+        high = signed(hi, 0) if hi < 1000 else "> +1000"
+        return f"too noisy: {signed(pct, 0)} % [{signed(lo, 0)}, {high}]"
+    figure = f"**{signed(pct, 1)} %**" if emphasis else f"{signed(pct, 1)} %"
+    return f"{figure} [{signed(lo, 1)}, {signed(hi, 1)}]"
+
+
+def paired_note(what: str, ratio: str, beside: str = "above") -> str:
+    """The footnote of a table whose ratio column is :meth:`Ratio.of` of interleaved rounds:
+    what the figure is, and why it need not equal the ratio of the medians printed beside it."""
+    return (
+        f"{what}: median over the rounds of the per-round ratio ({ratio}), with a ~95 % "
+        f"interval; it can differ from the ratio of the medians {beside} when the machine's "
+        "speed drifts during the run"
+    )
+
+
+#: the LD overhead of the GA table (terminal, docs and ``--json``)
+OVERHEAD_NOTE = paired_note("LD overhead", "time with LD / without LD")
+#: the speedups of the LD against the authors' formulation
+SPEEDUP_NOTE = paired_note("vs authors", "the authors' time / this time")
+#: the kernels' ratios to the copy and to the plain ops
+KERNEL_NOTE = (
+    "of copy, triton vs plain: medians over the rounds of the per-round ratios (copy time / "
+    "triton time, plain-ops time / triton time; the latter with a ~95 % interval); they can "
+    "differ from the ratios of the medians and bandwidths beside them when the machine's speed "
+    "drifts during the run"
+)
 
 
 def _times(v: float) -> str:
@@ -323,8 +353,9 @@ def format_flops(gflops: float) -> str:
 
 
 def format_pct(r: float | None) -> str:
-    """A ratio as a signed percentage change: 1.25 -> ``+25.0 %``; ``n/a`` when unknown."""
-    return "n/a" if r is None else f"{100 * (r - 1):+.1f} %"
+    """A ratio as a signed percentage change: 1.25 -> ``+25.0 %``, 0.9999 -> ``+0.0 %`` (never
+    ``-0.0``); ``n/a`` when unknown."""
+    return "n/a" if r is None else f"{signed(100 * (r - 1), 1)} %"
 
 
 # --------------------------------------------------------------------------------------------

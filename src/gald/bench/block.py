@@ -13,7 +13,8 @@ input:
 - parameters.
 
 The two models' timings are interleaved (see :mod:`gald.bench._timing`); the LD overhead is the
-ratio of the medians minus one, with an approximate 95 % interval.
+median over the rounds of the per-round ratio of the two times, minus one, with an approximate
+95 % interval (:data:`~gald.bench._timing.OVERHEAD_NOTE`): not the ratio of the two medians.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from ..block import GALD
 from ._config import Config
 from ._timing import (
+    OVERHEAD_NOTE,
     Ratio,
     Stats,
     expected_seconds,
@@ -227,7 +229,7 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
         gc.collect()
         if cfg.device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"shape": list(cfg.shape), "rows": rows}
+    return {"shape": list(cfg.shape), "rows": rows, "overhead_definition": OVERHEAD_NOTE}
 
 
 def _safe_ratio(a: float | None, b: float | None) -> float | None:
@@ -288,12 +290,12 @@ def table(
 
 
 def render(results: dict[str, Any], cfg_text: str) -> str:
-    """The table of :func:`run`'s results, for the terminal."""
+    """The table of :func:`run`'s results, for the terminal, with what its overhead is."""
     title = (
         f"GALD with and without LD, input {tuple(results['shape'])}, {cfg_text}; "
         "median [IQR, runs], overhead with a ~95 % interval"
     )
-    return title + "\n" + format_table(*table(results))
+    return f"{title}\n{format_table(*table(results))}\n{OVERHEAD_NOTE}"
 
 
 __all__ = ["build", "candidates", "count_flops", "render", "run", "table"]

@@ -43,7 +43,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._timing import format_overhead, format_pct, format_speed, ratio_from
+from ._timing import (
+    KERNEL_NOTE,
+    OVERHEAD_NOTE,
+    SPEEDUP_NOTE,
+    format_overhead,
+    format_pct,
+    format_speed,
+    paired_note,
+    ratio_from,
+)
 
 MARKER = re.compile(
     r"(<!-- bench:start(?: (?P<kind>[a-z]+))?(?P<paths>(?: [^\s>]+\.json)*) -->\n)"
@@ -65,6 +74,12 @@ def _overhead(d: dict[str, Any]) -> str:
 
 def _speed(d: dict[str, Any]) -> str:
     return format_speed(ratio_from(d), emphasis=True)
+
+
+def _note(text: str) -> str:
+    """A footnote of the terminal (``what: ...``) as a Markdown sentence: ``*what*: ....``"""
+    what, _, rest = text.partition(": ")
+    return f"*{what}*: {rest}."
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> str:
@@ -133,7 +148,7 @@ def render_block(res: dict[str, Any]) -> str:
     shape = tuple(res["config"]["shape"])
     return (
         f"Input {shape}; times are medians [interquartile range, runs]; overheads with ~95 % "
-        f"intervals. {where(res)}\n\n{_table(headers, body)}"
+        f"intervals. {where(res)}\n\n{_table(headers, body)}\n\n{_note(OVERHEAD_NOTE)}"
     )
 
 
@@ -147,7 +162,8 @@ def render_ld(res: dict[str, Any]) -> str:
     headers, body = table_vs_authors(ld, speed_cell=_speed)
     return (
         f"Input {tuple(ld['shape'])} (x itself: {ld['x_bytes'] / 2**20:.1f} MiB). {where(res)}"
-        f"\n\n{_table(headers, body)}\n\nLargest relative L2 difference to the authors' outputs "
+        f"\n\n{_table(headers, body)}\n\n{_note(SPEEDUP_NOTE)} Largest relative L2 difference to "
+        "the authors' outputs "
         f"and input gradients: {worst_check(ld):.1e}."
         + "".join(f" {note}." for note in ld.get("notes", ()))
     )
@@ -167,7 +183,7 @@ def render_kernels(res: dict[str, Any]) -> str:
     return (
         f"Input {tuple(k['shape'])}, logits {tuple(k['logits'])}. Correctness against float64 "
         f"plain ops: {sum(map(passed, checks))}/{len(checks)} checks passed. {where(res)}\n\n"
-        f"{_table(headers, body)}"
+        f"{_table(headers, body)}\n\n{_note(KERNEL_NOTE)}"
     )
 
 
@@ -255,8 +271,10 @@ def render_runs(results: list[dict[str, Any]]) -> str:
     shapes = sorted({tuple(r["ld"]["shape"]) for r in results})
     return (
         f"Input {', '.join(map(str, shapes))}. "
-        f"{_machine(results)} Speed: times faster than the authors' formulation (95 % interval; "
-        "the two medians); saved: bytes saved for backward relative to the authors.\n\n"
+        f"{_machine(results)} Speed: times faster than the authors' formulation, the median over "
+        "the rounds of the per-round ratio (95 % interval), then the two medians, whose ratio can "
+        "differ from it when the machine's speed drifts during a run; saved: bytes saved for "
+        "backward relative to the authors.\n\n"
         + _table(headers, rows)
         + "\n\n"
         + _runs_range(results)
@@ -372,8 +390,10 @@ def render_spread(results: list[dict[str, Any]]) -> str:
         "measured",
     ]
     return (
-        f'{_machine(results)} LD overheads with ~95 % intervals; "CPUs busy": the CPUs other '
-        "processes used just before the run (a busy machine makes runs disagree).\n\n"
+        f"{_machine(results)} "
+        f"{_note(paired_note('LD overhead', 'time with LD / without LD', 'in the same row'))} "
+        '"CPUs busy": the CPUs other processes used just before the run (a busy machine makes '
+        "runs disagree).\n\n"
         f"{_table(headers, rows)}\n\n" + "\n".join(f"- {n}" for n in notes)
     )
 

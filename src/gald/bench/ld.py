@@ -39,6 +39,8 @@ from ..ops import ld_modulate
 from ._args import first_line
 from ._config import DTYPES, Config
 from ._timing import (
+    KERNEL_NOTE,
+    SPEEDUP_NOTE,
     Ratio,
     expected_seconds,
     format_fraction,
@@ -306,6 +308,7 @@ def run_vs_authors(cfg: Config) -> dict[str, Any]:
         "memory": memory,
         "checks": checks,
         "notes": notes,
+        "speedup_definition": SPEEDUP_NOTE,
     }
 
 
@@ -373,6 +376,7 @@ def render_vs_authors(res: dict[str, Any], cfg_text: str) -> str:
         f"{cfg_text} (x itself: {res['x_bytes'] / 2**20:.4g} MiB)"
     )
     foot = (
+        f"{SPEEDUP_NOTE}\n"
         "largest relative L2 difference to the authors' outputs and input gradients: "
         f"{worst_check(res):.1e}"
     )
@@ -537,6 +541,7 @@ def run_kernels(cfg: Config) -> dict[str, Any]:
         "interpreted": not cuda,  # the times then measure Triton's interpreter
         "checks": checks,
         "bandwidth": rows,
+        "ratio_definition": KERNEL_NOTE,
     }
 
 
@@ -635,6 +640,7 @@ def render_kernels(res: dict[str, Any], cfg_text: str) -> str:
             "interpreter running the kernels in Python, not the kernels"
         )
     lines.append(format_table(*kernel_table(res)))
+    lines.append(KERNEL_NOTE)
     return "\n".join(lines)
 
 

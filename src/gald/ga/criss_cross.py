@@ -80,8 +80,8 @@ class CrissCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, inter_channels={self.inter_channels}, "
-            f"recurrence={self.recurrence}"
+            f"channels={self.channels}, reduction={self.reduction}, "
+            f"inter_channels={self.inter_channels}, recurrence={self.recurrence}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -181,8 +181,8 @@ class DualAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, inter_channels={self.inter_channels}, "
-            f"branches={self.branches}"
+            f"channels={self.channels}, reduction={self.reduction}, "
+            f"inter_channels={self.inter_channels}, branches={self.branches}"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,7 @@ class GlobalContext(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, hidden_channels={self.hidden_channels}, "
+            f"channels={self.channels}, ratio={self.ratio}, hidden_channels={self.hidden_channels}, "
             f"pooling={self.pooling!r}, fusion={self.fusion}"
         )
 

@@ -201,7 +201,8 @@ class NonLocal2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"channels={self.channels}, inter_channels={self.inter_channels}, mode={self.mode!r}, "
+            f"channels={self.channels}, reduction={self.reduction}, "
+            f"inter_channels={self.inter_channels}, mode={self.mode!r}, "
             f"use_scale={self.use_scale}, sub_sample={self.sub_sample}, "
             f"zero_init={self.zero_init}"
             + (f", chunk_elements={self.chunk_elements}" if self.mode == "concatenation" else "")

@@ -6,6 +6,7 @@ Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDNet`` (github.com/lx
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -68,34 +69,98 @@ def _check_in_channels(value: object) -> tuple[int, int] | None:
     )
 
 
-def _pick(features: object, in_features: tuple[_Key, _Key] | None, who: str) -> tuple[Any, Any]:
-    """The two features of a backbone output: ``in_features`` keys or indices, else the last two."""
+def _pick(
+    features: object,
+    in_features: tuple[_Key, _Key] | None,
+    who: str,
+    verb: str = "returned",
+) -> tuple[Any, Any]:
+    """The two features of a backbone output: ``in_features`` keys or indices, else the last two.
+
+    ``verb`` says where ``features`` comes from in the messages: ``"returned"`` for a backbone
+    output, ``"declares widths for"`` for a declaration read without running the backbone."""
     if isinstance(features, Mapping):
         keys = list(features)
         chosen = in_features if in_features is not None else tuple(keys[-2:])
         if len(keys) < 2 or any(k not in features for k in chosen):
-            raise ValueError(
-                f"{who}: the backbone returned a dict with keys {keys}; expected the keys "
-                f"{list(chosen) if in_features is not None else 'of at least two features'}"
-            )
+            if in_features is None:
+                expected = "expected at least two features"
+            else:
+                expected = f"in_features={in_features!r} must be two of its keys" + (
+                    " (a dict is picked by key, not by position)"
+                    if any(isinstance(k, int) for k in in_features)
+                    else ""
+                )
+            raise ValueError(f"{who}: the backbone {verb} a dict with keys {keys}; {expected}")
         return features[chosen[0]], features[chosen[1]]
     if isinstance(features, (list, tuple)):
         indices = in_features if in_features is not None else (-2, -1)
         first, second = indices
+        kind, n = type(features).__name__, len(features)
+        if any(isinstance(k, str) for k in indices):
+            raise ValueError(
+                f"{who}: the backbone {verb} a {kind} of {n} features, which in_features picks "
+                f"by integer index; got the names in_features={indices!r}: pass two indices "
+                f"from {-n} to {n - 1} (in_features=(-2, -1) for the last two)"
+            )
         if (
-            len(features) < 2
+            n < 2
             or not isinstance(first, int)
             or not isinstance(second, int)
-            or not all(-len(features) <= i < len(features) for i in (first, second))
+            or not all(-n <= i < n for i in (first, second))
         ):
             raise ValueError(
-                f"{who}: the backbone returned a {type(features).__name__} of {len(features)} "
-                f"features; cannot pick in_features={indices!r} (indices into it)"
+                f"{who}: the backbone {verb} a {kind} of {n} features; cannot pick "
+                f"in_features={indices!r} (indices into it)"
             )
         return features[first], features[second]
     raise TypeError(
         f"{who}: the backbone must return a (c3, c4) pair, a list/tuple or a dict of features, "
         f"got {type(features).__name__}"
+    )
+
+
+def _names_features(in_features: tuple[_Key, _Key] | None) -> bool:
+    return in_features is not None and any(isinstance(k, str) for k in in_features)
+
+
+def _module_names(backbone: nn.Module) -> list[str] | None:
+    """timm's ``feature_info.module_name()``: the modules the features come from, in order."""
+    names_fn = getattr(getattr(backbone, "feature_info", None), "module_name", None)
+    if not callable(names_fn):
+        return None
+    names = names_fn()
+    return [str(n) for n in names] if isinstance(names, (list, tuple)) else None
+
+
+def _returns_list(backbone: nn.Module) -> bool:
+    """Whether a timm feature net returns a list, known without running it: a
+    ``FeatureListNet`` (a ``FeatureDictNet`` whose forward returns the dict's values) or a
+    feature net with ``return_dict=False`` (``FeatureHookNet``, ``FeatureGetterNet``)."""
+    if any(cls.__name__ == "FeatureListNet" for cls in type(backbone).__mro__):
+        return True
+    return getattr(backbone, "return_dict", None) is False
+
+
+def _check_names_for_a_list(backbone: nn.Module, in_features: tuple[_Key, _Key] | None) -> None:
+    """Feature names given for a backbone known to return a list: say so at construction, with
+    the indices of the named modules or output keys when they are found."""
+    if not (_names_features(in_features) and _returns_list(backbone)):
+        return
+    assert in_features is not None
+    names = _module_names(backbone)
+    layers = getattr(backbone, "return_layers", None)
+    keys = [str(v) for v in layers.values()] if isinstance(layers, Mapping) else None
+    indices = []
+    for k in in_features:
+        found = [seq.index(k) for seq in (names, keys) if seq is not None and k in seq]
+        indices.append(found[0] if found else None)
+    suggestion = tuple(indices) if None not in indices else "(i, j)"
+    modules = f" (its features come from the modules {names}, in that order)" if names else ""
+    raise ValueError(
+        f"GALDNet: in_features={in_features!r} names features, but the backbone "
+        f"({type(backbone).__name__}) returns a list of them, which in_features picks by "
+        f"integer index: pass in_features={suggestion}{modules}"
     )
 
 
@@ -128,19 +193,39 @@ def _declared_channels(backbone: nn.Module, in_features: tuple[_Key, _Key] | Non
         channels_fn = getattr(info, "channels", None)
         if callable(channels_fn):
             declared = channels_fn()
-            if isinstance(in_features, tuple) and isinstance(in_features[0], str):
-                # a timm FeatureDictNet: its output keys are its return_layers' values (module
-                # name -> key, str(out_index) unless an out_map renamed them)
-                names_fn = getattr(info, "module_name", None)
-                keys = getattr(backbone, "return_layers", None)
-                if callable(names_fn) and isinstance(keys, Mapping):
-                    names = names_fn()
-                    if all(n in keys for n in names):
-                        return {str(keys[n]): c for n, c in zip(names, declared)}
-                return None  # the keys are unknown: the dry run finds them
+            if _names_features(in_features):
+                assert in_features is not None
+                return _timm_dict_channels(backbone, in_features, declared)
     if isinstance(declared, (Mapping, list, tuple)):
         return declared
     return None
+
+
+def _timm_dict_channels(
+    backbone: nn.Module, in_features: tuple[_Key, _Key], widths: Any
+) -> dict[str, Any] | None:
+    """A timm FeatureDictNet's widths by output key: its ``return_layers``' values (module name
+    -> key, ``str(out_index)`` unless an ``out_map`` renamed them); ``None`` when the keys are
+    unknown (the dry run finds them). Names that are not output keys are refused here."""
+    names = _module_names(backbone)
+    layers = getattr(backbone, "return_layers", None)
+    if names is None or not isinstance(layers, Mapping) or not all(n in layers for n in names):
+        return None
+    keys = [str(layers[n]) for n in names]
+    if any(k not in keys for k in in_features):
+        hint = ""
+        if all(k in names for k in in_features):
+            given = tuple(keys[names.index(str(k))] for k in in_features)
+            hint = (
+                f"; {in_features!r} name its modules, whose output keys are {given!r}: pass "
+                f"in_features={given!r}"
+            )
+        raise ValueError(
+            f"GALDNet: in_features={in_features!r} are not output keys of the backbone "
+            f"({type(backbone).__name__}), which returns a dict with keys {keys} (from its "
+            f"modules {names}){hint}"
+        )
+    return dict(zip(keys, widths))
 
 
 def _probe_channels(
@@ -192,6 +277,21 @@ def _probe_channels(
             "features_only models do), or pass in_channels=(c3, c4)"
         )
     return widths
+
+
+_OFFICIAL_KEY = re.compile(
+    r"^(?:module\.)?(?:conv1\.|bn1\.|layer[1-4]\.|dsn\.|head\.(?:a2block|bottleneck\.3)\.)"
+)
+
+
+def _official_key(state_dict: Mapping[str, Any], net: nn.Module) -> str | None:
+    """A key showing that ``state_dict`` is an unconverted checkpoint of the GALD-Net authors
+    (their backbone keys at the top level, their head and ``dsn`` names), else ``None``."""
+    keys = [k for k in state_dict if isinstance(k, str)]
+    if any(k.removeprefix("module.").startswith("backbone.") for k in keys):
+        return None
+    own = set(net.state_dict(keep_vars=True))
+    return next((k for k in keys if k not in own and _OFFICIAL_KEY.match(k)), None)
 
 
 def _head_width(head: nn.Module) -> int | None:
@@ -297,10 +397,11 @@ class GALDNet(nn.Module):
             )
         self.backbone = backbone
         self.nhwc_features = _channels_last_features(backbone)
+        _check_names_for_a_list(backbone, self.in_features)
 
         declared = _declared_channels(backbone, self.in_features)
         if declared is not None:
-            c3, c4 = _pick(declared, self.in_features, "GALDNet (declared channels)")
+            c3, c4 = _pick(declared, self.in_features, "GALDNet", "declares widths for")
             said = (int(c3), int(c4))
             if explicit is not None and explicit != said:
                 raise ValueError(
@@ -393,14 +494,17 @@ class GALDNet(nn.Module):
         depth: int = 101,
         num_classes: int = 19,
         norm_layer: LayerFactory = nn.BatchNorm2d,
+        aux: bool = True,
     ) -> GALDNet:
         """The authors' GALD-Net: deep-stem :class:`DilatedResNet` at output stride 8,
-        :meth:`gald.GALDHead.official` on ``layer4`` and :class:`~gald.AuxHead` on ``layer3``.
+        :meth:`gald.GALDHead.official` on ``layer4`` and :class:`~gald.AuxHead` on ``layer3``
+        (none with ``aux=False``, for a checkpoint saved without it).
 
-        71,394,790 parameters at depth 101 and 52,402,662 at depth 50 (19 classes), as the
-        authors' models. Load their checkpoints with :func:`gald.convert.load_official_galdnet`.
-        ``norm_layer`` reaches the backbone and both heads (``nn.SyncBatchNorm`` for training on
-        several GPUs, as the authors); it changes no parameter or state-dict key.
+        71,394,790 parameters at depth 101 and 52,402,662 at depth 50 (19 classes, with the
+        auxiliary head), as the authors' models. Load their checkpoints with
+        :func:`gald.convert.load_official_galdnet`. ``norm_layer`` reaches the backbone and both
+        heads (``nn.SyncBatchNorm`` for training on several GPUs, as the authors); it changes no
+        parameter or state-dict key.
         """
         return cls(
             num_classes,
@@ -408,19 +512,67 @@ class GALDNet(nn.Module):
             head=GALDHead.official(
                 in_channels=2048, num_classes=num_classes, channels=512, norm_layer=norm_layer
             ),
-            aux=True,
+            aux=check_bool(aux, "aux"),
             norm_layer=norm_layer,
         )
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
     ) -> Any:
-        """:meth:`torch.nn.Module.load_state_dict`, first raising a ``ValueError`` that names the
-        depth or the stem layout when the checkpoint's backbone has another one than a
-        :class:`DilatedResNet` backbone."""
+        """:meth:`torch.nn.Module.load_state_dict`, first raising a short ``ValueError`` that
+        says what the checkpoint is, instead of torch's list of keys:
+
+        - an unconverted checkpoint of the GALD-Net authors (top-level ``conv1``,
+          ``layer1``-``layer4``, ``head.*``, ``dsn.*``, optionally behind ``module.``), also
+          with ``strict=False``: convert it with :func:`gald.convert.official_to_galdnet`;
+        - a backbone of another depth or stem layout than a :class:`DilatedResNet` backbone,
+          or of the ResNet-D layout, which it does not implement;
+        - with ``strict``, a checkpoint without an auxiliary head (no ``aux_head.*`` keys) for a
+          network with one, or the other way round.
+        """
+        if (key := _official_key(state_dict, self)) is not None:
+            if not any(
+                k.removeprefix("module.").startswith(("head.", "dsn."))
+                for k in state_dict
+                if isinstance(k, str)
+            ):  # a backbone alone
+                raise ValueError(
+                    f"GALDNet: the state dict holds a backbone alone ({key!r}, without the "
+                    "'backbone.' prefix of GALDNet's keys); load it into model.backbone "
+                    "(converted with gald.convert.imagenet_to_backbone for ImageNet weights)"
+                )
+            raise ValueError(
+                f"GALDNet: the state dict has the GALD-Net authors' layout ({key!r}: the "
+                "backbone at the top level, without the 'backbone.' prefix, and the heads as "
+                "head.* / dsn.*), not GALDNet's; convert it with "
+                "gald.convert.official_to_galdnet(state_dict), or build and load the network "
+                "from the file with gald.convert.load_official_galdnet(path)"
+            )
         if isinstance(self.backbone, DilatedResNet):
             _check_checkpoint(self.backbone, state_dict, "backbone.", strict)
+        if strict:
+            self._check_aux_keys(state_dict)
         return super().load_state_dict(state_dict, strict, assign)
+
+    def _check_aux_keys(self, state_dict: Mapping[str, Any]) -> None:
+        keys = [k for k in state_dict if isinstance(k, str)]
+        if not any(k.startswith(("backbone.", "head.")) for k in keys):
+            return  # not a GALDNet state dict: torch's message
+        has_aux = any(k.startswith("aux_head.") for k in keys)
+        wants_aux = self.aux_head is not None and bool(self.aux_head.state_dict())
+        if wants_aux and not has_aux:
+            raise ValueError(
+                "GALDNet: the state dict has no auxiliary head (no aux_head.* keys), but this "
+                "GALDNet has one; build it with aux=False (GALDNet.official(..., aux=False) for "
+                "the authors' network), or load with strict=False to keep the new auxiliary head"
+            )
+        if self.aux_head is None and has_aux:
+            raise ValueError(
+                "GALDNet: the state dict has an auxiliary head (aux_head.* keys), but this "
+                "GALDNet was built with aux=False; build it with aux=True, or leave the "
+                "aux_head.* keys out (gald.convert.official_to_galdnet(state_dict, aux=False) "
+                "does for the authors' checkpoints)"
+            )
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         least = self.min_input_size

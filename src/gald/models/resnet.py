@@ -23,7 +23,7 @@ from .._validate import (
     check_int,
     check_positive_int_sequence,
 )
-from ..convert import _DEPTHS, _RESNET_LAYERS, _layer_blocks
+from ..convert import _DEPTHS, _RESNET_LAYERS, _layer_blocks, _resnet_d_problem
 
 __all__ = ["DilatedResNet"]
 
@@ -80,9 +80,11 @@ def _check_checkpoint(
 ) -> None:
     """Raise a ``ValueError`` naming what was expected and received when the state dict's keys
     under ``prefix`` hold a ResNet of another depth (with ``strict`` only: otherwise missing and
-    unexpected keys are allowed) or a stem of the other layout (shape mismatches either way).
-    Anything else is left to :meth:`torch.nn.Module.load_state_dict`."""
+    unexpected keys are allowed), a stem of the other layout or the ResNet-D layout (shape
+    mismatches either way). Anything else is left to :meth:`torch.nn.Module.load_state_dict`."""
     where = f"DilatedResNet (keys {prefix}*)" if prefix else "DilatedResNet"
+    if (problem := _resnet_d_problem(state_dict, prefix)) is not None:
+        raise ValueError(f"{where}: {problem}")
     if f"{prefix}conv2.weight" in state_dict:
         raise ValueError(
             f"{where}: the state dict has the deep stem as separate conv1, conv2, conv3 (an "

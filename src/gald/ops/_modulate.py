@@ -22,6 +22,7 @@ alive.
 from __future__ import annotations
 
 import math
+import sys
 from types import ModuleType
 
 import torch
@@ -275,7 +276,10 @@ def _exporting() -> bool:
     """True while an exporter traces: they get the plain-ops formula (standard ONNX ops)."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
         return True
-    return torch.onnx.is_in_onnx_export()
+    # torch.onnx is imported lazily and costs a noticeable share of the first call when it is
+    # imported here; a process that has not imported it cannot be exporting
+    onnx = sys.modules.get("torch.onnx")
+    return onnx is not None and bool(onnx.is_in_onnx_export())
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
