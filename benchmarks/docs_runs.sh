@@ -19,6 +19,9 @@ for i in 1 2; do
 done
 run --ga none --ld --threads 1 --json "$d/ld-nchw-1thread.json"
 run --ga none --ld --threads 1 --channels-last --json "$d/ld-cl-1thread.json"
+# the same at a small map, where the per-call cost decides (performance page)
+run --ga none --ld --shape 1,64,33,33 --json "$d/ld-small.json"
+run --ga none --ld --shape 1,64,33,33 --threads 1 --json "$d/ld-small-1thread.json"
 # each GA alone: parameters, FLOPs, saved bytes; no timing (GA page)
 run --ga all --cost --json "$d/cost.json"
 # first-call latency in fresh processes (performance page)

@@ -608,3 +608,27 @@ def test_the_reference_formula_is_chosen_while_onnx_exports(monkeypatch) -> None
     assert _modulate._exporting() is False
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert _modulate._exporting() is True
+
+
+def test_a_call_without_gradients_skips_the_function_but_not_forward_mode(monkeypatch) -> None:
+    x = torch.randn(2, 3, 7, 6, dtype=torch.float64)
+    logits = torch.randn(2, 3, 3, 2, dtype=torch.float64)
+    calls: list[int] = []
+    real = _modulate._LDModulate.apply
+    monkeypatch.setattr(
+        _modulate._LDModulate, "apply", lambda *args: (calls.append(1), real(*args))[1]
+    )
+    with torch.no_grad():
+        out = ld_modulate(x, logits, 2.0, impl="torch")
+    torch.testing.assert_close(out, ld_modulate_reference(x, logits, 2.0))
+    assert calls == []  # the bare op: nothing to differentiate
+    # a forward-mode tangent is differentiation too, with or without grad mode: refused by name
+    # (the bare op would drop the tangent and give a zero derivative)
+    for grad_mode in (torch.no_grad, torch.enable_grad):
+        with grad_mode(), torch.autograd.forward_ad.dual_level():
+            dual = torch.autograd.forward_ad.make_dual(logits, torch.ones_like(logits))
+            with pytest.raises(NotImplementedError, match="jvp"):
+                ld_modulate(x, dual, 2.0, impl="torch")
+    assert len(calls) == 2
+    out = ld_modulate(x.requires_grad_(), logits, 2.0, impl="torch")
+    assert len(calls) == 3 and out.grad_fn is not None

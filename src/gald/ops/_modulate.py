@@ -27,6 +27,7 @@ from types import ModuleType
 
 import torch
 import torch.nn.functional as F
+from torch.autograd import forward_ad
 
 from .._amp import autocast_off, compute_dtype
 from .._validate import check_bool, check_choice, check_feature, check_float
@@ -402,4 +403,23 @@ def ld_modulate(
     which = resolve_impl(x, impl)
     if which == "reference":
         return ld_modulate_reference(x, logits, float(offset), align_corners=align_corners)
+    if not _differentiated(x, logits):
+        # nothing to differentiate: the op itself, without the autograd.Function's own
+        # per-call cost (about 0.1 ms of Python, as much as the kernel on a small map)
+        return torch.ops.gald.ld_modulate(x, logits, float(offset), align_corners, which)
     return _LDModulate.apply(x, logits, float(offset), align_corners, which)
+
+
+def _differentiated(x: torch.Tensor, logits: torch.Tensor) -> bool:
+    """Whether autograd may differentiate the call: reverse mode records it, or an input
+    carries a forward-mode tangent (``torch.func.jvp`` / ``jacfwd`` included), which the
+    ``autograd.Function`` refuses by name where the bare op would drop it. Under
+    ``torch.compile`` the Function is kept (it traces as one node either way)."""
+    if torch.compiler.is_compiling():
+        return True
+    if torch.is_grad_enabled() and (x.requires_grad or logits.requires_grad):
+        return True
+    return (
+        forward_ad.unpack_dual(x).tangent is not None
+        or forward_ad.unpack_dual(logits).tangent is not None
+    )
