@@ -813,3 +813,21 @@ def test_a_tensor_made_on_the_default_device_is_reported_as_device() -> None:
     # it breaks the half model too; the device property runs first and names the cause
     with pytest.raises(AssertionError, match=r"^device: input shape .*torch.device\('meta'\)"):
         check_ga(OnesOnDefaultDevice, channels=C, compile=False)
+
+
+def test_modules_are_built_from_the_seed_and_the_callers_rng_is_untouched() -> None:
+    built: list[torch.Tensor] = []
+
+    def factory(c: int) -> nn.Module:
+        module = SqueezeExcitation(c)
+        built.append(module.fc1.weight.detach().clone())
+        return module
+
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    check_ga(factory, channels=C, only=["shapes"], seed=3)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    check_ga(factory, channels=C, only=["shapes"], seed=3)
+    check_ga(factory, channels=C, only=["shapes"], seed=4)
+    # two probes of the factory, then the check's own build, per call
+    assert torch.equal(built[2], built[5]) and not torch.equal(built[2], built[8])

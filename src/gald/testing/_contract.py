@@ -128,17 +128,27 @@ class _Context:
     autocast_dtypes: tuple[torch.dtype, ...]
     autocast_tol: float
 
-    def build(self) -> nn.Module:
-        module = self.factory(self.channels)
-        if not isinstance(module, nn.Module):
-            raise TypeError(
-                f"factory must return an nn.Module, got {type(module).__name__} from {self.factory!r}"
-            )
-        if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
-            # lazy layers (nn.LazyConv2d, ...) take their shapes from a first forward
-            x = self.input(self.train_batch, self.typical(), seed=97)
-            with eval_mode(module), torch.no_grad(), _forward_errors("construction", x, "forward"):
-                module(x)
+    def build(self, stream: int = 0) -> nn.Module:
+        # seeded, on a forked CPU generator: the same module on every run (a failure
+        # reproduces), and the caller's random stream is left as it was; ``stream`` draws
+        # another initialisation from the same seed
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(self.seed * 7919 + 104729 * stream)
+            module = self.factory(self.channels)
+            if not isinstance(module, nn.Module):
+                raise TypeError(
+                    f"factory must return an nn.Module, got {type(module).__name__} from "
+                    f"{self.factory!r}"
+                )
+            if any(isinstance(p, nn.parameter.UninitializedParameter) for p in module.parameters()):
+                # lazy layers (nn.LazyConv2d, ...) take their shapes from a first forward
+                x = self.input(self.train_batch, self.typical(), seed=97)
+                with (
+                    eval_mode(module),
+                    torch.no_grad(),
+                    _forward_errors("construction", x, "forward"),
+                ):
+                    module(x)
         return module
 
     def prepared(self) -> nn.Module:
@@ -648,7 +658,8 @@ def _check_state_dict(ctx: _Context) -> None:
         torch.save(module.state_dict(), buffer)
         buffer.seek(0)
         state = torch.load(buffer, weights_only=True)
-        fresh = ctx.build()
+        # another initialisation: state outside the state_dict must not match by seeding
+        fresh = ctx.build(stream=1)
         fresh.load_state_dict(state, strict=True)
     fresh.eval()
     with torch.no_grad(), _forward_errors("state_dict", x, "eval-mode forward"):
@@ -811,7 +822,9 @@ def check_ga(
     map needs two samples). Unless ``randomize=False`` every parameter and running statistic is
     first moved away from its initial value (:func:`randomize_`) so that zero-initialised gates
     do not make the checks vacuous. float32 comparisons pass when the max abs difference is at
-    most ``atol + rtol * max|reference|``.
+    most ``atol + rtol * max|reference|``. Modules are built with the CPU generator seeded from
+    ``seed`` (and restored afterwards), so a failure reproduces from run to run; the fresh module
+    of the ``state_dict`` check is drawn from another seed.
 
     ``only`` (a collection of property names) runs just those properties.
 
@@ -884,10 +897,12 @@ def check_ga(
                 f"autocast_dtypes is empty, so the {name} property would check nothing; pass "
                 f"{name}=False to skip it"
             )
-    probe = fac(channels)
-    if not isinstance(probe, nn.Module):
-        raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
-    if fac(channels) is probe:
+    with torch.random.fork_rng(devices=[]):
+        probe = fac(channels)
+        if not isinstance(probe, nn.Module):
+            raise TypeError(f"factory must return an nn.Module, got {type(probe).__name__}")
+        again = fac(channels)
+    if again is probe:
         raise ValueError(
             "factory returned the same module instance twice; it must build a fresh module on "
             "every call (the checks compare independent copies), e.g. a class or "
