@@ -418,9 +418,17 @@ def test_numpy_ints_select_features_and_widths() -> None:
     assert net.eval()(torch.randn(1, 3, 9, 9))["out"].shape == (1, CLASSES, 9, 9)
 
 
-def test_declared_width_wrong_is_caught_at_the_head() -> None:
+def test_declared_width_wrong_is_named_at_the_first_forward() -> None:
+    # given by hand for a backbone that declares nothing: the first forward names in_channels
     net = GALDNet(CLASSES, backbone=Tiny(), in_channels=(6, 16), head={"channels": 16}, aux=False)
-    with pytest.raises(ValueError, match=r"GALDHead: x must have 16 channels"):
+    with pytest.raises(
+        ValueError,
+        match=r"feature .*has shape \(1, 8, 5, 5\), but in_channels\[1\]=16: the head was "
+        r"built for 16 channels, the backbone gives 8; pass in_channels",
+    ):
+        net(torch.randn(1, 3, 9, 9))
+    net = GALDNet(CLASSES, backbone=Tiny(), in_channels=(4, 8), head={"channels": 16})
+    with pytest.raises(ValueError, match=r"in_channels\[0\]=4: the auxiliary head was built"):
         net(torch.randn(1, 3, 9, 9))
 
 

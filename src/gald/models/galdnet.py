@@ -619,6 +619,20 @@ class GALDNet(nn.Module):
                 "with an output_fmt = 'NHWC' attribute (as timm's features_only models do), "
                 "and GALDNet then permutes them"
             )
+        if (
+            isinstance(feature, torch.Tensor)
+            and feature.ndim == 4
+            and feature.shape[1] != width
+            and feature.shape[-1] != width
+            and (i == 1 or self.aux_head is not None)
+        ):
+            raise ValueError(
+                f"GALDNet: the backbone's feature {self._feature_name(i)} has shape "
+                f"{tuple(feature.shape)}, but in_channels[{i}]={width}: the "
+                f"{'auxiliary head' if i == 0 else 'head'} was built for {width} channels, "
+                f"the backbone gives {feature.shape[1]}; pass in_channels with the backbone's "
+                "widths (or leave it out to have them read from the backbone)"
+            )
 
     @staticmethod
     def _upsample(logits: torch.Tensor, size: torch.Size) -> torch.Tensor:
