@@ -831,3 +831,10 @@ def test_modules_are_built_from_the_seed_and_the_callers_rng_is_untouched() -> N
     check_ga(factory, channels=C, only=["shapes"], seed=4)
     # two probes of the factory, then the check's own build, per call
     assert torch.equal(built[2], built[5]) and not torch.equal(built[2], built[8])
+
+
+def test_check_gald_leaves_the_callers_rng_alone() -> None:
+    torch.manual_seed(5)
+    before = torch.random.get_rng_state()
+    check_gald("gc", in_channels=C, only=["shapes"])
+    assert torch.equal(torch.random.get_rng_state(), before)

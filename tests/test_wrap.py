@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -875,3 +876,30 @@ def test_a_norm_layer_for_another_layout_is_refused_by_name() -> None:
     assert type(model[1]) is nn.Conv2d
     # channels-first norms pass: SyncBatchNorm runs its eval path without a process group
     assert gald.GALD(16, "gc", norm_layer=nn.SyncBatchNorm).out_channels == 16
+
+
+class _PassThrough(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self.inner(*args, **kwargs)
+
+
+def test_advice_for_wrappers_and_slightly_larger_outputs() -> None:
+    # a pass-through wrapper takes one tensor: a wrong width is still blamed on in_channels
+    with pytest.raises(ValueError, match=r"check in_channels=32") as info:
+        gald.GALD(32, _PassThrough(nn.Conv2d(64, 64, 3, padding=1)))
+    assert "list of features" not in str(info.value)
+    # two pixels more is not a segmentation head
+    with pytest.raises(ValueError, match="does not keep the height and width") as info:
+        gald.GALD(16, nn.Conv2d(16, 16, 3, padding=2))
+    assert "upsamples every input" not in str(info.value)
+
+
+def test_norm_factories_that_set_a_device_or_dtype_are_probed_there() -> None:
+    block = gald.GALD(16, "gc", norm_layer=partial(nn.BatchNorm2d, dtype=torch.float64))
+    assert block.down is not None and block.down[1].weight.dtype == torch.float64
+    block = gald.GALD(16, "gc", norm_layer=partial(nn.BatchNorm2d, device="meta"))
+    assert block.down is not None and block.down[1].weight.is_meta

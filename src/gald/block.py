@@ -82,7 +82,8 @@ def _check_norm_runs(norm: nn.Module, factory: object, channels: int) -> None:
     """Run ``norm`` once in eval mode on a small (2, channels, 2, 2) map: a factory that builds a
     layer for another layout (``nn.LayerNorm`` normalises the last dimension) is refused here,
     by name, rather than at the first forward."""
-    probe = torch.zeros(2, channels, 2, 2)
+    device, dtype = _probe_setting(norm)
+    probe = torch.zeros(2, channels, 2, 2, device=device, dtype=dtype)
     try:
         with eval_mode(norm), torch.no_grad():
             norm(probe)
@@ -128,7 +129,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
     errors: list[str] = []
     changed: list[str] = []
     strided = True  # every size change so far at least halved both sides
-    grows = True  # every size change so far enlarged both sides
+    grows = True  # every size change so far at least doubled both sides
     with eval_mode(module), torch.no_grad():
         for side in _PROBE_SIDES:
             probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
@@ -154,7 +155,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
             if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
                 changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
                 strided = strided and 2 * max(out.shape[-2:]) <= side + 1
-                grows = grows and min(out.shape[-2:]) > side
+                grows = grows and min(out.shape[-2:]) >= 2 * side - 1
                 continue
             return int(out.shape[1]), side
     if changed:
@@ -208,7 +209,8 @@ def _not_one_tensor(module: nn.Module) -> str:
     positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     required = [p for p in params if p.kind in positional and p.default is p.empty]
     star = [p for p in params if p.kind is inspect.Parameter.VAR_POSITIONAL]
-    if star and not required:
+    passes_through = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+    if star and not required and not passes_through:  # (*args, **kwargs): a wrapper, unknown
         return (
             f"its forward takes *{star[0].name} (a list of features, as a decoder does), while "
             "GALD wraps a module that takes one (B, C, H, W) tensor; "

@@ -988,7 +988,8 @@ def check_gald(
         # GALD infers the width once, as it would for the user; a build that fails here fails
         # again, as a labelled construction failure, inside check_ga
         try:
-            width = getattr(build(in_channels), "out_channels", in_channels)
+            with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was
+                width = getattr(build(in_channels), "out_channels", in_channels)
         except Exception:  # reported by check_ga's own construction, labelled
             width = in_channels
     else:
