@@ -195,7 +195,12 @@ def test_ld_called_with_a_keyword_argument() -> None:
 
     model = Wrapper()
     xs = [torch.randn(2, 3, 12, 12)]
-    assert gald.ld_statistics(model, xs)["ld"] == gald.ld_statistics(model.ld, xs)[""]
+    blended = gald.ld_statistics(model, xs)["ld"]
+    own = gald.ld_statistics(model.ld, xs)[""]  # the LD's own gate, g; applied: 1 + (g - 1) / 2
+    assert blended.blended and not own.blended
+    for field in ("mean", "min", "max"):
+        assert math.isclose(getattr(blended, field), 1 + 0.5 * (getattr(own, field) - 1))
+    assert math.isclose(blended.std, 0.5 * own.std)
 
 
 def test_training_flags_restored() -> None:
@@ -305,3 +310,28 @@ def test_an_ld_called_twice_per_forward_adds_both_calls() -> None:
     want = _reference(ld, calls)
     for key, value in want.items():
         assert getattr(s, key) == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def test_one_sample_has_no_sample_cv() -> None:
+    ld = gald.LocalDistribution(4, final_act=False)
+    stats = gald.ld_statistics(ld, [torch.randn(1, 4, 16, 16) * 5])
+    s = stats[""]
+    assert math.isnan(s.sample_cv) and s.spatial_cv > 0 and s.samples == 1
+    row = str(stats).splitlines()[-1].split()
+    assert row[-3] == "-"  # the sample CV column, before ">5% off" and the sample count
+    two = gald.ld_statistics(ld, [torch.randn(2, 4, 16, 16) * 5])[""]
+    assert two.sample_cv > 0
+
+
+def test_a_blended_ld_reports_the_gate_the_block_applies() -> None:
+    block = gald.GALD(8, "psp", init="identity").eval()
+    x = torch.randn(3, 8, 12, 12)
+    s = gald.ld_statistics(block, [x])["ld"]
+    assert s.blended and s.mean == 1.0 and s.min == 1.0 and s.max == 1.0  # alpha = 0: identity
+    assert "blended" in str(gald.ld_statistics(block, [x]))
+    with torch.no_grad():
+        block.alpha.fill_(0.5)  # type: ignore[union-attr]
+    half = gald.ld_statistics(block, [x])["ld"]
+    plain = gald.ld_statistics(gald.GALD(8, "psp").eval(), [x])["ld"]
+    assert half.blended and not plain.blended
+    assert 1.0 < half.mean < plain.low  # halfway towards the LD's own gate

@@ -45,7 +45,8 @@ class GateStats:
             of the gate over positions. ``0`` means the gate is flat over space.
         channel_cv: coefficient of variation across channels of the per-channel mean gate.
         sample_cv: mean over channels of the coefficient of variation across samples of the
-            per-sample spatial mean gate. ``0`` means every sample gets the same gate.
+            per-sample spatial mean gate. ``0`` means every sample gets the same gate; ``nan``
+            (printed ``-``) with fewer than two samples, where it says nothing.
         far_fraction: fraction of positions whose gate differs from the mean of its
             (sample, channel) map by more than 5 % of that mean.
         low: the lower end of the range the gate can take under this LD's settings
@@ -65,6 +66,10 @@ class GateStats:
         channel_mean: the mean gate of every channel (length ``channels``), the constant
             per-channel scale an LD with a flat gate amounts to.
         low_included: whether ``low`` itself can occur (``[low, high)`` or ``(low, high)``).
+        blended: whether the LD was called with a ``blend`` (the gate of
+            :class:`gald.GALD`'s ``init="identity"``): the statistics then describe the gate the
+            block applies, ``1 + blend * (offset + M - 1)`` (``1`` where the blend is ``0``),
+            while ``low`` and ``high`` stay the range of the LD's own gate.
     """
 
     mean: float
@@ -84,6 +89,7 @@ class GateStats:
     channel_mean: tuple[float, ...] = ()
     low_included: bool = True
     calls: int = 0
+    blended: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """Every field as a plain ``dict`` (for JSON)."""
@@ -119,7 +125,12 @@ class LDStatistics(dict[str, GateStats]):
                 why = "0 (not called)" if s.calls == 0 else f"0 ({s.calls} empty batches)"
                 rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), why])
                 continue
-            values = [fmt.format(getattr(s, attr)) for _, attr, fmt in _COLUMNS]
+            values = [
+                "-" if math.isnan(getattr(s, attr)) else fmt.format(getattr(s, attr))
+                for _, attr, fmt in _COLUMNS
+            ]
+            if s.blended:
+                rng += " blended"
             rows.append([name or "<model>", rng, *values, str(s.samples)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [
@@ -187,6 +198,7 @@ class _GateAccumulator:
         self.far = 0
         self.positions = 0
         self.calls = 0
+        self.blended = False
 
     def state_numel(self) -> int:
         """Number of stored scalars (for checking that nothing grows with the batch count)."""
@@ -237,6 +249,7 @@ class _GateAccumulator:
                 0,
                 low_included=self.low_included,
                 calls=self.calls,
+                blended=self.blended,
             )
         channels = pc.mean.numel()
         # overall moments from the per-channel ones (every channel has the same count)
@@ -250,6 +263,8 @@ class _GateAccumulator:
         sample_cv = torch.where(
             sample_std == 0, torch.zeros_like(sample_std), sample_std / sm.mean.abs()
         )
+        if sm.n < 2:  # one sample: no spread across samples to speak of
+            sample_cv = torch.full_like(sample_cv, math.nan)
         return GateStats(
             mean=mean,
             std=std,
@@ -268,6 +283,7 @@ class _GateAccumulator:
             channel_mean=tuple(mean_c.tolist()),
             low_included=self.low_included,
             calls=self.calls,
+            blended=self.blended,
         )
 
 
@@ -374,6 +390,10 @@ def ld_statistics(
                     f"input x (positional or x=...), got keywords {sorted(kwargs)}"
                 )
             gate = module.mask(x).to(torch.float64) + module.offset
+            blend = args[1] if len(args) > 1 else kwargs.get("blend")
+            if blend is not None:  # the gate the block applies: 1 + blend * (gate - 1)
+                gate = 1 + blend.to(torch.float64) * (gate - 1)
+                acc.blended = True
             acc.update(gate)
 
         return hook

@@ -136,7 +136,8 @@ def render_summary(res: dict[str, Any]) -> str:
         f"LD overhead inside GALD({row['ga']}) at {shape}: inference "
         f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])}, bytes saved "
         f"for backward {format_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
-        "Details: [docs/benchmarks.md](docs/benchmarks.md)."
+        "The same command's second run, and every GA in one `--ga all` run (other processes, "
+        "other figures within their intervals): [docs/benchmarks.md](docs/benchmarks.md)."
     )
 
 

@@ -330,8 +330,9 @@ class GALDNet(nn.Module):
     come from ``in_channels`` when given, else from the backbone's own declaration (a
     ``channels`` attribute holding a list/tuple/dict of widths, as :class:`DilatedResNet`, or
     timm's ``feature_info.channels()``, keyed by a ``FeatureDictNet``'s output keys, ``"3"``
-    and ``"4"`` for a ResNet's layer3 and layer4), else from one dry run of the backbone on a
-    ``(1, 3, 64, 64)`` zero image in eval mode (the train/eval flags are restored afterwards).
+    and ``"4"`` for a ResNet's layer3 and layer4), else from a dry run of the backbone on a
+    ``(1, 3, 64, 64)`` zero image in eval mode, repeated on a ``(1, 3, 128, 64)`` one to tell a
+    width from a height (the train/eval flags are restored afterwards).
     Heads passed in, and ``in_channels`` when the backbone declares its widths, must match them:
     a mismatch raises a ``ValueError`` at construction.
 
