@@ -172,7 +172,7 @@ FIRST_LINE = re.compile(
             "batch_independence",
             r"changing sample 0 changed sample 1's eval-mode output by [\d.e+-]+ ",
         ),
-        (WrongShape, "shapes", r"output shape \(0, 7, 1, 1\), expected \(0, 8, 1, 1\)"),
+        (WrongShape, "shapes", r"output shape \(2, 7, 1, 1\), expected \(2, 8, 1, 1\)"),
         (UnusedParameter, "gradients", r"parameter 'temperature' \(1,\) received no gradient"),
         (CrashesOnEmpty, "shapes", r"eval-mode forward raised RuntimeError: .*0 elements"),
         (
@@ -296,7 +296,7 @@ def test_declared_min_size_is_respected() -> None:
     check_ga(NeedsThree, channels=C, only=("shapes", "batch_independence"))
     with pytest.raises(
         AssertionError,
-        match=r"^shapes: input shape \(0, 8, 1, 1\): eval-mode forward raised ValueError: too small",
+        match=r"^shapes: input shape \(2, 8, 1, 1\): eval-mode forward raised ValueError: too small",
     ):
         check_ga(NeedsThree, channels=C, min_size=1, only=("shapes",))
     # an (h, w) pair: the smallest map checked is exactly 3 x 3
@@ -658,7 +658,7 @@ def test_a_lazy_layer_is_initialised_before_the_checks() -> None:
         ),
         (ViewsAsContiguous, "memory_format", r"non-contiguous forward raised RuntimeError: view"),
         (CachesOnFirstCall, "device", r"forward under torch.device\('meta'\) raised"),
-        (HalvesEvenMaps, "shapes", r"output shape \(0, 8, 3, 4\), expected \(0, 8, 6, 8\)"),
+        (HalvesEvenMaps, "shapes", r"output shape \(2, 8, 3, 4\), expected \(2, 8, 6, 8\)"),
         (NoisyInEval, "batch_independence", r"two eval-mode forwards of the same batch differ by"),
     ],
 )

@@ -246,7 +246,7 @@ def _check_unchanged(x: torch.Tensor, original: torch.Tensor, mode: str) -> None
 
 def _check_shapes(ctx: _Context) -> None:
     module = ctx.build().eval()
-    for b in (0, 1, 2):
+    for b in (2, 1, 0):  # a failure at every batch size is reported at the usual one
         for hw in ctx.sizes():
             x = ctx.input(b, hw)
             with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward"):
