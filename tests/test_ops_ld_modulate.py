@@ -632,3 +632,15 @@ def test_a_call_without_gradients_skips_the_function_but_not_forward_mode(monkey
     assert len(calls) == 2
     out = ld_modulate(x.requires_grad_(), logits, 2.0, impl="torch")
     assert len(calls) == 3 and out.grad_fn is not None
+
+
+def test_the_raw_op_refuses_forward_mode_tangents_instead_of_dropping_them() -> None:
+    x, logits = torch.randn(1, 2, 5, 5), torch.randn(1, 2, 2, 2)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(NotImplementedError, match=r"gald::ld_modulate has no forward-mode"):
+            torch.ops.gald.ld_modulate(dual, logits, 2.0, True, "torch")
+        with pytest.raises(NotImplementedError, match=r"ld_modulate_backward has no forward"):
+            torch.ops.gald.ld_modulate_backward(dual, x, logits, 2.0, True, "torch", True, True)
+    # outside forward mode both run
+    assert torch.ops.gald.ld_modulate(x, logits, 2.0, True, "torch").shape == x.shape

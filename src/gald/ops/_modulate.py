@@ -129,11 +129,23 @@ def _saturated(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=math.nan, posinf=big, neginf=-big)
 
 
+def _refuse_tangents(op: str, *tensors: torch.Tensor) -> None:
+    """Forward-mode AD has no formula here: the op called directly with dual tensors would
+    return a result without a tangent (a zero derivative), so it raises instead."""
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(
+            f"{op} has no forward-mode derivative (jvp): forward-mode AD (torch.func.jvp, "
+            "jacfwd, torch.autograd.forward_ad) is not supported by the fused op; use "
+            "gald.ops.ld_modulate_reference, whose plain ops support it"
+        )
+
+
 def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
     _check_impl_in_op(impl)
     _check_inputs(x, logits, offset, align_corners)  # the op may be called directly
+    _refuse_tangents("gald::ld_modulate", x, logits)
     # the kernels choose their own precision: an enclosing autocast must not recast them; they
     # are the op's implementation, never differentiated through (torch.func runs them with
     # tensors that track gradients at an outer level)
@@ -165,6 +177,7 @@ def _backward_kernel(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_impl_in_op(impl)
     _check_backward_inputs(grad, x, logits, offset, align_corners)
+    _refuse_tangents("gald::ld_modulate_backward", grad, x, logits)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
         kernels = _require_triton() if impl == "triton" else None
