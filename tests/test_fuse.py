@@ -320,19 +320,3 @@ def test_pairs_in_forward_code_are_folded_where_fx_shows_a_chain() -> None:
     assert isinstance(model[0].bn1, nn.BatchNorm2d)  # fuse copies unless inplace
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
-
-
-class _ReadsTheWeight(_Block):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        # the conv's weight used again by the forward itself: folding would change this use
-        out = out + F.conv2d(x, self.conv1.weight, padding=1)
-        return torch.relu(self.bn2(self.conv2(out)) + x)
-
-
-def test_a_conv_whose_weight_the_forward_reads_is_not_folded() -> None:
-    model = _randomise(_ReadsTheWeight(4)).double().eval()
-    fused = fuse(model)
-    assert isinstance(fused.bn1, nn.BatchNorm2d) and isinstance(fused.bn2, nn.Identity)
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)

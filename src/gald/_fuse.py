@@ -211,12 +211,9 @@ def _fold_traced(module: nn.Module, shared: set[int]) -> int:
     except Exception:  # control flow on values, unsupported calls: not provably a chain
         return 0
     calls: dict[str, int] = {}
-    read: set[str] = set()  # children whose parameters or buffers the forward reads itself
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-        elif node.op == "get_attr":
-            read.add(str(node.target).rpartition(".")[0])
     folded = 0
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
@@ -226,8 +223,6 @@ def _fold_traced(module: nn.Module, shared: set[int]) -> int:
             continue
         bn_name, conv_name = str(node.target), str(source.target)
         if calls[bn_name] != 1 or calls[conv_name] != 1 or len(source.users) != 1:
-            continue
-        if conv_name in read or bn_name in read:  # e.g. F.conv2d(y, self.conv.weight) elsewhere
             continue
         if _try_fold(module.get_submodule(conv_name), module.get_submodule(bn_name), shared):
             setattr(module, bn_name, nn.Identity())
