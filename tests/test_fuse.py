@@ -286,37 +286,3 @@ def test_pairs_the_fold_would_not_reproduce_are_left_alone(make_conv, make_bn, r
     assert type(fused[1]) is kept and isinstance(fused[3], nn.Identity)
     with pytest.raises(ValueError, match=rf"cannot fold bn into conv exactly: .*{reason}"):
         fuse_conv_bn(make_conv(), make_bn().eval())
-
-
-class _Block(nn.Module):
-    """A ResNet-style block: conv -> bn pairs in forward code, a residual after the last norm."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c)
-        self.calls = 0
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.calls += 1  # state the forward changes: the trace must not touch the real module
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + x)
-
-
-class _ResidualInside(_Block):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x) + x))  # a sum before the norm: not foldable
-        return torch.relu(self.bn2(self.conv2(out)) + x)
-
-
-def test_pairs_in_forward_code_are_folded_where_fx_shows_a_chain() -> None:
-    model = _randomise(nn.Sequential(_Block(4), _ResidualInside(4))).double().eval()
-    fused = fuse(model)
-    assert isinstance(fused[0].bn1, nn.Identity) and isinstance(fused[0].bn2, nn.Identity)
-    assert isinstance(fused[1].bn1, nn.BatchNorm2d) and isinstance(fused[1].bn2, nn.Identity)
-    assert model[0].calls == 0 and fused[0].calls == 0  # the trace ran on a copy
-    assert isinstance(model[0].bn1, nn.BatchNorm2d)  # fuse copies unless inplace
-    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
-    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)

@@ -7,7 +7,6 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -159,10 +158,8 @@ def test_fuse_folds_every_batchnorm_of_a_wrapped_model() -> None:
     model = randomise(model).double().eval()
     fused = gald.fuse(model)
     left = [n for n, m in fused.classifier.named_modules() if isinstance(m, _BatchNorm)]
-    # torchvision's ASPPPooling, a Sequential with a forward of its own, traces as a plain
-    # chain (pool, conv, norm, activation, then an upsampling): its norm is folded too
-    assert left == []
-    assert isinstance(fused.classifier[0].ga.convs[4][2], nn.Identity)
+    # torchvision's ASPPPooling is a Sequential with a forward of its own: left as it is
+    assert left == ["0.ga.convs.4.2"]
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(fused(x)["out"], model(x)["out"], rtol=1e-9, atol=1e-9)
@@ -182,64 +179,14 @@ class _PlainChain(nn.Sequential):
     """A Sequential subclass that keeps Sequential's forward: its pairs are folded."""
 
 
-class _NormTwice(nn.Sequential):
-    """The norm also normalises the input: folding it into the conv would change that use."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self[1](self[0](x)) + self[1](x)
-
-
-class _ConvOutputTwice(nn.Sequential):
-    def __init__(self, c: int) -> None:
-        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self[0](x)
-        return self[1](y) + y
-
-
-class _Untraceable(nn.Sequential):
-    def __init__(self, c: int) -> None:
-        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self[1](self[0](x))
-        return y if float(y.sum()) > 0 else -y  # control flow on values: fx cannot trace it
-
-
-class _ChainThenUpsample(nn.Sequential):
-    """Like torchvision's ASPPPooling: its children in order, then something of its own."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for mod in self:
-            x = mod(x)
-        return F.interpolate(x, scale_factor=2.0, mode="nearest")
-
-
-def test_fuse_folds_a_sequential_with_its_own_forward_only_where_it_is_a_chain() -> None:
-    parts = [
-        _ResidualBeforeNorm(8),
-        _PlainChain(*_cbr_pair(8)),
-        _NormTwice(8),
-        _ConvOutputTwice(8),
-        _Untraceable(8),
-        _ChainThenUpsample(8),
-    ]
-    model = randomise(nn.Sequential(*parts)).double().eval()
+def test_fuse_leaves_a_sequential_with_its_own_forward() -> None:
+    model = randomise(nn.Sequential(_ResidualBeforeNorm(8), _PlainChain(*_cbr_pair(8)))).eval()
     fused = gald.fuse(model)
-    folded = [isinstance(part[1], nn.Identity) for part in fused]
-    # kept: a residual before the norm, a norm used twice, a conv output used twice, a forward
-    # fx cannot trace; folded: the plain chain and the traced chain
-    assert folded == [False, True, False, False, False, True]
-    x = torch.randn(2, 8, 9, 9, dtype=torch.float64)
+    assert isinstance(fused[0][1], nn.BatchNorm2d)  # kept: folding it would change the output
+    assert isinstance(fused[1][1], nn.Identity)  # folded
+    x = torch.randn(2, 8, 9, 9)
     with torch.no_grad():
-        torch.testing.assert_close(fused(x), model(x), rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(fused(x), model(x))
 
 
 def _cbr_pair(c: int) -> tuple[nn.Module, nn.Module]:

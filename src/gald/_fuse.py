@@ -2,10 +2,9 @@ r"""BatchNorm folding for inference: ``gald.fuse(module)``.
 
 Every eval-mode BatchNorm that directly follows a conv inside an ``nn.Sequential`` (the
 :class:`~gald.LocalDistribution` branch, the :class:`~gald.GALD` ``down`` stage, the heads and
-most context modules), that a module declares as applied straight to a conv's output in its
-forward code (the ``_fuse_pairs`` protocol below), or that ``torch.fx`` shows so applied in a
-module's own forward (a trace of that forward alone, on an isolated copy), is folded into that
-conv and replaced by ``nn.Identity``:
+most context modules), or that a module declares as applied straight to a conv's output in its
+forward code (the ``_fuse_pairs`` protocol below), is folded into that conv and replaced by
+``nn.Identity``:
 
 .. math::
     W' = W \cdot \frac{\gamma}{\sqrt{\sigma^2 + \epsilon}}, \qquad
@@ -33,7 +32,6 @@ import copy
 from typing import TypeVar
 
 import torch
-import torch.fx
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import fuse_conv_bn_weights, parametrize
@@ -175,61 +173,6 @@ def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
     return folded
 
 
-class _ChildrenAsLeaves(torch.fx.Tracer):
-    """Records every submodule call as one node: only the calls of a module's own forward
-    matter here (the pairs inside a child are the child's own business)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
-
-
-def _isolated(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` with its own attribute, child, parameter and buffer dicts:
-    what a traced forward assigns lands in the copy, never in the model."""
-    twin = copy.copy(module)
-    twin.__dict__ = dict(module.__dict__)
-    for key in ("_modules", "_parameters", "_buffers"):
-        setattr(twin, key, dict(getattr(module, key)))
-    return twin
-
-
-def _fold_traced(module: nn.Module, shared: set[int]) -> int:
-    """Fold the conv -> BatchNorm pairs among ``module``'s children that its own ``forward``
-    applies as plain chains, as ``torch.fx`` shows them: the norm is called once, on nothing
-    but the output of a conv child that is called once and whose output goes nowhere else
-    (torchvision's and smp's ASPP pooling branch, smp's DeepLabV3 decoder). The trace runs on
-    an isolated copy and only reads the call graph; the module's own forward keeps running. A
-    forward that ``torch.fx`` cannot trace is left as it is."""
-    children = list(module.children())
-    if not (
-        any(isinstance(c, _CONVS) for c in children)
-        and any(isinstance(c, _BatchNorm) for c in children)
-    ):
-        return 0
-    try:
-        graph = _ChildrenAsLeaves().trace(_isolated(module))
-    except Exception:  # control flow on values, unsupported calls: not provably a chain
-        return 0
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    folded = 0
-    for node in graph.nodes:
-        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
-            continue
-        source = node.args[0]
-        if not isinstance(source, torch.fx.Node) or source.op != "call_module":
-            continue
-        bn_name, conv_name = str(node.target), str(source.target)
-        if calls[bn_name] != 1 or calls[conv_name] != 1 or len(source.users) != 1:
-            continue
-        if _try_fold(module.get_submodule(conv_name), module.get_submodule(bn_name), shared):
-            setattr(module, bn_name, nn.Identity())
-            folded += 1
-    return folded
-
-
 def _fold_declared(module: nn.Module, shared: set[int]) -> int:
     """Fold the (conv, bn) attribute pairs that ``module`` declares in ``_fuse_pairs``."""
     folded = 0
@@ -253,10 +196,6 @@ def fuse(module: M, *, inplace: bool = False) -> M:
       (or a subclass that keeps ``nn.Sequential``'s forward): the LD branches, the GALD
       ``down`` stages, the heads' conv blocks and the conv -> BN pairs of a wrapped context
       module (torchvision's and smp's ASPP, PSP blocks);
-    - in any other module with its own forward, a BatchNorm child that ``torch.fx`` (tracing
-      that forward alone, on an isolated copy, with the children as opaque calls) shows applied
-      once, to nothing but the output of a conv child called once whose output goes nowhere
-      else: torchvision's ResNet blocks and ASPP pooling branch, smp's DeepLabV3 decoder;
     - the (conv, BatchNorm) attribute pairs a module declares in its ``_fuse_pairs`` because its
       forward code applies the norm straight to the conv's output: the output norms of
       ``nonlocal`` (``conv_out``/``norm``) and ``glore`` (``conv_extend``/``blocker``), and the
@@ -265,10 +204,9 @@ def fuse(module: M, *, inplace: bool = False) -> M:
 
     With these, no BatchNorm of a :class:`~gald.GALD` or :class:`~gald.GALDHead` with a
     registered GA is left. Left alone: a BatchNorm after a non-conv op (a pooling, a sum, an
-    activation, or a norm first in a ``Sequential``), one in a forward that ``torch.fx`` cannot
-    trace (control flow on values; gald's own layers, which declare their pairs instead) or
-    that uses it otherwise (a residual before the norm, the conv's output used twice), a
-    BatchNorm in training mode or without running statistics, and any
+    activation, or a norm first in a ``Sequential``), one inside a module's forward code that
+    does not declare it (a ``Sequential`` subclass with its own ``forward`` included: it may
+    call its children in another order, or add a residual before the norm), a BatchNorm in training mode or without running statistics, and any
     norm of a conv used at two places in the model, or whose weight is tied to another module's
     (folding it would change the other use), and any pair the fold would not reproduce exactly:
     a conv or norm subclass with its own forward (timm's ``StdConv2d``, ``Conv2dSame``,
@@ -308,7 +246,5 @@ def fuse(module: M, *, inplace: bool = False) -> M:
         # them (a residual sum before the norm): only the plain chain is known to be conv -> bn
         if isinstance(sub, nn.Sequential) and type(sub).forward is nn.Sequential.forward:
             _fold_sequential(sub, shared)
-        elif not isinstance(sub, (*_CONVS, _BatchNorm)):
-            _fold_traced(sub, shared)
         _fold_declared(sub, shared)
     return target
