@@ -286,3 +286,31 @@ def test_pairs_the_fold_would_not_reproduce_are_left_alone(make_conv, make_bn, r
     assert type(fused[1]) is kept and isinstance(fused[3], nn.Identity)
     with pytest.raises(ValueError, match=rf"cannot fold bn into conv exactly: .*{reason}"):
         fuse_conv_bn(make_conv(), make_bn().eval())
+
+
+class _ListCalls(nn.Module):
+    """Conv -> norm pairs in forward code, reached through a ModuleList and an alias."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(2))
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for _ in range(2))
+        self.conv = nn.Conv2d(c, c, 1)
+        self.bn = nn.BatchNorm2d(c)
+        self.norm = self.bn  # the same norm under a second name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv, bn in zip(self.convs, self.bns):
+            x = torch.relu(bn(conv(x)))
+        return self.norm(self.conv(x))
+
+
+def test_pairs_in_undeclared_forward_code_are_left_and_outputs_kept() -> None:
+    # only plain Sequential chains and declared pairs are folded: forward code is not analysed
+    model = _randomise(nn.Sequential(_ListCalls(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)))
+    model = model.double().eval()
+    fused = fuse(model)
+    norms = [n for n, m in fused.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms == ["0.bns.0", "0.bns.1", "0.bn"]  # the trailing Sequential pair is folded
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
