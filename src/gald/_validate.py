@@ -23,6 +23,12 @@ PADDING_REMEDY = "use padding=1 to accept any size"
 """The advice for a too-small input to a layer whose ``padding=0`` sets its minimum size."""
 
 
+def first_line(text: str) -> str:
+    """The first non-blank line of a message (empty for a blank one): what a one-line error
+    quotes of a longer one."""
+    return text.strip().splitlines()[0] if text.strip() else ""
+
+
 def check_feature(
     x: object,
     channels: int | None,

@@ -24,6 +24,7 @@ from ._validate import (
     check_feature,
     check_float,
     check_positive_int,
+    first_line,
 )
 from .ld import IMPLS, LocalDistribution
 from .registry import _declared_width, _ga_class, create_ga
@@ -91,14 +92,10 @@ def _check_norm_runs(norm: nn.Module, factory: object, channels: int) -> None:
         raise ValueError(
             f"norm_layer={factory!r} builds {norm!r}, which cannot normalise a (B, C, H, W) "
             f"feature map: on a {tuple(probe.shape)} input it raised {type(exc).__name__}: "
-            f"{_first_line(str(exc))}. GALD's norms take (B, C, H, W) maps: nn.BatchNorm2d, "
+            f"{first_line(str(exc))}. GALD's norms take (B, C, H, W) maps: nn.BatchNorm2d, "
             "nn.SyncBatchNorm, functools.partial(nn.GroupNorm, 32), or a channels-first "
             "layer norm"
         ) from exc
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else ""
 
 
 class _ProbesRefused(ValueError):

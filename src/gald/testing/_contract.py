@@ -23,6 +23,7 @@ from .._validate import (
     check_ordered_items,
     check_positive_int,
     check_size_pair,
+    first_line,
 )
 
 Factory = type[nn.Module] | Callable[[int], nn.Module]
@@ -104,7 +105,7 @@ def _fail(
 ) -> NoReturn:
     where = "construction" if shape is None else f"input shape {tuple(shape)}"  # type: ignore[arg-type]
     lines = [f"{prop}: {where}: {measured}"]
-    if detail and detail.strip() != _first_line(detail):
+    if detail and detail.strip() != first_line(detail):
         lines.append(detail.strip())
     if prop in PROPERTIES:
         lines.append(f"(pass {prop}=False to check_ga to skip this property)")
@@ -204,7 +205,7 @@ def _assert_near(
 
 
 def _describe(err: BaseException) -> str:
-    first = _first_line(str(err))
+    first = first_line(str(err))
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
@@ -318,13 +319,9 @@ def _gradcheck_error_summary(message: str) -> str:
         )
     diff = re.search(r"max per-element difference \(slow mode\) is:?\s*([0-9.eE+-]+)", message)
     measured = (
-        f"max per-element difference {diff.group(1).rstrip('.')}" if diff else _first_line(message)
+        f"max per-element difference {diff.group(1).rstrip('.')}" if diff else first_line(message)
     )
     return f"numerical and analytical float64 Jacobians disagree{which}: {measured}"
-
-
-def _first_line(message: str) -> str:
-    return message.strip().splitlines()[0] if message.strip() else ""
 
 
 def _check_gradcheck(ctx: _Context) -> None:
