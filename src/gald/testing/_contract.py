@@ -181,6 +181,12 @@ class _Context:
         scale = ref.abs().max().item() if ref.numel() else 0.0
         return self.atol + self.rtol * scale
 
+    def half_tolerance(self, ref: torch.Tensor) -> float:
+        """``autocast_tol * max(max|ref|, 1)``: the bound of the autocast and half_precision
+        comparisons with the float32 output ``ref``."""
+        scale = ref.abs().max().item() if ref.numel() else 0.0
+        return self.autocast_tol * max(scale, 1.0)
+
 
 def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     if a.numel() == 0:
@@ -514,13 +520,12 @@ def _check_autocast(ctx: _Context) -> None:
             if not torch.isfinite(out).all():
                 bad = int((~torch.isfinite(out)).sum())
                 _fail("autocast", x.shape, f"{bad} non-finite output values under {dtype} autocast")
-            scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
             _assert_near(
                 "autocast",
                 x,
                 out.float(),
                 ref,
-                ctx.autocast_tol * scale,
+                ctx.half_tolerance(ref),
                 f"{dtype} autocast output differs from float32",
             )
 
@@ -532,35 +537,25 @@ def _check_half_precision(ctx: _Context) -> None:
     with torch.no_grad():
         with _forward_errors("half_precision", x, "float32 reference forward"):
             ref = module(x)
-        scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1.0)
         for dtype in ctx.autocast_dtypes:
             half = copy.deepcopy(module).to(dtype)
-            xh = x.to(dtype)
-            try:
-                out = half(xh)
-            except NotImplementedError as err:
-                # a kernel without a half-precision implementation on this device (cdist, LU
-                # solves, FFTs on CPU): the layer cannot run converted here, which is not
-                # necessarily so on a GPU
-                _fail(
-                    "half_precision",
-                    x.shape,
-                    f"forward of the module converted to {dtype} raised {_describe(err)}",
-                    f"{err}\nAn operator has no {dtype} kernel on {x.device.type}; if the layer "
-                    "is only meant to run in half precision under autocast or on another "
-                    "device, pass half_precision=False.",
-                    err,
-                )
-            except Exception as err:
-                if getattr(err, _LABELLED, False):
-                    raise
-                _fail(
-                    "half_precision",
-                    x.shape,
-                    f"forward of the module converted to {dtype} raised {_describe(err)}",
-                    str(err),
-                    err,
-                )
+            what = f"forward of the module converted to {dtype}"
+            with _forward_errors("half_precision", x, what):
+                try:
+                    out = half(x.to(dtype))
+                except NotImplementedError as err:
+                    # a kernel without a half-precision implementation on this device (cdist,
+                    # LU solves, FFTs on CPU): the layer cannot run converted here, which is not
+                    # necessarily so on a GPU
+                    _fail(
+                        "half_precision",
+                        x.shape,
+                        f"{what} raised {_describe(err)}",
+                        f"{err}\nAn operator has no {dtype} kernel on {x.device.type}; if the "
+                        "layer is only meant to run in half precision under autocast or on "
+                        "another device, pass half_precision=False.",
+                        err,
+                    )
             if not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device != x.device:
                 got = (
                     f"{out.dtype} on {out.device}" if isinstance(out, torch.Tensor) else "no tensor"
@@ -588,7 +583,7 @@ def _check_half_precision(ctx: _Context) -> None:
                 x,
                 out.float(),
                 ref,
-                ctx.autocast_tol * scale,
+                ctx.half_tolerance(ref),
                 f"the module converted to {dtype} differs from float32",
             )
 
