@@ -147,7 +147,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
                 raise ValueError(
                     f"{_label(module)} must return a (B, C, H, W) tensor to be wrapped by "
                     f"GALD, got {got} for an input of shape {tuple(probe.shape)}"
-                    + (f"; {note.rstrip('; ')}" if note else "")
+                    + (f"; {note}" if note else "")
                 )
             if out.shape[-2:] != probe.shape[-2:]:  # try another size before refusing
                 changed.append(f"{side}x{side} -> {out.shape[-2]}x{out.shape[-1]}")
@@ -179,7 +179,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
         )
     note = _not_one_tensor(module)
     advice = (
-        f"{note}wrap the context module inside it, which does"
+        f"{note}; wrap the context module inside it, which does"
         if note
         else f"check in_channels={in_channels} (the width the module takes), or pass "
         "out_channels to wrap a module that cannot run on a small input here"
@@ -210,7 +210,7 @@ def _not_one_tensor(module: nn.Module) -> str:
     if star and not required and not passes_through:  # (*args, **kwargs): a wrapper, unknown
         return (
             f"its forward takes *{star[0].name} (a list of features, as a decoder does), while "
-            "GALD wraps a module that takes one (B, C, H, W) tensor; "
+            "GALD wraps a module that takes one (B, C, H, W) tensor"
         )
     if len(required) == 1:
         note = str(required[0].annotation)
@@ -220,13 +220,13 @@ def _not_one_tensor(module: nn.Module) -> str:
             return (
                 f"its forward takes {required[0].name}: {_annotation(required[0].annotation)} "
                 "(a list of features, as a decoder does), while GALD wraps a module that takes "
-                "one (B, C, H, W) tensor; "
+                "one (B, C, H, W) tensor"
             )
     if len(required) > 1:
         names = ", ".join(p.name for p in required)
         return (
             f"its forward takes {len(required)} arguments ({names}), while GALD wraps a module "
-            "that takes one (B, C, H, W) tensor; "
+            "that takes one (B, C, H, W) tensor"
         )
     return ""
 
