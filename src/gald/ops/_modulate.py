@@ -129,10 +129,16 @@ def _saturated(logits: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(logits, nan=math.nan, posinf=big, neginf=-big)
 
 
+def _has_tangent(*tensors: torch.Tensor) -> bool:
+    """Whether any of ``tensors`` carries a forward-mode tangent (``torch.func.jvp`` /
+    ``jacfwd`` included)."""
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def _refuse_tangents(op: str, *tensors: torch.Tensor) -> None:
     """Forward-mode AD has no formula here: the op called directly with dual tensors would
     return a result without a tangent (a zero derivative), so it raises instead."""
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    if _has_tangent(*tensors):
         raise NotImplementedError(
             f"{op} has no forward-mode derivative (jvp): forward-mode AD (torch.func.jvp, "
             "jacfwd, torch.autograd.forward_ad) is not supported by the fused op; use "
@@ -432,7 +438,4 @@ def _differentiated(x: torch.Tensor, logits: torch.Tensor) -> bool:
         return True
     if torch.is_grad_enabled() and (x.requires_grad or logits.requires_grad):
         return True
-    return (
-        forward_ad.unpack_dual(x).tangent is not None
-        or forward_ad.unpack_dual(logits).tangent is not None
-    )
+    return _has_tangent(x, logits)
