@@ -604,15 +604,16 @@ class GALDNet(nn.Module):
         return result
 
     def _check_layout(self, feature: Any, i: int) -> None:
-        """A feature whose last dimension, not its second, has the expected width is most
-        likely ``(B, H, W, C)``: say so (the head would only report a wrong width)."""
+        """A feature without the expected width in dimension 1: when its last dimension has it,
+        it is most likely ``(B, H, W, C)``, so say so (the head would only report a wrong
+        width); otherwise name ``in_channels`` (for the auxiliary head's feature only when
+        there is one)."""
         width = self.in_channels[i]
-        if (
-            isinstance(feature, torch.Tensor)
-            and feature.ndim == 4
-            and feature.shape[1] != width
-            and feature.shape[-1] == width
+        if not (
+            isinstance(feature, torch.Tensor) and feature.ndim == 4 and feature.shape[1] != width
         ):
+            return
+        if feature.shape[-1] == width:
             raise ValueError(
                 f"GALDNet: the backbone's feature {self._feature_name(i)} has shape "
                 f"{tuple(feature.shape)}, (B, H, W, C) with C={width} it seems; the heads take "
@@ -620,13 +621,7 @@ class GALDNet(nn.Module):
                 "with an output_fmt = 'NHWC' attribute (as timm's features_only models do), "
                 "and GALDNet then permutes them"
             )
-        if (
-            isinstance(feature, torch.Tensor)
-            and feature.ndim == 4
-            and feature.shape[1] != width
-            and feature.shape[-1] != width
-            and (i == 1 or self.aux_head is not None)
-        ):
+        if i == 1 or self.aux_head is not None:
             raise ValueError(
                 f"GALDNet: the backbone's feature {self._feature_name(i)} has shape "
                 f"{tuple(feature.shape)}, but in_channels[{i}]={width}: the "
