@@ -10,6 +10,7 @@ import copy
 import enum
 import re
 import types
+import warnings
 
 import pytest
 import torch
@@ -574,11 +575,29 @@ def test_checkpoint_of_another_depth_is_named(meta_resnets) -> None:
         match=r"has ResNet layers with \[3, 4, 5, 3\] blocks; this DilatedResNet has depth=50",
     ):
         r50.load_state_dict(sd)
-    # strict=False keeps torch's semantics: extra and missing blocks are reported, not raised
-    result = r50.load_state_dict(r101.state_dict(), strict=False, assign=True)
+    # strict=False keeps torch's semantics (extra and missing blocks are reported, not raised),
+    # with a warning that names both depths: the missing blocks stay random
+    with pytest.warns(UserWarning, match=r"is a ResNet-101 .* has depth=50") as record:
+        result = r50.load_state_dict(r101.state_dict(), strict=False, assign=True)
+    assert record[0].filename == __file__  # points at the caller's line
     assert "layer3.6.conv1.weight" in result.unexpected_keys and not result.missing_keys
-    result = r101.load_state_dict(r50.state_dict(), strict=False, assign=True)
+    with pytest.warns(UserWarning, match=r"is a ResNet-50 .* has depth=101"):
+        result = r101.load_state_dict(r50.state_dict(), strict=False, assign=True)
     assert "layer3.22.bn3.weight" in result.missing_keys and not result.unexpected_keys
+
+
+def test_checkpoint_with_a_data_parallel_prefix_is_named(meta_resnets) -> None:
+    r50 = meta_resnets["50"]
+    prefixed = {f"module.{k}": v for k, v in r50.state_dict().items()}
+    for strict in (True, False):
+        with pytest.raises(
+            ValueError,
+            match=r"^DilatedResNet: every key of the state dict starts with 'module\.' .*"
+            r"gald\.convert\.imagenet_to_backbone, which strips the prefix",
+        ):
+            r50.load_state_dict(prefixed, strict=strict)
+    # the converter strips it, and the result loads
+    r50.load_state_dict(gald.convert.imagenet_to_backbone(prefixed), assign=True)
 
 
 def test_checkpoint_of_the_other_stem_is_named(meta_resnets) -> None:
@@ -611,10 +630,12 @@ def test_matching_checkpoints_still_load(meta_resnets) -> None:
         assert not any(net.load_state_dict(net.state_dict(), assign=True))  # strict: all match
     r50 = meta_resnets["50"]
     partial = {k: v for k, v in r50.state_dict().items() if k.startswith("layer1.")}
-    result = r50.load_state_dict(partial, strict=False, assign=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a subset of the layers, loaded non-strictly: no warning
+        result = r50.load_state_dict(partial, strict=False, assign=True)
     assert "conv1.0.weight" in result.missing_keys and not result.unexpected_keys
-    with pytest.raises(RuntimeError, match="Missing key"):  # no layer keys: torch's own message
-        r50.load_state_dict({"module." + k: v for k, v in r50.state_dict().items()}, assign=True)
+    with pytest.raises(RuntimeError, match="Missing key"):  # nothing recognised: torch's message
+        r50.load_state_dict({"backbone." + k: v for k, v in r50.state_dict().items()}, assign=True)
 
 
 @given(

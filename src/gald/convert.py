@@ -86,9 +86,10 @@ def official_to_gald(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Map the authors' keys to ``(head_state, aux_state)``.
 
-    ``head_state`` loads into :meth:`gald.GALDHead.official` and ``aux_state`` into
-    :class:`gald.AuxHead` (empty when the checkpoint has no ``dsn.*`` keys), both with
-    ``strict=True``. Keys may carry a ``module.`` prefix; backbone keys are ignored; any other key
+    ``head_state`` loads into :meth:`gald.GALDHead.official` with ``strict=True``, and
+    ``aux_state`` into :class:`gald.AuxHead` with ``strict=True`` too; ``aux_state`` is empty when
+    the checkpoint has no ``dsn.*`` keys (an inference-only checkpoint): skip the auxiliary head
+    then. Keys may carry a ``module.`` prefix; backbone keys are ignored; any other key
     raises a ``ValueError`` that lists them.
 
     Example:

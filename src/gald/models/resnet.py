@@ -8,6 +8,7 @@ multi-grid as in DeepLabv3 (Chen et al., 2017); the configuration of the GALD-Ne
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,6 +84,14 @@ def _check_checkpoint(
     unexpected keys are allowed), a stem of the other layout or the ResNet-D layout (shape
     mismatches either way). Anything else is left to :meth:`torch.nn.Module.load_state_dict`."""
     where = f"DilatedResNet (keys {prefix}*)" if prefix else "DilatedResNet"
+    keys = [k for k in state_dict if isinstance(k, str)]
+    if not prefix and keys and all(k.startswith("module.") for k in keys):
+        raise ValueError(
+            f"{where}: every key of the state dict starts with 'module.' (a DataParallel or "
+            "DistributedDataParallel checkpoint): convert it with "
+            "gald.convert.imagenet_to_backbone, which strips the prefix, or strip it with "
+            "torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, 'module.')"
+        )
     if (problem := _resnet_d_problem(state_dict, prefix)) is not None:
         raise ValueError(f"{where}: {problem}")
     if f"{prefix}conv2.weight" in state_dict:
@@ -103,9 +112,9 @@ def _check_checkpoint(
             f"{where}: the state dict has the deep stem (conv1.0 ... conv1.6); this "
             "DilatedResNet has the 7x7 stem: build DilatedResNet(deep_stem=True)"
         )
-    blocks = _layer_blocks([k for k in state_dict if isinstance(k, str)], prefix)
+    blocks = _layer_blocks(keys, prefix)
     expected = _RESNET_LAYERS[net.depth]
-    if not strict or not any(blocks) or blocks == expected:
+    if not any(blocks) or blocks == expected:
         return
     found = _DEPTHS.get(blocks)  # type: ignore[arg-type]
     received = (
@@ -113,11 +122,18 @@ def _check_checkpoint(
         if found is not None
         else f"has ResNet layers with {list(blocks)} blocks"
     )
-    raise ValueError(
+    message = (
         f"{where}: the state dict {received}; this DilatedResNet has depth={net.depth} "
         f"({list(expected)} blocks)"
         + (f": build it with depth={found}" if found is not None else "")
     )
+    if strict:
+        raise ValueError(message)
+    # strict=False allows missing and unexpected keys on purpose (a subset of the layers loads
+    # quietly), but a layer present with another number of blocks, part of it left at its random
+    # initialisation, is rarely wanted: say so without refusing.
+    if any(got and got != want for got, want in zip(blocks, expected, strict=True)):
+        warnings.warn(message, stacklevel=3)
 
 
 def _pool_out_ceil(size: int, kernel: int, stride: int, padding: int) -> int:
