@@ -290,6 +290,18 @@ def test_export_specialises_on_a_one_pixel_ld_map(
             exported(_input((2, C, refused, refused)))
 
 
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_onnx_export_with_an_explicit_kernel_choice(dynamo: bool, tmp_path: Path) -> None:
+    """``impl="torch"`` (the way around a misbehaving kernel) concerns the PyTorch runtime: the
+    exported graph computes the reference formula with standard ops, as under ``impl="auto"``."""
+    torch.manual_seed(0)
+    model = randomize_(gald.GALD(C, "gc", impl="torch"), seed=1).eval()
+    path = deploy.export_onnx(model, _input(SHAPE), tmp_path / "m.onnx", dynamo=dynamo)
+    assert deploy.onnx_custom_domains(onnx.load(str(path))) == set()
+    err = deploy.verify_onnx(model, path, _input(SHAPE), _input(SHAPE2, seed=3))
+    assert err <= RTOL, f"onnxruntime differs from eager by {err:.2e} (relative)"
+
+
 def test_onnx_is_not_specialised_on_a_one_pixel_ld_map(tmp_path: Path) -> None:
     model = _block("gc")
     path = deploy.export_onnx(model, _input((2, C, 8, 8)), tmp_path / "small.onnx")

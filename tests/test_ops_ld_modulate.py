@@ -405,7 +405,11 @@ def test_exporting_takes_the_reference(monkeypatch):
     assert _modulate.resolve_impl(x, "auto") == "torch"
     monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     assert _modulate.resolve_impl(x, "auto") == "reference"
-    assert _modulate.resolve_impl(x, "torch") == "torch"  # an explicit choice is kept
+    # an explicit kernel choice concerns the PyTorch runtime: the exported graph is standard ops
+    assert _modulate.resolve_impl(x, "torch") == "reference"
+    assert _modulate.resolve_impl(x, "triton") == "reference"
+    with pytest.raises(ValueError, match="impl"):  # still validated
+        _modulate.resolve_impl(x, "cuda")
 
 
 # That an eager first call never imports torch._dynamo is checked in a fresh process by

@@ -352,18 +352,19 @@ def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     """The kernel ``impl`` stands for on ``x``: ``"reference"``, ``"torch"`` or ``"triton"``.
 
     ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports and runs
-    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel; while a TorchScript
-    tracer or the ONNX exporter runs it is the reference formula, so exported graphs hold
-    standard ops only.
+    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel. While a TorchScript
+    tracer or the ONNX exporter runs, every choice is the reference formula, so exported graphs
+    hold standard ops only (a kernel choice concerns the PyTorch runtime, not the exported graph).
     """
+    if impl is not None and impl != "auto":
+        check_choice(impl, "ld_modulate: impl", IMPLS)
+    if _exporting():
+        return "reference"
     if impl is None or impl == "auto":
-        if _exporting():
-            return "reference"
         kernels = _triton() if x.device.type == "cuda" else None
         if kernels is not None and kernels.unsupported_dtype(x.dtype) is None:
             return "triton"
         return "torch"
-    check_choice(impl, "ld_modulate: impl", IMPLS)
     if impl == "triton":
         _require_triton()
     return impl
@@ -387,14 +388,15 @@ def ld_modulate(
         logits: the low-resolution mask logits (the LD branch output).
         offset: constant added to the mask (``1`` = the authors' ``x + x * M``).
         align_corners: as in ``F.interpolate``.
-        impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors when
-            triton imports (for float64, triton >= 3.5) and the torch kernel otherwise (the
-            reference formula while a tracer or the ONNX exporter runs); ``"torch"`` the plain-PyTorch kernel (any device,
-            temporaries bounded by a constant); ``"triton"`` the Triton kernel (``RuntimeError`` when
-            triton is unavailable; the backward of logits over about 8x wider than ``x``, whose
-            window would not fit in the GPU's shared memory, runs the torch kernel);
-            ``"reference"`` the plain-ops formula (the oracle: autograd
-            saves the full-resolution mask).
+        impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors
+            when triton imports (for float64, triton >= 3.5) and the torch kernel otherwise;
+            ``"torch"`` the plain-PyTorch kernel (any device, temporaries bounded by a
+            constant); ``"triton"`` the Triton kernel (``RuntimeError`` when triton is
+            unavailable; the backward of logits over about 8x wider than ``x``, whose window
+            would not fit in the GPU's shared memory, runs the torch kernel); ``"reference"`` the
+            plain-ops formula (the oracle: autograd saves the full-resolution mask). While a
+            TorchScript tracer or the ONNX exporter runs, every choice computes the reference
+            formula, so the exported graph holds standard ops only.
 
     Shape:
         - x: :math:`(B, C, H, W)`, any strides (NCHW and channels_last are kept).
