@@ -89,8 +89,15 @@ def test_bf16_autocast_close() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        ({"channels": 10, "groups": 4}, "channels=10 must be divisible by groups=4"),
-        ({"channels": 8, "groups": 8}, "inter_channels=4 must be divisible by groups=8"),
+        # with the default inter_channels the error names the caller's own argument
+        (
+            {"channels": 10, "groups": 4},
+            r"^channels=10 must be a multiple of 2 \* groups = 8 .*use channels=8 or 16, or",
+        ),
+        ({"channels": 40}, r"^channels=40 must be a multiple of 2 \* groups = 16 .*32 or 48"),
+        ({"channels": 8, "groups": 8}, r"^channels=8 .*: use channels=16, or pass"),
+        ({"channels": 10, "inter_channels": 4, "groups": 4}, "channels=10 must be divisible by"),
+        ({"channels": 8, "inter_channels": 4, "groups": 8}, "inter_channels=4 must be divisible"),
         ({"channels": 8, "inter_channels": 6, "groups": 4}, "inter_channels=6 must be divisible"),
         ({"channels": 8, "groups": 0}, "groups must be >= 1"),
     ],

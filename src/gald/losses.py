@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._amp import compute_dtype
 from ._validate import check_float, check_int, check_positive_int
 
 __all__ = ["OhemCrossEntropy"]
@@ -119,7 +120,7 @@ class OhemCrossEntropy(nn.Module):
         valid = target != self.ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         # half-precision logits are upcast: the softmax and the sums run in fp32 at least
-        work = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        work = logits.to(compute_dtype(logits.dtype))
         logp = F.log_softmax(work, dim=1)
         logp_t = logp.gather(1, safe_target.unsqueeze(1)).squeeze(1)  # (B, H, W)
         prob = logp_t.detach().exp()

@@ -78,10 +78,21 @@ class CGNL(nn.Module):
     ) -> None:
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
+        groups = self.groups = check_positive_int(groups, "groups")
         if inter_channels is None:
+            # the default C' = C // 2: name the argument the caller gave, and the widths it takes
+            if channels % (2 * groups) != 0:
+                step = 2 * groups
+                below, above = channels - channels % step, channels - channels % step + step
+                nearest = f"{below} or {above}" if below else f"{above}"
+                raise ValueError(
+                    f"channels={channels} must be a multiple of 2 * groups = {step} with the "
+                    f"default inter_channels = channels // 2 (groups={groups} divides channels "
+                    f"and inter_channels): use channels={nearest}, or pass inter_channels and "
+                    "groups that fit"
+                )
             inter_channels = channels // 2
         inter_channels = self.inter_channels = check_positive_int(inter_channels, "inter_channels")
-        groups = self.groups = check_positive_int(groups, "groups")
         check_divisible(channels, groups, "channels", "groups")
         check_divisible(self.inter_channels, groups, "inter_channels", "groups")
         self.use_scale = check_bool(use_scale, "use_scale")
