@@ -628,6 +628,29 @@ class NoisyInEval(SqueezeExcitation):
         return super().forward(x) + 1e-2 * torch.randn_like(x)
 
 
+class InfiniteInEval(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.training else y / torch.zeros_like(y[:, :1])
+
+
+@pytest.mark.parametrize(
+    ("cls", "prop", "measured"),
+    [
+        # the first property whose forward meets the fault names it for what it is: a random
+        # forward is not blamed on the device, a non-finite output not reported as a difference
+        (NoisyInEval, "device", r"two eval-mode forwards of the same batch differ by"),
+        (InfiniteInEval, "shapes", r"\d+ of \d+ output values are not finite \(NaN or inf\)"),
+    ],
+)
+def test_a_fault_is_named_by_the_first_property_that_meets_it(
+    cls: type[nn.Module], prop: str, measured: str
+) -> None:
+    with pytest.raises(AssertionError) as info:
+        check_ga(cls, channels=C, compile=False)
+    assert re.match(rf"{prop}: input shape \(\d+, {C}, \d+, \d+\): {measured}", str(info.value))
+
+
 def test_a_lazy_layer_is_initialised_before_the_checks() -> None:
     assert check_ga(LazySE, channels=C, compile=False) == [p for p in PROPERTIES if p != "compile"]
 

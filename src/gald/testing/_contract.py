@@ -236,6 +236,14 @@ def _check_output(prop: str, x: torch.Tensor, y: object, ctx: _Context) -> torch
         _fail(prop, x.shape, f"output dtype {y.dtype}, expected the input dtype {x.dtype}")
     if y.device != x.device:
         _fail(prop, x.shape, f"output device {y.device}, expected the input device {x.device}")
+    finite = torch.isfinite(y.detach())
+    if not finite.all():
+        _fail(
+            prop,
+            x.shape,
+            f"{int((~finite).sum())} of {y.numel()} output values are not finite (NaN or inf) "
+            "on a finite random input",
+        )
     return y
 
 
@@ -282,9 +290,6 @@ def _check_gradients(ctx: _Context) -> None:
         y = _check_output("gradients", x, module(x), ctx)
         weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(ctx.seed + 1))
         (y * weight).sum().backward()
-    if not torch.isfinite(y).all():
-        bad = int((~torch.isfinite(y)).sum())
-        _fail("gradients", x.shape, f"{bad} non-finite output values in train mode")
     if x.grad is None:
         _fail("gradients", x.shape, "the input received no gradient (grad is None)")
     if not torch.isfinite(x.grad).all():
@@ -443,6 +448,13 @@ def _below_float64(
     return probe.found
 
 
+_NOT_REPEATABLE = "two eval-mode forwards of the same batch differ"
+_NOT_REPEATABLE_WHY = (
+    "The eval-mode output is not a function of the input (random numbers or state carried "
+    "between calls), so it cannot be compared with another run of the same input."
+)
+
+
 def _check_batch_independence(ctx: _Context) -> None:
     module = ctx.prepared().eval()
     x = ctx.input(3, ctx.typical())
@@ -457,9 +469,8 @@ def _check_batch_independence(ctx: _Context) -> None:
         again,
         y,
         tol,
-        "two eval-mode forwards of the same batch differ",
-        "The eval-mode output is not a function of the input (random numbers or state "
-        "carried between calls), so independence of the samples cannot be checked.",
+        _NOT_REPEATABLE,
+        _NOT_REPEATABLE_WHY,
     )
     for changed in range(x.shape[0]):  # each sample in turn: mixing may come from any of them
         x2 = x.clone()
@@ -711,8 +722,11 @@ def _check_device(ctx: _Context) -> None:
         ):
             out = fresh(x)
         with _forward_errors("device", x, "reference forward"):
-            ref = module(x)
+            ref = _check_output("device", x, module(x), ctx)
+            again = _check_output("device", x, module(x), ctx)
     _check_output("device", x, out, ctx)
+    # a forward that differs from itself would be blamed on the device otherwise
+    _assert_near("device", x, again, ref, ctx.tolerance(ref), _NOT_REPEATABLE, _NOT_REPEATABLE_WHY)
     _assert_near(
         "device", x, out, ref, ctx.tolerance(ref), "forward under another default device differs"
     )
@@ -780,12 +794,14 @@ def check_ga(
     - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
       and a generic one (every combination of odd and even sides), and for an empty batch in
-      train mode; the forward must leave its input unchanged in both modes.
+      train mode; the forward must leave its input unchanged in both modes. Every output of
+      every property must be finite (a non-finite one fails the first property that meets it).
     - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
       the forward run under ``torch.device("meta")`` on a CPU input (the module's first
       forward, so caches built on a first call are covered) still gives the CPU result,
       so no tensor is created on the default device instead of the input's (a tensor created
-      with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs).
+      with a hard-coded ``device="cpu"`` cannot be told apart on CPU inputs); a forward that
+      differs from itself on the same input is reported as such, not as a device problem.
     - ``gradients``: in train mode the input and every parameter with ``requires_grad`` receive
       finite gradients (the input's not all zero). A parameter's gradient must not be ``None``;
       exactly zero is accepted, as behind a zero-initialised last layer, which is in the graph
