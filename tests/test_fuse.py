@@ -147,6 +147,47 @@ def test_fuse_folds_conv_bn_pairs_of_any_sequential_but_not_shared_convs():
     torch.testing.assert_close(fused(x), seq(x), rtol=1e-10, atol=1e-10)
 
 
+class _Separable(nn.Sequential):
+    """A separable conv as segmentation-models-pytorch writes it: a Sequential subclass with
+    only a constructor (depthwise, then pointwise)."""
+
+    def __init__(self, c: int, out: int) -> None:
+        super().__init__(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.Conv2d(c, out, 1))
+
+
+class _Residual(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+def test_a_norm_after_a_sequential_ending_in_a_conv_is_folded() -> None:
+    shared_tail = nn.Sequential(nn.Conv2d(4, 4, 1))
+    hooked = nn.Sequential(nn.Conv2d(4, 4, 1))
+    hooked.register_forward_hook(lambda m, i, o: o * 2)
+    model = nn.Sequential(
+        _Separable(4, 6),
+        nn.BatchNorm2d(6),  # folded into the pointwise conv
+        nn.ReLU(),
+        nn.Sequential(nn.Conv2d(6, 6, 1), nn.Sequential(nn.ReLU(), nn.Conv2d(6, 4, 1))),
+        nn.BatchNorm2d(4),  # folded: the nested chain ends in a conv
+        _Residual(nn.Conv2d(4, 4, 1)),
+        nn.BatchNorm2d(4),  # kept: its own forward adds a residual after the conv
+        nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU()),
+        nn.BatchNorm2d(4),  # kept: the chain ends in an activation
+        hooked,
+        nn.BatchNorm2d(4),  # kept: a hook may change the chain's output
+        shared_tail,
+        nn.BatchNorm2d(4),  # kept: the conv is used twice
+        shared_tail,
+    )
+    model = _randomise(model).double().eval()
+    fused = fuse(model)
+    assert [i for i, m in enumerate(fused) if isinstance(m, nn.BatchNorm2d)] == [6, 8, 10, 12]
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[4], nn.Identity)
+    x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
 def test_fused_module_trains_without_norms():
     fused = fuse(_randomise(gald.LocalDistribution(3)).eval())
     fused.train()

@@ -163,11 +163,32 @@ def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
     return True
 
 
+def _plain_sequential(m: nn.Module) -> bool:
+    """``m`` is an ``nn.Sequential`` (or a subclass keeping its forward) without hooks: its
+    output is exactly its last child's."""
+    return (
+        isinstance(m, nn.Sequential)
+        and type(m).forward is nn.Sequential.forward
+        and not _hooks(m)
+        and len(m) > 0
+    )
+
+
+def _last_conv(m: nn.Module) -> nn.Module:
+    """The module whose output ``m``'s output is: ``m`` itself, or the last child of a plain
+    ``Sequential`` followed down (a separable conv written as ``Sequential(depthwise,
+    pointwise)`` ends in its pointwise conv)."""
+    while _plain_sequential(m):
+        m = m[-1]
+    return m
+
+
 def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
-    """Fold every eval-mode BatchNorm that directly follows a conv of matching width."""
+    """Fold every eval-mode BatchNorm that directly follows a conv of matching width (or a plain
+    ``Sequential`` that ends in one)."""
     folded = 0
     for i in range(len(seq) - 1):
-        if _try_fold(seq[i], seq[i + 1], shared):
+        if _try_fold(_last_conv(seq[i]), seq[i + 1], shared):
             seq[i + 1] = nn.Identity()
             folded += 1
     return folded
@@ -193,9 +214,11 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     Folded (into the conv, the BatchNorm replaced by ``nn.Identity``):
 
     - a BatchNorm that directly follows a ``Conv2d`` or ``Conv1d`` inside an ``nn.Sequential``
-      (or a subclass that keeps ``nn.Sequential``'s forward): the LD branches, the GALD
-      ``down`` stages, the heads' conv blocks and the conv -> BN pairs of a wrapped context
-      module (torchvision's and smp's ASPP, PSP blocks);
+      (or a subclass that keeps ``nn.Sequential``'s forward), or follows such a ``Sequential``
+      that ends in one (a separable conv written as ``Sequential(depthwise, pointwise)``, as in
+      smp's ``SeparableConv2d``): the LD branches, the GALD ``down`` stages, the heads' conv
+      blocks and the conv -> BN pairs of a wrapped context module (torchvision's and smp's
+      ASPP, PSP blocks);
     - the (conv, BatchNorm) attribute pairs a module declares in its ``_fuse_pairs`` because its
       forward code applies the norm straight to the conv's output: the output norms of
       ``nonlocal`` (``conv_out``/``norm``) and ``glore`` (``conv_extend``/``blocker``), and the
@@ -244,7 +267,7 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     for sub in list(target.modules()):
         # a subclass with its own forward may call its children in another order or combine
         # them (a residual sum before the norm): only the plain chain is known to be conv -> bn
-        if isinstance(sub, nn.Sequential) and type(sub).forward is nn.Sequential.forward:
+        if _plain_sequential(sub):
             _fold_sequential(sub, shared)
         _fold_declared(sub, shared)
     return target
