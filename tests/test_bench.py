@@ -57,6 +57,11 @@ def _has_matplotlib() -> bool:
         (["--shape", "1,2,3"], "expected B,C,H,W"),
         (["--shape", "a,b,c,d"], "expected B,C,H,W"),
         (["--shape", "0,8,15,15"], "expected B,C,H,W"),
+        # not argparse's "expected one argument": the value itself is named
+        (
+            ["--shape", "-1,16,17,17"],
+            "expected B,C,H,W (four positive integers, e.g. 2,512,97,97), got '-1,16,17,17'",
+        ),
         (["--ga", "nope"], "unknown GA 'nope'"),
         (["--ga", "cgnl,nope"], "unknown GA 'nope'"),
         (["--device", "cuda"], "no CUDA device is available"),

@@ -216,8 +216,26 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _attach_negative_values(argv: list[str]) -> list[str]:
+    """``--shape -1,64,33,33`` as ``--shape=-1,64,33,33``: argparse would read a value that
+    starts with a dash (and is not a plain negative number) as an unknown option and answer
+    "expected one argument", hiding the message about the value itself."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg == "--shape" and following[:1] == "-" and following[1:2].isdigit():
+            out.append(f"{arg}={following}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = _attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     if "--ablation" in argv:
         return _ablation(argv)
     parser = build_parser()
