@@ -29,7 +29,7 @@ Time O(C k^2) per folded pair, once.
 from __future__ import annotations
 
 import copy
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import torch
 from torch import nn
@@ -163,7 +163,7 @@ def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
     return True
 
 
-def _plain_sequential(m: nn.Module) -> bool:
+def _plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
     """``m`` is an ``nn.Sequential`` (or a subclass keeping its forward) without hooks: its
     output is exactly its last child's."""
     return (
