@@ -18,8 +18,11 @@ from gald.bench.docs import (
     MARKER,
     load,
     main,
+    render_added,
+    render_rounds,
     render_runs,
     render_spread,
+    render_unstable,
     rewrite,
 )
 
@@ -99,6 +102,45 @@ def test_runs_state_the_range_over_all_runs() -> None:
     )
     one = render_runs([first, copy.deepcopy(first)])
     assert "inference 1.50x;" in one  # equal ends print one value
+
+
+def _with_times(res: dict, ga: str, kind: str, with_ld: list[float], without: list[float]) -> None:
+    row = next(r for r in res["block"]["rows"] if r["ga"] == ga)
+    for label, rounds in (("with LD", with_ld), ("without LD", without)):
+        t = row["models"][label][kind]
+        t["round_medians_ms"] = rounds
+        t["median_ms"] = sorted(rounds)[len(rounds) // 2]
+    ratios = sorted(a / b for a, b in zip(with_ld, without, strict=True))
+    row["overhead"][kind]["ratio"] = ratios[len(ratios) // 2]
+
+
+def test_the_sentences_beside_the_tables_follow_the_data() -> None:
+    res = load(DATA / "all.json")
+    for row in res["block"]["rows"]:  # every GA: 10 ms added to an inference, 30 to a step
+        _with_times(res, row["ga"], "inference", [110.0] * 5, [100.0] * 5)
+        _with_times(res, row["ga"], "train_step", [330.0] * 5, [300.0] * 5)
+    _with_times(
+        res, "gc", "inference", [30.0, 30.0, 20.0, 20.0, 40.0], [10.0, 30.0, 10.0, 20.0, 20.0]
+    )
+    _with_times(res, "psp", "inference", [505.0] * 5, [500.0] * 5)
+    added = render_added(res)
+    assert "adds 5 to 10 ms to an inference and 30 ms to a train step" in added
+    assert "whichever of the 10 GA layers" in added
+    assert re.search(r"smallest next to psp, \w+ and \w+ \(\+1\.0 % to \+10\.0 %\)", added)
+    assert re.search(r"largest next to \w+, \w+ and gc \(\+10\.0 % to \+100\.0 %\)", added)
+    # gc's pooled medians (30 / 20) part most from its per-round ratios (3, 1, 2, 1, 2)
+    rounds = render_rounds(res)
+    assert rounds.startswith(
+        "In the GA table below, gc's inference overhead is +100.0 % next to 30.0 and 20.0 ms "
+        "(a ratio of 1.50)"
+    )
+    assert "round medians 30, 30, 20, 20, 40 ms with the LD and 10, 30, 10, 20, 20 ms" in rounds
+    assert "per-round ratios were 1.00 to 3.00, median 2.00" in rounds
+    authors = res["ld"]["train_step"]["authors"]
+    authors.update(iqr_ms=12.0, median_ms=200.0, round_medians_ms=[190.0, 200.0, 210.0])
+    unstable = render_unstable(res)
+    assert "an interquartile range of 12 ms around a 200 ms median" in unstable
+    assert "(round medians 190, 200, 210 ms)" in unstable
 
 
 def test_check_reports_a_stale_block_and_rewrite_fixes_it(tmp_path, capsys) -> None:

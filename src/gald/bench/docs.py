@@ -136,8 +136,8 @@ def render_summary(res: dict[str, Any]) -> str:
         f"LD overhead inside GALD({row['ga']}) at {shape}: inference "
         f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])}, bytes saved "
         f"for backward {format_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
-        "The same command's second run, and every GA in one `--ga all` run (other processes, "
-        "other figures within their intervals): [docs/benchmarks.md](docs/benchmarks.md)."
+        "The same command's second run (another process, other figures) and every GA in one "
+        "`--ga all` run: [docs/benchmarks.md](docs/benchmarks.md)."
     )
 
 
@@ -501,6 +501,96 @@ def render_cost(res: dict[str, Any]) -> str:
     )
 
 
+def _names(rows: list[dict[str, Any]]) -> str:
+    names = [r["ga"] for r in rows]
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def render_added(res: dict[str, Any]) -> str:
+    """What the LD adds to each GA in absolute time, and where its share is smallest and
+    largest: the prose beside the GA table, from the same run."""
+    _needs(res, "block", "the GA table (a run with --ga NAME or all, without --cost)")
+    rows = res["block"]["rows"]
+
+    def added(kind: str) -> list[float]:
+        return [
+            r["models"]["with LD"][kind]["median_ms"] - r["models"]["without LD"][kind]["median_ms"]
+            for r in rows
+        ]
+
+    def span(values: list[float]) -> str:
+        low, high = f"{min(values):.0f}", f"{max(values):.0f}"
+        return f"{low} ms" if low == high else f"{low} to {high} ms"
+
+    inference, train = added("inference"), added("train_step")
+    by_share = sorted(rows, key=lambda r: r["overhead"]["inference"]["ratio"])
+    k = min(3, len(rows) // 2) or 1
+    return (
+        f"In the run below the LD adds {span(inference)} to an inference and {span(train)} to a "
+        "train step, whichever of the "
+        f"{len(rows)} GA layers it follows (the median with the LD minus the median without). "
+        f"Its inference overhead is smallest next to {_names(by_share[:k])} "
+        f"({format_pct(by_share[0]['overhead']['inference']['ratio'])} to "
+        f"{format_pct(by_share[k - 1]['overhead']['inference']['ratio'])}) and largest next to "
+        f"{_names(by_share[-k:])} ({format_pct(by_share[-k]['overhead']['inference']['ratio'])}"
+        f" to {format_pct(by_share[-1]['overhead']['inference']['ratio'])})."
+    )
+
+
+def render_rounds(res: dict[str, Any]) -> str:
+    """The row of the GA table whose inference overhead (a median of per-round ratios) differs
+    most from the ratio of its pooled medians, told round by round."""
+    _needs(res, "block", "the GA table (a run with --ga NAME or all, without --cost)")
+
+    def pooled(r: dict[str, Any]) -> float:
+        m = r["models"]
+        return float(
+            m["with LD"]["inference"]["median_ms"] / m["without LD"]["inference"]["median_ms"]
+        )
+
+    row = max(
+        res["block"]["rows"],
+        key=lambda r: abs(math.log(r["overhead"]["inference"]["ratio"] / pooled(r))),
+    )
+    with_ld, without = (
+        row["models"]["with LD"]["inference"],
+        row["models"]["without LD"]["inference"],
+    )
+    ratios = [
+        a / b for a, b in zip(with_ld["round_medians_ms"], without["round_medians_ms"], strict=True)
+    ]
+
+    def ms(values: list[float]) -> str:
+        return ", ".join(f"{v:.0f}" for v in values)
+
+    return (
+        f"In the GA table below, {row['ga']}'s inference overhead is "
+        f"{format_pct(row['overhead']['inference']['ratio'])} next to "
+        f"{with_ld['median_ms']:.1f} and {without['median_ms']:.1f} ms (a ratio of "
+        f"{pooled(row):.2f}): its rounds ran at different speeds (round medians "
+        f"{ms(with_ld['round_medians_ms'])} ms with the LD and {ms(without['round_medians_ms'])} "
+        f"ms without), and the per-round ratios were {min(ratios):.2f} to {max(ratios):.2f}, "
+        f"median {row['overhead']['inference']['ratio']:.2f}."
+    )
+
+
+def render_unstable(res: dict[str, Any]) -> str:
+    """How stable the authors' side of the LD comparison was in one run."""
+    _bench_run(res)
+    if "ld" not in res:
+        return "_(this run was made without `--ld`)_"
+    ld = res["ld"]
+    train, inference = ld["train_step"]["authors"], ld["inference"]["authors"]
+    return (
+        f"In this run the authors' train step has an interquartile range of "
+        f"{train['iqr_ms']:.0f} ms around a {train['median_ms']:.0f} ms median (round medians "
+        f"{', '.join(f'{v:.0f}' for v in train['round_medians_ms'])} ms) and their inference "
+        f"{inference['iqr_ms']:.0f} ms around {inference['median_ms']:.0f} ms; the comparison "
+        f"reads {_speed(ld['train_step']['gald']['speedup_vs_authors'])} for the train step and "
+        f"{_speed(ld['inference']['gald']['speedup_vs_authors'])} for inference."
+    )
+
+
 def _one(render: Callable[[dict[str, Any]], str]) -> Callable[[list[dict[str, Any]]], str]:
     def wrapped(results: list[dict[str, Any]]) -> str:
         if len(results) != 1:
@@ -519,6 +609,9 @@ RENDERERS: dict[str, Callable[[list[dict[str, Any]]], str]] = {
     "first": _one(render_first_call),
     "ablation": _one(render_ablation),
     "cost": _one(render_cost),
+    "added": _one(render_added),
+    "rounds": _one(render_rounds),
+    "unstable": _one(render_unstable),
     "runs": render_runs,
     "spread": render_spread,
 }
