@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import re
 from dataclasses import asdict
 
 import pytest
@@ -186,7 +188,8 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     # per-seed progress only on a terminal (stdout and stderr are captured here)
     assert "seed 1" not in captured.err and "seed 1" not in out
     first = out.splitlines()[:3]
-    assert "minutes" in first[1] and "says little about full-size training" in first[2]
+    assert re.fullmatch(r"Expected duration on this machine: about \d+ s \(.*\)\.", first[1])
+    assert "says little about full-size training" in first[2]
     assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out
     assert "says little about full-size training" in out.split("How to read this")[1]
 
@@ -291,12 +294,25 @@ def test_frozen_and_folded_gate_equal_the_ld_when_its_gate_is_constant() -> None
         am.freeze_gate(_variants()["ga"], gate.channel_mean)
 
 
-def test_the_start_message_scales_the_default_duration() -> None:
-    from gald.bench.ablation import work_relative_to_default
+def test_the_duration_estimate_times_steps_of_every_variant(monkeypatch) -> None:
+    from gald.bench import ablation
 
-    assert work_relative_to_default(AblationConfig()) == 1.0
-    assert work_relative_to_default(AblationConfig(seeds=6)) == 2.0
-    assert work_relative_to_default(AblationConfig(size=48, batch_size=4)) == 0.125
+    clock = iter(range(10_000))  # every perf_counter call one second later: each step takes 1 s
+    monkeypatch.setattr(ablation.time, "perf_counter", lambda: float(next(clock)))
+    variants = _variants()
+    cfg = AblationConfig(seeds=2, steps=10, size=32, batch_size=4, eval_images=8)
+    before = {k: copy.deepcopy(m.state_dict()) for k, m in variants.items()}
+    # 3 variants x 1 s per step; per seed 10 steps and 2 eval batches for 4 evaluations (a
+    # forward being a third of a step)
+    expected = 2 * (10 + 2 * 4 / 3 / 3) * 3
+    assert ablation.estimate_seconds(variants, cfg) == pytest.approx(expected)
+    for k, m in variants.items():  # timed on copies: the variants are untouched
+        for name, t in m.state_dict().items():
+            assert torch.equal(t, before[k][name]), (k, name)
+    assert ablation.format_duration(40.2) == "about 40 s"
+    assert ablation.format_duration(0.2) == "about 1 s"
+    assert ablation.format_duration(200) == "about 3 min"
+    assert ablation.format_duration(2 * 3600) == "about 2.0 h"
 
 
 def test_progress_lines_on_a_terminal_and_strict_json_for_one_seed(

@@ -27,13 +27,14 @@ full-size training (a 97x97 head map, real data, 50k steps).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,16 +90,39 @@ def t95(df: int) -> float:
     return _T95[max(k for k in _T95 if k <= df)] if df >= 1 else math.inf
 
 
-# measured at the default settings with 2 threads on two 2-core x86 CPUs
-DEFAULT_MINUTES = "a few minutes on a 2-core CPU"
+def estimate_seconds(variants: Mapping[str, nn.Module], cfg: AblationConfig) -> float:
+    """The run's expected duration on this machine: two training steps of a copy of every
+    variant timed after one untimed step, times the steps and seeds, plus the evaluations (a
+    forward costs about a third of a step). A rough figure, said before the run starts."""
+    step = 0.0
+    gen = torch.Generator().manual_seed(0)
+    x, y = make_batch(gen, cfg.batch_size, cfg.size, large_amplitude=cfg.large_amplitude)
+    for model in variants.values():
+        model = copy.deepcopy(model).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            logits = F.interpolate(model(x), size=y.shape[-2:], mode="bilinear", align_corners=True)
+            loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        step += min(times[1:])
+    eval_batches = math.ceil(cfg.eval_images / cfg.batch_size)
+    # the frozen-gate control is evaluated too: one more evaluation than there are variants
+    evals = eval_batches * (len(variants) + 1) / len(variants)
+    return cfg.seeds * (cfg.steps + evals / 3) * step
 
 
-def work_relative_to_default(cfg: AblationConfig) -> float:
-    """The run's training work (seeds x steps x batch x size^2) over the default settings'."""
-    d = AblationConfig()
-    return (cfg.seeds * cfg.steps * cfg.batch_size * cfg.size**2) / (
-        d.seeds * d.steps * d.batch_size * d.size**2
-    )
+def format_duration(seconds: float) -> str:
+    """``"about 40 s"`` / ``"about 3 min"`` / ``"about 1.5 h"``."""
+    if seconds < 90:
+        return f"about {max(1, round(seconds))} s"
+    if seconds < 90 * 60:
+        return f"about {round(seconds / 60)} min"
+    return f"about {seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)
@@ -476,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
+        estimate = 0.0 if args.quiet else estimate_seconds(variants, cfg)
         print(
             f"LD ablation: {len(VARIANTS)} variants (none / ga / ld) x {cfg.seeds} seed(s) x "
             f"{cfg.steps} steps, GA {cfg.ga}, image {cfg.size}x{cfg.size} (head map "
@@ -485,9 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if not args.quiet:
             print(
-                f"At the default settings this takes {DEFAULT_MINUTES}; the time scales with "
-                f"seeds x steps x batch x size^2, here {work_relative_to_default(cfg):.2g}x the "
-                "default."
+                f"Expected duration on this machine: {format_duration(estimate)} (from a few "
+                "timed training steps of each variant)."
             )
         print(
             "A result at this scale (small synthetic task, CPU-sized model) says little about "
