@@ -744,3 +744,39 @@ def test_small_figures_are_not_written_as_zero() -> None:
         "< 0.1 %",
         "0 %",
     ]
+
+
+def test_the_progress_estimate_follows_each_ga_warmed_up(monkeypatch) -> None:
+    """The first GA sets the first estimate; every later one replaces the guess for itself and
+    for the GAs still to come (the mean of those known), so a cheap first GA does not leave the
+    progress line under-estimating the rest."""
+    from gald.bench import _timing
+
+    call = {"gc": 0.001, "psp": 0.1}  # seconds per call: psp 100x the cost of gc
+    current: list[str] = []
+    monkeypatch.setattr(block, "time_once", lambda fn, device: call[current[-1]])
+    real_pair = block._Pair
+
+    def pair(ga: str, cfg: Config) -> object:
+        current.append(ga)
+        return real_pair(ga, cfg)
+
+    totals: list[float] = []
+
+    def measure(fns, **kwargs):  # type: ignore[no-untyped-def]
+        totals.append(cfg.progress.total)
+        return _timing.measure_interleaved(fns, **kwargs)
+
+    monkeypatch.setattr(block, "_Pair", pair)
+    monkeypatch.setattr(block, "measure_interleaved", measure)
+    cfg = Config(shape=(1, 16, 17, 17), device=torch.device("cpu"), quiet=True, min_time=0.01)
+    block.run(cfg, ["gc", "psp", "gc"])
+
+    def per_ga(ga: str) -> float:  # 2 modes x 2 candidates
+        return 4 * _timing.expected_seconds(call[ga], min_time=0.01, rounds=cfg.rounds)
+
+    gc_s, psp_s = per_ga("gc"), per_ga("psp")
+    first, second = 3 * gc_s, gc_s + psp_s + (gc_s + psp_s) / 2
+    last = 2 * gc_s + psp_s  # everything known
+    # measure_interleaved runs twice per GA (inference, train step)
+    assert totals == pytest.approx([first, first, second, second, last, last])

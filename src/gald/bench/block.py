@@ -151,8 +151,8 @@ def _mode(models: dict[str, GALD], train: bool) -> None:
 def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
     """Measure every GA in ``gas`` with and without LD; the results as plain data."""
     rows: list[dict[str, Any]] = []
-    estimate_each: float | None = None
-    for ga in gas:
+    known: list[float] = []  # the expected duration of each GA warmed up so far
+    for i, ga in enumerate(gas):
         pair = _Pair(ga, cfg)
         need = pair.models["with LD"].min_size
         if min(cfg.shape[2:]) < need:
@@ -173,13 +173,13 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
         expected = sum(
             expected_seconds(s, min_time=cfg.min_time, rounds=cfg.rounds) for s in call_s.values()
         )
-        if estimate_each is None:
-            estimate_each = expected
-            total = expected * len(gas)
-            cfg.progress.total = total
-            if total > 20 and not cfg.quiet:
-                how = f" (from the warm-up of {ga}, the first GA)" if len(gas) > 1 else ""
-                cfg.say(f"expected duration: about {_fmt_duration(total)}{how}")
+        known.append(expected)
+        # the GAs still to come are guessed at the mean of those warmed up so far: the progress
+        # line's estimate sharpens as the run goes
+        cfg.progress.total = sum(known) + sum(known) / len(known) * (len(gas) - i - 1)
+        if i == 0 and cfg.progress.total > 20 and not cfg.quiet:
+            how = f" (from the warm-up of {ga}, the first GA)" if len(gas) > 1 else ""
+            cfg.say(f"expected duration: about {_fmt_duration(cfg.progress.total)}{how}")
 
         def on_block(
             name: str, r: int, key: str = "", ga: str = ga, call_s: dict[str, float] = call_s
