@@ -157,6 +157,26 @@ def test_no_sort_in_forward(monkeypatch) -> None:
             TypeError,
             "logits must have a floating dtype",
         ),
+        (torch.randn(2, 3, 4, 4), [[0]], TypeError, "target must be a torch.Tensor, got list"),
+        (
+            torch.randn(2, 3, 4, 4),
+            torch.full((2, 4, 4), 3),
+            ValueError,
+            r"target must hold labels in \[0, 3\) \(the logits' classes\) or "
+            r"ignore_index=255, got 3$",
+        ),
+        (
+            torch.randn(2, 3, 4, 4),
+            torch.arange(-8, 24).view(2, 4, 4),
+            ValueError,
+            r"got -8, -7, -6, -5, -4 and 24 other values$",
+        ),
+        (
+            torch.randn(2, 0, 4, 4),
+            torch.zeros(2, 4, 4, dtype=torch.long),
+            ValueError,
+            "logits must have at least one class",
+        ),
     ],
 )
 def test_bad_input(logits, target, exc, pattern) -> None:

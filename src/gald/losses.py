@@ -30,6 +30,11 @@ class OhemCrossEntropy(nn.Module):
     ``kthvalue``, and the loss reuses the same log-probabilities. The computation has no
     data-dependent Python branch, so it compiles without graph breaks.
 
+    Labels are checked: a label outside ``[0, K)`` that is not ``ignore_index`` raises a
+    ``ValueError`` naming it (``F.cross_entropy`` would index out of bounds, a device-side
+    assert on CUDA). The check is one reduction over the labels and, on CUDA, one
+    synchronisation per call; it is skipped under ``torch.compile``.
+
     Deviation: when no pixel is kept (for instance an all-ignore crop) the loss is ``0`` (still
     attached to the graph) rather than the ``NaN`` of ``F.cross_entropy``.
 
@@ -91,8 +96,9 @@ class OhemCrossEntropy(nn.Module):
         )
 
     def _check(self, logits: torch.Tensor, target: torch.Tensor) -> None:
-        if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
-            raise TypeError("logits and target must be tensors")
+        for name, value in (("logits", logits), ("target", target)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
         if logits.ndim != 4:
             raise ValueError(f"logits must be 4-D (B, K, H, W), got shape {tuple(logits.shape)}")
         if not logits.is_floating_point():
@@ -113,10 +119,35 @@ class OhemCrossEntropy(nn.Module):
                 f"weight must have {logits.shape[1]} entries (one per class), got "
                 f"{self.weight.shape[0]}"
             )
+        if logits.shape[1] < 1:
+            raise ValueError(
+                f"logits must have at least one class, got shape {tuple(logits.shape)}"
+            )
+        if logits.device != target.device:
+            raise ValueError(
+                f"logits and target must be on one device, got {logits.device} and {target.device}"
+            )
+
+    def _check_labels(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        """``target`` (int64) holds classes of ``logits`` or ``ignore_index`` only."""
+        if torch.compiler.is_compiling():  # a data-dependent check would break the graph
+            return
+        # a label outside [0, K) would index out of bounds below (a device-side assert on CUDA,
+        # which ends the process); one reduction over the labels tells the user which
+        bad = ((target < 0) | (target >= logits.shape[1])) & (target != self.ignore_index)
+        if bool(bad.any()):
+            values = torch.unique(target[bad])
+            shown = ", ".join(str(v) for v in values[:5].tolist())
+            raise ValueError(
+                f"target must hold labels in [0, {logits.shape[1]}) (the logits' classes) or "
+                f"ignore_index={self.ignore_index}, got {shown}"
+                + (f" and {values.numel() - 5} other values" if values.numel() > 5 else "")
+            )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         self._check(logits, target)
         target = target.long()
+        self._check_labels(logits, target)
         valid = target != self.ignore_index
         safe_target = torch.where(valid, target, torch.zeros_like(target))
         # half-precision logits are upcast: the softmax and the sums run in fp32 at least
