@@ -12,6 +12,7 @@ import re
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -478,12 +479,49 @@ def test_single_tensor_backbone_is_rejected() -> None:
             ValueError,
             rf"aux head predicts num_classes={CLASSES + 1}, but the network",
         ),
+        # a plain conv head, or a Sequential ending in one: the class count is its out_channels
+        (
+            {"head": nn.Conv2d(2, CLASSES + 1, 1)},
+            ValueError,
+            rf"head predicts num_classes={CLASSES + 1}, but",
+        ),
+        (
+            {"aux": nn.Sequential(nn.Conv2d(6, 4, 1), nn.ReLU(), nn.Conv2d(4, CLASSES + 2, 1))},
+            ValueError,
+            rf"aux head predicts num_classes={CLASSES + 2}, but",
+        ),
+        ({"aux": "yes"}, TypeError, "aux must be a bool or an nn.Module, got str 'yes'"),
     ],
 )
 def test_galdnet_bad_arguments(kwargs: dict, error: type, match: str) -> None:
     kwargs.setdefault("backbone", Tiny("list"))
     with pytest.raises(error, match=match):
         GALDNet(CLASSES, **kwargs)
+
+
+class _OpaqueHead(nn.Module):
+    """A head whose class count its structure does not say (its forward code decides)."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(width, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_a_head_of_another_class_count_is_named_at_the_first_forward() -> None:
+    net = GALDNet(CLASSES, backbone=Tiny(), head=_OpaqueHead(8, CLASSES + 1), aux=False)
+    with pytest.raises(
+        ValueError,
+        match=rf"^GALDNet: the head \(_OpaqueHead\) returns {CLASSES + 1} channels, but the "
+        rf"network has num_classes={CLASSES}$",
+    ):
+        net(torch.randn(1, 3, 16, 16))
+    net = GALDNet(CLASSES, backbone=Tiny(), aux=_OpaqueHead(6, CLASSES - 1), head={"channels": 16})
+    with pytest.raises(ValueError, match=r"the aux head \(_OpaqueHead\) returns"):
+        net.eval()(torch.randn(1, 3, 16, 16))
+    assert GALDNet(CLASSES, backbone=Tiny(), aux=np.bool_(False)).aux_head is None
 
 
 def test_bad_num_classes() -> None:

@@ -299,10 +299,30 @@ def _head_width(head: nn.Module) -> int | None:
     return width if isinstance(width, int) else None
 
 
-def _check_head_classes(head: nn.Module, num_classes: int, what: str) -> None:
-    """A head that declares ``num_classes`` (gald's heads do) must predict the network's."""
+def _declared_classes(head: nn.Module) -> int | None:
+    """The number of classes ``head`` predicts when its structure says: a ``num_classes``
+    attribute (gald's heads), or the ``out_channels`` of a conv that is the head or ends a plain
+    ``nn.Sequential`` head; ``None`` otherwise (checked at the first forward instead)."""
     declared = getattr(head, "num_classes", None)
-    if isinstance(declared, int) and declared != num_classes:
+    if isinstance(declared, int):
+        return declared
+    last = head
+    while (
+        isinstance(last, nn.Sequential)
+        and type(last).forward is nn.Sequential.forward
+        and len(last)
+    ):
+        last = last[-1]
+    if isinstance(last, nn.Conv2d):
+        return int(last.out_channels)
+    return None
+
+
+def _check_head_classes(head: nn.Module, num_classes: int, what: str) -> None:
+    """A head whose class count can be read (:func:`_declared_classes`) must predict the
+    network's."""
+    declared = _declared_classes(head)
+    if declared is not None and declared != num_classes:
         raise ValueError(
             f"{what} predicts num_classes={declared}, but the network has num_classes={num_classes}"
         )
@@ -441,14 +461,16 @@ class GALDNet(nn.Module):
         self.head = head
 
         aux_head: nn.Module | None
-        if aux is True:
-            aux_head = AuxHead(widths[0], num_classes, norm_layer=norm_layer)
-        elif aux is False:
-            aux_head = None
-        elif isinstance(aux, nn.Module):
+        if isinstance(aux, nn.Module):
             aux_head = aux
         else:
-            raise TypeError(f"aux must be a bool or an nn.Module, got {type(aux).__name__}")
+            try:
+                wanted = check_bool(aux, "aux")
+            except TypeError:
+                raise TypeError(
+                    f"aux must be a bool or an nn.Module, got {type(aux).__name__} {aux!r}"
+                ) from None
+            aux_head = AuxHead(widths[0], num_classes, norm_layer=norm_layer) if wanted else None
         if aux_head is not None and (w := _head_width(aux_head)) is not None and w != widths[0]:
             raise ValueError(
                 f"aux head expects {w} input channels but the backbone's first feature "
@@ -598,10 +620,27 @@ class GALDNet(nn.Module):
                 "use larger images"
             )
         size = images.shape[-2:]
-        result = {"out": self._upsample(self.head(c4), size)}
+        result = {"out": self._upsample(self._classes(self.head(c4), self.head, "head"), size)}
         if self.aux_head is not None:
-            result["aux"] = self._upsample(self.aux_head(c3), size)
+            aux = self._classes(self.aux_head(c3), self.aux_head, "aux head")
+            result["aux"] = self._upsample(aux, size)
         return result
+
+    def _classes(self, logits: Any, head: nn.Module, what: str) -> torch.Tensor:
+        """``logits`` when they are (B, num_classes, h, w); a ``ValueError`` naming the head
+        otherwise (a head of another class count would be noticed only in the loss)."""
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(
+                f"GALDNet: the {what} ({type(head).__name__}) must return (B, num_classes, h, w) "
+                f"logits, got {got}"
+            )
+        if logits.shape[1] != self.num_classes:
+            raise ValueError(
+                f"GALDNet: the {what} ({type(head).__name__}) returns {logits.shape[1]} channels, "
+                f"but the network has num_classes={self.num_classes}"
+            )
+        return logits
 
     def _check_layout(self, feature: Any, i: int) -> None:
         """A feature without the expected width in dimension 1: when its last dimension has it,
