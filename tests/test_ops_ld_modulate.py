@@ -521,6 +521,8 @@ def _bad_inputs():
         ((x, lg[0]), {}, ValueError, r"logits must be 4-D \(B, C, H, W\), got 3-D"),
         ((x.long(), lg), {}, TypeError, r"x must have a floating dtype, got torch.int64"),
         ((x, torch.randn(2, 4, 2, 2)), {}, ValueError, r"batch and channels of x.*\(2, 4, 2, 2\)"),
+        ((x, torch.randn(1, 3, 2, 2)), {}, ValueError, r"batch and channels of x.*\(1, 3, 2, 2\)"),
+        ((x, lg, float("nan")), {}, ValueError, r"offset must be a finite number, got nan"),
         ((x, lg.double()), {}, TypeError, r"logits must have the dtype of x \(torch.float32\)"),
         ((x, torch.randn(2, 3, 0, 2)), {}, ValueError, r"logits has an empty side: height and"),
         ((torch.randn(2, 3, 5, 0), x[..., :2, :2]), {}, ValueError, r"x has an empty side"),
@@ -534,6 +536,9 @@ def _bad_inputs():
 def test_bad_inputs_raise_clear_errors(args, kwargs, exc, pattern):
     with pytest.raises(exc, match=pattern):
         ld_modulate(*args, **kwargs)
+    if "impl" not in kwargs:  # the reference formula checks the same (no silent broadcasting)
+        with pytest.raises(exc, match=pattern):
+            ld_modulate_reference(*args, **kwargs)
 
 
 def test_op_rejects_unknown_impl():

@@ -65,8 +65,10 @@ def ld_modulate_reference(
     """Plain-ops formula, kept as the oracle: ``x * (offset + sigmoid(Up(logits, x.shape[-2:])))``.
 
     Half-precision inputs are upsampled and passed through the sigmoid in float32, like the
-    fused paths; the product is rounded once to the dtype of ``x``.
+    fused paths; the product is rounded once to the dtype of ``x``. The inputs are checked as
+    :func:`ld_modulate` checks them (no broadcasting of ``logits`` over batch or channels).
     """
+    _check_inputs(x, logits, offset, align_corners)
     cdt = compute_dtype(x.dtype)
     mask = torch.sigmoid(
         F.interpolate(
