@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import nn
+
+from ._modes import eval_mode
+from ._validate import first_line
 
 LayerFactory = Callable[..., nn.Module]
 """A callable that builds a layer: ``norm_layer(num_channels)`` or ``act_layer()``."""
@@ -30,11 +34,67 @@ def make_layer(factory: LayerFactory, name: str, *args: int, purpose: str) -> nn
     return layer
 
 
-def make_norm(
-    norm_layer: LayerFactory, channels: int, owner: nn.Module, name: str = "norm_layer"
+def check_norm_runs(
+    norm: nn.Module,
+    factory: object,
+    channels: int,
+    name: str = "norm_layer",
+    hw: tuple[int, int] | None = None,
+) -> None:
+    """Run ``norm`` once in eval mode, without gradients, on a small (2, channels, *hw) map on
+    its own device and dtype (a meta tensor for a norm built on the meta device): a factory
+    that builds a layer for another layout (``nn.LayerNorm`` normalises the last dimension) is
+    refused here, by name, rather than at the first forward. ``hw`` defaults to (2, 3), (2, 5)
+    for 3 channels, so that a last-dimension norm cannot pass by coincidence; a norm that only
+    ever sees (B, C, 1, 1) maps is probed with ``hw=(1, 1)``."""
+    ref: torch.Tensor | None = next(iter(norm.parameters()), None)
+    if ref is None:
+        ref = next(iter(norm.buffers()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    if hw is None:
+        hw = (2, 3 if channels != 3 else 5)
+    probe = torch.zeros(2, channels, *hw, device=device, dtype=dtype)
+    try:
+        with eval_mode(norm), torch.no_grad():
+            norm(probe)
+    except Exception as exc:
+        raise ValueError(
+            f"{name}={factory!r} builds {norm!r}, which cannot normalise a (B, C, H, W) feature "
+            f"map: on a {tuple(probe.shape)} input it raised {type(exc).__name__}: "
+            f"{first_line(str(exc))}. The norms take (B, C, H, W) maps: nn.BatchNorm2d, "
+            "nn.SyncBatchNorm, functools.partial(nn.GroupNorm, 32), or a channels-first layer "
+            "norm"
+        ) from exc
+
+
+def make_norm2d(
+    factory: LayerFactory,
+    name: str,
+    channels: int,
+    *,
+    purpose: str,
+    hw: tuple[int, int] | None = None,
 ) -> nn.Module:
-    """``norm_layer(channels)`` for a layer ``owner``, errors naming the argument ``name``."""
-    return make_layer(norm_layer, name, channels, purpose=f"a norm of {type(owner).__name__}")
+    """``factory(channels)`` as :func:`make_layer` builds it, checked to normalise a
+    (B, C, *hw) map (:func:`check_norm_runs`)."""
+    norm = make_layer(factory, name, channels, purpose=purpose)
+    check_norm_runs(norm, factory, channels, name, hw)
+    return norm
+
+
+def make_norm(
+    norm_layer: LayerFactory,
+    channels: int,
+    owner: nn.Module,
+    name: str = "norm_layer",
+    hw: tuple[int, int] | None = None,
+) -> nn.Module:
+    """``norm_layer(channels)`` for a layer ``owner``, errors naming the argument ``name``;
+    ``hw`` is the map size the norm sees when it is always the same (``(1, 1)``)."""
+    return make_norm2d(
+        norm_layer, name, channels, purpose=f"a norm of {type(owner).__name__}", hw=hw
+    )
 
 
 def make_act(act_layer: LayerFactory, owner: nn.Module) -> nn.Module:
@@ -67,7 +127,7 @@ def depthwise_stage(
         nn.Conv2d(
             channels, channels, kernel_size, stride=2, padding=padding, groups=channels, bias=True
         ),
-        make_layer(norm_layer, "norm_layer", channels, purpose=f"the norm of {where}"),
+        make_norm2d(norm_layer, "norm_layer", channels, purpose=f"the norm of {where}"),
     ]
     if act_layer is not None:
         layers.append(make_layer(act_layer, "act_layer", purpose=f"the activation of {where}"))
@@ -82,8 +142,13 @@ def conv_norm_act(
     act_layer: LayerFactory,
     kernel_size: int = 3,
     dilation: int = 1,
+    norm_name: str = "norm_layer",
+    norm_hw: tuple[int, int] | None = None,
 ) -> nn.Sequential:
-    """``kernel_size`` conv ("same" padding, bias only without a norm) -> norm -> act."""
+    """``kernel_size`` conv ("same" padding, bias only without a norm) -> norm -> act.
+
+    ``norm_name`` is the argument errors about the norm name; ``norm_hw`` the map size the norm
+    always sees, if it does (:func:`check_norm_runs`)."""
     padding = dilation * (kernel_size - 1) // 2
     layers: list[nn.Module] = [
         nn.Conv2d(
@@ -98,7 +163,9 @@ def conv_norm_act(
     where = f"a {in_channels} -> {out_channels} conv block"
     if norm_layer is not None:
         layers.append(
-            make_layer(norm_layer, "norm_layer", out_channels, purpose=f"the norm of {where}")
+            make_norm2d(
+                norm_layer, norm_name, out_channels, purpose=f"the norm of {where}", hw=norm_hw
+            )
         )
     layers.append(make_layer(act_layer, "act_layer", purpose=f"the activation of {where}"))
     return nn.Sequential(*layers)

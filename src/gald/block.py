@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage, make_layer
+from ._layers import LayerFactory, depthwise_stage, make_layer, make_norm2d
 from ._modes import eval_mode
 from ._validate import (
     PADDING_REMEDY,
@@ -24,7 +24,6 @@ from ._validate import (
     check_feature,
     check_float,
     check_positive_int,
-    first_line,
 )
 from .ld import IMPLS, LocalDistribution
 from .registry import _declared_width, _ga_class, create_ga
@@ -77,25 +76,6 @@ def _probe_setting(module: nn.Module) -> tuple[torch.device, torch.dtype]:
     device = ref.device if ref is not None else torch.device("cpu")
     dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
     return device, dtype
-
-
-def _check_norm_runs(norm: nn.Module, factory: object, channels: int) -> None:
-    """Run ``norm`` once in eval mode on a small (2, channels, 2, 2) map: a factory that builds a
-    layer for another layout (``nn.LayerNorm`` normalises the last dimension) is refused here,
-    by name, rather than at the first forward."""
-    device, dtype = _probe_setting(norm)
-    probe = torch.zeros(2, channels, 2, 2, device=device, dtype=dtype)
-    try:
-        with eval_mode(norm), torch.no_grad():
-            norm(probe)
-    except Exception as exc:
-        raise ValueError(
-            f"norm_layer={factory!r} builds {norm!r}, which cannot normalise a (B, C, H, W) "
-            f"feature map: on a {tuple(probe.shape)} input it raised {type(exc).__name__}: "
-            f"{first_line(str(exc))}. GALD's norms take (B, C, H, W) maps: nn.BatchNorm2d, "
-            "nn.SyncBatchNorm, functools.partial(nn.GroupNorm, 32), or a channels-first "
-            "layer norm"
-        ) from exc
 
 
 class _ProbesRefused(ValueError):
@@ -567,10 +547,7 @@ class GALD(nn.Module):
         if widths:
             with torch.random.fork_rng(devices=[]):
                 for c in dict.fromkeys(widths):
-                    norm = make_layer(
-                        norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm"
-                    )
-                    _check_norm_runs(norm, norm_layer, c)
+                    make_norm2d(norm_layer, "norm_layer", c, purpose=f"a {c}-channel GALD norm")
                 make_layer(act_layer, "act_layer", purpose="GALD's activations")
         self.ga, self.out_channels, probed_at = _build_ga(
             ga_module,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._layers import LayerFactory, conv_norm_act
+from ._layers import LayerFactory, conv_norm_act, make_act, make_norm
 from ._validate import check_factory, check_feature, check_positive_int, check_probability
 from .block import GALD
 
@@ -211,8 +211,8 @@ class AuxHead(nn.Module):
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")
         self.conv = nn.Conv2d(in_channels, channels, 3, padding=1, bias=True)
-        self.norm = norm_layer(channels)
-        self.act = act_layer()
+        self.norm = make_norm(norm_layer, channels, self)
+        self.act = make_act(act_layer, self)
         self.dropout = nn.Dropout2d(check_probability(dropout, "dropout"))
         self.cls = nn.Conv2d(channels, num_classes, 1, bias=True)
 

@@ -137,6 +137,8 @@ class ASPP(nn.Module):
             dilation=1,
             norm_layer=pool_norm_layer,
             act_layer=act_layer,
+            norm_name="pool_norm_layer",
+            norm_hw=(1, 1),  # the image-pooling branch runs on the pooled 1x1 map
         )
         self.fuse = nn.Sequential(
             nn.Conv2d((2 + len(self.rates)) * inner, self.out_channels, 1, bias=False),

@@ -143,7 +143,7 @@ class GlobalContext(nn.Module):
                 nn.init.zeros_(last.bias)
             self.transforms[name] = nn.Sequential(
                 nn.Conv2d(channels, hidden, 1),
-                make_norm(bottleneck_norm_layer, hidden, self, "bottleneck_norm_layer"),
+                make_norm(bottleneck_norm_layer, hidden, self, "bottleneck_norm_layer", (1, 1)),
                 make_act(act_layer, self),
                 last,
             )

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._checkpoint import checkpoint_once
-from .._layers import LayerFactory
+from .._layers import LayerFactory, make_norm2d
 from .._validate import (
     check_bool,
     check_factory,
@@ -218,7 +218,9 @@ class DilatedResNet(nn.Module):
         if deep_stem:
             self.conv1 = nn.Sequential(
                 nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
-                norm_layer(64),
+                # built through make_norm2d: a factory that does not build a module, or builds
+                # one for another layout, is refused here by name
+                make_norm2d(norm_layer, "norm_layer", 64, purpose="a norm of DilatedResNet"),
                 nn.ReLU(inplace=True),
                 nn.Conv2d(64, 64, 3, padding=1, bias=False),
                 norm_layer(64),
@@ -227,7 +229,9 @@ class DilatedResNet(nn.Module):
             )
         else:
             self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(stem_width)
+        self.bn1 = make_norm2d(
+            norm_layer, "norm_layer", stem_width, purpose="a norm of DilatedResNet"
+        )
         # bn1 follows the stem's last conv: gald.fuse folds it
         self._fuse_pairs = (("conv1.6" if deep_stem else "conv1", "bn1"),)
         self.relu = nn.ReLU(inplace=True)
