@@ -186,6 +186,15 @@ def test_bad_input() -> None:
         block(torch.zeros(1, 16, 8, 8, dtype=torch.int32))
 
 
+def test_padding_that_would_not_halve_the_map_is_refused() -> None:
+    with pytest.raises(
+        ValueError, match=r"^padding must be 0 \(the authors'\) or 1: .*got padding=2$"
+    ):
+        gald.GALD(16, "gc", padding=2)
+    with pytest.raises(ValueError, match=r"padding must be at most kernel_size // 2 = 0"):
+        gald.GALD(16, "gc", kernel_size=1, padding=1)  # the LD's own bound, named by the LD
+
+
 def test_nan_propagates() -> None:
     block = gald.GALD(16, "cgnl").eval()
     x = torch.randn(1, 16, 12, 12)

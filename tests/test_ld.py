@@ -163,6 +163,16 @@ def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
         ({"channels": 2.0}, TypeError, "channels must be an int"),
         ({"channels": 4, "num_stages": 0}, ValueError, "num_stages must be >= 1"),
         ({"channels": 4, "padding": -1}, ValueError, "padding must be >= 0"),
+        (
+            {"channels": 4, "padding": 2},
+            ValueError,
+            r"padding must be at most kernel_size // 2 = 1: .*got padding=2",
+        ),
+        (
+            {"channels": 4, "kernel_size": 5, "padding": 3},
+            ValueError,
+            r"at most kernel_size // 2 = 2",
+        ),
         ({"channels": 4, "offset": "1"}, TypeError, "offset must be a float"),
         (
             {"channels": 4, "impl": "cuda"},

@@ -445,7 +445,8 @@ class GALD(nn.Module):
             ``None``: ``True``, or ``False`` with ``init="identity"``).
         ld: apply the local distribution.
         offset: the LD offset (default 2.0, the authors' block).
-        padding: padding of the ``down`` conv and of every LD conv (``0`` = the authors' code).
+        padding: padding of the ``down`` conv and of every LD conv: ``0`` (the authors' code)
+            or ``1``.
         num_stages: LD branch stages (default 3).
         kernel_size: LD conv kernel (default 3).
         final_act: activation after the last LD stage (default ``True``, as the authors).
@@ -502,6 +503,11 @@ class GALD(nn.Module):
         if out_channels is not None:
             out_channels = check_positive_int(out_channels, "out_channels")
         padding = self.padding = check_positive_int(padding, "padding", minimum=0)
+        if padding > 1:
+            raise ValueError(
+                "padding must be 0 (the authors') or 1: the 3x3 stride-2 downsample padded more "
+                f"does not halve the map, got padding={padding}"
+            )
         if ga_kwargs is not None and not isinstance(ga_kwargs, Mapping):
             raise TypeError(f"ga_kwargs must be a mapping or None, got {type(ga_kwargs).__name__}")
         init = check_choice(init, "init", INITS)

@@ -68,7 +68,8 @@ class LocalDistribution(nn.Module):
         num_stages: depthwise stride-2 stages in the mask branch (the authors use 3).
         kernel_size: kernel of every depthwise conv.
         padding: padding of every depthwise conv. ``0`` reproduces the authors' code exactly and
-            needs ``H, W >= 15`` for 3 stages of ``k=3``; ``1`` accepts every ``H, W >= 1``.
+            needs ``H, W >= 15`` for 3 stages of ``k=3``; ``1`` accepts every ``H, W >= 1``; at
+            most ``kernel_size // 2``.
         final_act: apply ``act_layer`` after the last stage too.
         offset: the constant added to the mask.
         norm_layer: normalisation factory called as ``norm_layer(C)``.
@@ -100,6 +101,12 @@ class LocalDistribution(nn.Module):
         num_stages = self.num_stages = check_positive_int(num_stages, "num_stages")
         kernel_size = self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         padding = self.padding = check_positive_int(padding, "padding", minimum=0)
+        if padding > kernel_size // 2:
+            raise ValueError(
+                f"padding must be at most kernel_size // 2 = {kernel_size // 2}: a stride-2 conv "
+                f"padded more does not halve the map (the mask would be estimated at a finer "
+                f"scale than the stages say), got padding={padding}"
+            )
         offset = self.offset = check_float(offset, "offset")
         self.final_act = check_bool(final_act, "final_act")
         check_factory(norm_layer, "norm_layer")
