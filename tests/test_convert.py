@@ -104,8 +104,12 @@ def test_load_official_is_weights_only(tmp_path) -> None:
 
     bad = tmp_path / "evil.pth"
     torch.save({"state_dict": sd, "x": Evil()}, bad)
-    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+    # refused with gald's own message: torch's would advise weights_only=False
+    with pytest.raises(
+        ValueError, match=r"cannot be read as a checkpoint of tensors only .*UnpicklingError"
+    ) as info:
         load_official(bad)
+    assert "weights_only=False" not in str(info.value)
 
 
 def test_load_official_rejects_non_state_dict(tmp_path) -> None:
@@ -113,6 +117,27 @@ def test_load_official_rejects_non_state_dict(tmp_path) -> None:
     torch.save(torch.zeros(3), path)
     with pytest.raises(ValueError, match="does not hold a state dict"):
         load_official(path)
+    torch.save({"a": {}}, path)  # a mapping, but not of tensors
+    with pytest.raises(ValueError, match="does not hold a state dict"):
+        load_official(path)
+    path.write_bytes(b"junk")
+    with pytest.raises(ValueError, match="cannot be read as a checkpoint of tensors only"):
+        load_official(path)
+    with pytest.raises(FileNotFoundError):
+        load_official(tmp_path / "missing.pth")
+
+
+def test_converters_refuse_empty_and_non_tensor_state_dicts() -> None:
+    with pytest.raises(ValueError, match=r"no head\.\* keys .*: it is empty"):
+        official_to_gald({})
+    with pytest.raises(ValueError, match=r"no head\.\* keys .*: it holds a backbone only"):
+        official_to_gald({"conv1.0.weight": torch.zeros(1)})
+    with pytest.raises(TypeError, match=r"values must be tensors, got str for 'head\.x'"):
+        official_to_gald({"head.x": "x"})
+    with pytest.raises(ValueError, match=r"no backbone keys .*: it is empty"):
+        gald.convert.imagenet_to_backbone({})
+    with pytest.raises(ValueError, match=r"no backbone keys .*: it holds only fc\.\*"):
+        gald.convert.imagenet_to_backbone({"fc.weight": torch.zeros(1)})
 
 
 # --------------------------------------------------------------------------- the whole network

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ._validate import check_bool, check_int, check_positive_int
+from ._validate import check_bool, check_int, check_positive_int, first_line
 
 if TYPE_CHECKING:
     from .models import GALDNet
@@ -116,6 +116,11 @@ def official_to_gald(
         raise ValueError(
             f"unknown keys in the official state dict: {_listing(unknown)}{_gald_hint(unknown)}"
         )
+    if not head:
+        raise ValueError(
+            "the official state dict has no head.* keys (the head of the authors' GALDNet)"
+            + (": it holds a backbone only" if state_dict else ": it is empty")
+        )
     return head, aux
 
 
@@ -126,15 +131,29 @@ def load_official(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:  # a missing file, a directory: the OS's own error says it best
+        raise
+    except Exception as exc:  # UnpicklingError, a truncated or foreign file (struct.error, ...)
+        # torch suggests weights_only=False, which would run whatever code the file holds
+        raise ValueError(
+            f"{os.fspath(path)!r} cannot be read as a checkpoint of tensors only "
+            f"(torch.load(weights_only=True) raised {type(exc).__name__}: "
+            f"{first_line(str(exc))}); gald reads "
+            "state dicts of tensors, never arbitrary pickled objects"
+        ) from exc
     if isinstance(obj, Mapping):
         for wrapper in ("state_dict", "model"):
             inner = obj.get(wrapper)
             if isinstance(inner, Mapping):
                 obj = inner
                 break
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{os.fspath(path)!r} does not hold a state dict")
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(
+            f"{os.fspath(path)!r} does not hold a state dict (a mapping of names to tensors, "
+            "bare or under 'state_dict' / 'model')"
+        )
     return dict(obj)
 
 
@@ -154,6 +173,10 @@ def _items(state_dict: Mapping[str, torch.Tensor]) -> list[tuple[str, str, torch
     for raw_key, value in state_dict.items():
         if not isinstance(raw_key, str):
             raise TypeError(f"state_dict keys must be str, got {type(raw_key).__name__}")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"state_dict values must be tensors, got {type(value).__name__} for {raw_key!r}"
+            )
         key = raw_key[len("module.") :] if raw_key.startswith("module.") else raw_key
         if key in seen:  # one would silently overwrite the other
             raise ValueError(
@@ -448,4 +471,9 @@ def imagenet_to_backbone(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
             unknown.append(raw_key)
     if unknown:
         raise ValueError(f"unknown keys in the ImageNet state dict: {_listing(unknown)}")
+    if not out:
+        raise ValueError(
+            "the ImageNet state dict has no backbone keys (conv1, bn1, layer1-layer4)"
+            + (": it holds only fc.*" if state_dict else ": it is empty")
+        )
     return out
