@@ -141,6 +141,21 @@ def test_export_onnx_refuses_bad_arguments(tmp_path: Path) -> None:
         deploy.export_onnx(head, _input(SHAPE), tmp_path / "e.onnx", dynamic_batch="no")  # type: ignore[arg-type]
 
 
+def test_paths_and_models_of_the_wrong_kind_are_named(tmp_path: Path) -> None:
+    model = _block("gc")
+    x = _input(SHAPE)
+    with pytest.raises(TypeError, match=r"export_onnx: path must be a str or os.PathLike, got int"):
+        deploy.export_onnx(model, x, 5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"export_onnx: path .* in a folder that does not exist"):
+        deploy.export_onnx(model, x, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(TypeError, match=r"verify_onnx: path must be a str or os.PathLike"):
+        deploy.verify_onnx(model, 5, x)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError, match=r"verify_onnx: path .*m\.onnx' is not a file"):
+        deploy.verify_onnx(model, tmp_path / "m.onnx", x)
+    with pytest.raises(TypeError, match=r"model must be an onnx.ModelProto .* got str 'm.onnx'"):
+        deploy.onnx_custom_domains("m.onnx")
+
+
 def test_cgnl_scale_stays_symbolic_in_export() -> None:
     # the 1/sqrt(N) of use_scale=True must follow the input size, not the example's
     torch.manual_seed(0)

@@ -53,11 +53,22 @@ def _import(name: str) -> Any:
         ) from err
 
 
+def _check_path(path: object, who: str) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{who}: path must be a str or os.PathLike, got {type(path).__name__}")
+    return Path(path)
+
+
 def onnx_custom_domains(model: Any) -> set[str]:
     """Operator domains outside the standard ONNX set used anywhere in ``model`` (an
     ``onnx.ModelProto``): graph nodes, nested graphs (``If``/``Loop`` bodies) and local functions.
     A call to a local function counts as non-standard too, so a clean result means every node
     is a standard ONNX operator."""
+    if not (hasattr(model, "graph") and hasattr(model, "functions")):
+        raise TypeError(
+            "onnx_custom_domains: model must be an onnx.ModelProto (onnx.load(path)), got "
+            f"{type(model).__name__} {model!r:.80}"
+        )
     found: set[str] = set()
 
     def walk(nodes: Iterable[Any]) -> None:
@@ -177,8 +188,13 @@ def export_onnx(
             "export_onnx: example_input must have height and width >= 2 with "
             f"dynamic_hw=True, got shape {tuple(example_input.shape)}"
         )
+    path = _check_path(path, "export_onnx")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"export_onnx: path {str(path)!r} is in a folder that does not exist "
+            f"({str(path.parent)!r}); create it first"
+        )
     onnx = _import("onnx")
-    path = Path(path)
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}
     with torch.no_grad():
         example_out = module(example_input)
@@ -254,6 +270,9 @@ def verify_onnx(module: nn.Module, path: str | os.PathLike[str], *inputs: torch.
         raise ValueError("verify_onnx: module must be in eval mode (call module.eval() first)")
     if not inputs:
         raise ValueError("verify_onnx: give at least one input tensor")
+    path = _check_path(path, "verify_onnx")
+    if not path.is_file():
+        raise FileNotFoundError(f"verify_onnx: path {str(path)!r} is not a file")
     ort = _import("onnxruntime")
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
