@@ -124,6 +124,11 @@ def test_register_validation_and_conflict() -> None:
         gald.register_ga(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="cls must be an nn.Module subclass, got <function"):
         gald.register_ga("fn")(lambda c: c)  # type: ignore[type-var]
+    for name in ("", " ", "psp "):  # a name that would not round-trip through a config
+        with pytest.raises(
+            ValueError, match=rf"without leading or trailing whitespace, got {name!r}"
+        ):
+            gald.register_ga(name)
 
 
 def test_register_and_unregister() -> None:

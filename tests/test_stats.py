@@ -258,6 +258,8 @@ def test_errors() -> None:
         gald.ld_statistics(ld, torch.randn(1, 3, 4, 4))
     with pytest.raises(TypeError, match="got a single mapping"):
         gald.ld_statistics(ld, {"image": torch.randn(1, 3, 4, 4)})
+    with pytest.raises(TypeError, match=r"batches must be an iterable of batches .*got int 5"):
+        gald.ld_statistics(ld, 5)  # type: ignore[arg-type]
 
 
 def test_uncalled_ld_reported_as_not_called() -> None:

@@ -27,8 +27,10 @@ _MISSING = object()
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
-    if not name:
-        raise ValueError("name must be a non-empty str, got ''")
+    if not name.strip() or name != name.strip():
+        raise ValueError(
+            f"name must be a non-empty str without leading or trailing whitespace, got {name!r}"
+        )
     return name
 
 

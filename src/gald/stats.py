@@ -366,6 +366,11 @@ def ld_statistics(
             f"batches must be an iterable of batches (a list or a DataLoader), got {what}; "
             "for one batch pass [batch]"
         )
+    if not isinstance(batches, Iterable) or isinstance(batches, (str, bytes)):
+        raise TypeError(
+            "batches must be an iterable of batches (a list or a DataLoader), got "
+            f"{type(batches).__name__} {batches!r:.60}"
+        )
     if max_batches is not None:
         max_batches = check_positive_int(max_batches, "max_batches")
     lds = [(name, m) for name, m in model.named_modules() if isinstance(m, LocalDistribution)]
