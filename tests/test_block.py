@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+from gald.testing import randomize_
 
 
 def _randomise(m: nn.Module) -> nn.Module:
@@ -312,3 +313,21 @@ def test_the_factory_probe_does_not_guess_the_width_of_a_widening_ga() -> None:
     ):
         assert block.out_channels == 64
         assert block(torch.randn(1, 40, 17, 17)).shape == (1, 64, 17, 17)
+
+
+@pytest.mark.parametrize("ga", gald.list_ga())
+def test_torch_func_grad_through_every_ga_matches_autograd(ga: str) -> None:
+    """torch.func transforms the whole block (an autograd.Function of the old single-method form
+    anywhere inside would refuse): parameter gradients equal autograd's."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    block = randomize_(gald.GALD(16, ga), seed=1).double().eval()
+    x = torch.randn(2, 16, 9, 11, dtype=torch.float64)
+    params = {k: v.detach() for k, v in block.named_parameters()}
+    got = grad(lambda p: functional_call(block, p, (x,)).square().sum())(params)
+    block.zero_grad()
+    block(x).square().sum().backward()
+    for name, p in block.named_parameters():
+        want = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got[name], want, msg=lambda m, n=name: f"{ga} {n}: {m}")

@@ -29,12 +29,19 @@ class _DenseGrad(torch.autograd.Function):
     produce. ``contiguous()`` is a no-op for gradients that are already dense.
     """
 
+    # forward and setup_context apart, and a vmap rule: the form torch.func transforms accept
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+    def forward(t: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return t.view_as(t)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    def setup_context(ctx: Any, inputs: Any, output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return grad.contiguous()
 
 
