@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 from gald.losses import OhemCrossEntropy
 
@@ -232,6 +233,21 @@ def test_half_logits_are_mined_in_float32(dtype: torch.dtype) -> None:
     loss.backward()
     assert logits.grad is not None and logits.grad.dtype == dtype
     assert torch.isfinite(logits.grad.float()).all() and logits.grad.abs().sum() > 0
+
+
+def test_the_loss_is_float32_under_autocast_as_cross_entropy() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, generator=gen)
+    target = torch.randint(0, 3, (2, 4, 5), generator=gen)
+    conv = nn.Conv2d(3, 3, 1)
+    loss_fn = OhemCrossEntropy(min_kept=4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = conv(logits)
+        assert half.dtype == torch.bfloat16
+        ours, torchs = loss_fn(half, target), F.cross_entropy(half, target)
+    assert ours.dtype == torchs.dtype == torch.float32
+    want = loss_fn(half.detach().float(), target)
+    torch.testing.assert_close(ours, want, rtol=1e-6, atol=1e-6)  # not rounded to bfloat16
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32, torch.uint16])

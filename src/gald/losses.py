@@ -30,6 +30,9 @@ class OhemCrossEntropy(nn.Module):
     ``kthvalue``, and the loss reuses the same log-probabilities. The computation has no
     data-dependent Python branch, so it compiles without graph breaks.
 
+    The loss has the logits' dtype, as ``F.cross_entropy``'s, except under autocast, where it
+    is float32 as autocast makes ``F.cross_entropy``'s.
+
     Labels are checked: a label outside ``[0, K)`` that is not ``ignore_index`` raises a
     ``ValueError`` naming it (``F.cross_entropy`` would index out of bounds, a device-side
     assert on CUDA). The check is one reduction over the labels and, on CUDA, one
@@ -175,4 +178,8 @@ class OhemCrossEntropy(nn.Module):
         denom = w.sum()
         # (-logp) * w, not -(logp * w): a loss without kept pixels is +0, not -0
         loss = (logp_t.neg() * w).sum() / denom.clamp_min(torch.finfo(logp_t.dtype).tiny)
+        # the logits' dtype, as F.cross_entropy; under autocast float32, as autocast gives
+        # F.cross_entropy (a bfloat16 loss would round the logged value to 3 digits)
+        if torch.is_autocast_enabled(logits.device.type):
+            return loss.float() if loss.dtype != torch.float64 else loss
         return loss.to(logits.dtype)
