@@ -244,7 +244,9 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     Returns:
         The fused module (a copy unless ``inplace``). Its outputs equal the unfused module's in
         eval mode to rounding. It is meant for inference: putting it back in training mode does
-        not bring the BatchNorms back.
+        not bring the BatchNorms back. Its state dict differs from the unfused one (the folded
+        BatchNorms' keys are gone, and convs that had no bias gain one): keep the unfused
+        checkpoint, and fuse after loading it.
 
     Raises:
         ValueError: ``module`` is in training mode (its BatchNorms normalise with batch

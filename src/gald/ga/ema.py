@@ -70,7 +70,8 @@ class EMA(nn.Module):
     *Gradients (a quirk of the authors' code).* With ``em_grad=False`` (the default, as the
     authors) the EM loop runs under ``no_grad``, so ``mu`` and ``Z`` are constants for autograd:
     the reconstruction is detached from the input and **the first conv (``conv1``) receives no
-    gradient**; only ``conv2``, the norm and the identity path train. ``em_grad=True``
+    gradient**; only ``conv2``, the norm and the identity path train (under
+    ``DistributedDataParallel`` pass ``find_unused_parameters=True``). ``em_grad=True``
     backpropagates through all ``T`` iterations, so ``conv1`` trains too (memory O(T N K) for
     backward).
 
