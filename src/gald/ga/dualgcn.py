@@ -137,8 +137,9 @@ class DualGCN(nn.Module):
 
     The padded strided convs accept every ``H, W >= 1``. Train mode needs more than one value
     per channel in each BatchNorm: the coordinate branch reaches a 1x1 map for ``H, W <= 8``,
-    and the state update normalises over ``C/r`` nodes only, so train mode needs a batch of
-    at least 2.
+    and the state update normalises over the ``C // r`` nodes, so with a batch of 1 train mode
+    fails on maps of 8x8 and smaller, and at any size when ``C // r == 1``; a batch of 2 or more
+    trains at every size.
 
     Complexity (``N = H * W``): time O(N C^2) (the ``2C -> C`` fusion and the 1x1 projections
     dominate; the coordinate graph works on about N / 64 positions), memory O(N C); the graphs
