@@ -28,7 +28,9 @@ class GALDHead(nn.Module):
 
     ``conva`` (3x3 conv -> norm -> act) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
     act) -> concat with the input -> ``bottleneck`` (3x3 conv -> norm -> act) -> Dropout2d ->
-    ``cls`` (1x1 conv with bias). Unlike the authors' head, ``channels`` may be anything.
+    ``cls`` (1x1 conv with bias). Unlike the authors' head (whose classifier hard-codes 512),
+    ``channels`` may be any width the GA takes (the default CGNL, with 8 groups, takes multiples
+    of 16; the error names the widths it accepts).
 
     ``norm_layer`` and ``act_layer`` reach every layer of the head: its convs, the GALD ``down``
     stage, the LD and a GA given by name, or as a class whose constructor names them
