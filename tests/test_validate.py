@@ -261,3 +261,29 @@ def test_numpy_bools_are_bools() -> None:
     assert ld.final_act is False
     with pytest.raises(TypeError, match=r"final_act must be a bool, got numpy.int64 "):
         gald.LocalDistribution(8, final_act=np.int64(1))
+
+
+def test_numpy_scalars_are_stored_as_python_values_and_run() -> None:
+    """A NumPy bool or float passes the checks; what is stored and passed on is the Python
+    value the checks return (torch ops and the custom op's schema take Python types only)."""
+    yes, no = np.bool_(True), np.bool_(False)
+    x = torch.randn(2, 16, 9, 9)
+    psp = gald.create_ga("psp", 16, align_corners=no)
+    assert type(psp.align_corners) is bool and psp(x).shape == x.shape
+    assert type(gald.create_ga("glore", 16, normalize=yes).normalize) is bool
+    assert type(gald.create_ga("ema", 16, em_grad=yes).em_grad) is bool
+    block = gald.GALD(16, "gc", downsample=yes)
+    assert type(block.downsample) is bool
+    block.set_grad_checkpointing(yes)
+    assert type(block.ld.grad_checkpointing) is bool
+    logits = torch.randn(2, 16, 3, 3)
+    out = gald.ops.ld_modulate(x, logits, np.float64(2.0), align_corners=no)
+    torch.testing.assert_close(out, gald.ops.ld_modulate(x, logits, 2.0, align_corners=False))
+    with torch.device("meta"):
+        net = gald.models.DilatedResNet(50, deep_stem=no)
+    assert type(net.deep_stem) is bool
+    model = nn.Conv2d(3, 2, 1).eval()
+    got = gald.models.slide_inference(
+        model, torch.randn(1, 3, 6, 6), crop_size=4, stride=2, num_classes=2, flip=yes
+    )
+    assert got.shape == (1, 2, 6, 6)

@@ -257,7 +257,7 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
-    check_bool(inplace, "inplace")
+    inplace = check_bool(inplace, "inplace")
     if module.training:
         raise ValueError(
             f"fuse: module ({type(module).__name__}) must be in eval mode (call module.eval() "

@@ -514,7 +514,7 @@ class GALD(nn.Module):
         impl = check_choice(impl, "impl", IMPLS)
         ld = check_bool(ld, "ld")
         if downsample is not None:
-            check_bool(downsample, "downsample")
+            downsample = check_bool(downsample, "downsample")
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")
         if downsample is None:
@@ -671,7 +671,7 @@ class GALD(nn.Module):
         """Recompute the LD branch in backward instead of keeping its activations (timm's
         convention; see :meth:`gald.LocalDistribution.set_grad_checkpointing`). A block built
         with ``ld=False`` has nothing to recompute: the call changes nothing."""
-        check_bool(enable, "enable")
+        enable = check_bool(enable, "enable")
         if self.ld is not None:
             self.ld.set_grad_checkpointing(enable)
 

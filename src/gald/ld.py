@@ -173,7 +173,7 @@ class LocalDistribution(nn.Module):
         ``jacrev``) refuse checkpointed code (``don't yet support saved tensor hooks``), a
         PyTorch limitation: switch checkpointing off for them.
         """
-        check_bool(enable, "enable")
+        enable = check_bool(enable, "enable")
         self.grad_checkpointing = enable
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

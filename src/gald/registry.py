@@ -148,7 +148,7 @@ def registered(
     """
     _check_name(name)
     _check_class(cls)
-    check_bool(replace, "replace")
+    replace = check_bool(replace, "replace")
     _ensure_loaded()  # built-ins must not appear for the first time inside the block
     existing = _GA_REGISTRY.get(name)
     if existing is not None and existing is not cls and not replace:

@@ -159,14 +159,11 @@ def export_onnx(
     """
     _check_module(module, "export_onnx")
     check_feature(example_input, None, name="example_input", who="export_onnx")
-    check_positive_int(opset, "opset", minimum=MIN_OPSET)
-    check_bool(external_data, "external_data")
-    for flag, name in (
-        (dynamic_batch, "dynamic_batch"),
-        (dynamic_hw, "dynamic_hw"),
-        (dynamo, "dynamo"),
-    ):
-        check_bool(flag, name)
+    opset = check_positive_int(opset, "opset", minimum=MIN_OPSET)
+    external_data = check_bool(external_data, "external_data")
+    dynamic_batch = check_bool(dynamic_batch, "dynamic_batch")
+    dynamic_hw = check_bool(dynamic_hw, "dynamic_hw")
+    dynamo = check_bool(dynamo, "dynamo")
     if external_data and not dynamo:
         raise ValueError(
             "export_onnx: external_data=True needs dynamo=True (the TorchScript exporter writes "

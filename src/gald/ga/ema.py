@@ -123,7 +123,7 @@ class EMA(nn.Module):
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"momentum must be in [0, 1], got {momentum}")
         self.momentum = float(momentum)
-        check_bool(em_grad, "em_grad")
+        em_grad = check_bool(em_grad, "em_grad")
         self.em_grad = em_grad
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

@@ -98,7 +98,7 @@ class GloRe(nn.Module):
         self.num_node = check_positive_int(
             max(1, channels // 4) if num_node is None else num_node, "num_node"
         )
-        check_bool(normalize, "normalize")
+        normalize = check_bool(normalize, "normalize")
         self.normalize = normalize
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

@@ -144,7 +144,7 @@ class PyramidPooling(nn.Module):
         branch_channels = self.branch_channels = check_positive_int(
             branch_channels, "branch_channels"
         )
-        check_bool(align_corners, "align_corners")
+        align_corners = check_bool(align_corners, "align_corners")
         self.align_corners = align_corners
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")

@@ -493,7 +493,7 @@ class GALDNet(nn.Module):
         (when the backbone has a ``set_grad_checkpointing``, as :class:`DilatedResNet` and timm
         models do; another backbone is left as it is) and the head's LD branch (a head
         without the method is left as it is too)."""
-        check_bool(enable, "enable")
+        enable = check_bool(enable, "enable")
         for part in (self.backbone, self.head):
             setter = getattr(part, "set_grad_checkpointing", None)
             if callable(setter):

@@ -205,7 +205,7 @@ class DilatedResNet(nn.Module):
                 f"multi_grid must hold one dilation factor per layer4 block "
                 f"({_RESNET_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
             )
-        check_bool(deep_stem, "deep_stem")
+        deep_stem = check_bool(deep_stem, "deep_stem")
         check_factory(norm_layer, "norm_layer")
         self.depth = depth
         self.output_stride = output_stride

@@ -160,7 +160,7 @@ def slide_inference(
             f"got stride={step} and crop_size={crop}"
         )
     num_classes = check_positive_int(num_classes, "num_classes")
-    check_bool(flip, "flip")
+    flip = check_bool(flip, "flip")
     items = check_ordered_items(scales, "scales", "positive floats")
     scales = [check_float(s, f"scales[{i}]") for i, s in enumerate(items)]
     if not scales:

@@ -68,7 +68,7 @@ def ld_modulate_reference(
     fused paths; the product is rounded once to the dtype of ``x``. The inputs are checked as
     :func:`ld_modulate` checks them (no broadcasting of ``logits`` over batch or channels).
     """
-    _check_inputs(x, logits, offset, align_corners)
+    offset, align_corners = _check_inputs(x, logits, offset, align_corners)
     cdt = compute_dtype(x.dtype)
     mask = torch.sigmoid(
         F.interpolate(
@@ -307,7 +307,11 @@ def _exporting() -> bool:
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _check_inputs(x: object, logits: object, offset: object, align_corners: object) -> None:
+def _check_inputs(
+    x: object, logits: object, offset: object, align_corners: object
+) -> tuple[float, bool]:
+    """Check the op's arguments; ``offset`` and ``align_corners`` as Python float and bool (a
+    NumPy scalar passes the checks, and the op's schema takes Python types only)."""
     check_feature(x, None, name="x", who="ld_modulate")
     check_feature(logits, None, name="logits", who="ld_modulate")
     assert isinstance(x, torch.Tensor)
@@ -330,8 +334,10 @@ def _check_inputs(x: object, logits: object, offset: object, align_corners: obje
         raise ValueError(
             f"ld_modulate: logits must be on the device of x ({x.device}), got {logits.device}"
         )
-    check_float(offset, "ld_modulate: offset")
-    check_bool(align_corners, "ld_modulate: align_corners")
+    return (
+        check_float(offset, "ld_modulate: offset"),
+        check_bool(align_corners, "ld_modulate: align_corners"),
+    )
 
 
 def _check_backward_inputs(
@@ -422,15 +428,15 @@ def ld_modulate(
     also copies ``x`` (and, in backward, the incoming gradient, e.g. the expanded one of a
     ``.sum()``) when its strides are neither NCHW nor channels_last.
     """
-    _check_inputs(x, logits, offset, align_corners)
+    offset, align_corners = _check_inputs(x, logits, offset, align_corners)
     which = resolve_impl(x, impl)
     if which == "reference":
-        return ld_modulate_reference(x, logits, float(offset), align_corners=align_corners)
+        return ld_modulate_reference(x, logits, offset, align_corners=align_corners)
     if not _differentiated(x, logits):
         # nothing to differentiate: the op itself, without the autograd.Function's own
         # per-call cost (about 0.1 ms of Python, as much as the kernel on a small map)
-        return torch.ops.gald.ld_modulate(x, logits, float(offset), align_corners, which)
-    return _LDModulate.apply(x, logits, float(offset), align_corners, which)
+        return torch.ops.gald.ld_modulate(x, logits, offset, align_corners, which)
+    return _LDModulate.apply(x, logits, offset, align_corners, which)
 
 
 def _differentiated(x: torch.Tensor, logits: torch.Tensor) -> bool:
