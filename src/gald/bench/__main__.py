@@ -392,13 +392,6 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(first_call.render(out["first_call"]), flush=True)
             out["durations_s"]["first_call"] = round(time.perf_counter() - started, 1)
-    except ValueError as exc:  # e.g. a shape too small for the model
-        progress.close()
-        print(
-            f"python -m gald.bench: error: the models cannot run at --shape {cfg.shape}: {exc}",
-            file=sys.stderr,
-        )
-        return 2
     except (RuntimeError, MemoryError) as exc:
         if not _out_of_memory(exc):
             raise
