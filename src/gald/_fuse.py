@@ -29,13 +29,14 @@ Time O(C k^2) per folded pair, once.
 from __future__ import annotations
 
 import copy
-from typing import TypeGuard, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import fuse_conv_bn_weights, parametrize
 
+from ._layers import last_module, plain_sequential
 from ._validate import check_bool
 
 M = TypeVar("M", bound=nn.Module)
@@ -163,32 +164,12 @@ def _try_fold(conv: object, bn: object, shared: set[int]) -> bool:
     return True
 
 
-def _plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
-    """``m`` is an ``nn.Sequential`` (or a subclass keeping its forward) without hooks: its
-    output is exactly its last child's."""
-    return (
-        isinstance(m, nn.Sequential)
-        and type(m).forward is nn.Sequential.forward
-        and not _hooks(m)
-        and len(m) > 0
-    )
-
-
-def _last_conv(m: nn.Module) -> nn.Module:
-    """The module whose output ``m``'s output is: ``m`` itself, or the last child of a plain
-    ``Sequential`` followed down (a separable conv written as ``Sequential(depthwise,
-    pointwise)`` ends in its pointwise conv)."""
-    while _plain_sequential(m):
-        m = m[-1]
-    return m
-
-
 def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
     """Fold every eval-mode BatchNorm that directly follows a conv of matching width (or a plain
     ``Sequential`` that ends in one)."""
     folded = 0
     for i in range(len(seq) - 1):
-        if _try_fold(_last_conv(seq[i]), seq[i + 1], shared):
+        if _try_fold(last_module(seq[i]), seq[i + 1], shared):
             seq[i + 1] = nn.Identity()
             folded += 1
     return folded
@@ -269,7 +250,7 @@ def fuse(module: M, *, inplace: bool = False) -> M:
     for sub in list(target.modules()):
         # a subclass with its own forward may call its children in another order or combine
         # them (a residual sum before the norm): only the plain chain is known to be conv -> bn
-        if _plain_sequential(sub):
+        if plain_sequential(sub):
             _fold_sequential(sub, shared)
         _fold_declared(sub, shared)
     return target

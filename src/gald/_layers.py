@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -34,6 +35,21 @@ def make_layer(factory: LayerFactory, name: str, *args: int, purpose: str) -> nn
     return layer
 
 
+def first_tensor(module: nn.Module) -> torch.Tensor | None:
+    """The module's first parameter, else its first buffer: where its device and dtype are read."""
+    ref: torch.Tensor | None = next(iter(module.parameters()), None)
+    return ref if ref is not None else next(iter(module.buffers()), None)
+
+
+def probe_setting(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """The device and dtype of a dry run's inputs: those of the module's first parameter or
+    buffer (float32 for an integer one), the CPU and float32 for a module without any."""
+    ref = first_tensor(module)
+    device = ref.device if ref is not None else torch.device("cpu")
+    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    return device, dtype
+
+
 def check_norm_runs(
     norm: nn.Module,
     factory: object,
@@ -47,11 +63,7 @@ def check_norm_runs(
     refused here, by name, rather than at the first forward. ``hw`` defaults to (2, 3), (2, 5)
     for 3 channels, so that a last-dimension norm cannot pass by coincidence; a norm that only
     ever sees (B, C, 1, 1) maps is probed with ``hw=(1, 1)``."""
-    ref: torch.Tensor | None = next(iter(norm.parameters()), None)
-    if ref is None:
-        ref = next(iter(norm.buffers()), None)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
+    device, dtype = probe_setting(norm)
     if hw is None:
         hw = (2, 3 if channels != 3 else 5)
     probe = torch.zeros(2, channels, *hw, device=device, dtype=dtype)
@@ -169,3 +181,25 @@ def conv_norm_act(
         )
     layers.append(make_layer(act_layer, "act_layer", purpose=f"the activation of {where}"))
     return nn.Sequential(*layers)
+
+
+def plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
+    """``m`` is a non-empty ``nn.Sequential`` (or a subclass keeping its forward) without hooks:
+    its output is exactly its last child's."""
+    return (
+        isinstance(m, nn.Sequential)
+        and type(m).forward is nn.Sequential.forward
+        and not (
+            m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+        )
+        and len(m) > 0
+    )
+
+
+def last_module(m: nn.Module) -> nn.Module:
+    """The module whose output ``m``'s output is: ``m`` itself, or the last child of a plain
+    ``Sequential`` followed down (a separable conv written as ``Sequential(depthwise,
+    pointwise)`` ends in its pointwise conv; a head ``Sequential(..., conv)`` in its classifier)."""
+    while plain_sequential(m):
+        m = m[-1]
+    return m

@@ -6,8 +6,9 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ._layers import first_tensor
 from ._validate import check_positive_int
-from .block import GALD, _first_tensor, _not_one_tensor
+from .block import GALD, _not_one_tensor
 
 __all__ = ["wrap"]
 
@@ -176,7 +177,7 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
     else:
         in_channels = check_positive_int(in_channels, "in_channels")
         block = GALD(in_channels, target, **gald_kwargs)
-    if _first_tensor(target) is None:
+    if first_tensor(target) is None:
         # GALD joins the device and dtype of the module it wraps; one without parameters or
         # buffers says nothing, so the block joins the model's
         block._join(model)

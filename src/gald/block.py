@@ -14,7 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._layers import LayerFactory, depthwise_stage, make_layer, make_norm2d
+from ._layers import (
+    LayerFactory,
+    depthwise_stage,
+    first_tensor,
+    make_layer,
+    make_norm2d,
+    probe_setting,
+)
 from ._modes import eval_mode
 from ._validate import (
     PADDING_REMEDY,
@@ -63,21 +70,6 @@ def _label(module: nn.Module) -> str:
     return type(module).__name__
 
 
-def _first_tensor(module: nn.Module) -> torch.Tensor | None:
-    """The module's first parameter, else its first buffer: where its device and dtype are read."""
-    ref: torch.Tensor | None = next(iter(module.parameters()), None)
-    return ref if ref is not None else next(iter(module.buffers()), None)
-
-
-def _probe_setting(module: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype of the dry run's inputs: those of the module's first parameter or
-    buffer (float32 for an integer one), the CPU and float32 for a module without any."""
-    ref = _first_tensor(module)
-    device = ref.device if ref is not None else torch.device("cpu")
-    dtype = ref.dtype if ref is not None and ref.is_floating_point() else torch.float32
-    return device, dtype
-
-
 class _ProbesRefused(ValueError):
     """A module refused every input of :func:`_infer_out_channels`'s dry run."""
 
@@ -102,7 +94,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
         ValueError: the module returns a tensor that is not 4-D, or changes the height and
             width of every probe it accepts.
     """
-    device, dtype = _probe_setting(module)
+    device, dtype = probe_setting(module)
     errors: list[str] = []
     changed: list[str] = []
     strided = True  # every size change so far at least halved both sides
@@ -254,7 +246,7 @@ def _smallest_side(module: nn.Module, in_channels: int, runs_at: int) -> int:
     tried in turn (eval mode, no gradients, as in the dry run) up to 16 or ``runs_at``. Above
     16 the answer is a lower bound (17): no side below it works, so an input refused for being
     smaller than it is one the module would refuse too. The usual case costs one 1x1 probe."""
-    device, dtype = _probe_setting(module)
+    device, dtype = probe_setting(module)
     last = min(runs_at, 17)
     with eval_mode(module), torch.no_grad():
         for side in range(1, last):
@@ -643,7 +635,7 @@ class GALD(nn.Module):
         """Move the parts built here (``down``, the LD, ``alpha``) to the device and floating
         dtype of the wrapped module's first parameter or buffer (a half-precision, CUDA or meta
         module is wrapped as it is)."""
-        ref = _first_tensor(module)
+        ref = first_tensor(module)
         if ref is None:
             return
         dtype = ref.dtype if ref.is_floating_point() else None

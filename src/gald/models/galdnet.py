@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import LayerFactory
+from .._layers import LayerFactory, last_module
 from .._modes import eval_mode
 from .._validate import (
     check_bool,
@@ -306,13 +306,7 @@ def _declared_classes(head: nn.Module) -> int | None:
     declared = getattr(head, "num_classes", None)
     if isinstance(declared, int):
         return declared
-    last = head
-    while (
-        isinstance(last, nn.Sequential)
-        and type(last).forward is nn.Sequential.forward
-        and len(last)
-    ):
-        last = last[-1]
+    last = last_module(head)
     if isinstance(last, nn.Conv2d):
         return int(last.out_channels)
     return None
