@@ -97,7 +97,7 @@ def test_runs_state_the_range_over_all_runs() -> None:
     assert "Over these 2 runs" in text
     assert "inference 1.50–2.25x" in text  # the worst run is shown, not only the best
     assert (
-        f"bytes saved for backward {first['ld']['memory']['gald']['saved_bytes'] / first['ld']['memory']['authors']['saved_bytes']:.2f}–1.00x"
+        f"memory kept for backward {first['ld']['memory']['gald']['saved_bytes'] / first['ld']['memory']['authors']['saved_bytes']:.2f}–1.00x"
         in text
     )
     one = render_runs([first, copy.deepcopy(first)])
@@ -227,7 +227,7 @@ def test_cost_lists_each_ga_alone(tmp_path) -> None:
         assert row["params"] == sum(p.numel() for p in layer.parameters())
         assert row["gflops"] > row["gflops_inner"] > 0 and row["saved_bytes"] > 0
     new, _ = rewrite("<!-- bench:start cost -->\n<!-- bench:end -->\n", res)
-    assert "| `psp` |" in new and "saved MiB 9×9" in new
+    assert "| `psp` |" in new and "kept for backward, MiB 9×9" in new
 
 
 @pytest.mark.parametrize(
@@ -304,5 +304,5 @@ def test_the_runs_summary_flags_figures_the_runs_would_not_quote() -> None:
 
     text = _runs_range([run(1.6, "measured"), run(0.25, "too noisy"), run(1.7, "measured")])
     assert "train step 0.25–1.70x (1 of 3 runs too noisy)" in text
-    assert "bytes saved for backward 0.60x" in text
+    assert "memory kept for backward 0.60x" in text
     assert "runs" not in _runs_range([run(1.6, "measured")] * 2).split("saved")[0].split(": ")[1]

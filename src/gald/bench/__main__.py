@@ -2,7 +2,7 @@
 
 By default GALD(CGNL) with and without its Local Distribution at (2, 512, 97, 97) (a 769 crop
 at output stride 8): inference and train-step times (median, IQR, runs; the two models
-interleaved), the LD overhead with an approximate 95 % interval, bytes saved for backward, peak
+interleaved), the LD overhead with an approximate 95 % interval, the bytes autograd keeps for backward, peak
 memory (CUDA), FLOPs and parameters. --ga picks other GA modules, --ld adds the LD against the
 authors' formulation and, on CUDA (or under TRITON_INTERPRET=1), the Triton kernels' checks and
 bandwidth. --ablation runs the ablation benchmark with its own options.
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cost",
         action="store_true",
         help="instead of timing the GA layers of --ga inside GALD, list each alone: parameters, "
-        "forward FLOPs at --shape and at the size GALD runs it at, bytes saved for backward "
+        "forward FLOPs at --shape and at the size GALD runs it at, bytes autograd keeps for backward "
         "(no timing: the same on any machine)",
     )
     parser.add_argument(

@@ -43,7 +43,7 @@ def title(results: dict[str, Any], width_in: float) -> str:
 
 def plot(results: dict[str, Any], path: str) -> None:
     """Write a PNG of the block results: inference and train-step medians (whiskers: the
-    interquartile range) and bytes saved for backward (and peak memory on CUDA) per GA."""
+    interquartile range) and the bytes autograd keeps for backward (and peak memory on CUDA) per GA."""
     figure(results).savefig(path, dpi=110)
 
 
@@ -61,7 +61,7 @@ def figure(results: dict[str, Any]) -> Figure:
     panels = [
         ("inference", "inference, ms"),
         ("train_step", "train step, ms"),
-        ("saved", "saved for backward, MiB"),
+        ("saved", "kept for backward, MiB"),
     ]
     if cuda:
         panels.append(("peak", "peak memory of a train step, MiB"))

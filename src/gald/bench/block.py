@@ -258,7 +258,7 @@ def table(
     the generated docs share this one table."""
     fmt_overhead = overhead_cell or _overhead
     cuda = any(r["models"]["with LD"]["peak_bytes"] is not None for r in results["rows"])
-    headers = ["GA", "LD", "inference", "train step", "saved MiB"]
+    headers = ["GA", "LD", "inference", "train step", "kept for backward, MiB"]
     headers += ["peak MiB"] if cuda else []
     headers += ["FLOPs", "params"]
     body: list[list[str]] = []

@@ -49,7 +49,13 @@ def table(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Headers and rows shared by the terminal and the docs."""
     h, w = res["shape"][2:]
     hi, wi = res["inner_shape"][2:]
-    headers = ["GA", "params", f"FLOPs {h}×{w}", f"FLOPs {hi}×{wi}", f"saved MiB {h}×{w}"]
+    headers = [
+        "GA",
+        "params",
+        f"FLOPs {h}×{w}",
+        f"FLOPs {hi}×{wi}",
+        f"kept for backward, MiB {h}×{w}",
+    ]
     rows = [
         [
             f"`{r['ga']}`",

@@ -134,8 +134,9 @@ def render_summary(res: dict[str, Any]) -> str:
     shape = tuple(res["config"]["shape"])
     return (
         f"LD overhead inside GALD({row['ga']}) at {shape}: inference "
-        f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])}, bytes saved "
-        f"for backward {format_pct(ov['saved_bytes_ratio'])} (~95 % intervals). {where(res)} "
+        f"{_overhead(ov['inference'])}, train step {_overhead(ov['train_step'])} (~95 % "
+        f"intervals); memory autograd keeps for backward {format_pct(ov['saved_bytes_ratio'])}. "
+        f"{where(res)} "
         "The same command's second run (another process, other figures) and every GA in one "
         "`--ga all` run: [docs/benchmarks.md](docs/benchmarks.md)."
     )
@@ -265,8 +266,8 @@ def render_runs(results: list[dict[str, Any]]) -> str:
         "train step",
         "train, checkpointing",
         "inference (BN folded)",
-        "saved",
-        "saved, checkpointing",
+        "kept for backward",
+        "kept, checkpointing",
         "measured",
     ]
     shapes = sorted({tuple(r["ld"]["shape"]) for r in results})
@@ -274,8 +275,8 @@ def render_runs(results: list[dict[str, Any]]) -> str:
         f"Input {', '.join(map(str, shapes))}. "
         f"{_machine(results)} Speed: times faster than the authors' formulation, the median over "
         "the rounds of the per-round ratio (95 % interval), then the two medians, whose ratio can "
-        "differ from it when the machine's speed drifts during a run; saved: bytes saved for "
-        "backward relative to the authors.\n\n"
+        "differ from it when the machine's speed drifts during a run; kept for backward: the bytes "
+        "autograd keeps between forward and backward, relative to the authors'.\n\n"
         + _table(headers, rows)
         + "\n\n"
         + _runs_range(results)
@@ -314,7 +315,7 @@ def _runs_range(results: list[dict[str, Any]]) -> str:
         f"{span(speeds('train_step', 'gald'), 'x', verdicts('train_step', 'gald'))}, with "
         f"checkpointing {span(speeds('train_step', ckpt), 'x', verdicts('train_step', ckpt))}; "
         f"inference {span(speeds('inference', 'gald'), 'x', verdicts('inference', 'gald'))}; "
-        "bytes saved for backward "
+        "memory kept for backward "
         f"{span(saved('gald'), 'x')}, with checkpointing {span(saved(ckpt), 'x')}."
     )
 

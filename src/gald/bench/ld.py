@@ -10,7 +10,7 @@ candidates interleaved:
   module eagerly and, with ``--compile``, under ``torch.compile``; the library eagerly, with and
   without gradient checkpointing of its branch;
 - inference: eval mode under ``torch.no_grad()``, the library's BatchNorms folded (``gald.fuse``);
-- bytes saved for backward (unique storages) and, on CUDA, the peak memory of a train step.
+- the bytes autograd keeps for backward (unique storages) and, on CUDA, the peak memory of a train step.
 
 **Kernels** (on CUDA, or on CPU under Triton's interpreter, ``TRITON_INTERPRET=1``): the Triton
 kernels of ``gald.ops.ld_modulate`` (``impl="triton"``) against the plain-ops formula in float64,
@@ -331,7 +331,7 @@ def table_vs_authors(
     mem = res["memory"]
     base = mem["authors"]
     cuda = any(m["peak_bytes"] is not None for m in mem.values())
-    headers = ["", "time", "vs authors", "saved MiB", "saved vs authors"]
+    headers = ["", "time", "vs authors", "kept for backward, MiB", "kept vs authors"]
     if cuda:
         headers += ["peak MiB", "peak vs authors"]
     rows = []
