@@ -188,7 +188,9 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     # per-seed progress only on a terminal (stdout and stderr are captured here)
     assert "seed 1" not in captured.err and "seed 1" not in out
     first = out.splitlines()[:3]
-    assert re.fullmatch(r"Expected duration on this machine: about \d+ s \(.*\)\.", first[1])
+    assert re.fullmatch(
+        r"Expected duration on this machine: (about \d+|under 1) s \(.*\)\.", first[1]
+    )
     assert "says little about full-size training" in first[2]
     assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out
     assert "says little about full-size training" in out.split("How to read this")[1]
@@ -248,6 +250,39 @@ def test_render_flags_differences_beyond_noise() -> None:
     ga_none = next(line for line in lines if line.startswith("ga-none"))
     assert ga_none.endswith("all within noise (95% CI)")
     assert "says little about full-size training" in "\n".join(lines)
+
+
+def test_the_report_says_when_small_objects_were_not_learned() -> None:
+    metrics = ("large", "small", "boundary", "miou")
+
+    def report(small: float) -> str:
+        runs = {
+            s: {v: {m: (small if m == "small" else 40.0 + s) for m in metrics} for v in ROWS_RUN}
+            for s in range(2)
+        }
+        runs[0]["ld"]["large"] -= 0.01  # a mean difference that rounds to zero, below it
+        res = {
+            "config": asdict(AblationConfig(steps=30)),
+            "runs": {str(s): r for s, r in runs.items()},
+            "paired": paired_differences(runs),
+            "gate": [],
+            "seconds": 1.0,
+            "cpu_seconds": 2.0,
+        }
+        return render(res)
+
+    unlearned = report(0.4)
+    assert "no variant learned the small objects (IoU under 1 % for every variant and seed " in (
+        unlearned.replace("\n", " ")
+    )
+    assert "after 30 steps" in unlearned
+    assert "not learned" not in report(5.0) and "no variant learned" not in report(5.0)
+    ld_ga = next(line for line in unlearned.splitlines() if line.startswith("ld-ga"))
+    assert "-0.0" not in ld_ga and ld_ga.split()[1] == "0.0"  # a zero is not shown as a loss
+    assert ld_ga.endswith("too few seeds to tell (--seeds 3 or more; 2 here)")
+
+
+ROWS_RUN = ("none", "ga", "ld")
 
 
 def test_frozen_and_folded_gate_equal_the_ld_when_its_gate_is_constant() -> None:
@@ -310,7 +345,7 @@ def test_the_duration_estimate_times_steps_of_every_variant(monkeypatch) -> None
         for name, t in m.state_dict().items():
             assert torch.equal(t, before[k][name]), (k, name)
     assert ablation.format_duration(40.2) == "about 40 s"
-    assert ablation.format_duration(0.2) == "about 1 s"
+    assert ablation.format_duration(0.2) == "under 1 s"
     assert ablation.format_duration(200) == "about 3 min"
     assert ablation.format_duration(2 * 3600) == "about 2.0 h"
 

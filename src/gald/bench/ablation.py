@@ -85,6 +85,13 @@ _T95 = {
 }
 
 
+def _signed(value: float) -> str:
+    """``value`` to one decimal with its sign, and no sign for a value that rounds to zero
+    (``-0.0`` would read as a loss)."""
+    text = f"{value:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
+
+
 def t95(df: int) -> float:
     """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (tabled)."""
     return _T95[max(k for k in _T95 if k <= df)] if df >= 1 else math.inf
@@ -117,9 +124,11 @@ def estimate_seconds(variants: Mapping[str, nn.Module], cfg: AblationConfig) -> 
 
 
 def format_duration(seconds: float) -> str:
-    """``"about 40 s"`` / ``"about 3 min"`` / ``"about 1.5 h"``."""
+    """``"about 40 s"`` / ``"about 3 min"`` / ``"about 1.5 h"`` (``"under 1 s"`` below that)."""
+    if seconds < 0.5:
+        return "under 1 s"
     if seconds < 90:
-        return f"about {max(1, round(seconds))} s"
+        return f"about {round(seconds)} s"
     if seconds < 90 * 60:
         return f"about {round(seconds / 60)} min"
     return f"about {seconds / 3600:.1f} h"
@@ -278,8 +287,8 @@ def run(cfg: AblationConfig, log: Callable[[str], None] = print) -> dict[str, An
             log(
                 f"  seed {seed} {name:>4}: large {result['large']:5.1f}  small "
                 f"{result['small']:5.1f}  boundary {result['boundary']:5.1f}  "
-                f"({result['train_s']:.0f} s; about {elapsed / done * (total - done) / 60:.1f} "
-                "min left)"
+                f"({result['train_s']:.0f} s; {format_duration(elapsed / done * (total - done))} "
+                "left)"
             )
         if len(set(checksums[seed].values())) != 1:
             raise RuntimeError(f"seed {seed}: the variants saw different training data")
@@ -325,6 +334,13 @@ def render(res: dict[str, Any]) -> str:
             cells.append(_pm(*_mean_std([runs[s][name][metric] for s in runs])))
         rows.append(cells)
     out.append(_table(rows))
+    small = [runs[s][name]["small"] for s in runs for name in ROWS if name in runs[s]]
+    if small and max(small) < 1.0:
+        out.append(
+            "Note: no variant learned the small objects (IoU under 1 % for every variant and "
+            f"seed after {cfg['steps']} steps), so the comparison says nothing about them; run "
+            "the default --steps."
+        )
     out.append("")
     out.append(
         "Paired differences (same seed = same initial weights and data), IoU points: "
@@ -338,12 +354,13 @@ def render(res: dict[str, Any]) -> str:
             d = per_metric[metric]
             std = "" if math.isnan(d["std"]) else f" ± {d['std']:.1f}"
             cells.append(
-                f"{d['mean']:+.1f}{std} [{d['min']:+.1f}, {d['max']:+.1f}] {d['wins']}/{d['n']}"
+                f"{_signed(d['mean'])}{std} [{_signed(d['min'])}, {_signed(d['max'])}] "
+                f"{d['wins']}/{d['n']}"
             )
             if not math.isnan(d["ci95"]) and abs(d["mean"]) > d["ci95"]:
                 verdicts.append(metric)
         if seeds < 3:
-            cells.append("too few seeds to tell")
+            cells.append(f"too few seeds to tell (--seeds 3 or more; {seeds} here)")
         else:
             cells.append(
                 "95% CI excludes 0: " + ", ".join(verdicts)
