@@ -111,7 +111,10 @@ def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tmp_pa
     with pytest.raises(SystemExit) as exc:
         main([*TINY, "--plot", str(tmp_path / "x.png")])
     assert exc.value.code == 2
-    assert "pip install 'gald[plot]'" in capsys.readouterr().err
+    assert (
+        "pip install matplotlib (the 'plot' extra: pip install -e '.[plot]'"
+        in capsys.readouterr().err
+    )
     assert not (tmp_path / "x.png").exists()
 
 

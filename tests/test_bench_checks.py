@@ -213,6 +213,8 @@ def test_an_empty_output_path_is_named_as_empty(option, capsys, nothing_runs) ->
         f"error: {option}: expected a writable file path in an existing directory, got '' " in err
     )
     assert "(an empty path)" in err
+    err = _error(capsys, main, ["--shape", "1,16,17,17", *SMALL, option, "-"])
+    assert "'-' is not standard output here: the tables go there; give a file name" in err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "x"])

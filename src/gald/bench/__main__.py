@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         choices=("cpu", "cuda"),
         default="cuda" if cuda else "cpu",
-        help="where to run (the default is cuda when a CUDA device is available)",
+        help="where to run: cuda wherever a CUDA device is available, else cpu (the default shown is this machine's)",
     )
     parser.add_argument(
         "--dtype",
@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
         "train step) of gald.GALD(64) on (1, 64, 33, 33), float32 NCHW, each in 3 fresh "
         "processes on --device with --threads (--shape, --dtype and --channels-last do not apply)",
     )
-    parser.add_argument("--json", metavar="PATH", help="write every figure and the environment")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every measured number and the environment to a JSON file",
+    )
     parser.add_argument(
         "--plot",
         metavar="PATH",
@@ -146,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--ablation",
         action="store_true",
-        help="run the ablation benchmark instead; every other option is passed to it "
-        "(python -m gald.bench --ablation --help)",
+        help="run the LD ablation (training on a synthetic task) instead; it has options of its "
+        "own: python -m gald.bench --ablation --help",
     )
     return parser
 

@@ -48,6 +48,8 @@ def output_problem(path: str) -> str | None:
     so that its results are not lost at the end."""
     if not path:
         return "an empty path"
+    if path == "-":
+        return "'-' is not standard output here: the tables go there; give a file name"
     p = Path(path)
     if p.is_dir():
         return "that is a directory"

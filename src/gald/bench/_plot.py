@@ -8,7 +8,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-INSTALL_HINT = "matplotlib is not installed; install it with: pip install 'gald[plot]'"
+INSTALL_HINT = (
+    "matplotlib is not installed; install it with pip install matplotlib (the 'plot' extra: "
+    "pip install -e '.[plot]' in a clone of gald)"
+)
 
 
 def plot_available() -> tuple[bool, str]:
