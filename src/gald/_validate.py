@@ -23,10 +23,14 @@ PADDING_REMEDY = "use padding=1 to accept any size"
 """The advice for a too-small input to a layer whose ``padding=0`` sets its minimum size."""
 
 
-def first_line(text: str) -> str:
-    """The first non-blank line of a message (empty for a blank one): what a one-line error
-    quotes of a longer one."""
-    return text.strip().splitlines()[0] if text.strip() else ""
+def first_line(message: str | BaseException) -> str:
+    """The first non-blank line of a message, what a one-line error quotes of a longer one: of
+    a text (empty for a blank one) or of an exception (its class name when its message is
+    blank)."""
+    text = str(message).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(message).__name__ if isinstance(message, BaseException) else ""
 
 
 def check_feature(

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from ._args import check_outputs, first_line, positive_seconds
+from .._validate import first_line
+from ._args import check_outputs, positive_seconds
 from ._config import DTYPES, Config
 from ._timing import Progress, busy_note, environment, load_average
 

@@ -9,12 +9,6 @@ import os
 from pathlib import Path
 
 
-def first_line(exc: BaseException) -> str:
-    """The first line of an error's message (its class name when the message is empty): what a
-    one-line report of a failure quotes."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def finite_float(text: str) -> float:
     """An ``argparse`` type: a finite number (``nan`` and ``inf`` are refused)."""
     try:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._args import first_line
+from .._validate import first_line
 
 Factories = Mapping[str, Callable[[], nn.Module]]
 """What a part of the run measures: a label per model (``"the authors' LD branch"``) and how

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validate import first_line
 from ..registry import list_ga
 from ..stats import gate_range_text, ld_statistics
 from ._ablation_model import VARIANTS, build_variants, freeze_gate
@@ -53,7 +54,7 @@ from ._ablation_task import (
     make_batch,
     metrics,
 )
-from ._args import check_outputs, finite_float, first_line
+from ._args import check_outputs, finite_float
 from ._timing import environment
 
 METRICS = ("large", "small", "boundary", "miou")

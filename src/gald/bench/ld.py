@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fuse
+from .._validate import first_line
 from ..ld import LocalDistribution
 from ..ops import ld_modulate
-from ._args import first_line
 from ._config import DTYPES, Config
 from ._timing import (
     KERNEL_NOTE,
