@@ -201,9 +201,14 @@ def test_min_time_must_be_positive_and_at_most_an_hour(value, capsys, nothing_ru
 
 
 def test_durations_are_written_in_a_readable_unit() -> None:
-    from gald.bench.block import _fmt_duration
+    from gald.bench._timing import format_duration
 
-    assert [_fmt_duration(s) for s in (59, 150, 7300)] == ["59 s", "2.5 min", "2.0 h"]
+    assert [format_duration(s) for s in (0.2, 59, 150, 7300)] == [
+        "under 1 s",
+        "about 59 s",
+        "about 2.5 min",
+        "about 2.0 h",
+    ]
 
 
 @pytest.mark.parametrize("option", ["--json", "--plot"])

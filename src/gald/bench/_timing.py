@@ -289,6 +289,18 @@ def format_speed(r: Ratio, *, emphasis: bool = False) -> str:
     return f"{figure} (95 %: {low:.{digits}f}–{high:.{digits}f})"
 
 
+def format_duration(seconds: float) -> str:
+    """An expected duration for a person: ``"about 40 s"``, ``"about 2.5 min"``,
+    ``"about 2.0 h"``, ``"under 1 s"``."""
+    if seconds < 0.5:
+        return "under 1 s"
+    if seconds < 120:
+        return f"about {seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"about {seconds / 60:.1f} min"
+    return f"about {seconds / 3600:.1f} h"
+
+
 def format_time(d: Mapping[str, Any]) -> str:
     """``12.3 ms [IQR 0.4, n=9]`` from a :meth:`Stats.as_dict` record."""
     med, iqr, n = d["median_ms"], d["iqr_ms"], d["runs"]

@@ -55,7 +55,7 @@ from ._ablation_task import (
     metrics,
 )
 from ._args import check_outputs, finite_float
-from ._timing import environment
+from ._timing import environment, format_duration
 
 METRICS = ("large", "small", "boundary", "miou")
 COMPARISONS = (("ga", "none"), ("ld", "ga"), ("ld", "none"), ("ld", "frozen"))
@@ -122,17 +122,6 @@ def estimate_seconds(variants: Mapping[str, nn.Module], cfg: AblationConfig) -> 
     # the frozen-gate control is evaluated too: one more evaluation than there are variants
     evals = eval_batches * (len(variants) + 1) / len(variants)
     return cfg.seeds * (cfg.steps + evals / 3) * step
-
-
-def format_duration(seconds: float) -> str:
-    """``"about 40 s"`` / ``"about 3 min"`` / ``"about 1.5 h"`` (``"under 1 s"`` below that)."""
-    if seconds < 0.5:
-        return "under 1 s"
-    if seconds < 90:
-        return f"about {round(seconds)} s"
-    if seconds < 90 * 60:
-        return f"about {round(seconds / 60)} min"
-    return f"about {seconds / 3600:.1f} h"
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from ._timing import (
     Ratio,
     Stats,
     expected_seconds,
+    format_duration,
     format_flops,
     format_mib,
     format_overhead,
@@ -179,7 +180,7 @@ def run(cfg: Config, gas: list[str]) -> dict[str, Any]:
         cfg.progress.total = sum(known) + sum(known) / len(known) * (len(gas) - i - 1)
         if i == 0 and cfg.progress.total > 20 and not cfg.quiet:
             how = f" (from the warm-up of {ga}, the first GA)" if len(gas) > 1 else ""
-            cfg.say(f"expected duration: about {_fmt_duration(cfg.progress.total)}{how}")
+            cfg.say(f"expected duration: {format_duration(cfg.progress.total)}{how}")
 
         def on_block(
             name: str, r: int, key: str = "", ga: str = ga, call_s: dict[str, float] = call_s
@@ -236,14 +237,6 @@ def _safe_ratio(a: float | None, b: float | None) -> float | None:
     if a is None or b is None or b == 0:
         return None
     return a / b
-
-
-def _fmt_duration(s: float) -> str:
-    if s < 120:
-        return f"{s:.0f} s"
-    if s < 2 * 3600:
-        return f"{s / 60:.1f} min"
-    return f"{s / 3600:.1f} h"
 
 
 def _overhead(d: dict[str, Any]) -> str:
