@@ -24,7 +24,7 @@ from .._validate import (
     check_int,
     check_positive_int_sequence,
 )
-from ..convert import _DEPTHS, _RESNET_LAYERS, _layer_blocks, _resnet_d_problem
+from ._resnet_keys import DEPTHS, RESNET_LAYERS, layer_blocks, resnet_d_problem
 
 __all__ = ["DilatedResNet"]
 
@@ -92,7 +92,7 @@ def _check_checkpoint(
             "gald.convert.imagenet_to_backbone, which strips the prefix, or strip it with "
             "torch.nn.modules.utils.consume_prefix_in_state_dict_if_present(state_dict, 'module.')"
         )
-    if (problem := _resnet_d_problem(state_dict, prefix)) is not None:
+    if (problem := resnet_d_problem(state_dict, prefix)) is not None:
         raise ValueError(f"{where}: {problem}")
     if f"{prefix}conv2.weight" in state_dict:
         raise ValueError(
@@ -112,11 +112,11 @@ def _check_checkpoint(
             f"{where}: the state dict has the deep stem (conv1.0 ... conv1.6); this "
             "DilatedResNet has the 7x7 stem: build DilatedResNet(deep_stem=True)"
         )
-    blocks = _layer_blocks(keys, prefix)
-    expected = _RESNET_LAYERS[net.depth]
+    blocks = layer_blocks(keys, prefix)
+    expected = RESNET_LAYERS[net.depth]
     if not any(blocks) or blocks == expected:
         return
-    found = _DEPTHS.get(blocks)  # type: ignore[arg-type]
+    found = DEPTHS.get(blocks)  # type: ignore[arg-type]
     received = (
         f"is a ResNet-{found} ({blocks[2]} blocks in layer3)"
         if found is not None
@@ -194,16 +194,16 @@ class DilatedResNet(nn.Module):
     ) -> None:
         super().__init__()
         depth = check_int(depth, "depth")
-        if depth not in _RESNET_LAYERS:
-            raise ValueError(f"depth must be one of {sorted(_RESNET_LAYERS)}, got {depth!r}")
+        if depth not in RESNET_LAYERS:
+            raise ValueError(f"depth must be one of {sorted(RESNET_LAYERS)}, got {depth!r}")
         output_stride = check_int(output_stride, "output_stride")
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
         grid = check_positive_int_sequence(multi_grid, "multi_grid")
-        if len(grid) not in (1, _RESNET_LAYERS[depth][3]):
+        if len(grid) not in (1, RESNET_LAYERS[depth][3]):
             raise ValueError(
                 f"multi_grid must hold one dilation factor per layer4 block "
-                f"({_RESNET_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
+                f"({RESNET_LAYERS[depth][3]}) or one for all of them, got {len(grid)}: {grid}"
             )
         deep_stem = check_bool(deep_stem, "deep_stem")
         check_factory(norm_layer, "norm_layer")
@@ -238,7 +238,7 @@ class DilatedResNet(nn.Module):
         # ceil mode as the authors with their deep stem; floor mode as torchvision's 7x7 ResNet
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1, ceil_mode=deep_stem)
 
-        blocks = _RESNET_LAYERS[depth]
+        blocks = RESNET_LAYERS[depth]
         if output_stride == 8:
             strides, dilations = (1, 2, 1, 1), (1, 1, 2, 4)
         else:
