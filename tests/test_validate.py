@@ -226,9 +226,22 @@ def test_choices_name_the_valid_strings() -> None:
         gald.LocalDistribution(8, impl="cuda")
 
 
-def test_danet_refuses_a_reduction_that_leaves_no_channels() -> None:
-    with pytest.raises(ValueError, match=r"reduction=64 leaves no channels: .* channels=16"):
-        gald.create_ga("danet", 16, reduction=64)
+@pytest.mark.parametrize(
+    ("ga", "argument"),
+    [
+        ("danet", "reduction"),
+        ("nonlocal", "reduction"),
+        ("criss_cross", "reduction"),
+        ("dualgcn", "ratio"),
+    ],
+)
+def test_a_reduction_that_leaves_no_channels_is_named(ga: str, argument: str) -> None:
+    with pytest.raises(
+        ValueError,
+        match=rf"^{argument}=64 leaves no channels: channels // {argument} must be >= 1, got "
+        r"channels=16$",
+    ):
+        gald.create_ga(ga, 16, **{argument: 64})
 
 
 def test_reprs_show_the_constructor_arguments() -> None:

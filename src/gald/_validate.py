@@ -173,6 +173,18 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> N
         raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
 
 
+def reduced_width(channels: int, reduction: object, name: str = "reduction") -> int:
+    """``channels // reduction`` for a positive integer ``reduction``; a ``ValueError`` naming
+    ``name`` when it leaves no channel."""
+    reduction = check_positive_int(reduction, name)
+    if channels // reduction < 1:
+        raise ValueError(
+            f"{name}={reduction} leaves no channels: channels // {name} must be >= 1, "
+            f"got channels={channels}"
+        )
+    return channels // reduction
+
+
 def check_bool(value: object, name: str) -> bool:
     """``value`` as a bool (a Python or NumPy bool); a ``TypeError`` naming ``name`` otherwise
     (``"no"``, ``1`` or ``None`` are not read as truth values)."""

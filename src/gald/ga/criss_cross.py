@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature, check_positive_int
+from .._validate import check_feature, check_positive_int, reduced_width
 from ..registry import register_ga
 
 
@@ -61,13 +61,9 @@ class CrissCrossAttention(nn.Module):
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
         recurrence = self.recurrence = check_positive_int(recurrence, "recurrence")
-        reduction = self.reduction = check_positive_int(reduction, "reduction")
-        if channels // reduction < 1:
-            raise ValueError(
-                f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
-                f"got channels={channels}"
-            )
-        self.inter_channels = channels // reduction
+        self.reduction = check_positive_int(reduction, "reduction")
+        inter_channels = reduced_width(channels, self.reduction)
+        self.inter_channels = inter_channels
         self.query = nn.Conv2d(channels, self.inter_channels, 1)
         self.key = nn.Conv2d(channels, self.inter_channels, 1)
         self.value = nn.Conv2d(channels, channels, 1)

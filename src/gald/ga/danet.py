@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature, check_positive_int
+from .._validate import check_feature, check_positive_int, reduced_width
 from ..registry import register_ga
 
 _BRANCHES = ("pam", "cam")
@@ -168,12 +168,7 @@ class DualAttention(nn.Module):
                 f"got {chosen!r}"
             )
         self.branches = tuple(name for name in _BRANCHES if name in chosen)
-        if channels // reduction < 1:
-            raise ValueError(
-                f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
-                f"got channels={channels}"
-            )
-        self.inter_channels = channels // reduction
+        self.inter_channels = reduced_width(channels, reduction)
         self.pam: _PositionAttention | None = (
             _PositionAttention(channels, self.inter_channels) if "pam" in chosen else None
         )

@@ -16,7 +16,7 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype, run_unscaled
 from .._layers import LayerFactory, make_act, make_norm
-from .._validate import check_factory, check_feature, check_positive_int
+from .._validate import check_factory, check_feature, check_positive_int, reduced_width
 from ..registry import register_ga
 
 
@@ -182,11 +182,7 @@ class DualGCN(nn.Module):
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
         ratio = self.ratio = check_positive_int(ratio, "ratio")
-        if channels // ratio < 1:
-            raise ValueError(
-                f"ratio must be <= channels so that channels // ratio >= 1 node, "
-                f"got channels={channels}, ratio={ratio}"
-            )
+        reduced_width(channels, ratio, "ratio")  # at least one node
         check_factory(norm_layer, "norm_layer")
         check_factory(act_layer, "act_layer")
         nodes = channels // ratio

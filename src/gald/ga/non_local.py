@@ -18,7 +18,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory, make_norm
-from .._validate import check_bool, check_choice, check_factory, check_feature, check_positive_int
+from .._validate import (
+    check_bool,
+    check_choice,
+    check_factory,
+    check_feature,
+    check_positive_int,
+    reduced_width,
+)
 from ..registry import register_ga
 
 MODES: Final = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -153,14 +160,10 @@ class NonLocal2d(nn.Module):
     ) -> None:
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
-        reduction = self.reduction = check_positive_int(reduction, "reduction")
-        if channels // reduction < 1:
-            raise ValueError(
-                f"reduction={reduction} leaves no channels: channels // reduction must be >= 1, "
-                f"got channels={channels}"
-            )
+        self.reduction = check_positive_int(reduction, "reduction")
+        inter_channels = reduced_width(channels, self.reduction)
         check_choice(mode, "mode", MODES)
-        self.inter_channels = channels // reduction
+        self.inter_channels = inter_channels
         self.mode = mode
         self.use_scale = check_bool(use_scale, "use_scale")
         self.sub_sample = check_bool(sub_sample, "sub_sample")
