@@ -71,7 +71,11 @@ class PyramidPooling(nn.Module):
     map (no residual), as in PSPNet.
 
     mmseg's ``PSPHead(in_channels=C, channels=D)`` is ``PyramidPooling(C, out_channels=D,
-    branch_channels=D, pool_norm_layer=nn.BatchNorm2d, align_corners=False)``.
+    branch_channels=D, pool_norm_layer=nn.BatchNorm2d, align_corners=False)`` (checked against
+    segmentation-models-pytorch's ``PSPModule`` of UPerNet, the same structure, to float64
+    rounding). segmentation-models-pytorch's ``PSPNet`` decoder is a close relative but not this
+    layer: its ``b = 1`` branch has a biased conv and no norm while the others have BatchNorm,
+    and it fuses with a 1x1 conv; wrap it with :func:`gald.wrap` to keep it as it is.
 
     Adaptive pooling is computed as an exact averaging-matrix product built from the input size
     (see :func:`adaptive_avg_pool`): it equals ``F.adaptive_avg_pool2d`` and, unlike it, exports
