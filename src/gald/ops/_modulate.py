@@ -67,6 +67,9 @@ def ld_modulate_reference(
     Half-precision inputs are upsampled and passed through the sigmoid in float32, like the
     fused paths; the product is rounded once to the dtype of ``x``. The inputs are checked as
     :func:`ld_modulate` checks them (no broadcasting of ``logits`` over batch or channels).
+    Where plain ops differ from the op: an infinite logit gives NaN here (``F.interpolate``
+    multiplies it by zero weights), where :func:`ld_modulate` saturates the sigmoid; and
+    ``F.interpolate`` refuses zero channels, which the op returns empty.
     """
     offset, align_corners = _check_inputs(x, logits, offset, align_corners)
     cdt = compute_dtype(x.dtype)
