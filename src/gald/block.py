@@ -70,8 +70,18 @@ def _label(module: nn.Module) -> str:
     return type(module).__name__
 
 
+class _InChannelsRefused(ValueError):
+    """The wrapped module does not take ``in_channels`` (it declares another width, or refuses
+    every probe of that width): :func:`gald.wrap` adds where its inferred width came from."""
+
+
 class _ProbesRefused(ValueError):
-    """A module refused every input of :func:`_infer_out_channels`'s dry run."""
+    """No input of :func:`_infer_out_channels`'s dry run gave a usable width: the module raised
+    on every probe (``raised_on_all``), or changed the height and width of those it ran on."""
+
+    def __init__(self, message: str, *, raised_on_all: bool) -> None:
+        super().__init__(message)
+        self.raised_on_all = raised_on_all
 
 
 def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
@@ -147,7 +157,8 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
         raise _ProbesRefused(
             f"the wrapped {_label(module)} does not keep the height and width of its input "
             f"({', '.join(changed)}); GALD upsamples the GA's output from the size the GA "
-            f"receives, so the GA must keep it{advice}"
+            f"receives, so the GA must keep it{advice}",
+            raised_on_all=False,
         )
     note = _not_one_tensor(module)
     advice = (
@@ -158,7 +169,8 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
     )
     raise _ProbesRefused(
         f"the wrapped {_label(module)} refuses a (1, {in_channels}, s, s) input for every probe "
-        f"side s ({'; '.join(errors)}); {advice}"
+        f"side s ({'; '.join(errors)}); {advice}",
+        raised_on_all=True,
     )
 
 
@@ -225,12 +237,15 @@ def _width_by_dry_run(
     except _ProbesRefused as exc:
         declared = _declared_width(ga) if explain_declared else None
         if declared is not None and declared[1] != in_channels:
-            raise ValueError(
+            raise _InChannelsRefused(
                 f"in_channels={in_channels} does not match {what}, which declares "
                 f"{declared[0]}={declared[1]}"
             ) from exc
         if out_channels is None:
-            raise ValueError(str(exc)) from None  # the private subclass stays inside
+            # the private subclass stays inside; a module that refused every probe may have been
+            # given the wrong width
+            kind = _InChannelsRefused if exc.raised_on_all else ValueError
+            raise kind(str(exc)) from None
         return out_channels, None
     if out_channels is not None and out_channels != found:
         raise ValueError(
