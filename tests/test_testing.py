@@ -445,6 +445,9 @@ def test_check_gald_failure_names_check_gald() -> None:
     with pytest.raises(AssertionError, match=r"^state_dict: ") as info:
         check_gald(StateOutsideStateDict, in_channels=C, only=("state_dict",))
     assert str(info.value).endswith("(pass state_dict=False to check_gald to skip this property)")
+    with pytest.raises(AssertionError) as info:  # and check_ga, called afterwards, its own name
+        check_ga(StateOutsideStateDict, channels=C, only=("state_dict",))
+    assert str(info.value).endswith("(pass state_dict=False to check_ga to skip this property)")
 
 
 def test_check_gald_arguments() -> None:
