@@ -114,9 +114,19 @@ def make_act(act_layer: LayerFactory, owner: nn.Module) -> nn.Module:
     return make_layer(act_layer, "act_layer", purpose=f"an activation of {type(owner).__name__}")
 
 
-def strided_min_size(num_stages: int, kernel_size: int, padding: int, stride: int = 2) -> int:
-    """Smallest side a chain of ``num_stages`` strided convs accepts (each output side >= 1)."""
-    size = 1
+def conv_out_size(
+    size: int, kernel: int, stride: int = 1, padding: int = 0, dilation: int = 1
+) -> int:
+    """The output side of a convolution (or a floor-mode pooling) on an input side ``size``."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def strided_min_size(
+    num_stages: int, kernel_size: int, padding: int, stride: int = 2, *, start: int = 1
+) -> int:
+    """Smallest side a chain of ``num_stages`` strided convs accepts so that its output side is
+    at least ``start`` (each stage's output side >= 1)."""
+    size = start
     for _ in range(num_stages):
         # the smallest s with floor((s + 2p - k) / stride) + 1 >= size
         size = max(1, stride * (size - 1) + kernel_size - 2 * padding)

@@ -21,6 +21,7 @@ from ._layers import (
     make_layer,
     make_norm2d,
     probe_setting,
+    strided_min_size,
 )
 from ._modes import eval_mode
 from ._validate import (
@@ -591,7 +592,7 @@ class GALD(nn.Module):
                 where=f"GALD's {self.in_channels}-channel downsample stage",
             )
             # the smallest input whose stride-2 down stage still gives the GA its minimum side
-            min_size = max(1, 2 * (min_size - 1) + 3 - 2 * self.padding)
+            min_size = strided_min_size(1, 3, self.padding, start=min_size)
         ga_block_min = min_size  # what the GA (through the downsample) needs
         self.ld: LocalDistribution | None = None
         self.alpha: nn.Parameter | None = None

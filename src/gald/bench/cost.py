@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._layers import conv_out_size
 from ..registry import create_ga
 from ._timing import format_flops, format_mib, saved_bytes
 from .block import count_flops
@@ -19,7 +20,7 @@ from .block import count_flops
 
 def inner_side(side: int) -> int:
     """The side ``GALD`` hands its GA: the depthwise 3x3 stride-2 ``down`` stage, padding 1."""
-    return (side + 2 - 3) // 2 + 1
+    return conv_out_size(side, 3, stride=2, padding=1)
 
 
 def run(gas: list[str], shape: tuple[int, int, int, int]) -> dict[str, Any]:

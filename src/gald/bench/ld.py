@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import fuse
+from .._layers import conv_out_size
 from .._validate import first_line
 from ..ld import LocalDistribution
 from ..ops import ld_modulate
@@ -94,7 +95,7 @@ def candidates(channels: int) -> dict[str, Callable[[], nn.Module]]:
 def ld_branch_size(side: int, stages: int = 3) -> int:
     """Side of the LD logits: ``stages`` depthwise k=3, stride-2, padding-0 convs."""
     for _ in range(stages):
-        side = max(1, (side - 3) // 2 + 1)
+        side = max(1, conv_out_size(side, 3, stride=2))
     return side
 
 

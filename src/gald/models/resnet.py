@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._checkpoint import checkpoint_once
-from .._layers import LayerFactory, make_norm2d
+from .._layers import LayerFactory, conv_out_size, make_norm2d
 from .._validate import (
     check_bool,
     check_factory,
@@ -70,10 +70,6 @@ class _Bottleneck(nn.Module):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         return self.relu(out + identity)
-
-
-def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 def _check_checkpoint(
@@ -276,13 +272,13 @@ class DilatedResNet(nn.Module):
 
     def feature_size(self, size: int) -> int:
         """The side of both returned features for an input side ``size`` (0 when too small)."""
-        s = _conv_out(size, 3 if self.deep_stem else 7, 2, 1 if self.deep_stem else 3)
+        s = conv_out_size(size, 3 if self.deep_stem else 7, 2, 1 if self.deep_stem else 3)
         if s < 1:
             return 0
-        s = _pool_out_ceil(s, 3, 2, 1) if self.deep_stem else _conv_out(s, 3, 2, 1)
-        s = _conv_out(s, 3, 2, 1)  # layer2
+        s = _pool_out_ceil(s, 3, 2, 1) if self.deep_stem else conv_out_size(s, 3, 2, 1)
+        s = conv_out_size(s, 3, 2, 1)  # layer2
         if self.output_stride == 16:
-            s = _conv_out(s, 3, 2, 1)  # layer3
+            s = conv_out_size(s, 3, 2, 1)  # layer3
         return max(s, 0)
 
     def load_state_dict(
