@@ -154,13 +154,25 @@ def render_block(res: dict[str, Any]) -> str:
     )
 
 
-def render_ld(res: dict[str, Any]) -> str:
+_NO_LD = "_(this run was made without `--ld`)_"
+
+
+def _ld_part(res: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``--ld`` part of a benchmark run (``None`` for a run without ``--ld``)."""
     _bench_run(res)
-    if "ld" not in res:
-        return "_(this run was made without `--ld`)_"
+    return res.get("ld")
+
+
+def _round_medians(values: list[float]) -> str:
+    return ", ".join(f"{v:.0f}" for v in values)
+
+
+def render_ld(res: dict[str, Any]) -> str:
+    ld = _ld_part(res)
+    if ld is None:
+        return _NO_LD
     from .ld import table_vs_authors, worst_check
 
-    ld = res["ld"]
     headers, body = table_vs_authors(ld, speed_cell=_speed)
     return (
         f"Input {tuple(ld['shape'])} (x itself: {ld['x_bytes'] / 2**20:.1f} MiB). {where(res)}"
@@ -175,7 +187,7 @@ def render_kernels(res: dict[str, Any]) -> str:
     _bench_run(res)
     k = res.get("kernels")
     if not k:
-        return "_(this run was made without `--ld`)_"
+        return _NO_LD
     if "skipped" in k:
         return f"_Not measured in this run: {k['skipped']}._"
     from .ld import kernel_table, passed
@@ -561,15 +573,13 @@ def render_rounds(res: dict[str, Any]) -> str:
         a / b for a, b in zip(with_ld["round_medians_ms"], without["round_medians_ms"], strict=True)
     ]
 
-    def ms(values: list[float]) -> str:
-        return ", ".join(f"{v:.0f}" for v in values)
-
     return (
         f"In the GA table below, {row['ga']}'s inference overhead is "
         f"{format_pct(row['overhead']['inference']['ratio'])} next to "
         f"{with_ld['median_ms']:.1f} and {without['median_ms']:.1f} ms (a ratio of "
         f"{pooled(row):.2f}): its rounds ran at different speeds (round medians "
-        f"{ms(with_ld['round_medians_ms'])} ms with the LD and {ms(without['round_medians_ms'])} "
+        f"{_round_medians(with_ld['round_medians_ms'])} ms with the LD and "
+        f"{_round_medians(without['round_medians_ms'])} "
         f"ms without), and the per-round ratios were {min(ratios):.2f} to {max(ratios):.2f}, "
         f"median {row['overhead']['inference']['ratio']:.2f}."
     )
@@ -577,15 +587,14 @@ def render_rounds(res: dict[str, Any]) -> str:
 
 def render_unstable(res: dict[str, Any]) -> str:
     """How stable the authors' side of the LD comparison was in one run."""
-    _bench_run(res)
-    if "ld" not in res:
-        return "_(this run was made without `--ld`)_"
-    ld = res["ld"]
+    ld = _ld_part(res)
+    if ld is None:
+        return _NO_LD
     train, inference = ld["train_step"]["authors"], ld["inference"]["authors"]
     return (
         f"In this run the authors' train step has an interquartile range of "
         f"{train['iqr_ms']:.0f} ms around a {train['median_ms']:.0f} ms median (round medians "
-        f"{', '.join(f'{v:.0f}' for v in train['round_medians_ms'])} ms) and their inference "
+        f"{_round_medians(train['round_medians_ms'])} ms) and their inference "
         f"{inference['iqr_ms']:.0f} ms around {inference['median_ms']:.0f} ms; the comparison "
         f"reads {_speed(ld['train_step']['gald']['speedup_vs_authors'])} for the train step and "
         f"{_speed(ld['inference']['gald']['speedup_vs_authors'])} for inference."

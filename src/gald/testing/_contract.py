@@ -506,13 +506,22 @@ def _check_batch_independence(ctx: _Context) -> None:
             )
 
 
-def _check_autocast(ctx: _Context) -> None:
+def _eval_reference(
+    ctx: _Context, prop: str, what: str = "float32 reference forward"
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """The prepared module in eval mode, a typical batch of two and its output (no gradients),
+    the reference a property compares another way of running the module with."""
     module = ctx.prepared().eval()
     x = ctx.input(2, ctx.typical())
+    with torch.no_grad(), _forward_errors(prop, x, what):
+        ref = module(x)
+    return module, x, ref
+
+
+def _check_autocast(ctx: _Context) -> None:
+    module, x, ref = _eval_reference(ctx, "autocast")
     device_type = x.device.type
     with torch.no_grad():
-        with _forward_errors("autocast", x, "float32 reference forward"):
-            ref = module(x)
         for dtype in ctx.autocast_dtypes:
             with (
                 _forward_errors("autocast", x, f"forward under {dtype} autocast"),
@@ -548,11 +557,8 @@ def _check_autocast(ctx: _Context) -> None:
 
 def _check_half_precision(ctx: _Context) -> None:
     # the model itself in half precision (model.to(dtype), as for inference on a GPU)
-    module = ctx.prepared().eval()
-    x = ctx.input(2, ctx.typical())
+    module, x, ref = _eval_reference(ctx, "half_precision")
     with torch.no_grad():
-        with _forward_errors("half_precision", x, "float32 reference forward"):
-            ref = module(x)
         for dtype in ctx.autocast_dtypes:
             half = copy.deepcopy(module).to(dtype)
             what = f"forward of the module converted to {dtype}"
@@ -636,11 +642,8 @@ def _check_memory_format(ctx: _Context) -> None:
 
 
 def _check_compile(ctx: _Context) -> None:
-    module = ctx.prepared().eval()
-    x = ctx.input(2, ctx.typical())
+    module, x, ref = _eval_reference(ctx, "compile", "eager reference forward")
     with torch.no_grad():
-        with _forward_errors("compile", x, "eager reference forward"):
-            ref = module(x)
         torch.compiler.reset()
         try:
             compiled = torch.compile(module, fullgraph=True, backend="eager")
