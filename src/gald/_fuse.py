@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import fuse_conv_bn_weights, parametrize
 
-from ._layers import last_module, plain_sequential
+from ._layers import has_hooks, last_module, plain_sequential
 from ._validate import check_bool
 
 M = TypeVar("M", bound=nn.Module)
@@ -48,12 +48,6 @@ _CONVS = (nn.Conv1d, nn.Conv2d)
 _CONV_FORWARDS = (nn.Conv1d.forward, nn.Conv2d.forward)
 _CONV_INNER = (nn.Conv1d._conv_forward, nn.Conv2d._conv_forward)
 _BN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
-
-
-def _hooks(m: nn.Module) -> bool:
-    return bool(
-        m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
-    )
 
 
 def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
@@ -73,7 +67,7 @@ def _unfoldable(conv: nn.Module, bn: nn.Module) -> str | None:
     for name, m in (("conv", conv), ("bn", bn)):
         if parametrize.is_parametrized(m):
             return f"{name} is parametrized (its weight is recomputed in every call)"
-        if _hooks(m):
+        if has_hooks(m):
             return f"{name} has hooks (pruning, or a user's forward or backward hook)"
     return None
 

@@ -193,15 +193,21 @@ def conv_norm_act(
     return nn.Sequential(*layers)
 
 
+def has_hooks(m: nn.Module) -> bool:
+    """Whether ``m`` has forward or backward hooks of its own (which may change its output or
+    gradients, so that it is not just its forward code)."""
+    return bool(
+        m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
+    )
+
+
 def plain_sequential(m: nn.Module) -> TypeGuard[nn.Sequential]:
     """``m`` is a non-empty ``nn.Sequential`` (or a subclass keeping its forward) without hooks:
     its output is exactly its last child's."""
     return (
         isinstance(m, nn.Sequential)
         and type(m).forward is nn.Sequential.forward
-        and not (
-            m._forward_pre_hooks or m._forward_hooks or m._backward_hooks or m._backward_pre_hooks
-        )
+        and not has_hooks(m)
         and len(m) > 0
     )
 

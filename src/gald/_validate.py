@@ -173,10 +173,9 @@ def check_divisible(value: int, divisor: int, name: str, divisor_name: str) -> N
         raise ValueError(f"{name}={value} must be divisible by {divisor_name}={divisor}")
 
 
-def reduced_width(channels: int, reduction: object, name: str = "reduction") -> int:
-    """``channels // reduction`` for a positive integer ``reduction``; a ``ValueError`` naming
+def reduced_width(channels: int, reduction: int, name: str = "reduction") -> int:
+    """``channels // reduction`` for a checked positive ``reduction``; a ``ValueError`` naming
     ``name`` when it leaves no channel."""
-    reduction = check_positive_int(reduction, name)
     if channels // reduction < 1:
         raise ValueError(
             f"{name}={reduction} leaves no channels: channels // {name} must be >= 1, "
