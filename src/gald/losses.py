@@ -178,8 +178,9 @@ class OhemCrossEntropy(nn.Module):
         denom = w.sum()
         # (-logp) * w, not -(logp * w): a loss without kept pixels is +0, not -0
         loss = (logp_t.neg() * w).sum() / denom.clamp_min(torch.finfo(logp_t.dtype).tiny)
-        # the logits' dtype, as F.cross_entropy; under autocast float32, as autocast gives
-        # F.cross_entropy (a bfloat16 loss would round the logged value to 3 digits)
+        # the logits' dtype, as F.cross_entropy; under autocast the computed float32 (float64
+        # for float64 logits), as autocast gives F.cross_entropy (a bfloat16 loss would round
+        # the logged value to 3 digits)
         if torch.is_autocast_enabled(logits.device.type):
-            return loss.float() if loss.dtype != torch.float64 else loss
+            return loss
         return loss.to(logits.dtype)

@@ -27,7 +27,7 @@ _MISSING = object()
 def _check_name(name: object) -> str:
     if not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__} {name!r}")
-    if not name.strip() or name != name.strip():
+    if not name or name != name.strip():
         raise ValueError(
             f"name must be a non-empty str without leading or trailing whitespace, got {name!r}"
         )
