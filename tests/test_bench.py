@@ -615,6 +615,21 @@ def test_slow_candidates_are_timed_once_per_round() -> None:
     assert expected_seconds(0.1, min_time=2.0, rounds=5) == pytest.approx(5 * (0.4 + 0.1))
 
 
+def test_rounds_alternate_the_order_of_the_candidates() -> None:
+    """A B, B A, A B: a steady drift of the machine's speed favours neither candidate."""
+    from gald.bench._timing import measure_interleaved
+
+    order: list[str] = []
+    measure_interleaved(
+        {"a": lambda: order.append("a"), "b": lambda: order.append("b")},
+        min_time=0.003,
+        rounds=3,
+        threads=1,
+        call_s={"a": 1.0, "b": 1.0},  # one call per round each
+    )
+    assert order == ["a", "b", "b", "a", "a", "b"]
+
+
 def test_docs_speed_interval_is_in_the_unit_of_the_figure() -> None:
     from gald.bench.docs import _speed
 
@@ -783,3 +798,24 @@ def test_the_progress_estimate_follows_each_ga_warmed_up(monkeypatch) -> None:
     last = 2 * gc_s + psp_s  # everything known
     # measure_interleaved runs twice per GA (inference, train step)
     assert totals == pytest.approx([first, first, second, second, last, last])
+
+
+def test_the_peak_of_a_train_step_starts_without_stale_gradients(monkeypatch) -> None:
+    """The step frees the gradients of the timed calls before it allocates its own: counted in
+    the baseline, they would lower both peaks by the size of the input and the parameters."""
+    from gald.bench import block
+    from gald.bench._config import Config
+
+    stale = []
+
+    def peak(fn, device):
+        pair = fn.__closure__[next(i for i, n in enumerate(fn.__code__.co_freevars) if n == "self")]
+        pair = pair.cell_contents
+        grads = [pair.xr.grad, *(p.grad for m in pair.models.values() for p in m.parameters())]
+        stale.append(sum(g is not None for g in grads))
+        return 0
+
+    monkeypatch.setattr(block, "peak_bytes", peak)
+    cfg = Config(shape=(1, 8, 15, 15), device=torch.device("cpu"), quiet=True, min_time=0.01)
+    block.run(cfg, ["gc"])
+    assert stale == [0, 0]  # with and without LD

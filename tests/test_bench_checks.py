@@ -456,3 +456,18 @@ def test_cost_checks_each_ga_alone_before_anything_runs(capsys, nothing_runs) ->
     err = _error(capsys, main, ["--ga", "dualgcn,gc", "--cost", "--shape", "1,64,3,3"])
     assert "--ga dualgcn --cost: dualgcn needs H, W >= 9 at batch size 1" in err
     assert "--ga gc" not in err  # gc alone runs at 3x3
+
+
+def test_the_large_bandwidth_shape_is_skipped_where_it_does_not_fit(monkeypatch) -> None:
+    """The GPU check times the kernels at a large shape only where the rows fit in the free
+    device memory, and says so instead of running out of memory on a small card."""
+    from gald.bench import ld
+
+    need = ld.LARGE_SHAPE_COPIES * math.prod(ld.LARGE_SHAPE) * 4
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need, 80 * 2**30))
+    assert ld.large_shape_room(torch.device("cuda", 0)) is None
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (need - 1, 8 * 2**30))
+    why = ld.large_shape_room(torch.device("cuda", 0))
+    assert why is not None and "8x512x129x257 skipped: it needs about 8.1 GiB" in why
+    res = {"checks": [], "bandwidth": [], "skipped": [why], "shape": [1, 2, 3, 4], "logits": [1, 1]}
+    assert why in ld.render_kernels(res, "cfg")

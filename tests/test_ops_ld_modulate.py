@@ -543,7 +543,9 @@ def test_bad_inputs_raise_clear_errors(args, kwargs, exc, pattern):
 
 def test_op_rejects_unknown_impl():
     x = torch.randn(1, 1, 4, 4)
-    with pytest.raises(ValueError, match=r"impl must be 'torch' or 'triton', got 'reference'"):
+    with pytest.raises(
+        ValueError, match=r"impl must be 'auto', 'torch' or 'triton', got 'reference'"
+    ):
         torch.ops.gald.ld_modulate(x, torch.randn(1, 1, 2, 2), 1.0, True, "reference")
 
 

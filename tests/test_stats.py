@@ -337,3 +337,38 @@ def test_a_blended_ld_reports_the_gate_the_block_applies() -> None:
     plain = gald.ld_statistics(gald.GALD(8, "psp").eval(), [x])["ld"]
     assert half.blended and not plain.blended
     assert 1.0 < half.mean < plain.low  # halfway towards the LD's own gate
+
+
+def test_a_model_compiled_before_the_call_reports_its_gates() -> None:
+    """A graph compiled before the hooks exist would skip them: the statistics of a compiled
+    model equal the eager model's, under the names without the wrapper's ``_orig_mod``."""
+    head = _randomise(gald.GALDHead(16, 3, channels=16), 4).eval()
+    x = torch.randn(2, 16, 17, 17)
+    compiled = torch.compile(head, backend="eager")
+    with torch.no_grad():
+        compiled(x)  # compiled without the hooks
+    got = gald.ld_statistics(compiled, [x])
+    want = gald.ld_statistics(head, [x])
+    assert list(got) == list(want) == ["gald.ld"]
+    assert got["gald.ld"].samples == 2
+    assert got["gald.ld"].mean == pytest.approx(want["gald.ld"].mean, rel=1e-12)
+
+
+def test_non_finite_gate_values_are_counted_and_shown() -> None:
+    ld = _randomise(gald.LocalDistribution(4), 2).eval()
+    x = torch.randn(2, 4, 16, 16)
+    x[0, 1, 5, 5] = float("nan")
+    clean = gald.ld_statistics(ld, [x.nan_to_num()])[""]
+    s = gald.ld_statistics(ld, [x])[""]
+    with torch.no_grad():
+        gate = ld.offset + ld.mask(x)
+    assert clean.nonfinite == 0
+    assert s.nonfinite == int((~torch.isfinite(gate)).sum()) > 0
+    assert math.isnan(s.mean) and math.isnan(s.far_fraction)
+    finite = gate[torch.isfinite(gate)]
+    assert s.min == pytest.approx(float(finite.min())) and s.max == pytest.approx(
+        float(finite.max())
+    )
+    table = str(gald.ld_statistics(ld, [x]))
+    assert f"({s.nonfinite} non-finite gate values)" in table
+    assert " nan " in table

@@ -481,6 +481,7 @@ def test_float64_needs_triton_3_5(monkeypatch):
         5,
     )
     monkeypatch.setattr(_triton_ld, "_triton_version", lambda: (3, 4))
+    monkeypatch.setattr(_modulate, "_triton_launches", lambda *args: True)  # no CUDA here
     assert "triton >= 3.5" in str(_triton_ld.unsupported_dtype(torch.float64))
     assert _triton_ld.unsupported_dtype(torch.float32) is None
     assert _modulate.resolve_impl(cuda64, "auto") == "torch"  # type: ignore[arg-type]
@@ -519,3 +520,39 @@ def test_logits_too_wide_for_the_backward_window_run_the_torch_backward(kernels,
     torch.testing.assert_close(gl, want_gl, **tol(torch.float64))
     with pytest.raises(ValueError, match=r"300 columns wide for an x 3 wide need a backward"):
         kernels.ld_modulate_bwd_triton(g, x, logits, 2.0, True, True, True)
+
+
+def test_auto_tries_a_launch_once_and_falls_back_with_a_warning(monkeypatch, kernels):
+    """``impl="auto"`` takes the Triton kernels only where a trial launch works (a CUDA image
+    without a C compiler imports triton but cannot build its launcher); the result is kept per
+    device and dtype, and a failure warns once, naming the cause."""
+    monkeypatch.setattr(_modulate, "_launches", {})
+    cpu = torch.device("cpu")
+    # the interpreted kernels launch on CPU tensors: the trial passes
+    assert _modulate._triton_launches(cpu, torch.float32, kernels) is True
+
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable")
+
+    stub = SimpleNamespace(ld_modulate_fwd_triton=broken, ld_modulate_bwd_triton=broken)
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"do not run on cpu in torch.float16 \(RuntimeError: "
+        r"Failed to find C compiler.*impl='auto' uses the torch kernel",
+    ):
+        assert _modulate._triton_launches(cpu, torch.float16, stub) is False
+    assert _modulate._triton_launches(cpu, torch.float16, stub) is False  # remembered: no retry
+    assert len(calls) == 1
+    assert _modulate._triton_launches(cpu, torch.float32, stub) is True  # another dtype's record
+
+    # resolved at run time by the op: a CUDA tensor whose trial failed gets the torch kernel
+    fake_cuda = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.float32)
+    monkeypatch.setattr(_modulate, "_triton", lambda: stub)
+    monkeypatch.setattr(stub, "unsupported_dtype", lambda dtype: None, raising=False)
+    _modulate._launches[(torch.device("cuda", 0), torch.float32)] = False
+    assert _modulate.resolve_impl(fake_cuda, "auto") == "torch"  # type: ignore[arg-type]
+    _modulate._launches[(torch.device("cuda", 0), torch.float32)] = True
+    assert _modulate.resolve_impl(fake_cuda, "auto") == "triton"  # type: ignore[arg-type]

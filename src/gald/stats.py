@@ -13,8 +13,10 @@ the memory used does not grow with the number of batches.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -66,6 +68,10 @@ class GateStats:
         channel_mean: the mean gate of every channel (length ``channels``), the constant
             per-channel scale an LD with a flat gate amounts to.
         low_included: whether ``low`` itself can occur (``[low, high)`` or ``(low, high)``).
+        nonfinite: number of gate values that were NaN or infinite (an overflowing float16
+            model, a diverged one). When it is not ``0`` the moments (mean, std, CVs, far
+            fraction) are NaN, printed ``nan``; ``min`` and ``max`` are taken over the finite
+            values.
         blended: whether the LD was called with a ``blend`` (the gate of
             :class:`gald.GALD`'s ``init="identity"``): the statistics then describe the gate the
             block applies, ``1 + blend * (offset + M - 1)`` (``1`` where the blend is ``0``),
@@ -90,6 +96,7 @@ class GateStats:
     low_included: bool = True
     calls: int = 0
     blended: bool = False
+    nonfinite: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """Every field as a plain ``dict`` (for JSON)."""
@@ -113,6 +120,14 @@ def gate_range_text(low: float, high: float, low_included: bool) -> str:
     return f"{'[' if low_included else '('}{low:g}, {high:g})"
 
 
+def _cell(s: GateStats, attr: str, fmt: str) -> str:
+    value = getattr(s, attr)
+    if math.isnan(value):
+        # "-": no spread across samples with one sample; "nan": non-finite gate values
+        return "-" if attr == "sample_cv" and s.samples < 2 and not s.nonfinite else "nan"
+    return fmt.format(value)
+
+
 class LDStatistics(dict[str, GateStats]):
     """A ``dict`` from module name to :class:`GateStats`; ``str()`` gives a table."""
 
@@ -125,13 +140,13 @@ class LDStatistics(dict[str, GateStats]):
                 why = "0 (not called)" if s.calls == 0 else f"0 ({s.calls} empty batches)"
                 rows.append([name or "<model>", rng, *("-" for _ in _COLUMNS), why])
                 continue
-            values = [
-                "-" if math.isnan(getattr(s, attr)) else fmt.format(getattr(s, attr))
-                for _, attr, fmt in _COLUMNS
-            ]
+            values = [_cell(s, attr, fmt) for _, attr, fmt in _COLUMNS]
             if s.blended:
                 rng += " blended"
-            rows.append([name or "<model>", rng, *values, str(s.samples)])
+            seen = str(s.samples)
+            if s.nonfinite:
+                seen += f" ({s.nonfinite} non-finite gate values)"
+            rows.append([name or "<model>", rng, *values, seen])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = [
             "  ".join(
@@ -199,6 +214,7 @@ class _GateAccumulator:
         self.positions = 0
         self.calls = 0
         self.blended = False
+        self.nonfinite = 0
 
     def state_numel(self) -> int:
         """Number of stored scalars (for checking that nothing grows with the batch count)."""
@@ -216,8 +232,12 @@ class _GateAccumulator:
         if gate.numel() == 0:
             return
         self.per_channel.update(gate, dim=(0, 2, 3))
-        self.min = min(self.min, float(gate.min()))
-        self.max = max(self.max, float(gate.max()))
+        finite = torch.isfinite(gate)
+        count = int(finite.sum())
+        self.nonfinite += gate.numel() - count
+        if count:  # min and max over the finite values; the moments carry the NaN on
+            self.min = min(self.min, float(gate.masked_fill(~finite, math.inf).min()))
+            self.max = max(self.max, float(gate.masked_fill(~finite, -math.inf).max()))
         std_hw, mean_hw = torch.std_mean(gate, dim=(2, 3), correction=0)
         cv = torch.where(std_hw == 0, torch.zeros_like(std_hw), std_hw / mean_hw.abs())
         self.spatial_cv_sum += float(cv.sum())
@@ -268,12 +288,12 @@ class _GateAccumulator:
         return GateStats(
             mean=mean,
             std=std,
-            min=self.min,
-            max=self.max,
+            min=self.min if math.isfinite(self.min) else math.nan,
+            max=self.max if math.isfinite(self.max) else math.nan,
             spatial_cv=self.spatial_cv_sum / self.pairs,
             channel_cv=_cv(channel_std, mean),
             sample_cv=float(sample_cv.mean()),
-            far_fraction=self.far / self.positions,
+            far_fraction=math.nan if self.nonfinite else self.far / self.positions,
             low=low,
             high=high,
             offset=self.offset,
@@ -284,6 +304,7 @@ class _GateAccumulator:
             low_included=self.low_included,
             calls=self.calls,
             blended=self.blended,
+            nonfinite=self.nonfinite,
         )
 
 
@@ -312,6 +333,19 @@ def _input_of(batch: object, index: int) -> torch.Tensor:
     return x
 
 
+def _eager() -> contextlib.AbstractContextManager[Any]:
+    """Run compiled code eagerly: a graph compiled before the hooks were added would not call
+    them. A process that has not imported ``torch._dynamo`` has compiled nothing."""
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.set_stance("force_eager")
+    return contextlib.nullcontext()
+
+
+def _plain_name(name: str) -> str:
+    """The module name without the ``_orig_mod`` level a ``torch.compile`` wrapper adds."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 def ld_statistics(
     model: nn.Module, batches: Iterable[Any], *, max_batches: int | None = None
 ) -> LDStatistics:
@@ -319,7 +353,8 @@ def ld_statistics(
     ``model``, over the inputs in ``batches``.
 
     The model runs in eval mode without gradients (the training flags of all modules are
-    restored afterwards). A forward hook on each LD receives its input ``x`` and computes the
+    restored afterwards), and eagerly when it was compiled (``torch.compile``): a compiled
+    graph would not call the hooks; the names then leave out the wrapper's ``_orig_mod``. A forward hook on each LD receives its input ``x`` and computes the
     gate as ``ld.offset + ld.mask(x)`` in float64; only running sums are kept, so memory does
     not depend on the number of batches. Floating inputs are moved to the device and dtype of
     the model's first floating parameter (a bfloat16 model reads float32 batches).
@@ -373,7 +408,11 @@ def ld_statistics(
         )
     if max_batches is not None:
         max_batches = check_positive_int(max_batches, "max_batches")
-    lds = [(name, m) for name, m in model.named_modules() if isinstance(m, LocalDistribution)]
+    lds = [
+        (_plain_name(name), m)
+        for name, m in model.named_modules()
+        if isinstance(m, LocalDistribution)
+    ]
     if not lds:
         raise ValueError(
             f"model ({type(model).__name__}) contains no gald.LocalDistribution; "
@@ -410,7 +449,7 @@ def ld_statistics(
     ]
     seen = 0
     try:
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad(), _eager():
             for batch in itertools.islice(batches, max_batches):
                 x = _input_of(batch, seen)
                 if ref is not None:

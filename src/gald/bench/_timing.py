@@ -385,7 +385,9 @@ def measure_interleaved(
     between_rounds: Callable[[], None] | None = None,
 ) -> dict[str, Stats]:
     """Time every function in ``fns``, interleaved: ``rounds`` rounds, each measuring every
-    function with ``Timer.blocked_autorange(min_run_time=min_time / rounds)``.
+    function with ``Timer.blocked_autorange(min_run_time=min_time / rounds)``, in the order of
+    ``fns`` in even rounds and in the reverse order in odd ones (a steady drift of the machine's
+    speed then cancels out between pairs of rounds instead of favouring the first candidate).
 
     ``blocked_autorange`` starts with one untimed call (it sizes the blocks), which doubles as a
     warm-up after switching from the other candidates. A function whose known duration
@@ -406,7 +408,10 @@ def measure_interleaved(
     for r in range(rounds):
         if r and between_rounds is not None:
             between_rounds()
-        for name, timer in timers.items():
+        # every other round in reverse order (A B, B A, A B, ...): a speed that drifts during
+        # the run favours no candidate, and none is always the first after between_rounds
+        order = list(timers.items())
+        for name, timer in order if r % 2 == 0 else reversed(order):
             if call_s is not None and call_s.get(name, 0.0) >= per_round:
                 times, calls = [_time_single(fns[name], threads)], 1
             else:
@@ -609,7 +614,7 @@ def busy_note(threads: int, in_use: float | None = None) -> str | None:
 
 
 def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     line = " | ".join(h.ljust(w) for h, w in zip(headers, widths))
     sep = "-+-".join("-" * w for w in widths)
     body = "\n".join(" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)

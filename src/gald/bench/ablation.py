@@ -66,23 +66,23 @@ ROWS = {
     "frozen": "ld, gate frozen",
 }
 _EVAL_SEED = 2_147_483_000
-# two-sided 95 % quantiles of Student's t by degrees of freedom (a smaller df is used between
-# the listed ones, which errs on the side of "within noise")
+# two-sided 95 % quantiles of Student's t by degrees of freedom, rounded up in the third decimal
+# (a smaller df is used between the listed ones: both err on the side of "within noise")
 _T95 = {
-    1: 12.71,
-    2: 4.30,
-    3: 3.18,
-    4: 2.78,
-    5: 2.57,
-    6: 2.45,
-    7: 2.36,
-    8: 2.31,
-    9: 2.26,
-    10: 2.23,
-    15: 2.13,
-    20: 2.09,
-    30: 2.04,
-    60: 2.00,
+    1: 12.707,
+    2: 4.303,
+    3: 3.183,
+    4: 2.777,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.307,
+    9: 2.263,
+    10: 2.229,
+    15: 2.132,
+    20: 2.086,
+    30: 2.043,
+    60: 2.001,
 }
 
 

@@ -514,11 +514,6 @@ def render_cost(res: dict[str, Any]) -> str:
     )
 
 
-def _names(rows: list[dict[str, Any]]) -> str:
-    names = [r["ga"] for r in rows]
-    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
-
-
 def render_added(res: dict[str, Any]) -> str:
     """What the LD adds to each GA in absolute time, and where its share is smallest and
     largest: the prose beside the GA table, from the same run."""
@@ -538,15 +533,35 @@ def render_added(res: dict[str, Any]) -> str:
     inference, train = added("inference"), added("train_step")
     by_share = sorted(rows, key=lambda r: r["overhead"]["inference"]["ratio"])
     k = min(3, len(rows) // 2) or 1
+
+    def listed(part: list[dict[str, Any]]) -> str:
+        items = [
+            f"{r['ga']} ({format_overhead(ratio_from(r['overhead']['inference']))})" for r in part
+        ]
+        return ", ".join(items[:-1]) + f" and {items[-1]}" if len(items) > 1 else items[0]
+
+    low, high = by_share[:k], by_share[-k:]
+
+    def end(r: dict[str, Any], which: str) -> float:
+        value = r["overhead"]["inference"][which]
+        return math.nan if value is None else float(value)
+
+    ends_known = not any(math.isnan(end(r, "ratio_low")) for r in low + high)
+    apart = ends_known and max(end(r, "ratio_high") for r in low) < min(
+        end(r, "ratio_low") for r in high
+    )
     return (
         f"In the run below the LD adds {span(inference)} to an inference and {span(train)} to a "
         "train step, whichever of the "
         f"{len(rows)} GA layers it follows (the median with the LD minus the median without). "
-        f"Its inference overhead is smallest next to {_names(by_share[:k])} "
-        f"({format_pct(by_share[0]['overhead']['inference']['ratio'])} to "
-        f"{format_pct(by_share[k - 1]['overhead']['inference']['ratio'])}) and largest next to "
-        f"{_names(by_share[-k:])} ({format_pct(by_share[-k]['overhead']['inference']['ratio'])}"
-        f" to {format_pct(by_share[-1]['overhead']['inference']['ratio'])})."
+        f"By the figures, its inference overhead is smallest next to {listed(low)} and largest "
+        f"next to {listed(high)}"
+        + (
+            "; the two groups' intervals do not overlap."
+            if apart
+            else "; the intervals of the two groups overlap, so the order between them is not "
+            "established by this run."
+        )
     )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from types import ModuleType
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch.autograd import forward_ad
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_bool, check_choice, check_feature, check_float
+from .._validate import check_bool, check_choice, check_feature, check_float, first_line
 from . import _ld_torch
 
 IMPLS = ("auto", "reference", "torch", "triton")
@@ -100,8 +101,57 @@ _LIB.define(
 
 
 def _check_impl_in_op(impl: str) -> None:
-    if impl not in ("torch", "triton"):
-        raise ValueError(f"gald::ld_modulate: impl must be 'torch' or 'triton', got {impl!r}")
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(
+            f"gald::ld_modulate: impl must be 'auto', 'torch' or 'triton', got {impl!r}"
+        )
+
+
+_launches: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
+def _triton_launches(device: torch.device, dtype: torch.dtype, kernels: ModuleType) -> bool:
+    """Whether the Triton kernels launch on ``device`` in ``dtype``: a forward and a backward of
+    a 2x2 map, once per device and dtype. Triton builds its launcher with the host's C compiler
+    and loads ``libcuda`` on the first launch; an environment without them (a slim runtime
+    image) runs CUDA PyTorch but not Triton. Then the automatic choice warns once, naming the
+    reason, and takes the torch kernel."""
+    key = (device, dtype)
+    if key in _launches:
+        return _launches[key]
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True  # no trial launch inside a CUDA graph capture
+    try:
+        with torch.no_grad():
+            x = torch.ones(1, 1, 2, 2, device=device, dtype=dtype)
+            logits = torch.zeros(1, 1, 1, 1, device=device, dtype=dtype)
+            kernels.ld_modulate_fwd_triton(x, logits, 1.0, True)
+            kernels.ld_modulate_bwd_triton(x, x, logits, 1.0, True, True, True)
+    except Exception as exc:  # what Triton raises here varies: compiler, driver, assertion
+        warnings.warn(
+            f"gald.ops.ld_modulate: the Triton kernels do not run on {device} in {dtype} "
+            f"({type(exc).__name__}: {first_line(exc)}); impl='auto' uses the torch kernel "
+            "there. Triton needs a C compiler (the CC variable, or build-essential) and the "
+            "CUDA driver library; pass impl='torch' to choose the torch kernel without this "
+            "warning",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        _launches[key] = False
+        return False
+    _launches[key] = True
+    return True
+
+
+def _auto_impl(x: torch.Tensor) -> str:
+    """What ``impl="auto"`` runs on ``x``: the Triton kernel for a CUDA tensor when triton
+    imports, supports the dtype and launches on the device, else the torch kernel."""
+    if x.device.type != "cuda":
+        return "torch"
+    kernels = _triton()
+    if kernels is None or kernels.unsupported_dtype(x.dtype) is not None:
+        return "torch"
+    return "triton" if _triton_launches(x.device, x.dtype, kernels) else "torch"
 
 
 def _require_triton() -> ModuleType:
@@ -160,6 +210,8 @@ def _modulate_kernel(
     # the kernels choose their own precision: an enclosing autocast must not recast them; they
     # are the op's implementation, never differentiated through (torch.func runs them with
     # tensors that track gradients at an outer level)
+    if impl == "auto":
+        impl = _auto_impl(x)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
         if impl == "triton":
@@ -189,6 +241,8 @@ def _backward_kernel(
     _check_impl_in_op(impl)
     _check_backward_inputs(grad, x, logits, offset, align_corners)
     _refuse_tangents("gald::ld_modulate_backward", grad, x, logits)
+    if impl == "auto":
+        impl = _auto_impl(x)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
         kernels = _require_triton() if impl == "triton" else None
@@ -362,8 +416,11 @@ def _check_backward_inputs(
 def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     """The kernel ``impl`` stands for on ``x``: ``"reference"``, ``"torch"`` or ``"triton"``.
 
-    ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports and runs
-    the dtype of ``x`` (float64 needs triton >= 3.5), else the torch kernel. While a TorchScript
+    ``"auto"`` (or ``None``) is the Triton kernel for CUDA tensors when triton imports, runs
+    the dtype of ``x`` (float64 needs triton >= 3.5) and launches on the device (tried once per
+    device and dtype; a failure warns and is remembered), else the torch kernel. The op itself
+    makes this choice when it runs, not when it is traced, so a compiled or exported graph
+    keeps ``"auto"`` and decides on the machine that runs it. While a TorchScript
     tracer or the ONNX exporter runs, every choice is the reference formula, so exported graphs
     hold standard ops only (a kernel choice concerns the PyTorch runtime, not the exported graph).
     """
@@ -372,10 +429,7 @@ def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     if _exporting():
         return "reference"
     if impl is None or impl == "auto":
-        kernels = _triton() if x.device.type == "cuda" else None
-        if kernels is not None and kernels.unsupported_dtype(x.dtype) is None:
-            return "triton"
-        return "torch"
+        return _auto_impl(x)
     if impl == "triton":
         _require_triton()
     return impl
@@ -400,7 +454,9 @@ def ld_modulate(
         offset: constant added to the mask (``1`` = the authors' ``x + x * M``).
         align_corners: as in ``F.interpolate``.
         impl: ``"auto"`` (``None`` means the same) picks the Triton kernel for CUDA tensors
-            when triton imports (for float64, triton >= 3.5) and the torch kernel otherwise;
+            when triton imports (for float64, triton >= 3.5) and launches on the device (tried
+            once per device and dtype; where it does not, e.g. without a C compiler for Triton's
+            launcher, a warning says why), and the torch kernel otherwise;
             ``"torch"`` the plain-PyTorch kernel (any device, temporaries bounded by a
             constant); ``"triton"`` the Triton kernel (``RuntimeError`` when triton is
             unavailable; the backward of logits over about 8x wider than ``x``, whose window
@@ -432,9 +488,14 @@ def ld_modulate(
     ``.sum()``) when its strides are neither NCHW nor channels_last.
     """
     offset, align_corners = _check_inputs(x, logits, offset, align_corners)
-    which = resolve_impl(x, impl)
-    if which == "reference":
+    if impl is not None and impl != "auto":
+        check_choice(impl, "ld_modulate: impl", IMPLS)
+    if impl == "reference" or _exporting():
         return ld_modulate_reference(x, logits, offset, align_corners=align_corners)
+    if impl == "triton":
+        _require_triton()
+    # "auto" goes to the op, which resolves it when it runs (see resolve_impl)
+    which = "auto" if impl is None else impl
     if not _differentiated(x, logits):
         # nothing to differentiate: the op itself, without the autograd.Function's own
         # per-call cost (about 0.1 ms of Python, as much as the kernel on a small map)
