@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -85,6 +86,17 @@ def test_ga_module_forms() -> None:
     custom = gald.GALD(8, Scale, ga_kwargs={"factor": 0.5}, downsample=False, ld=False)
     x = torch.randn(1, 8, 5, 5)
     torch.testing.assert_close(custom(x), 0.5 * x)
+    # a keyword partial of a class is the class with those keywords (ga_kwargs override them),
+    # and the block's norm still reaches it
+    by_partial = gald.GALD(8, functools.partial(_NamesNorm), norm_layer=nn.SyncBatchNorm)
+    assert isinstance(by_partial.ga.norm, nn.SyncBatchNorm)
+    grouped = gald.GALD(8, functools.partial(gald.ga.CGNL, groups=4), ga_kwargs={"groups": 2})
+    assert grouped.ga.groups == 2
+    # any other callable in_channels -> module: built, and its width found by a dry run
+    narrow = gald.GALD(8, lambda c: nn.Conv2d(c, 4, 1), ld=True)
+    assert narrow.out_channels == 4 and narrow(torch.randn(2, 8, 9, 9)).shape == (2, 4, 9, 9)
+    with pytest.raises(ValueError, match="out_channels is given twice"):
+        gald.GALD(8, functools.partial(gald.ga.PyramidPooling, out_channels=4), out_channels=4)
 
 
 class _ForwardsKwargs(nn.Module):

@@ -273,3 +273,19 @@ def test_ddp_refuses_syncbn_on_cpu(single_process_group: None) -> None:
         DDP(head)
     with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
         head.train()(torch.randn(2, 16, 9, 9))
+
+
+def test_wrap_refuses_a_model_already_in_ddp(single_process_group: None) -> None:
+    """DDP registers its parameters when it is built: a block wrapped in afterwards would train
+    its new parameters unsynchronised. The model itself or a module on the path counts."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 3, padding=1))
+    ddp = DDP(model)
+    with pytest.raises(ValueError, match=r"the model is a DistributedDataParallel.*Wrap the plain"):
+        gald.wrap(ddp, "module.1")
+    outer = nn.Sequential(DDP(nn.Sequential(nn.Conv2d(16, 16, 1))), nn.Conv2d(16, 16, 1))
+    with pytest.raises(ValueError, match=r"'0' is a DistributedDataParallel"):
+        gald.wrap(outer, "0.module.0")
+    gald.wrap(outer, "1")  # beside the DDP part, not inside it
+    assert isinstance(outer[1], gald.GALD)
+    plain = gald.wrap(nn.Sequential(nn.Conv2d(3, 16, 1), nn.Conv2d(16, 16, 1)), "1")
+    assert isinstance(DDP(plain).module[1], gald.GALD)  # wrapped first, then DDP

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -105,6 +107,11 @@ def test_both_fusions_gate_before_adding() -> None:
     layer = randomise(GlobalContext(8, fusion=["mul", "add"]))
     assert layer.fusion == ("add", "mul")
     assert set(layer.transforms) == {"add", "mul"}
+    # any ordered sequence, as for every other sequence argument (an OmegaConf ListConfig)
+    assert GlobalContext(8, fusion=collections.UserList(["mul"])).fusion == ("mul",)
+    assert GlobalContext(8, fusion=np.array(["mul", "add"])).fusion == ("add", "mul")
+    with pytest.raises(TypeError, match=r"fusion must be a sequence of names.*got set"):
+        GlobalContext(8, fusion={"add"})
     x = torch.randn(2, 8, 3, 4)
     context = layer._context(x)
     gate = torch.sigmoid(layer.transforms["mul"](context))
@@ -128,6 +135,7 @@ def test_gradcheck(pooling: str, fusion: str) -> None:
         ({"channels": 8, "ratio": 0.0}, ValueError, "ratio"),
         ({"channels": 8, "ratio": "1/4"}, TypeError, "ratio"),
         ({"channels": 8, "ratio": 1 / 16}, ValueError, "ratio"),
+        ({"channels": 8, "ratio": 4}, ValueError, r"ratio must be in \(0, 1\].*pass ratio=1/r"),
         ({"channels": 8, "pooling": "max"}, ValueError, "pooling"),
         ({"channels": 8, "pooling": None}, TypeError, "pooling"),
         ({"channels": 8, "fusion": "channel_add"}, ValueError, "fusion"),

@@ -162,6 +162,12 @@ def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
         ({"channels": 0}, ValueError, "channels must be >= 1"),
         ({"channels": 2.0}, TypeError, "channels must be an int"),
         ({"channels": 4, "num_stages": 0}, ValueError, "num_stages must be >= 1"),
+        (
+            {"channels": 4, "num_stages": 31},
+            ValueError,
+            r"num_stages must be <= 30 \(each stage halves",
+        ),
+        ({"channels": 10**30}, ValueError, r"channels must be <= 9223372036854775807, got 10+$"),
         ({"channels": 4, "padding": -1}, ValueError, "padding must be >= 0"),
         (
             {"channels": 4, "padding": 2},
@@ -185,6 +191,34 @@ def test_bad_input(x: object, exc: type[Exception], pattern: str) -> None:
 def test_bad_constructor(kwargs: dict, exc: type[Exception], pattern: str) -> None:
     with pytest.raises(exc, match=pattern):
         gald.LocalDistribution(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("padding", "hw", "fails"),
+    [
+        (0, (20, 20), True),
+        (0, (23, 23), False),
+        (1, (8, 8), True),
+        (1, (8, 9), False),
+        (1, (1, 1), True),
+        (1, (9, 1), False),
+    ],
+)
+def test_batch_one_training_names_the_stage_that_is_one_by_one(padding, hw, fails) -> None:
+    """Train-mode BatchNorm refuses one value per channel: at batch 1 the LD says which stage
+    is 1x1 and what to do, where torch's message names neither; the smallest side it names
+    trains."""
+    ld = gald.LocalDistribution(4, padding=padding)
+    x = torch.randn(1, 4, *hw)
+    if not fails:
+        ld(x).sum().backward()
+        return
+    with pytest.raises(ValueError, match=r"batch size 1, mask stage \d sees a 1x1 map") as info:
+        ld(x)
+    side = int(str(info.value).rsplit(" ", 1)[-1])
+    ld(torch.randn(1, 4, side, 1 if padding else side)).sum().backward()  # the remedy trains
+    ld(torch.randn(2, 4, *hw))  # a batch of two trains
+    ld.eval()(x)  # eval mode uses the running statistics
 
 
 def test_norm_and_act_injection() -> None:

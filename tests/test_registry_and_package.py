@@ -3,6 +3,7 @@ surface and what the sdist contains."""
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import inspect
 import shutil
@@ -81,6 +82,12 @@ def test_create_from_class_instance_and_mapping() -> None:
     cfg = Config(groups=2, use_scale=True)
     layer = gald.create_ga("cgnl", 16, **cfg)
     assert layer.groups == 2 and layer.use_scale  # type: ignore[union-attr]
+    # a keyword partial of a class (a ``_partial_: true`` config): later keywords override it
+    half = functools.partial(Tiny, scale=0.5)
+    assert gald.create_ga(half, 8).scale == 0.5 and gald.create_ga(half, 8, scale=3.0).scale == 3.0
+    # any callable channels -> module, called with the keywords
+    made = gald.create_ga(lambda c, **kw: Tiny(c, **kw), 8, scale=4.0)
+    assert isinstance(made, Tiny) and made.channels == 8 and made.scale == 4.0
 
 
 def test_create_errors_name_the_argument() -> None:
@@ -88,8 +95,10 @@ def test_create_errors_name_the_argument() -> None:
         gald.create_ga("x", 16)
     with pytest.raises(TypeError, match="ga must be a registry name .* got int 3"):
         gald.create_ga(3, 16)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="ga must be a registry name .* got function"):
-        gald.create_ga(lambda c: Tiny(c), 16)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="factory .* must return an nn.Module, got int"):
+        gald.create_ga(lambda c: 3, 16)
+    with pytest.raises(TypeError, match="channels is required to call the factory"):
+        gald.create_ga(lambda c: Tiny(c))
     with pytest.raises(
         ValueError,
         match=r"kwargs must be empty when ga is an nn.Module instance .* got \['scale'\]",

@@ -238,7 +238,9 @@ def test_only_and_switches() -> None:
 
 
 def test_bad_factory_and_arguments() -> None:
-    with pytest.raises(TypeError, match="factory must be an nn.Module class or a callable"):
+    with pytest.raises(
+        TypeError, match="factory must be a registry name, an nn.Module class or a callable"
+    ):
         check_ga(SqueezeExcitation(C))  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="factory must return an nn.Module, got Tensor"):
         check_ga(lambda c: torch.zeros(c))  # type: ignore[arg-type,return-value]
@@ -450,10 +452,18 @@ def test_check_gald_failure_names_check_gald() -> None:
     assert str(info.value).endswith("(pass state_dict=False to check_ga to skip this property)")
 
 
+def test_check_ga_takes_a_registry_name() -> None:
+    assert "shapes" in check_ga("gc", only=("shapes", "state_dict"))
+    with pytest.raises(ValueError, match="unknown GA module 'gcc'"):
+        check_ga("gcc")
+
+
 def test_check_gald_arguments() -> None:
     with pytest.raises(ValueError, match="pass out_channels to check_gald directly"):
         check_gald(SqueezeExcitation, gald_kwargs={"out_channels": 4})
-    with pytest.raises(TypeError, match="factory must be an nn.Module class or a callable"):
+    with pytest.raises(
+        TypeError, match="factory must be a registry name, an nn.Module class or a callable"
+    ):
         check_gald(3)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"check_gald takes in_channels= .* not channels=16"):
         check_gald(SqueezeExcitation, channels=16)

@@ -95,11 +95,20 @@ def check_int(value: object, name: str) -> int:
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
 
 
-def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """An int (see :func:`check_int`) that is at least ``minimum``."""
+INT64_MAX = 2**63 - 1
+
+
+def check_positive_int(
+    value: object, name: str, *, minimum: int = 1, maximum: int = INT64_MAX, why: str = ""
+) -> int:
+    """An int (see :func:`check_int`) between ``minimum`` and ``maximum`` (by default the
+    largest size torch takes); ``why`` explains a smaller maximum."""
     result = check_int(value, name)
     if result < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {result}")
+    if result > maximum:
+        reason = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be <= {maximum}{reason}, got {result}")
     return result
 
 
@@ -245,3 +254,11 @@ def check_factory(value: object, name: str) -> Callable[..., Any]:
                 f"{name} is called as {name}{call}, which {value!r} cannot take ({exc}){hint}"
             ) from None
     return value  # type: ignore[return-value]
+
+
+def check_ignored_factories(**factories: object) -> None:
+    """Check the ``norm_layer`` / ``act_layer`` a layer without norms or activations accepts
+    for a uniform signature: each must be ``None`` or a layer factory."""
+    for name, factory in factories.items():
+        if factory is not None:
+            check_factory(factory, name)

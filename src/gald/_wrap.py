@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, TypeVar
 
 from torch import nn
@@ -92,6 +93,31 @@ def _infer_in_channels(module: nn.Module) -> tuple[int, str]:
     )
 
 
+def _distributed_wrappers() -> tuple[type, ...]:
+    """The wrapper classes that register their parameters when they are built (DDP, FSDP).
+    FSDP is looked for only where it was imported: without that, no FSDP model exists."""
+    found: list[type] = [nn.parallel.DistributedDataParallel]
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    for attr in ("FullyShardedDataParallel", "FSDPModule"):
+        cls = getattr(fsdp, attr, None)
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
+
+
+def _refuse_distributed(model: nn.Module, name: str) -> None:
+    wrappers = _distributed_wrappers()
+    for path, module in model.named_modules():
+        if isinstance(module, wrappers) and (not path or f"{name}.".startswith(f"{path}.")):
+            where = "the model" if not path else f"{path!r}"
+            raise ValueError(
+                f"wrap({name!r}): {where} is a {type(module).__name__}, which registered its "
+                "parameters when it was built: the GALD block's new parameters would train "
+                "without being synchronised across processes. Wrap the plain model first, then "
+                "build the distributed wrapper (and convert to SyncBatchNorm before that)"
+            )
+
+
 def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: Any) -> M:
     """Replace the submodule at the dotted path ``name`` by a :class:`~gald.GALD` around it.
 
@@ -123,7 +149,9 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
             or a wrapper's attribute names the path where it is registered).
         ValueError: ``name`` is malformed or leads to something that is not an ``nn.Module``,
             to a module registered at another path too (shared), or the channels cannot be
-            inferred or do not match the module.
+            inferred or do not match the module; or the path runs through a
+            ``DistributedDataParallel`` / FSDP wrapper (wrap before building it: it registers
+            the parameters it synchronises when it is built).
 
     Example:
         >>> import torch, gald
@@ -138,6 +166,7 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if "ga_module" in gald_kwargs:
         raise TypeError("wrap takes the GA from the model; do not pass ga_module")
+    _refuse_distributed(model, name)
     parent, attr, target, inside = _resolve(model, name)
     if isinstance(target, GALD):
         raise ValueError(f"{name!r} is already a GALD block")

@@ -7,7 +7,7 @@ Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDBlock``.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,7 @@ from ._validate import (
     check_positive_int,
 )
 from .ld import IMPLS, LocalDistribution
-from .registry import _declared_width, _ga_class, create_ga
+from .registry import _declared_width, _ga_class, _is_class_spec, create_ga
 
 __all__ = ["GALD"]
 
@@ -298,7 +298,7 @@ def _accepted_widths(cls: type[nn.Module], kwargs: Mapping[str, Any], limit: int
 
 
 def _build_ga(
-    ga_module: str | type[nn.Module] | nn.Module,
+    ga_module: str | type[nn.Module] | nn.Module | Callable[..., nn.Module],
     in_channels: int,
     out_channels: int | None,
     ga_kwargs: Mapping[str, Any],
@@ -323,13 +323,20 @@ def _build_ga(
             explain_declared=True,
         )
         return ga_module, width, side
-    cls = _ga_class(ga_module, "ga_module")
-    if out_channels is not None and "out_channels" in ga_kwargs:
+    if callable(ga_module) and not _is_class_spec(ga_module):
+        # a factory in_channels -> nn.Module: built here, then read like an instance
+        built = create_ga(ga_module, in_channels, **ga_kwargs)
+        width, side = _width_by_dry_run(
+            built, in_channels, out_channels, f"the {_label(built)} built by {ga_module!r}"
+        )
+        return built, width, side
+    cls, bound = _ga_class(ga_module, "ga_module")
+    kwargs = {**bound, **ga_kwargs}
+    if out_channels is not None and "out_channels" in kwargs:
         raise ValueError(
             f"out_channels is given twice: out_channels={out_channels} and "
-            f"ga_kwargs['out_channels']={ga_kwargs['out_channels']!r}; pass it to GALD only"
+            f"the GA's out_channels={kwargs['out_channels']!r}; pass it to GALD only"
         )
-    kwargs = dict(ga_kwargs)
     name = vars(cls).get("ga_name", cls.__name__)  # a subclass's own, not its base's name
     # the block's norm and activation reach every GA that builds norms or activations; a class
     # whose default for one is None builds none (timm's convention) and is left so
@@ -397,6 +404,9 @@ def _read_unwrapped_keys(
 class GALD(nn.Module):
     r"""Global Aggregation then Local Distribution around any context module.
 
+    Reference: X. Li et al., "Global Aggregation then Local Distribution in Fully Convolutional
+    Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDBlock``.
+
     .. math::
         y = \mathrm{Up}\big(\mathrm{GA}(\mathrm{down}(x)),\, H \times W\big), \qquad
         \mathrm{out} = y \odot (\mathrm{offset} + M(y)),
@@ -446,7 +456,10 @@ class GALD(nn.Module):
     Args:
         in_channels: channels ``C_in`` of the input.
         ga_module: a registry name (see :func:`gald.list_ga`), an ``nn.Module`` class built as
-            ``cls(in_channels, **ga_kwargs)``, or a ready ``nn.Module``.
+            ``cls(in_channels, **ga_kwargs)`` (or a ``functools.partial`` of one with keywords,
+            which ``ga_kwargs`` override), any other callable ``in_channels -> nn.Module``
+            (called with ``ga_kwargs``; its width is found like an instance's), or a ready
+            ``nn.Module``.
         out_channels: channels of the GA output and of the block (default: inferred, see above).
         ga_kwargs: keyword arguments for the GA constructor (any mapping).
         downsample: run the GA on a 2x-downsampled copy and upsample its output (default
@@ -490,7 +503,7 @@ class GALD(nn.Module):
     def __init__(
         self,
         in_channels: int,
-        ga_module: str | type[nn.Module] | nn.Module = "cgnl",
+        ga_module: str | type[nn.Module] | nn.Module | Callable[..., nn.Module] = "cgnl",
         *,
         out_channels: int | None = None,
         ga_kwargs: Mapping[str, Any] | None = None,

@@ -7,7 +7,7 @@ restated with the hard-coded 512 removed.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -25,6 +25,9 @@ _GALD_ONLY = frozenset(inspect.signature(GALD).parameters) - {
 
 class GALDHead(nn.Module):
     r"""GALD segmentation head on a backbone feature.
+
+    Reference: the ``GALDHead`` and ``dsn`` of github.com/lxtGH/GALD-DGCNet (``GALDNet``), restated
+    with the hard-coded 512 removed.
 
     ``conva`` (3x3 conv -> norm -> act) -> :class:`~gald.GALD` -> ``convb`` (3x3 conv -> norm ->
     act) -> concat with the input -> ``bottleneck`` (3x3 conv -> norm -> act) -> Dropout2d ->
@@ -66,7 +69,7 @@ class GALDHead(nn.Module):
         num_classes: int,
         *,
         channels: int = 512,
-        ga_module: str | type[nn.Module] | nn.Module = "cgnl",
+        ga_module: str | type[nn.Module] | nn.Module | Callable[..., nn.Module] = "cgnl",
         ga_kwargs: Mapping[str, Any] | None = None,
         padding: int = 1,
         dropout: float = 0.0,
@@ -174,6 +177,9 @@ class GALDHead(nn.Module):
 
 class AuxHead(nn.Module):
     r"""The authors' deep-supervision head (``dsn``), usually on ResNet layer3.
+
+    Reference: the ``GALDHead`` and ``dsn`` of github.com/lxtGH/GALD-DGCNet (``GALDNet``), restated
+    with the hard-coded 512 removed.
 
     3x3 conv (with bias) -> norm -> act -> Dropout2d -> 1x1 conv (with bias). Train it with
     plain cross-entropy weighted 0.4 next to the main loss: the deep supervision of PSPNet

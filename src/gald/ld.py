@@ -13,7 +13,7 @@ from torch import nn
 
 from ._amp import autocast_off, compute_dtype
 from ._checkpoint import checkpoint_once
-from ._layers import LayerFactory, depthwise_stage, strided_min_size
+from ._layers import LayerFactory, conv_out_size, depthwise_stage, strided_min_size
 from ._validate import (
     PADDING_REMEDY,
     check_bool,
@@ -37,6 +37,10 @@ _NON_NEGATIVE = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
 
 class LocalDistribution(nn.Module):
     r"""Local Distribution: ``x * (offset + M)`` with a per-channel, per-position mask ``M``.
+
+    Reference: X. Li et al., "Global Aggregation then Local Distribution in Fully Convolutional
+    Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``LocalAttenModule`` in
+    github.com/lxtGH/GALD-DGCNet, restated here from its documented semantics.
 
     The mask branch is ``num_stages`` x [depthwise stride-2 conv -> norm -> act]; its
     low-resolution output (the *logits*) is upsampled bilinearly (``align_corners=True``) to the
@@ -69,7 +73,9 @@ class LocalDistribution(nn.Module):
         kernel_size: kernel of every depthwise conv.
         padding: padding of every depthwise conv. ``0`` reproduces the authors' code exactly and
             needs ``H, W >= 15`` for 3 stages of ``k=3``; ``1`` accepts every ``H, W >= 1``; at
-            most ``kernel_size // 2``.
+            most ``kernel_size // 2``. In training mode at batch size 1 a BatchNorm refuses a
+            stage whose map is 1x1: the input then needs a side of at least 9 (``padding=1``)
+            or 23 (``padding=0``), and a ``ValueError`` says so.
         final_act: apply ``act_layer`` after the last stage too.
         offset: the constant added to the mask.
         norm_layer: normalisation factory called as ``norm_layer(C)``.
@@ -98,7 +104,9 @@ class LocalDistribution(nn.Module):
     ) -> None:
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
-        num_stages = self.num_stages = check_positive_int(num_stages, "num_stages")
+        num_stages = self.num_stages = check_positive_int(
+            num_stages, "num_stages", maximum=30, why="each stage halves the map"
+        )
         kernel_size = self.kernel_size = check_positive_int(kernel_size, "kernel_size")
         padding = self.padding = check_positive_int(padding, "padding", minimum=0)
         if padding > kernel_size // 2:
@@ -185,12 +193,41 @@ class LocalDistribution(nn.Module):
             who=type(self).__name__,
             remedy=self._small_input_remedy,
         )
+        if self.training and x.shape[0] == 1 and not torch.compiler.is_compiling():
+            self._check_single_sample(x.shape[-2:])
         if self.grad_checkpointing and torch.is_grad_enabled():
             logits = checkpoint_once(self.branch, x)
         else:
             logits = self.branch(x)
         # under autocast the branch may return a lower precision than x
         return logits if logits.dtype == x.dtype else logits.to(x.dtype)
+
+    def _check_single_sample(self, hw: torch.Size) -> None:
+        """At batch 1 in training mode a BatchNorm after a stage whose map is 1x1 sees one value
+        per channel, which it refuses: say so here, naming the stage and the remedies."""
+        h, w = hw
+        for i, stage in enumerate(self.branch):
+            h = conv_out_size(h, self.kernel_size, 2, self.padding)
+            w = conv_out_size(w, self.kernel_size, 2, self.padding)
+            norm = next(
+                (
+                    m
+                    for m in stage.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                    and not isinstance(m, nn.SyncBatchNorm)
+                ),
+                None,
+            )
+            if norm is not None and h * w == 1:
+                # every stage's map at least 2 wide (or high): then none is 1x1
+                side = strided_min_size(self.num_stages, self.kernel_size, self.padding, start=2)
+                raise ValueError(
+                    f"{type(self).__name__}: in training mode at batch size 1, mask stage {i} "
+                    f"sees a 1x1 map for a {hw[0]}x{hw[1]} input, and its "
+                    f"{type(norm).__name__} cannot normalise a single value per channel. Train "
+                    f"with a batch of at least 2, SyncBatchNorm across GPUs, or an input side of "
+                    f"at least {side}"
+                )
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The full-resolution mask ``sigmoid(Up(branch(x)))``, shape (B, C, H, W).

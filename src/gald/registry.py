@@ -9,6 +9,7 @@ the registry back exactly as it was.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar, overload
@@ -135,6 +136,10 @@ def registered(
     ``replace=True``, which shadows the existing entry inside the block only. Registering a class
     under the name it already has is allowed and leaves it registered afterwards.
 
+    Each block restores the registry as it found it, so nested blocks must exit in the reverse
+    order of entry, as ``with`` statements, pytest fixtures and ``contextlib.ExitStack`` do;
+    blocks entered and exited by hand out of that order restore an outer block's registration.
+
     Example:
         >>> import gald
         >>> from torch import nn
@@ -216,13 +221,17 @@ def _declared_width(module: nn.Module) -> tuple[str, int] | None:
 
 
 def create_ga(
-    ga: str | type[nn.Module] | nn.Module, channels: int | None = None, **kwargs: Any
+    ga: str | type[nn.Module] | nn.Module | Callable[..., nn.Module],
+    channels: int | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
     """Build a GA layer with ``channels`` input channels.
 
     Args:
         ga: a registry name (see :func:`list_ga`), an ``nn.Module`` class built as
-            ``ga(channels, **kwargs)``, or a ready ``nn.Module`` instance, returned as it is
+            ``ga(channels, **kwargs)`` (or a ``functools.partial`` of one with keywords, which
+            ``kwargs`` override), any other callable called as ``ga(channels, **kwargs)`` that
+            returns a module, or a ready ``nn.Module`` instance, returned as it is
             (``kwargs`` must then be empty; when ``channels`` is given, an instance with an int
             ``in_channels``, or else ``channels``, attribute must agree with it).
         channels: input channels ``C``; required for a name or a class, optional for an
@@ -252,23 +261,50 @@ def create_ga(
                 f"expected {attr}={channels} (the channels argument)"
             )
         return ga
-    cls = _ga_class(ga, "ga")
+    if callable(ga) and not _is_class_spec(ga):  # a factory channels -> nn.Module
+        if channels is None:
+            raise TypeError(f"create_ga: channels is required to call the factory {ga!r}")
+        built = ga(check_positive_int(channels, "channels"), **kwargs)
+        if not isinstance(built, nn.Module):
+            raise TypeError(
+                f"create_ga: the factory {ga!r} must return an nn.Module, got "
+                f"{type(built).__name__}"
+            )
+        return built
+    cls, bound = _ga_class(ga, "ga")
     if channels is None:
         raise TypeError(
             f"create_ga: channels is required to build {cls.__name__} from "
             f"{'the name ' + repr(ga) if isinstance(ga, str) else 'its class'}, got none"
         )
-    return cls(check_positive_int(channels, "channels"), **kwargs)
+    return cls(check_positive_int(channels, "channels"), **{**bound, **kwargs})
 
 
-def _ga_class(ga: object, name: str) -> type[nn.Module]:
-    """The class a GA argument names: a registry name or an ``nn.Module`` subclass (a module
-    instance is the caller's case)."""
+def _ga_class(ga: object, name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    """The class a GA argument names and the keywords bound to it: a registry name, an
+    ``nn.Module`` subclass or a ``functools.partial`` of one with keywords only (a
+    ``_partial_: true`` config). A module instance, or any other callable, is the caller's
+    case."""
     if isinstance(ga, str):
-        return get_ga_class(ga)
+        return get_ga_class(ga), {}
     if isinstance(ga, type) and issubclass(ga, nn.Module):
-        return ga
+        return ga, {}
+    if (
+        isinstance(ga, functools.partial)
+        and isinstance(ga.func, type)
+        and issubclass(ga.func, nn.Module)
+        and not ga.args
+    ):
+        return ga.func, dict(ga.keywords)
     raise TypeError(
-        f"{name} must be a registry name (str), an nn.Module subclass or an nn.Module instance, "
-        f"got {type(ga).__name__} {ga!r}"
+        f"{name} must be a registry name (str), an nn.Module subclass (or a functools.partial "
+        f"of one), a callable channels -> nn.Module or an nn.Module instance, got "
+        f"{type(ga).__name__} {ga!r}"
     )
+
+
+def _is_class_spec(ga: object) -> bool:
+    """Whether :func:`_ga_class` reads ``ga``: a name, a class or a keyword partial of one."""
+    if isinstance(ga, functools.partial) and not ga.args:
+        ga = ga.func
+    return isinstance(ga, str) or (isinstance(ga, type) and issubclass(ga, nn.Module))

@@ -27,6 +27,11 @@ from ..registry import register_ga
 class ASPP(nn.Module):
     r"""Atrous spatial pyramid pooling: parallel atrous convs and image pooling, fused.
 
+    Reference: L.-C. Chen, G. Papandreou, F. Schroff, H. Adam, "Rethinking Atrous Convolution for
+    Semantic Image Segmentation", arXiv 1706.05587, 2017; configured by default as the
+    ``ASPPModule`` of the GALD authors' operators (rates 12, 24, 36, 256 inner channels,
+    Dropout2d 0.1).
+
     Changes the width: maps ``channels`` to ``out_channels`` (default ``channels``), as the
     DeepLabv3 heads of torchvision, segmentation-models-pytorch and mmseg do (2048 -> 256).
 

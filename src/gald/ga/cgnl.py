@@ -16,8 +16,8 @@ from .._layers import LayerFactory
 from .._validate import (
     check_bool,
     check_divisible,
-    check_factory,
     check_feature,
+    check_ignored_factories,
     check_positive_int,
 )
 from ..registry import register_ga
@@ -26,6 +26,10 @@ from ..registry import register_ga
 @register_ga("cgnl")
 class CGNL(nn.Module):
     r"""Compact generalized non-local block (dot-product kernel, grouped).
+
+    Reference: K. Yue et al., "Compact Generalized Non-local Network", NeurIPS 2018 (arXiv
+    1810.13125), in the configuration the GALD authors use (``SpatialCGNL``, groups=8,
+    GroupNorm, no scale).
 
     With :math:`\theta, \phi, g` 1x1 convs ``C -> C'`` (no bias) split into ``G`` channel groups,
 
@@ -96,9 +100,7 @@ class CGNL(nn.Module):
         check_divisible(channels, groups, "channels", "groups")
         check_divisible(self.inter_channels, groups, "inter_channels", "groups")
         self.use_scale = check_bool(use_scale, "use_scale")
-        for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
-            if factory is not None:
-                check_factory(factory, name)
+        check_ignored_factories(norm_layer=norm_layer, act_layer=act_layer)
         self.t = nn.Conv2d(channels, self.inter_channels, 1, bias=False)
         self.p = nn.Conv2d(channels, self.inter_channels, 1, bias=False)
         self.g = nn.Conv2d(channels, self.inter_channels, 1, bias=False)

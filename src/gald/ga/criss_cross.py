@@ -10,13 +10,22 @@ import torch
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature, check_positive_int, reduced_width
+from .._layers import LayerFactory
+from .._validate import (
+    check_feature,
+    check_ignored_factories,
+    check_positive_int,
+    reduced_width,
+)
 from ..registry import register_ga
 
 
 @register_ga("criss_cross")
 class CrissCrossAttention(nn.Module):
     r"""Criss-cross attention applied ``recurrence`` times with shared weights (RCCA).
+
+    Reference: Z. Huang, X. Wang, L. Huang, C. Huang, Y. Wei, W. Liu, "CCNet: Criss-Cross Attention
+    for Semantic Segmentation", ICCV 2019 / TPAMI 2020 (arXiv 1811.11721).
 
     For a position :math:`u = (h, w)` let :math:`\Omega_u` be the ``H + W - 1`` positions of its
     row and column, the centre counted once. With ``q, k`` 1x1 convs ``C -> C // reduction`` and
@@ -36,7 +45,9 @@ class CrissCrossAttention(nn.Module):
     one copy enters the softmax. Logits, softmax and aggregation run in float32 under autocast
     (cast back after). Pure PyTorch (``einsum``), any device.
 
-    The layer has no norm and no activation, so it takes no ``norm_layer`` or ``act_layer``.
+    The layer has no norm and no activation: ``norm_layer`` and ``act_layer`` are accepted, so
+    that one model-wide choice (for instance ``nn.SyncBatchNorm``) can be handed to every GA
+    layer, but replace nothing here.
 
     Complexity (per image and pass, ``N = H * W``): time ``O(N (H + W) (C' + C))`` with
     ``C' = C // reduction``; extra memory ``O(N (H + W))`` for the attention, kept for
@@ -57,8 +68,17 @@ class CrissCrossAttention(nn.Module):
         torch.Size([2, 64, 9, 7])
     """
 
-    def __init__(self, channels: int, *, recurrence: int = 2, reduction: int = 8) -> None:
+    def __init__(
+        self,
+        channels: int,
+        *,
+        recurrence: int = 2,
+        reduction: int = 8,
+        norm_layer: LayerFactory | None = None,
+        act_layer: LayerFactory | None = None,
+    ) -> None:
         super().__init__()
+        check_ignored_factories(norm_layer=norm_layer, act_layer=act_layer)
         channels = self.channels = check_positive_int(channels, "channels")
         recurrence = self.recurrence = check_positive_int(recurrence, "recurrence")
         self.reduction = check_positive_int(reduction, "reduction")

@@ -15,7 +15,13 @@ from einops import rearrange
 from torch import nn
 
 from .._amp import autocast_off, compute_dtype
-from .._validate import check_feature, check_positive_int, reduced_width
+from .._layers import LayerFactory
+from .._validate import (
+    check_feature,
+    check_ignored_factories,
+    check_positive_int,
+    reduced_width,
+)
 from ..registry import register_ga
 
 _BRANCHES = ("pam", "cam")
@@ -89,6 +95,10 @@ class _ChannelAttention(nn.Module):
 class DualAttention(nn.Module):
     r"""DANet's position and channel attention as one residual layer.
 
+    Reference: J. Fu et al., "Dual Attention Network for Scene Segmentation", CVPR 2019 (arXiv
+    1809.02983); the authors' ``PAM_Module`` and ``CAM_Module`` (junfu1115/DANet), restated here
+    from their documented semantics.
+
     With :math:`X \in \mathbb{R}^{C \times N}` (``N = H * W``), ``Q, K`` 1x1 convs ``C -> C'``
     (``C' = C // reduction``, at least 1: a larger ``reduction`` is a ``ValueError``) and ``V`` a 1x1 conv ``C -> C`` (all with bias):
 
@@ -121,7 +131,9 @@ class DualAttention(nn.Module):
 
     Logits and softmax run in fp32 under autocast (and the result is cast back).
 
-    The layer has no norm and no activation, so it takes no ``norm_layer`` or ``act_layer``.
+    The layer has no norm and no activation: ``norm_layer`` and ``act_layer`` are accepted, so
+    that one model-wide choice (for instance ``nn.SyncBatchNorm``) can be handed to every GA
+    layer, but replace nothing here.
 
     Complexity (``N = H * W``): PAM time O(N^2 C), memory O(N C) with a fused SDPA kernel
     (O(N^2) where a backend falls back to the plain math path); CAM time O(N C^2), memory
@@ -148,8 +160,11 @@ class DualAttention(nn.Module):
         *,
         reduction: int = 8,
         branches: Sequence[str] = _BRANCHES,
+        norm_layer: LayerFactory | None = None,
+        act_layer: LayerFactory | None = None,
     ) -> None:
         super().__init__()
+        check_ignored_factories(norm_layer=norm_layer, act_layer=act_layer)
         channels = self.channels = check_positive_int(channels, "channels")
         reduction = self.reduction = check_positive_int(reduction, "reduction")
         if isinstance(branches, str) or not isinstance(branches, Sequence):

@@ -106,6 +106,11 @@ class _SpatialGCN(nn.Module):
 class DualGCN(nn.Module):
     r"""Dual graph convolution (DGCNet): coordinate-space and feature-space graphs, fused.
 
+    Reference: L. Zhang, X. Li et al., "Dual Graph Convolutional Network for Semantic Segmentation",
+    BMVC 2019 (arXiv 1909.06121); the authors' ``DualGCN`` and ``SpatialGCN`` in
+    github.com/lxtGH/GALD-DGCNet (``libs/models/DualGCNNet.py``), restated here from their
+    documented semantics.
+
     *Coordinate space.* ``L`` = 3 x [depthwise 3x3 conv, stride 2, padding 1, no bias -> norm]
     (no activation) gives a copy of ``x`` at about 1/8 of its side; a spatial GCN (see below)
     reasons over its positions; the result is upsampled bilinearly (``align_corners=True``) and

@@ -40,6 +40,11 @@ def _em_step(flat: torch.Tensor, mu: torch.Tensor) -> tuple[torch.Tensor, torch.
 class EMA(nn.Module):
     r"""Expectation-maximization attention: reconstruct the feature from ``K`` learned bases.
 
+    Reference: X. Li et al., "Expectation-Maximization Attention Networks for Semantic
+    Segmentation", ICCV 2019 (arXiv 1907.13426); the authors' ``EMAU`` (XiaLiPKU/EMANet) and the
+    moving average of the bases from their ``train.py``, restated here from their documented
+    semantics.
+
     With :math:`X = W_1 x + b_1 \in \mathbb{R}^{C \times N}` (1x1 conv) and bases
     :math:`\mu \in \mathbb{R}^{C \times K}` (columns L2-normalised), ``T`` EM iterations
 

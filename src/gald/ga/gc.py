@@ -14,7 +14,14 @@ from torch import nn
 
 from .._amp import autocast_off, compute_dtype
 from .._layers import LayerFactory, make_act, make_norm
-from .._validate import check_choice, check_factory, check_feature, check_float, check_positive_int
+from .._validate import (
+    check_choice,
+    check_factory,
+    check_feature,
+    check_float,
+    check_ordered_items,
+    check_positive_int,
+)
 from ..registry import register_ga
 
 POOLINGS: Final = ("att", "avg")
@@ -29,8 +36,12 @@ def channel_layer_norm(channels: int) -> nn.Module:
 def _check_fusion(fusion: object) -> tuple[str, ...]:
     """``"add"``, ``"mul"`` or a sequence of distinct names from them, as a tuple in
     ``FUSIONS`` order."""
-    names = (fusion,) if isinstance(fusion, str) else fusion
-    if not isinstance(names, (tuple, list)) or not all(isinstance(n, str) for n in names):
+    names = (
+        [fusion]
+        if isinstance(fusion, str)
+        else check_ordered_items(fusion, "fusion", "names from ('add', 'mul')")
+    )
+    if not all(isinstance(n, str) for n in names):
         raise TypeError(
             f"fusion must be 'add', 'mul' or a tuple of them, got {type(fusion).__name__} "
             f"{fusion!r}"
@@ -40,12 +51,15 @@ def _check_fusion(fusion: object) -> tuple[str, ...]:
             f"fusion must be 'add', 'mul' or a tuple of distinct names from {FUSIONS}, "
             f"got {fusion!r}"
         )
-    return tuple(n for n in FUSIONS if n in names)
+    return tuple(n for n in FUSIONS if n in set(map(str, names)))
 
 
 @register_ga("gc")
 class GlobalContext(nn.Module):
     r"""Global context block: one attention-pooled context vector, transformed and fused.
+
+    Reference: Y. Cao, J. Xu, S. Lin, F. Wei, H. Hu, "GCNet: Non-local Networks Meet Squeeze-
+    Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
 
     With ``W_k`` a 1x1 conv ``C -> 1`` and ``C_r = int(C * ratio)``:
 
@@ -83,7 +97,8 @@ class GlobalContext(nn.Module):
 
     Args:
         channels: input and output channels ``C``.
-        ratio: bottleneck ratio, ``C_r = int(C * ratio) >= 1``.
+        ratio: bottleneck ratio in ``(0, 1]``, ``C_r = int(C * ratio) >= 1`` (a share of the
+            channels, as in GCNet and mmcv's ``ContextBlock``: ``1/4``, not ``4``).
         pooling: ``"att"`` (attention pooling) or ``"avg"`` (global average).
         fusion: ``"add"`` (channel add), ``"mul"`` (sigmoid channel gate) or both, as
             ``("add", "mul")`` (in any order; one transform each).
@@ -117,8 +132,12 @@ class GlobalContext(nn.Module):
         super().__init__()
         channels = self.channels = check_positive_int(channels, "channels")
         ratio = check_float(ratio, "ratio")
-        if not ratio > 0:
-            raise ValueError(f"ratio must be > 0, got {ratio}")
+        if not 0 < ratio <= 1:
+            raise ValueError(
+                f"ratio must be in (0, 1], the bottleneck's share of the channels "
+                f"(hidden = int(channels * ratio), GCNet uses 1/4 or 1/16); got {ratio}. "
+                "Unlike DualGCN's ratio it multiplies: for a reduction by r pass ratio=1/r"
+            )
         hidden = int(channels * ratio)  # as mmcv's ContextBlock
         if hidden < 1:
             raise ValueError(

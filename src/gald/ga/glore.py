@@ -34,6 +34,10 @@ class _GraphConv(nn.Module):
 class GloRe(nn.Module):
     r"""Global reasoning unit: project pixels onto graph nodes, run a GCN, project back.
 
+    Reference: Y. Chen et al., "Graph-Based Global Reasoning Networks", CVPR 2019 (arXiv
+    1811.12814); the authors' ``GloRe_Unit_2D`` (facebookresearch/GloRe), restated here from its
+    documented semantics, with the output norm zero-initialised as its comment intends.
+
     With ``S`` (``num_state``) and ``K`` (``num_node``) 1x1 convs (with bias) of the input,
     :math:`S \in \mathbb{R}^{S \times N}` and :math:`B \in \mathbb{R}^{K \times N}`:
 

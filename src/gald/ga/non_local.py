@@ -21,8 +21,8 @@ from .._layers import LayerFactory, make_norm
 from .._validate import (
     check_bool,
     check_choice,
-    check_factory,
     check_feature,
+    check_ignored_factories,
     check_positive_int,
     reduced_width,
 )
@@ -50,6 +50,10 @@ def _concat_rows(a: torch.Tensor, b: torch.Tensor, g: torch.Tensor) -> torch.Ten
 @register_ga("nonlocal")
 class NonLocal2d(nn.Module):
     r"""Non-local block: every position attends to every (optionally subsampled) position.
+
+    Reference: X. Wang, R. Girshick, A. Gupta, K. He, "Non-local Neural Networks", CVPR 2018 (arXiv
+    1711.07971). Defaults follow the configuration used by segmentation codebases (reduction 2,
+    ``1/sqrt(C')`` scaling, no subsampling, zero-initialised output norm).
 
     With :math:`\theta, \phi, g` 1x1 convs ``C -> C'`` (``C' = C // reduction``), keys and values
     taken from the optional 2x2 max-pooled map (``N_k`` positions),
@@ -169,9 +173,7 @@ class NonLocal2d(nn.Module):
         self.sub_sample = check_bool(sub_sample, "sub_sample")
         self.zero_init = check_bool(zero_init, "zero_init")
         chunk_elements = self.chunk_elements = check_positive_int(chunk_elements, "chunk_elements")
-        for factory, name in ((norm_layer, "norm_layer"), (act_layer, "act_layer")):
-            if factory is not None:
-                check_factory(factory, name)
+        check_ignored_factories(norm_layer=norm_layer, act_layer=act_layer)
         inter = self.inter_channels
 
         self.g = nn.Conv2d(channels, inter, 1)

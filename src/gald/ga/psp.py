@@ -54,6 +54,9 @@ def adaptive_avg_pool(x: torch.Tensor, bins: int) -> torch.Tensor:
 class PyramidPooling(nn.Module):
     r"""Pyramid pooling: context pooled at several grid sizes, upsampled and fused with ``x``.
 
+    Reference: H. Zhao, J. Shi, X. Qi, X. Wang, J. Jia, "Pyramid Scene Parsing Network", CVPR 2017
+    (arXiv 1612.01105).
+
     Changes the width: maps ``channels`` to ``out_channels`` (default ``channels``), as the
     PSPNet heads of mmseg (``channels``) and segmentation-models-pytorch do.
 

@@ -325,6 +325,10 @@ def _check_head_classes(head: nn.Module, num_classes: int, what: str) -> None:
 class GALDNet(nn.Module):
     r"""A segmentation network: backbone, :class:`~gald.GALDHead` on ``c4``, :class:`~gald.AuxHead` on ``c3``.
 
+    Reference: X. Li et al., "Global Aggregation then Local Distribution in Fully Convolutional
+    Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDNet`` (github.com/lxtGH/GALD-
+    DGCNet).
+
     The forward follows torchvision's segmentation models: it returns a dict with ``"out"``, the
     head's logits bilinearly upsampled to the input size (``align_corners=True``), and, when the
     network has an auxiliary head, ``"aux"``, the auxiliary logits upsampled the same way (in

@@ -142,6 +142,11 @@ def _pool_out_ceil(size: int, kernel: int, stride: int, padding: int) -> int:
 class DilatedResNet(nn.Module):
     r"""Dilated ResNet-50/101 returning the ``layer3`` and ``layer4`` features.
 
+    Reference: He et al., "Deep Residual Learning for Image Recognition", CVPR 2016 (bottleneck
+    blocks, stride on the 3x3 conv); the deep stem of Bag-of-Tricks ResNet-C; dilation with
+    multi-grid as in DeepLabv3 (Chen et al., 2017); the configuration of the GALD-Net authors
+    (github.com/lxtGH/GALD-DGCNet, X. Li et al., BMVC 2019).
+
     Stem (``deep_stem=True``): three 3x3 convs 3->64 (stride 2), 64->64, 64->128 with norm + ReLU
     between them, then norm + ReLU, then a 3x3 stride-2 max-pool with ``ceil_mode=True``. With
     ``deep_stem=False`` the stem is the classic 7x7 stride-2 conv to 64 channels, norm + ReLU and

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ from .._validate import (
     first_line,
 )
 
-Factory = type[nn.Module] | Callable[[int], nn.Module]
+Factory = str | type[nn.Module] | Callable[[int], nn.Module]
 
 PROPERTIES = (
     "shapes",
@@ -755,9 +756,15 @@ _CHECKS: dict[str, Callable[[_Context], None]] = {
 
 
 def _as_factory(factory: object) -> Callable[[int], nn.Module]:
+    if isinstance(factory, str):  # a registry name: checked now, built by create_ga
+        from ..registry import create_ga, get_ga_class
+
+        get_ga_class(factory)
+        return functools.partial(create_ga, factory)
     if isinstance(factory, nn.Module) or not callable(factory):
         raise TypeError(
-            "factory must be an nn.Module class or a callable channels -> nn.Module (a fresh "
+            "factory must be a registry name, an nn.Module class or a callable channels -> "
+            "nn.Module (a fresh "
             f"module on every call), got {type(factory).__name__} {factory!r}"
         )
     return factory
@@ -790,8 +797,8 @@ def check_ga(
 ) -> list[str]:
     """Assert that ``factory(channels)`` builds a layer meeting the GA contract.
 
-    ``factory`` is an ``nn.Module`` class or any callable ``channels -> nn.Module`` that returns a
-    fresh module on every call (``functools.partial(MyGA, reduction=4)``, a lambda). The layer
+    ``factory`` is a registry name (``"psp"``), an ``nn.Module`` class or any callable
+    ``channels -> nn.Module`` that returns a fresh module on every call (``functools.partial(MyGA, reduction=4)``, a lambda). The layer
     maps (B, channels, H, W) to (B, out_channels, H, W) (``out_channels`` defaults to
     ``channels``). Inputs are float32 on the CPU. Exceptions the factory raises propagate
     unchanged; an exception the module raises during a check (its own ``AssertionError``
