@@ -141,6 +141,26 @@ def test_export_onnx_refuses_bad_arguments(tmp_path: Path) -> None:
         deploy.export_onnx(head, _input(SHAPE), tmp_path / "e.onnx", dynamic_batch="no")  # type: ignore[arg-type]
 
 
+def test_adaptive_pooling_to_a_grid_is_refused_with_dynamic_sizes(tmp_path: Path) -> None:
+    """The exporters bake adaptive pooling's windows for the example's size: at another size
+    onnxruntime returns wrong values without an error. With dynamic_hw=True such a module is
+    refused; a 1x1 grid (global pooling) exports for any size, and dynamic_hw=False exports
+    the fixed size, which is then exact."""
+    fixed_grid = nn.Sequential(nn.Conv2d(C, C, 1), nn.AdaptiveAvgPool2d(3)).eval()
+    x = _input((2, C, 12, 12))
+    with pytest.raises(
+        ValueError,
+        match=r"1 is an AdaptiveAvgPool2d with output_size=3; .* "
+        r"dynamic_hw=False",
+    ):
+        deploy.export_onnx(fixed_grid, x, tmp_path / "grid.onnx")
+    path = deploy.export_onnx(fixed_grid, x, tmp_path / "grid.onnx", dynamic_hw=False)
+    assert deploy.verify_onnx(fixed_grid, path, x) < 1e-5
+    pooled = nn.Sequential(nn.Conv2d(C, C, 1), nn.AdaptiveMaxPool2d((1, 1))).eval()
+    path = deploy.export_onnx(pooled, x, tmp_path / "global.onnx")
+    assert deploy.verify_onnx(pooled, path, x, _input((2, C, 20, 16))) < 1e-5
+
+
 def test_paths_and_models_of_the_wrong_kind_are_named(tmp_path: Path) -> None:
     model = _block("gc")
     x = _input(SHAPE)

@@ -174,7 +174,7 @@ FIRST_LINE = re.compile(
         ),
         (WrongShape, "shapes", r"output shape \(2, 7, 1, 1\), expected \(2, 8, 1, 1\)"),
         (UnusedParameter, "gradients", r"parameter 'temperature' \(1,\) received no gradient"),
-        (CrashesOnEmpty, "shapes", r"eval-mode forward raised RuntimeError: .*0 elements"),
+        (CrashesOnEmpty, "empty_batch", r"eval-mode forward raised RuntimeError: .*0 elements"),
         (
             BufferOnDefaultDevice,
             "device",
@@ -351,8 +351,8 @@ def test_the_modules_own_assertion_is_labelled_and_chained() -> None:
         check_ga(AssertsNonEmpty, channels=C)
     first = str(info.value).splitlines()[0]
     assert (
-        first
-        == "shapes: input shape (0, 8, 1, 1): eval-mode forward raised AssertionError: empty batch"
+        first == "empty_batch: input shape (0, 8, 1, 1): eval-mode forward raised AssertionError: "
+        "empty batch"
     )
     assert type(info.value) is AssertionError  # not a subclass: reads as usual in a traceback
     cause = info.value.__cause__
@@ -808,8 +808,18 @@ class AssertsNonEmptyInTraining(SqueezeExcitation):
 
 
 def test_an_empty_batch_in_training_is_checked() -> None:
-    with pytest.raises(AssertionError, match=r"^shapes: input shape \(0, 8, 5, 4\): train-mode "):
-        check_ga(AssertsNonEmptyInTraining, channels=C, only=["shapes"])
+    with pytest.raises(
+        AssertionError, match=r"^empty_batch: input shape \(0, 8, 5, 4\): train-mode "
+    ):
+        check_ga(AssertsNonEmptyInTraining, channels=C, only=["empty_batch"])
+
+
+def test_an_empty_batch_is_its_own_property() -> None:
+    """A layer that cannot take B = 0 (timm's ECA reshapes with view(B, 1, -1)) switches that
+    off alone and keeps every other shape check."""
+    checked = check_ga(AssertsNonEmpty, channels=C, empty_batch=False)
+    assert "shapes" in checked and "empty_batch" not in checked
+    assert check_ga(AssertsNonEmptyInTraining, channels=C, only=["shapes"]) == ["shapes"]
 
 
 class UpcastSoftmax(nn.Module):
@@ -874,3 +884,30 @@ def test_check_gald_leaves_the_callers_rng_alone() -> None:
     before = torch.random.get_rng_state()
     check_gald("gc", in_channels=C, only=["shapes"])
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
+def test_a_torchscript_layer_is_checked_not_blamed_for_the_checker() -> None:
+    """``torch.func`` cannot swap a scripted module's parameters: gradcheck then runs with
+    respect to the input; ``torch.compile`` refuses scripted modules, which fails ``compile``
+    with its label (an AssertionError), not with a raw RuntimeError."""
+    scripted = lambda c: torch.jit.script(SqueezeExcitation(c))  # noqa: E731
+    assert "gradcheck" in check_ga(scripted, channels=C, compile=False)
+    with pytest.raises(AssertionError, match=r"^compile: input shape .* raised RuntimeError"):
+        check_ga(scripted, channels=C, only=["compile"])
+
+
+class NeedsEightPixels(SqueezeExcitation):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < 8:
+            raise ValueError(f"input side {min(x.shape[-2:])} is below 8")
+        return super().forward(x)
+
+
+def test_a_failure_on_the_smallest_map_suggests_min_size() -> None:
+    with pytest.raises(AssertionError) as info:
+        check_ga(NeedsEightPixels, channels=C, only=["shapes"])
+    message = str(info.value)
+    assert message.startswith("shapes: input shape (2, 8, 1, 1): eval-mode forward raised")
+    assert "smallest map checked (1x1)" in message and "pass min_size= to check_ga" in message
+    assert check_ga(NeedsEightPixels, channels=C, min_size=8, only=["shapes"]) == ["shapes"]

@@ -839,6 +839,13 @@ class _ListDecoder(nn.Module):
         return self.conv(features[-1])
 
 
+class _DictHead(_ListDecoder):
+    """Takes a dict of backbone features, as torchvision's LRASPPHead does."""
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
+        return self.conv(features["high"])
+
+
 class _StarDecoder(_ListDecoder):
     def forward(self, *features: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         low, high = features  # two levels, 16 channels each
@@ -855,11 +862,15 @@ def test_modules_that_are_not_context_modules_are_named_as_such() -> None:
     for decoder, signature in (
         (_ListDecoder(), r"features: list\[torch.Tensor\]"),
         (_StarDecoder(), r"\*features"),
+        (_DictHead(), r"features: dict\[str, torch.Tensor\] \(a dict of features"),
     ):
         holder = nn.Sequential(decoder)
         with pytest.raises(ValueError, match=f"its forward takes {signature}") as info:
             gald.wrap(holder, "0")
         assert "inferred" not in str(info.value) and "check in_channels" not in str(info.value)
+        assert holder[0] is decoder
+        with pytest.raises(ValueError, match=f"its forward takes {signature}"):
+            gald.wrap(holder, "0", out_channels=16)  # no width makes it take one tensor
         assert holder[0] is decoder
 
 

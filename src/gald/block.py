@@ -197,15 +197,19 @@ def _not_one_tensor(module: nn.Module) -> str:
             f"its forward takes *{star[0].name} (a list of features, as a decoder does), while "
             "GALD wraps a module that takes one (B, C, H, W) tensor"
         )
-    if len(required) == 1:
+    if len(required) == 1 and required[0].annotation is not required[0].empty:
         note = str(required[0].annotation)
-        if required[0].annotation is not required[0].empty and any(
+        kind = None
+        if any(word in note for word in ("Dict", "dict", "Mapping")):
+            kind = "a dict of features, as a head over named backbone outputs does"
+        elif any(
             word in note for word in ("List", "list", "Sequence", "Tuple", "tuple", "Iterable")
         ):
+            kind = "a list of features, as a decoder does"
+        if kind is not None:
             return (
                 f"its forward takes {required[0].name}: {_annotation(required[0].annotation)} "
-                "(a list of features, as a decoder does), while GALD wraps a module that takes "
-                "one (B, C, H, W) tensor"
+                f"({kind}), while GALD wraps a module that takes one (B, C, H, W) tensor"
             )
     if len(required) > 1:
         names = ", ".join(p.name for p in required)
@@ -236,6 +240,9 @@ def _width_by_dry_run(
     try:
         found, side = _infer_out_channels(ga, in_channels)
     except _ProbesRefused as exc:
+        if exc.raised_on_all and _not_one_tensor(ga):
+            # its signature says it takes no single tensor: no out_channels makes it callable
+            raise ValueError(str(exc)) from None
         declared = _declared_width(ga) if explain_declared else None
         if declared is not None and declared[1] != in_channels:
             raise _InChannelsRefused(

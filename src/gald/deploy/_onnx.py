@@ -127,8 +127,13 @@ def export_onnx(
 ) -> Path:
     """Export ``module`` (in eval mode) to an ONNX file of standard operators only.
 
-    After export the file's structure is checked: standard operator domains only, opset >= 17
-    and the requested axes dynamic; otherwise ``RuntimeError``. Whether onnxruntime computes
+    With ``dynamic_hw=True`` a module holding an adaptive pooling to a grid other than 1x1
+    (``nn.AdaptiveAvgPool2d(6)``, as in many PSP modules) is refused with a ``ValueError``: the
+    exporters bake its windows for the example's size, and the file would silently compute
+    wrong values at other sizes (adaptive pooling called as a function is not seen: compare
+    with :func:`verify_onnx` at several sizes). After export the file's structure is checked:
+    standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
+    ``RuntimeError``. Whether onnxruntime computes
     what eager PyTorch does is :func:`verify_onnx`'s check, a separate call.
 
     Args:
@@ -192,6 +197,8 @@ def export_onnx(
             f"({str(path.parent)!r}); create it first"
         )
     onnx = _import("onnx")
+    if dynamic_hw:
+        _refuse_fixed_pooling(module)
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}
     with torch.no_grad():
         example_out = module(example_input)
@@ -234,6 +241,27 @@ def export_onnx(
         )
     _check_exported(onnx.load(str(path)), path, dynamic)
     return path
+
+
+_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _refuse_fixed_pooling(module: nn.Module) -> None:
+    """Adaptive pooling to a grid other than 1x1 exports as windows (or index tables) computed
+    for the example's size: at another size onnxruntime gives wrong values, or fails only at
+    some sizes. Refuse it with ``dynamic_hw=True`` rather than write such a file."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, _ADAPTIVE):
+            size = sub.output_size
+            sizes = size if isinstance(size, tuple) else (size, size)
+            if any(s != 1 for s in sizes):
+                raise ValueError(
+                    f"export_onnx: {name or 'the module'} is an {type(sub).__name__} with "
+                    f"output_size={size!r}; the exporters bake its windows for the example's "
+                    "size, so with dynamic_hw=True the file would compute wrong values at other "
+                    "sizes. Export at the size you deploy with dynamic_hw=False (or use "
+                    "gald.ga.PyramidPooling, whose exact averaging exports for any size)"
+                )
 
 
 def _flat_outputs(out: Any, who: str) -> list[torch.Tensor]:

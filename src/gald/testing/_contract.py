@@ -32,6 +32,7 @@ Factory = str | type[nn.Module] | Callable[[int], nn.Module]
 
 PROPERTIES = (
     "shapes",
+    "empty_batch",
     "device",
     "gradients",
     "batch_independence",
@@ -107,12 +108,19 @@ _CHECKER: ContextVar[str] = ContextVar("gald_testing_checker", default="check_ga
 
 
 def _fail(
-    prop: str, shape: object, measured: str, detail: str = "", cause: BaseException | None = None
+    prop: str,
+    shape: object,
+    measured: str,
+    detail: str = "",
+    cause: BaseException | None = None,
+    advice: str = "",
 ) -> NoReturn:
     where = "construction" if shape is None else f"input shape {tuple(shape)}"  # type: ignore[arg-type]
     lines = [f"{prop}: {where}: {measured}"]
     if detail and detail.strip() != first_line(detail):
         lines.append(detail.strip())
+    if advice:
+        lines.append(advice)
     if prop in PROPERTIES:
         lines.append(f"(pass {prop}=False to {_CHECKER.get()} to skip this property)")
     failure = AssertionError("\n".join(lines))
@@ -222,7 +230,9 @@ def _describe(err: BaseException) -> str:
 
 
 @contextmanager
-def _forward_errors(prop: str, x: torch.Tensor, what: str = "forward") -> Iterator[None]:
+def _forward_errors(
+    prop: str, x: torch.Tensor, what: str = "forward", advice: str = ""
+) -> Iterator[None]:
     """Label any exception of the block, the module's own ``AssertionError`` included, as a
     failure of ``prop`` (chained to the original); failures already labelled pass through."""
     try:
@@ -230,7 +240,18 @@ def _forward_errors(prop: str, x: torch.Tensor, what: str = "forward") -> Iterat
     except Exception as err:
         if getattr(err, _LABELLED, False):
             raise
-        _fail(prop, x.shape, f"{what} raised {_describe(err)}", str(err), err)
+        _fail(prop, x.shape, f"{what} raised {_describe(err)}", str(err), err, advice)
+
+
+def _size_advice(ctx: _Context, hw: tuple[int, int]) -> str:
+    """What to say when a forward fails on the smallest map: the layer may need a larger one."""
+    if hw != ctx.min_hw:
+        return ""
+    return (
+        f"This is the smallest map checked ({hw[0]}x{hw[1]}): if the layer needs a larger one, "
+        f"give it a min_size attribute (int or (h, w)) or pass min_size= to {_CHECKER.get()}, "
+        "which keeps the other shape checks."
+    )
 
 
 def _check_output(prop: str, x: torch.Tensor, y: object, ctx: _Context) -> torch.Tensor:
@@ -267,10 +288,11 @@ def _check_unchanged(x: torch.Tensor, original: torch.Tensor, mode: str) -> None
 
 def _check_shapes(ctx: _Context) -> None:
     module = ctx.build().eval()
-    for b in (2, 1, 0):  # a failure at every batch size is reported at the usual one
+    for b in (2, 1):  # a failure at every batch size is reported at the usual one
         for hw in ctx.sizes():
             x = ctx.input(b, hw)
-            with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward"):
+            advice = _size_advice(ctx, hw)
+            with torch.no_grad(), _forward_errors("shapes", x, "eval-mode forward", advice):
                 y = module(x)
             _check_output("shapes", x, y, ctx)
             _check_unchanged(x, ctx.input(b, hw), "eval-mode")
@@ -281,12 +303,22 @@ def _check_shapes(ctx: _Context) -> None:
             y = module(x)
         _check_output("shapes", x, y, ctx)
         _check_unchanged(x, ctx.input(ctx.train_batch, hw), "train-mode")
-    # an empty batch in training too: a rank of a distributed sampler or a filtered crop batch
-    # can be empty, and code paths guarded by self.training are not covered by the eval runs
+
+
+def _check_empty_batch(ctx: _Context) -> None:
+    module = ctx.build().eval()
+    for hw in ctx.sizes():
+        x = ctx.input(0, hw)
+        with torch.no_grad(), _forward_errors("empty_batch", x, "eval-mode forward"):
+            y = module(x)
+        _check_output("empty_batch", x, y, ctx)
+    # in training too: a rank of a distributed sampler or a filtered crop batch can be empty,
+    # and code paths guarded by self.training are not covered by the eval runs
+    module.train()
     x = ctx.input(0, ctx.typical())
-    with _forward_errors("shapes", x, "train-mode forward"):
+    with _forward_errors("empty_batch", x, "train-mode forward"):
         y = module(x)
-    _check_output("shapes", x, y, ctx)
+    _check_output("empty_batch", x, y, ctx)
 
 
 def _check_gradients(ctx: _Context) -> None:
@@ -345,7 +377,12 @@ def _check_gradcheck(ctx: _Context) -> None:
     module = copy.deepcopy(ctx.prepared()).double().eval()
     h, w = ctx.min_hw
     x = ctx.input(2, (h + 1, w + 2), dtype=torch.float64).requires_grad_()
-    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    # a TorchScript module's parameters cannot be swapped by torch.func.functional_call: its
+    # gradients are checked with respect to the input only
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    params = (
+        {} if scripted else {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    )
     # one flat vector for all parameters: fast-mode gradcheck costs the same for any count
     flat = (
         torch.cat([p.reshape(-1) for p in params.values()])
@@ -647,8 +684,8 @@ def _check_compile(ctx: _Context) -> None:
     with torch.no_grad():
         torch.compiler.reset()
         try:
-            compiled = torch.compile(module, fullgraph=True, backend="eager")
             with _forward_errors("compile", x, 'torch.compile(fullgraph=True, backend="eager")'):
+                compiled = torch.compile(module, fullgraph=True, backend="eager")
                 out = compiled(x)
         finally:
             torch.compiler.reset()
@@ -743,6 +780,7 @@ def _check_device(ctx: _Context) -> None:
 
 _CHECKS: dict[str, Callable[[_Context], None]] = {
     "shapes": _check_shapes,
+    "empty_batch": _check_empty_batch,
     "gradients": _check_gradients,
     "batch_independence": _check_batch_independence,
     "gradcheck": _check_gradcheck,
@@ -784,6 +822,7 @@ def check_ga(
     autocast_dtypes: Sequence[torch.dtype] = (torch.bfloat16, torch.float16),
     autocast_tol: float = 0.05,
     shapes: bool = True,
+    empty_batch: bool = True,
     gradients: bool = True,
     batch_independence: bool = True,
     gradcheck: bool = True,
@@ -806,11 +845,13 @@ def check_ga(
 
     Properties (each switched off by passing ``<name>=False``):
 
-    - ``shapes``: output shape, dtype and device for B in {0, 1, 2} in eval mode and
+    - ``shapes``: output shape, dtype and device for B in {1, 2} in eval mode and
       B = ``train_batch`` in train mode, on the smallest map the layer declares, a wide, a tall
-      and a generic one (every combination of odd and even sides), and for an empty batch in
-      train mode; the forward must leave its input unchanged in both modes. Every output of
-      every property must be finite (a non-finite one fails the first property that meets it).
+      and a generic one (every combination of odd and even sides); the forward must leave its
+      input unchanged in both modes. Every output of every property must be finite (a
+      non-finite one fails the first property that meets it).
+    - ``empty_batch``: the same for B = 0, in eval mode on every map and in train mode (a rank
+      of a distributed sampler or a filtered batch can be empty).
     - ``device``: built under ``torch.device("meta")`` every parameter and buffer is on "meta";
       the forward run under ``torch.device("meta")`` on a CPU input (the module's first
       forward, so caches built on a first call are covered) still gives the CPU result,
@@ -824,7 +865,8 @@ def check_ga(
     - ``batch_independence``: in eval mode, the same batch twice gives the same output, and
       changing one sample (each of three in turn) changes that sample's output only.
     - ``gradcheck``: float64 ``torch.autograd.gradcheck`` (fast mode) with respect to the input
-      and every parameter, eval mode.
+      and every parameter, eval mode (the input only for a TorchScript module, whose
+      parameters ``torch.func.functional_call`` cannot replace).
     - ``autocast``: under autocast in each of ``autocast_dtypes`` the output has that dtype or
       the input's, stays on the input's device, is finite and is within
       ``autocast_tol * max(|float32 output|, 1)`` of the float32 output.
@@ -879,6 +921,7 @@ def check_ga(
             )
     switches = {
         "shapes": shapes,
+        "empty_batch": empty_batch,
         "gradients": gradients,
         "batch_independence": batch_independence,
         "gradcheck": gradcheck,
