@@ -471,3 +471,17 @@ def test_the_large_bandwidth_shape_is_skipped_where_it_does_not_fit(monkeypatch)
     assert why is not None and "8x512x129x257 skipped: it needs about 8.1 GiB" in why
     res = {"checks": [], "bandwidth": [], "skipped": [why], "shape": [1, 2, 3, 4], "logits": [1, 1]}
     assert why in ld.render_kernels(res, "cfg")
+
+
+@pytest.mark.parametrize("n", [31, 32, 45, 60])
+def test_median_q95_above_its_table_matches_a_simulation(n: int) -> None:
+    """The 95 % half-width of the median in units of 1.4826 * MAD, simulated with 200 000
+    normal samples of size n, against the fitted formula used above the simulated table."""
+    from gald.bench._timing import median_q95
+
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(200_000, n, generator=gen, dtype=torch.float64)
+    centre = x.quantile(0.5, dim=1, keepdim=True)  # the mean of the two middle ones for even n
+    mad = (x - centre).abs().quantile(0.5, dim=1)
+    simulated = float((centre.squeeze(1).abs() / (1.4826 * mad)).quantile(0.95))
+    assert median_q95(n) == pytest.approx(simulated, rel=0.015)

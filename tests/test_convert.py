@@ -560,3 +560,10 @@ def test_head_only_checkpoint_is_named(tmp_path) -> None:
         official_to_galdnet({})
     head_sd, _ = official_to_gald(head_only)  # where the message points: it converts
     assert head_sd
+
+
+def test_load_official_unwraps_a_model_key(tmp_path) -> None:
+    state = {"head.conva.0.weight": torch.zeros(1)}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": state, "epoch": torch.tensor(3)}, path)
+    assert list(load_official(path)) == list(state)

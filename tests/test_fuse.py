@@ -355,3 +355,33 @@ def test_pairs_in_undeclared_forward_code_are_left_and_outputs_kept() -> None:
     assert norms == ["0.bns.0", "0.bns.1", "0.bn"]  # the trailing Sequential pair is folded
     x = torch.randn(2, 4, 7, 7, dtype=torch.float64)
     torch.testing.assert_close(fused(x), model(x), rtol=1e-10, atol=1e-10)
+
+
+def test_fuse_uses_each_norms_eps() -> None:
+    """Ported models often use eps=1e-3: the fold must read it from the norm."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, eps=1e-3)).double()
+    with torch.no_grad():
+        model[1].running_var.uniform_(1e-4, 1e-3)  # small variances: eps matters
+        model[1].running_mean.normal_()
+    model.eval()
+    x = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fuse(model)(x), model(x))
+
+
+def test_fuse_leaves_a_training_mode_norm_inside_an_eval_model() -> None:
+    model = nn.Sequential(
+        nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    ).eval()
+    model[3].train()
+    fused = fuse(model)
+    assert isinstance(fused[1], nn.Identity) and isinstance(fused[3], nn.BatchNorm2d)
+
+
+def test_fuse_keeps_a_frozen_model_frozen() -> None:
+    """A conv without bias gets one from the fold: frozen like the rest of the model."""
+    model = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)).eval()
+    model.requires_grad_(False)
+    fused = fuse(model)
+    assert fused[0].bias is not None
+    assert not any(p.requires_grad for p in fused.parameters())

@@ -66,6 +66,8 @@ def slow_grads(x, logits, g, offset, align_corners):
 def make_x(b, c, hh, ww, layout, dtype=torch.float64, gen=None):
     if layout == "slice":  # non-contiguous: every other column of a wider tensor
         return torch.randn(b, c, hh, 2 * ww, dtype=dtype, generator=gen)[..., ::2]
+    if layout == "permuted":  # dense but neither NCHW nor channels_last: H and W swapped
+        return torch.randn(b, c, ww, hh, dtype=dtype, generator=gen).transpose(2, 3)
     x = torch.randn(b, c, hh, ww, dtype=dtype, generator=gen)
     return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
 
@@ -92,7 +94,7 @@ def test_slow_reference_is_f_interpolate():
     w=st.integers(1, 6),
     align_corners=st.booleans(),
     offset=st.sampled_from([0.0, 1.0, 2.0, -0.5]),
-    layout=st.sampled_from(["nchw", "cl", "slice"]),
+    layout=st.sampled_from(["nchw", "cl", "slice", "permuted"]),
     impl=st.sampled_from(["reference", "torch", "auto"]),
     chunk_bytes=st.sampled_from([1, 100, _ld_torch.CPU_CHUNK_BYTES]),
     seed=st.integers(0, 2**16),
@@ -162,7 +164,7 @@ def test_half_types_compute_in_float32(dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("layout", ["nchw", "cl", "slice"])
+@pytest.mark.parametrize("layout", ["nchw", "cl", "slice", "permuted"])
 @pytest.mark.parametrize("offset", [0.0, 2.0, -0.5])
 def test_half_types_in_many_chunks(dtype, layout, offset, monkeypatch):
     # the path of the CUDA fallback: half-precision x split into many chunks (a bound of 300
@@ -260,6 +262,7 @@ GRADCHECK_CASES = [
     (1, 1, 3, 4, 6, 9, "nchw"),  # h > H: downsampling
     (1, 2, 5, 6, 2, 3, "slice"),  # non-contiguous x
     (2, 3, 5, 4, 2, 3, "cl"),  # channels_last x
+    (2, 2, 5, 4, 2, 3, "permuted"),  # dense x in neither format: computed in a copy
 ]
 
 
@@ -655,3 +658,19 @@ def test_the_raw_op_refuses_forward_mode_tangents_instead_of_dropping_them() -> 
             torch.ops.gald.ld_modulate_backward(dual, x, logits, 2.0, True, "torch", True, True)
     # outside forward mode both run
     assert torch.ops.gald.ld_modulate(x, logits, 2.0, True, "torch").shape == x.shape
+
+
+def test_logits_on_another_device_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"logits must be on the device of x \(cpu\), got meta"):
+        ld_modulate(torch.randn(1, 2, 8, 8), torch.randn(1, 2, 3, 3, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_reference_rounds_once(dtype) -> None:
+    """The reference (what ONNX export and tracing compute) interpolates half logits in float32
+    and rounds the product once: bit for bit the float64 result rounded to the half type."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 8, 37, 41, generator=gen).to(dtype)
+    logits = (3 * torch.randn(2, 8, 5, 6, generator=gen)).to(dtype)
+    exact = ld_modulate_reference(x.double(), logits.double(), 1.0).to(dtype)
+    assert torch.equal(ld_modulate_reference(x, logits, 1.0), exact)

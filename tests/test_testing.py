@@ -911,3 +911,32 @@ def test_a_failure_on_the_smallest_map_suggests_min_size() -> None:
     assert message.startswith("shapes: input shape (2, 8, 1, 1): eval-mode forward raised")
     assert "smallest map checked (1x1)" in message and "pass min_size= to check_ga" in message
     assert check_ga(NeedsEightPixels, channels=C, min_size=8, only=["shapes"]) == ["shapes"]
+
+
+class LeaksFromTheLastSample(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return torch.cat([y[:1] + 0.5 * x[-1:], y[1:]]) if x.shape[0] > 1 else y
+
+
+class RoundsItsInput(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(torch.round(x))
+
+
+def test_batch_independence_changes_every_sample_in_turn() -> None:
+    with pytest.raises(AssertionError, match="changing sample 2 changed sample 0"):
+        check_ga(LeaksFromTheLastSample, channels=4, only=["batch_independence"])
+
+
+def test_an_input_gradient_that_is_zero_everywhere_fails() -> None:
+    with pytest.raises(AssertionError, match="input gradient is exactly zero everywhere"):
+        check_ga(RoundsItsInput, channels=4, only=["gradients"])

@@ -914,3 +914,20 @@ def test_norm_factories_that_set_a_device_or_dtype_are_probed_there() -> None:
     assert block.down is not None and block.down[1].weight.dtype == torch.float64
     block = gald.GALD(16, "gc", norm_layer=partial(nn.BatchNorm2d, device="meta"))
     assert block.down is not None and block.down[1].weight.is_meta
+
+
+def test_wrapping_an_eval_model_keeps_it_in_eval_mode() -> None:
+    """A pretrained model is often wrapped after .eval(): the new block's norms must not then
+    normalise with batch statistics (and move their running statistics)."""
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)),
+        nn.Conv2d(8, 2, 1),
+    ).eval()
+    gald.wrap(model, "1")
+    assert not any(m.training for m in model.modules())
+    before = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        model(torch.randn(2, 3, 17, 17))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

@@ -63,7 +63,7 @@ def median_q95(n: int) -> float:
     of ``1.4826 * MAD``: the simulated table up to 30, then the large-sample value
     ``1.96 * 1.2533 / sqrt(n)`` with a small-sample factor ``1 + 2.6 / n``, and ``1 + 0.6 / n``
     more for odd ``n`` (whose median is one sample), fitted to the simulation at n = 31-101
-    (within 1 %, on the wide side)."""
+    (within 1 %)."""
     if n < 3:
         raise ValueError(f"n must be at least 3, got {n}")
     if n in _MEDIAN_Q95:
