@@ -149,7 +149,7 @@ def test_paired_differences() -> None:
     assert d["mean"] == pytest.approx(-1 / 3)
     assert d["std"] == pytest.approx(math.sqrt(((4 / 3) ** 2 * 2 + (8 / 3) ** 2) / 2))
     assert pd["ld-none"]["large"]["mean"] == 2.0 and pd["ld-none"]["large"]["std"] == 0.0
-    assert d["ci95"] == pytest.approx(4.30 * d["std"] / math.sqrt(3))  # t(2 df) = 4.30
+    assert d["ci95"] == pytest.approx(4.303 * d["std"] / math.sqrt(3))  # t(2 df) = 4.303
     assert "ld-frozen" not in pd  # no frozen runs given
 
 
