@@ -9,7 +9,7 @@ from torch import nn
 
 from ._layers import first_tensor
 from ._validate import check_positive_int
-from .block import GALD, _InChannelsRefused, _not_one_tensor
+from .block import _IN_CHANNELS_REFUSED, GALD, _not_one_tensor
 
 __all__ = ["wrap"]
 
@@ -191,8 +191,8 @@ def wrap(model: M, name: str, *, in_channels: int | None = None, **gald_kwargs: 
         in_channels, source = _infer_in_channels(target)
         try:
             block = GALD(in_channels, target, **gald_kwargs)
-        except _InChannelsRefused as exc:
-            if _not_one_tensor(target):
+        except ValueError as exc:
+            if not getattr(exc, _IN_CHANNELS_REFUSED, False) or _not_one_tensor(target):
                 raise  # a module that takes several inputs: the message says so already
             raise ValueError(
                 f"wrap({name!r}): in_channels={in_channels} was inferred from {source}; if the "

@@ -71,9 +71,16 @@ def _label(module: nn.Module) -> str:
     return type(module).__name__
 
 
-class _InChannelsRefused(ValueError):
-    """The wrapped module does not take ``in_channels`` (it declares another width, or refuses
-    every probe of that width): :func:`gald.wrap` adds where its inferred width came from."""
+_IN_CHANNELS_REFUSED = "_gald_in_channels_refused"
+"""Set on a ``ValueError`` when the wrapped module does not take ``in_channels`` (it declares
+another width, or refuses every probe of that width): :func:`gald.wrap` then adds where its
+inferred width came from. A marker, not a subclass: the user's traceback shows a ValueError."""
+
+
+def _in_channels_refused(message: str) -> ValueError:
+    error = ValueError(message)
+    setattr(error, _IN_CHANNELS_REFUSED, True)
+    return error
 
 
 class _ProbesRefused(ValueError):
@@ -245,15 +252,14 @@ def _width_by_dry_run(
             raise ValueError(str(exc)) from None
         declared = _declared_width(ga) if explain_declared else None
         if declared is not None and declared[1] != in_channels:
-            raise _InChannelsRefused(
+            raise _in_channels_refused(
                 f"in_channels={in_channels} does not match {what}, which declares "
                 f"{declared[0]}={declared[1]}"
-            ) from exc
+            ) from None
         if out_channels is None:
-            # the private subclass stays inside; a module that refused every probe may have been
-            # given the wrong width
-            kind = _InChannelsRefused if exc.raised_on_all else ValueError
-            raise kind(str(exc)) from None
+            # a module that refused every probe may have been given the wrong width
+            error = _in_channels_refused(str(exc)) if exc.raised_on_all else ValueError(str(exc))
+            raise error from None
         return out_channels, None
     if out_channels is not None and out_channels != found:
         raise ValueError(
