@@ -488,7 +488,9 @@ class GALD(nn.Module):
             (``nn.SyncBatchNorm`` for multi-GPU training); passed to a GA whose constructor
             names a ``norm_layer`` argument (a ``**kwargs`` does not count), unless
             ``ga_kwargs`` sets it or the argument defaults to ``None`` (timm's convention for
-            "no norm": such a layer is left without one).
+            "no norm": such a layer is left without one); also to a keyword
+            ``functools.partial`` of such a class. A GA given as a module, or built by another
+            callable, keeps the norms it builds.
         act_layer: activation factory, passed on in the same way.
         init: ``"default"`` or ``"identity"`` (see above).
         impl: LD kernel choice, ``"auto"``, ``"triton"`` or ``"torch"`` (see

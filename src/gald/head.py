@@ -38,9 +38,9 @@ class GALDHead(nn.Module):
     ``norm_layer`` and ``act_layer`` reach every layer of the head: its convs, the GALD ``down``
     stage, the LD and a GA given by name, or as a class whose constructor names them
     (``norm_layer=nn.SyncBatchNorm`` then leaves no ``BatchNorm2d`` anywhere inside, unless
-    ``ga_kwargs`` sets another norm). A GA given as a
-    ready module keeps the layers it was built with; convert those with
-    ``nn.SyncBatchNorm.convert_sync_batchnorm``. ``ld=False`` (through ``gald_kwargs``) gives
+    ``ga_kwargs`` sets another norm); so does a keyword ``functools.partial`` of such a class.
+    A GA given as a ready module, or built by any other callable, keeps the layers it builds;
+    convert those with ``nn.SyncBatchNorm.convert_sync_batchnorm``. ``ld=False`` (through ``gald_kwargs``) gives
     the GA-only ablation.
 
     Args:

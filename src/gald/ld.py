@@ -75,7 +75,8 @@ class LocalDistribution(nn.Module):
             needs ``H, W >= 15`` for 3 stages of ``k=3``; ``1`` accepts every ``H, W >= 1``; at
             most ``kernel_size // 2``. In training mode at batch size 1 a BatchNorm refuses a
             stage whose map is 1x1: the input then needs a side of at least 9 (``padding=1``)
-            or 23 (``padding=0``), and a ``ValueError`` says so.
+            or 23 (``padding=0``), and a ``ValueError`` says so (in eager mode; under
+            ``torch.compile`` BatchNorm's own error surfaces).
         final_act: apply ``act_layer`` after the last stage too.
         offset: the constant added to the mask.
         norm_layer: normalisation factory called as ``norm_layer(C)``.

@@ -2,7 +2,8 @@
 
 Every GA layer takes ``channels`` as its first argument and maps (B, C, H, W) to (B, C, H, W);
 the layers whose peers change the width (``aspp``, ``psp``) also take ``out_channels``.
-:func:`create_ga` builds one from a registry name, a class or a ready instance;
+:func:`create_ga` builds one from a registry name, a class (or a keyword ``functools.partial``
+of one), a callable ``channels -> nn.Module`` or a ready instance;
 :func:`registered` adds a layer for the duration of a ``with`` block (a test, say) and then puts
 the registry back exactly as it was.
 """

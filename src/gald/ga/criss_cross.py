@@ -57,6 +57,8 @@ class CrissCrossAttention(nn.Module):
         channels: input and output channels ``C``.
         recurrence: number of passes ``R`` with shared weights.
         reduction: ``C' = C // reduction`` for the query and key convs (must be ``>= 1``).
+        norm_layer: accepted for a uniform GA signature; the layer has no norm.
+        act_layer: accepted for a uniform GA signature; the layer has no activation.
 
     Shape:
         - Input: :math:`(B, C, H, W)`

@@ -143,6 +143,8 @@ class DualAttention(nn.Module):
         channels: input and output channels ``C``.
         reduction: PAM query/key reduction; ``C' = C // reduction`` must be at least 1.
         branches: the branches to use, a non-empty sub-sequence of ``("pam", "cam")``.
+        norm_layer: accepted for a uniform GA signature; the layer has no norm.
+        act_layer: accepted for a uniform GA signature; the layer has no activation.
 
     Shape:
         - Input: :math:`(B, C, H, W)`

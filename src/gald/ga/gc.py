@@ -58,8 +58,8 @@ def _check_fusion(fusion: object) -> tuple[str, ...]:
 class GlobalContext(nn.Module):
     r"""Global context block: one attention-pooled context vector, transformed and fused.
 
-    Reference: Y. Cao, J. Xu, S. Lin, F. Wei, H. Hu, "GCNet: Non-local Networks Meet Squeeze-
-    Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
+    Reference: Y. Cao, J. Xu, S. Lin, F. Wei, H. Hu, "GCNet: Non-local Networks Meet
+    Squeeze-Excitation Networks and Beyond", ICCV Workshops 2019 (arXiv 1904.11492).
 
     With ``W_k`` a 1x1 conv ``C -> 1`` and ``C_r = int(C * ratio)``:
 

@@ -326,8 +326,8 @@ class GALDNet(nn.Module):
     r"""A segmentation network: backbone, :class:`~gald.GALDHead` on ``c4``, :class:`~gald.AuxHead` on ``c3``.
 
     Reference: X. Li et al., "Global Aggregation then Local Distribution in Fully Convolutional
-    Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDNet`` (github.com/lxtGH/GALD-
-    DGCNet).
+    Networks", BMVC 2019 (arXiv 1909.07229); the authors' ``GALDNet``
+    (github.com/lxtGH/GALD-DGCNet).
 
     The forward follows torchvision's segmentation models: it returns a dict with ``"out"``, the
     head's logits bilinearly upsampled to the input size (``align_corners=True``), and, when the

@@ -1,7 +1,7 @@
 """Test helpers for GA layers, for this library's tests and for other projects' unit tests.
 
 - :func:`check_ga`: assert the GA layer contract (shapes down to the declared minimum size,
-  gradients, eval-mode batch independence, float64 gradcheck, autocast, half precision, memory formats,
+  the empty batch, gradients, eval-mode batch independence, float64 gradcheck, autocast, half precision, memory formats,
   ``torch.compile``, state_dict round trip, device placement). Every built-in layer meets it with
   its default arguments except :class:`gald.ga.EMA`, which needs ``em_grad=True``: by default its
   EM iterations run under ``no_grad`` (as in the authors' code), so ``conv1`` gets no gradient
