@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -454,3 +455,26 @@ def test_blend_is_checked_and_the_mask_is_computed_as_the_op_does() -> None:
         m = ld_b.mask(xb)
         assert m.dtype == torch.float32
         torch.testing.assert_close(ld_b(xb), (xb.float() * (ld.offset + m)).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
+    "norm", [nn.InstanceNorm2d, partial(nn.GroupNorm, 4)], ids=["instance", "group-per-channel"]
+)
+@pytest.mark.parametrize(("padding", "expected"), [(1, 9), (0, 23)])
+def test_a_norm_that_refuses_a_one_by_one_map_raises_the_minimum(norm, padding, expected) -> None:
+    """An instance norm, or a GroupNorm with one channel per group, cannot normalise the 1x1
+    map of the last stage (at any batch size, or at batch 1): min_size keeps every stage's map
+    at least 2 wide, the block's too, and a smaller input is refused naming the norm."""
+    ld = gald.LocalDistribution(4, padding=padding, norm_layer=norm).eval()
+    assert ld.min_size == expected
+    ld(torch.randn(1, 4, expected, expected))
+    with pytest.raises(ValueError, match=rf">= {expected} .*cannot normalise the 1x1 map"):
+        ld(torch.randn(1, 4, expected - 1, expected - 1))
+    block = gald.GALD(4, "gc", padding=padding, norm_layer=norm).eval()
+    assert block.min_size == strided_min_size(3, 3, padding, start=2)
+    block(torch.randn(1, 4, block.min_size, block.min_size))
+    # norms that take one value keep the smaller minimum
+    assert (
+        gald.LocalDistribution(4, padding=padding, norm_layer=partial(nn.GroupNorm, 2)).min_size
+        < expected
+    )

@@ -80,6 +80,27 @@ def check_norm_runs(
         ) from exc
 
 
+def refuses_single_value(stage: nn.Module) -> nn.Module | None:
+    """The first norm in ``stage`` that cannot normalise a (1, C, 1, 1) map in eval mode (an
+    ``nn.InstanceNorm2d``, a GroupNorm with one channel per group), or ``None``. A stride-2
+    stage whose output is 1x1 then fails at every batch size (the instance norm) or at batch 1,
+    so such a stage needs an output of at least 2 on a side."""
+    for norm in stage.modules():
+        if not isinstance(norm, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+            continue
+        channels = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
+        if not isinstance(channels, int):
+            continue
+        device, dtype = probe_setting(norm)
+        probe = torch.zeros(1, channels, 1, 1, device=device, dtype=dtype)
+        try:
+            with eval_mode(norm), torch.no_grad():
+                norm(probe)
+        except Exception:  # it refuses one value per channel (or group)
+            return norm
+    return None
+
+
 def make_norm2d(
     factory: LayerFactory,
     name: str,

@@ -21,6 +21,7 @@ from ._layers import (
     make_layer,
     make_norm2d,
     probe_setting,
+    refuses_single_value,
     strided_min_size,
 )
 from ._modes import eval_mode
@@ -620,7 +621,9 @@ class GALD(nn.Module):
                 where=f"GALD's {self.in_channels}-channel downsample stage",
             )
             # the smallest input whose stride-2 down stage still gives the GA its minimum side
-            min_size = strided_min_size(1, 3, self.padding, start=min_size)
+            # (and more than one value to a norm that cannot normalise a 1x1 map)
+            start = min_size if refuses_single_value(self.down) is None else max(min_size, 2)
+            min_size = strided_min_size(1, 3, self.padding, start=start)
         ga_block_min = min_size  # what the GA (through the downsample) needs
         self.ld: LocalDistribution | None = None
         self.alpha: nn.Parameter | None = None

@@ -13,7 +13,13 @@ from torch import nn
 
 from ._amp import autocast_off, compute_dtype
 from ._checkpoint import checkpoint_once
-from ._layers import LayerFactory, conv_out_size, depthwise_stage, strided_min_size
+from ._layers import (
+    LayerFactory,
+    conv_out_size,
+    depthwise_stage,
+    refuses_single_value,
+    strided_min_size,
+)
 from ._validate import (
     PADDING_REMEDY,
     check_bool,
@@ -73,7 +79,9 @@ class LocalDistribution(nn.Module):
         kernel_size: kernel of every depthwise conv.
         padding: padding of every depthwise conv. ``0`` reproduces the authors' code exactly and
             needs ``H, W >= 15`` for 3 stages of ``k=3``; ``1`` accepts every ``H, W >= 1``; at
-            most ``kernel_size // 2``. In training mode at batch size 1 a BatchNorm refuses a
+            most ``kernel_size // 2``. A norm that cannot normalise a 1x1 map (an instance
+            norm, a GroupNorm with one channel per group) raises these to 23 and 9
+            (:attr:`min_size`). In training mode at batch size 1 a BatchNorm refuses a
             stage whose map is 1x1: the input then needs a side of at least 9 (``padding=1``)
             or 23 (``padding=0``), and a ``ValueError`` says so (in eager mode; under
             ``torch.compile`` BatchNorm's own error surfaces).
@@ -122,13 +130,6 @@ class LocalDistribution(nn.Module):
         check_factory(act_layer, "act_layer")
         self.impl = check_choice(impl, "impl", IMPLS)
         self.grad_checkpointing = False
-        self.min_size = strided_min_size(num_stages, kernel_size, padding)
-        # what to suggest for a too-small input: padding=1 only where it lifts the minimum
-        self._small_input_remedy: str | None = (
-            PADDING_REMEDY
-            if self.padding == 0 and strided_min_size(num_stages, kernel_size, 1) == 1
-            else None
-        )
         self.branch = nn.Sequential(
             *(
                 depthwise_stage(
@@ -142,6 +143,22 @@ class LocalDistribution(nn.Module):
                 for i in range(num_stages)
             )
         )
+        # a norm that cannot normalise a 1x1 map (instance norm, one channel per group) needs
+        # every stage's output to be at least 2 on a side
+        single = next(filter(None, map(refuses_single_value, self.branch)), None)
+        start = 1 if single is None else 2
+        self.min_size = strided_min_size(num_stages, kernel_size, padding, start=start)
+        # what to suggest for a too-small input: padding=1 only where it accepts any size
+        self._small_input_remedy: str | None = (
+            PADDING_REMEDY
+            if self.padding == 0 and strided_min_size(num_stages, kernel_size, 1, start=start) == 1
+            else None
+        )
+        if single is not None:
+            self._small_input_remedy = (
+                f"its {type(single).__name__} cannot normalise the 1x1 map a mask stage would "
+                "give a smaller input"
+            )
 
     def extra_repr(self) -> str:
         return (
