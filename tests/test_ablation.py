@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import gald
+import gald.testing
 from gald.bench import _ablation_model as am
 from gald.bench import _ablation_task as task
 from gald.bench.ablation import AblationConfig, main, paired_differences, render
@@ -385,3 +386,55 @@ def test_t_quantiles_cover_at_least_95_percent(df: int) -> None:
     assert covered >= 0.95
     if df in _T95:
         assert covered < 0.9505
+
+
+def test_paired_differences_do_not_count_ties_as_wins():
+    """a seed where the two variants score the same is not a win."""
+    from gald.bench.ablation import METRICS, paired_differences
+
+    same = {m: 50.0 for m in METRICS}
+    runs = {
+        0: {"none": same, "ga": same, "ld": same, "frozen": same},
+        1: {"none": same, "ga": {**same, "miou": 51.0}, "ld": same, "frozen": same},
+    }
+    res = paired_differences(runs)
+    assert res["ga-none"]["miou"]["wins"] == 1
+    assert res["ld-ga"]["large"]["wins"] == 0
+
+
+def test_check_pairing_refuses_an_ld_variant_that_adds_nothing():
+    """the 'ld' variant must add head.gald.ld.* keys; an identical copy of 'ga' is not an
+    LD variant."""
+    from gald.bench._ablation_model import build_variants, check_pairing
+
+    models = build_variants(0, ga="gc", channels=8, num_classes=3, offset=2.0, final_act=True)
+    with pytest.raises(RuntimeError, match="should add exactly head.gald.ld"):
+        check_pairing({"ga": models["ga"], "ld": copy.deepcopy(models["ga"])})
+
+
+def test_run_refuses_variants_that_saw_different_data(monkeypatch):
+    """the per-seed data checksum comparison is what proves the pairing."""
+    from gald.bench import ablation
+
+    counter = iter(range(100))
+    monkeypatch.setattr(ablation, "_train", lambda model, cfg, seed: (float(next(counter)), 0.0))
+    cfg = ablation.AblationConfig(
+        ga="gc", seeds=1, steps=1, size=32, batch_size=2, channels=8, eval_images=2
+    )
+    with pytest.raises(RuntimeError, match="saw different training data"):
+        ablation.run(cfg, log=lambda line: None)
+
+
+def test_first_seed_bound_counts_the_seeds(monkeypatch, capsys):
+    """--first-seed + --seeds - 1 must stay a 32-bit seed."""
+    from gald.bench import ablation
+
+    def must_not_run(*a, **k):
+        raise AssertionError("the ablation ran")
+
+    monkeypatch.setattr(ablation, "run", must_not_run)
+    monkeypatch.setattr(ablation, "build_variants", must_not_run)
+    with pytest.raises(SystemExit) as info:
+        ablation.main(["--first-seed", str(2**32 - 1), "--seeds", "3", "--quiet"])
+    assert info.value.code == 2
+    assert "--first-seed must be in [0, 2**32 - --seeds]" in capsys.readouterr().err

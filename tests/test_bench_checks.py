@@ -3,6 +3,7 @@ requested model, non-finite numbers), and the faster/slower verdict is one symme
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 
@@ -485,3 +486,33 @@ def test_median_q95_above_its_table_matches_a_simulation(n: int) -> None:
     mad = (x - centre).abs().quantile(0.5, dim=1)
     simulated = float((centre.squeeze(1).abs() / (1.4826 * mad)).quantile(0.95))
     assert median_q95(n) == pytest.approx(simulated, rel=0.015)
+
+
+def test_run_kernels_reports_a_skipped_large_shape(monkeypatch):
+    """on a GPU without room for the large shape, the skip is said in the results."""
+    from gald.bench import ld as ld_bench
+    from gald.bench._config import Config
+
+    monkeypatch.setattr(ld_bench, "check_kernel", lambda *a, **k: {"ok": True})
+    monkeypatch.setattr(ld_bench, "large_shape_room", lambda device: "large skipped: no room")
+    monkeypatch.setattr(ld_bench, "_bandwidth", lambda *a, **k: [])
+    cfg = Config(shape=(2, 8, 33, 33), device=torch.device("cuda", 0), quiet=True)
+    res = ld_bench.run_kernels(cfg)
+    assert res["skipped"] == ["large skipped: no room"]
+
+
+def test_finite_float_refuses_infinity():
+    """--offset inf is refused like nan."""
+    from gald.bench._args import finite_float
+
+    for text in ("inf", "-inf", "nan"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a finite number"):
+            finite_float(text)
+
+
+def test_output_problem_dash_and_directory(tmp_path):
+    """failure)."""
+    from gald.bench._args import output_problem
+
+    assert "not standard output" in output_problem("-")
+    assert output_problem(str(tmp_path)) == "that is a directory"

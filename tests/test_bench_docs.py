@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+import gald
 from gald.bench import first_call
 from gald.bench.__main__ import main as bench_main
 from gald.bench.docs import (
@@ -228,7 +229,6 @@ def test_cli_first_call_failure_keeps_the_other_results(tmp_path, monkeypatch, c
 
 
 def test_cost_lists_each_ga_alone(tmp_path) -> None:
-    import gald
 
     out = tmp_path / "c.json"
     argv = ["--ga", "gc,psp", "--cost", "--shape", "1,16,9,9", "--quiet", "--json", str(out)]
@@ -322,3 +322,54 @@ def test_the_runs_summary_flags_figures_the_runs_would_not_quote() -> None:
     assert "train step 0.25–1.70x (1 of 3 runs too noisy)" in text
     assert "memory kept for backward 0.60x" in text
     assert "runs" not in _runs_range([run(1.6, "measured")] * 2).split("saved")[0].split(": ")[1]
+
+
+def _row(ga: str, ratio: float, low: float | None, high: float | None) -> dict:
+    times = {"inference": {"median_ms": 10.0}, "train_step": {"median_ms": 30.0}}
+    return {
+        "ga": ga,
+        "models": {"with LD": times, "without LD": times},
+        "overhead": {"inference": {"ratio": ratio, "ratio_low": low, "ratio_high": high}},
+    }
+
+
+def _added(rows) -> str:
+    from gald.bench.docs import render_added
+
+    return render_added({"block": {"rows": rows}})
+
+
+def test_render_added_groups_are_disjoint():
+    """with 4 GA layers, 'smallest next to' and 'largest next to' name 2 each, no layer in
+    both lists."""
+    text = _added(
+        [
+            _row("a", 1.01, 1.0, 1.02),
+            _row("b", 1.02, 1.01, 1.03),
+            _row("c", 1.5, 1.4, 1.6),
+            _row("d", 1.6, 1.5, 1.7),
+        ]
+    )
+    small = text.split("smallest next to ")[1].split(" and largest")[0]
+    large = text.split("largest next to ")[1]
+    assert "c (" not in small and "b (" not in large, text
+
+
+def test_render_added_unknown_interval_is_not_called_apart():
+    """a group member whose interval is unknown (None ends) cannot support 'the two
+    groups' intervals do not overlap'."""
+    rows = [
+        _row("a", 1.01, 1.0, 1.02),
+        _row("b", 1.02, None, None),
+        _row("c", 1.03, 1.02, 1.04),
+        _row("d", 1.5, 1.4, 1.6),
+        _row("e", 1.6, 1.5, 1.7),
+        _row("f", 1.7, 1.6, 1.8),
+    ]
+    assert "do not overlap" not in _added(rows)
+
+
+def test_render_added_touching_intervals_overlap():
+    """closed intervals that share an end overlap."""
+    rows = [_row("a", 1.01, 1.0, 1.2), _row("b", 1.4, 1.2, 1.6)]
+    assert "do not overlap" not in _added(rows)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import gald
+import gald.testing
 from gald import deploy
 from gald.testing import randomize_
 
@@ -351,3 +352,21 @@ def test_fx_symbolic_trace_names_the_leaf_module_remedy() -> None:
     for module in (gald.GALD(16, "gc"), gald.create_ga("psp", 16), gald.LocalDistribution(16)):
         with pytest.raises(TypeError, match=r"is a torch.fx Proxy: .*leaf_modules"):
             torch.fx.symbolic_trace(module)
+
+
+@pytest.mark.parametrize(
+    "pool", [nn.AdaptiveAvgPool2d((1, 6)), nn.AdaptiveAvgPool2d((6, 1)), nn.AdaptiveMaxPool2d(6)]
+)
+def test_export_refuses_any_fixed_grid_pooling_with_dynamic_sizes(tmp_path, pool):
+    """A strip grid (1x6, 6x1) and max pooling bake their windows for the example's size just
+    the same, so they are refused with dynamic sizes too; a 1x1 grid written as a list is
+    global pooling and exports."""
+    from gald.deploy import export_onnx
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), pool).eval()
+    with pytest.raises(ValueError, match=r"output_size=.*dynamic_hw=True"):
+        export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx", dynamic_hw=True)
+    # global pooling written as a list (as a YAML config gives it) exports for any size
+    listed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d([1, 1])).eval()
+    path = export_onnx(listed, torch.randn(2, 3, 12, 12), tmp_path / "g.onnx")
+    assert deploy.verify_onnx(listed, path, torch.randn(2, 3, 13, 21)) < 1e-5

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+import gald.testing
 
 
 def test_forward_composition() -> None:
@@ -140,3 +141,23 @@ def test_official_presets_take_keywords_as_their_constructors() -> None:
         gald.GALDHead.official(8, 3, 16)  # type: ignore[misc]  # channels is keyword-only
     with pytest.raises(TypeError):
         GALDNet.official(50)  # type: ignore[misc]  # depth is keyword-only, not num_classes
+
+
+def test_galdhead_applies_its_dropout():
+    """GALDHead(dropout=p) drops channels before the classifier in training."""
+    torch.manual_seed(0)
+    head = gald.GALDHead(16, 3, channels=8, ga_module="gc", dropout=0.5).train()
+    x = torch.randn(2, 16, 9, 9)
+    torch.manual_seed(1)
+    a = head(x)
+    torch.manual_seed(2)
+    b = head(x)
+    assert not torch.allclose(a, b)
+    head.eval()
+    torch.testing.assert_close(head(x), head(x))
+
+
+def test_galdhead_act_layer_reaches_the_gald_block():
+    """act_layer is the head's activation everywhere, the GALD block's too."""
+    head = gald.GALDHead(16, 3, channels=16, act_layer=nn.GELU)
+    assert not any(isinstance(m, nn.ReLU) for m in head.modules())

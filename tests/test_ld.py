@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+import gald.testing
+from gald._validate import INT64_MAX, check_positive_int
 from gald.bench._timing import saved_bytes
 from gald.ld import strided_min_size
 
@@ -478,3 +480,25 @@ def test_a_norm_that_refuses_a_one_by_one_map_raises_the_minimum(norm, padding, 
         gald.LocalDistribution(4, padding=padding, norm_layer=partial(nn.GroupNorm, 2)).min_size
         < expected
     )
+
+
+_KC = 8
+
+
+def test_single_sample_check_exempts_syncbatchnorm():
+    """SyncBatchNorm normalises over every process's batch: a 1x1 stage at batch 1 per GPU
+    is what multi-GPU segmentation training does, and must not be refused by gald."""
+    ld = gald.LocalDistribution(_KC, padding=1, norm_layer=nn.SyncBatchNorm).train()
+    ld._check_single_sample(torch.Size([5, 5]))  # stage 2 is 1x1
+    bn = gald.LocalDistribution(_KC, padding=1).train()
+    with pytest.raises(ValueError, match="mask stage 2 sees a 1x1 map"):
+        bn._check_single_sample(torch.Size([5, 5]))
+
+
+def test_num_stages_maximum_is_inclusive():
+    """check_positive_int's maximum is inclusive (num_stages=30 is documented as allowed);
+    the default maximum is the largest int64."""
+    assert gald.LocalDistribution(_KC, num_stages=30, padding=1).num_stages == 30
+    assert check_positive_int(INT64_MAX, "n") == INT64_MAX
+    with pytest.raises(ValueError, match="must be <= 30"):
+        gald.LocalDistribution(_KC, num_stages=31, padding=1)

@@ -13,6 +13,7 @@ import itertools
 import math
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gald
+import gald.testing
 from gald.ops import _ld_torch, _modulate, ld_modulate, ld_modulate_reference
 
 # --------------------------------------------------------------------------------------------
@@ -674,3 +676,61 @@ def test_half_reference_rounds_once(dtype) -> None:
     logits = (3 * torch.randn(2, 8, 5, 6, generator=gen)).to(dtype)
     exact = ld_modulate_reference(x.double(), logits.double(), 1.0).to(dtype)
     assert torch.equal(ld_modulate_reference(x, logits, 1.0), exact)
+
+
+def _triton_stub(calls: list[str]) -> SimpleNamespace:
+    """Triton "kernels" that record their calls and compute with the torch kernel."""
+
+    def fwd(x, logits, offset, align_corners):
+        calls.append("fwd")
+        return _ld_torch.forward(x, logits, offset, align_corners)
+
+    def bwd(grad, x, logits, offset, align_corners, need_x, need_logits):
+        calls.append("bwd")
+        return _ld_torch.backward(grad, x, logits, offset, align_corners, need_x, need_logits)
+
+    return SimpleNamespace(
+        ld_modulate_fwd_triton=fwd,
+        ld_modulate_bwd_triton=bwd,
+        bwd_window_fits=lambda *a: True,
+        unsupported_dtype=lambda dtype: None,
+    )
+
+
+@pytest.mark.parametrize("impl", ["auto", None])
+def test_auto_runs_the_kernel_auto_resolves_to_in_forward_and_backward(monkeypatch, impl):
+    """On a machine where 'auto' means Triton (a CUDA GPU with a working Triton), the default
+    call (impl="auto" or None) runs the Triton forward and backward: the op resolves the
+    choice in both."""
+    calls: list[str] = []
+    stub = _triton_stub(calls)
+    monkeypatch.setattr(_modulate, "_auto_impl", lambda x: "triton")
+    monkeypatch.setattr(_modulate, "_require_triton", lambda: stub)
+    x = torch.randn(2, 3, 6, 7, requires_grad=True)
+    logits = torch.randn(2, 3, 2, 3, requires_grad=True)
+    out = ld_modulate(x, logits, impl=impl)
+    out.sum().backward()
+    assert calls == ["fwd", "bwd"]
+    # and without autograd (the bare op)
+    calls.clear()
+    with torch.no_grad():
+        ld_modulate(x, logits, impl=impl)
+    assert calls == ["fwd"]
+
+
+def test_no_trial_launch_inside_a_cuda_graph_capture(monkeypatch):
+    """a trial launch (allocations, a sync on failure) must not run while a CUDA graph is
+    being captured; the capture would be invalidated or the choice wrongly remembered."""
+    monkeypatch.setattr(_modulate, "_launches", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    launched = []
+
+    def boom(*args):
+        launched.append(args)
+        raise RuntimeError("launch during capture")
+
+    stub = SimpleNamespace(ld_modulate_fwd_triton=boom, ld_modulate_bwd_triton=boom)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _modulate._triton_launches(torch.device("cuda", 0), torch.float32, stub) is True
+    assert launched == [] and _modulate._launches == {}

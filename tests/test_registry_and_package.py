@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import gald
+import gald.testing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -357,3 +358,30 @@ def test_repr_names_every_constructor_argument(name: str) -> None:
         if p not in shown_as_children and p != "chunk_elements" and f"{p}=" not in text
     ]
     assert not missing, f"{cls.__name__}.extra_repr() omits {missing}: {text}"
+
+
+def test_registered_restores_the_own_label_of_a_class_unregistered_inside():
+    """a class with its own ga_name, registered outside, unregistered inside a
+    registered() block: after the block it is registered again, and unregistering it then
+    gives back its own ga_name (the block must restore _OWN_LABEL too)."""
+
+    class Mine(nn.Identity):
+        ga_name = "mine"
+
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+
+    class Other(nn.Identity):
+        def __init__(self, channels: int) -> None:
+            super().__init__()
+
+    gald.register_ga("scoped_mine", Mine)
+    try:
+        assert Mine.ga_name == "scoped_mine"
+        with gald.registered("scoped_other", Other):
+            gald.unregister_ga("scoped_mine")
+            assert Mine.ga_name == "mine"
+        assert "scoped_mine" in gald.list_ga() and Mine.ga_name == "scoped_mine"
+    finally:
+        gald.unregister_ga("scoped_mine")
+    assert Mine.__dict__.get("ga_name") == "mine"

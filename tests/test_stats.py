@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import gald
+import gald.testing
 from gald.stats import GateStats, LDStatistics, _GateAccumulator
 
 
@@ -372,3 +373,28 @@ def test_non_finite_gate_values_are_counted_and_shown() -> None:
     table = str(gald.ld_statistics(ld, [x]))
     assert f"({s.nonfinite} non-finite gate values)" in table
     assert " nan " in table
+
+
+_KC = 8
+
+
+def _nan_ld_stats():
+    model = nn.Sequential(gald.LocalDistribution(_KC, padding=1))
+    x = torch.full((1, _KC, 9, 9), math.nan)
+    return gald.ld_statistics(model, [x])
+
+
+def test_all_nonfinite_gates_give_nan_min_and_max():
+    """with no finite gate value, min and max are NaN (documented: 'taken over the finite
+    values'), not the accumulator's +inf/-inf start values."""
+    (s,) = _nan_ld_stats().values()
+    assert s.nonfinite == _KC * 81
+    assert math.isnan(s.min) and math.isnan(s.max)
+
+
+def test_one_sample_with_nonfinite_gates_shows_nan_not_dash():
+    """'-' in the sample CV column means 'one sample'; with non-finite gates the table
+    must say 'nan' there, as in the other moment columns."""
+    table = str(_nan_ld_stats())
+    row = table.splitlines()[-1].split()
+    assert "-" not in row[2:10], table

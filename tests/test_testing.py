@@ -17,6 +17,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import gald
+import gald.testing
 from gald.testing import (
     PROPERTIES,
     check_ga,
@@ -940,3 +942,43 @@ def test_batch_independence_changes_every_sample_in_turn() -> None:
 def test_an_input_gradient_that_is_zero_everywhere_fails() -> None:
     with pytest.raises(AssertionError, match="input gradient is exactly zero everywhere"):
         check_ga(RoundsItsInput, channels=4, only=["gradients"])
+
+
+_KC = 8
+
+
+class FailsOnWideMaps(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.shape[-1] > x.shape[-2] + 2:
+            raise ValueError("wide maps are not supported")
+        return self.conv(x)
+
+
+def test_min_size_advice_only_for_the_smallest_map():
+    """a failure on a wide map is not a size problem: no min_size advice."""
+    with pytest.raises(AssertionError) as info:
+        gald.testing.check_ga(FailsOnWideMaps, channels=_KC, only=["shapes"])
+    message = str(info.value)
+    assert message.startswith("shapes: input shape (2, 8, 1, 6)")
+    assert "smallest map checked" not in message
+
+
+class EmptyBatchFailsOnWideMaps(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):
+        if x.shape[0] == 0 and x.shape[-1] > x.shape[-2] + 2:
+            raise RuntimeError("cannot reshape tensor of 0 elements")
+        return self.conv(x)
+
+
+def test_empty_batch_checks_every_map():
+    """the empty-batch property covers every map in eval mode, not only the smallest."""
+    with pytest.raises(AssertionError, match=r"^empty_batch: input shape \(0, 8, 1, 6\)"):
+        gald.testing.check_ga(EmptyBatchFailsOnWideMaps, channels=_KC, only=["empty_batch"])

@@ -16,11 +16,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gald
+import gald.testing
 from gald._validate import (
     check_feature,
     check_float,
     check_positive_int_sequence,
     check_probability,
+    first_line,
 )
 from gald.losses import OhemCrossEntropy
 
@@ -300,3 +302,20 @@ def test_numpy_scalars_are_stored_as_python_values_and_run() -> None:
         model, torch.randn(1, 3, 6, 6), crop_size=4, stride=2, num_classes=2, flip=yes
     )
     assert got.shape == (1, 2, 6, 6)
+
+
+_KC = 8
+
+
+def test_prefixed_norm_factories_are_checked_by_signature():
+    """bottleneck_norm_layer / pool_norm_layer are called as f(num_channels) too: a
+    GroupNorm class is refused at construction, by name."""
+    with pytest.raises(TypeError, match=r"bottleneck_norm_layer is called as"):
+        gald.ga.GlobalContext(_KC, bottleneck_norm_layer=nn.GroupNorm)
+
+
+def test_first_line_of_a_blank_exception_is_its_class_name():
+    """Triton and torch raise bare AssertionErrors; messages quoting first_line() must
+    still say something."""
+    assert first_line(AssertionError()) == "AssertionError"
+    assert first_line("  \n") == ""

@@ -14,7 +14,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import _standins as si
 import gald
+import gald.testing
 from _helpers import randomise
+from gald import _wrap
 
 
 def _small_deeplab() -> si.SegModel:
@@ -931,3 +933,28 @@ def test_wrapping_an_eval_model_keeps_it_in_eval_mode() -> None:
         model(torch.randn(2, 3, 17, 17))
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+_KC = 8
+
+
+class FakeDDP(nn.Module):
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x)
+
+
+def test_refuse_distributed_matches_whole_path_components(monkeypatch):
+    """with a DDP part at index '1', wrapping the sibling '10' is allowed (a plain string
+    prefix test would refuse it as if it were inside '1')."""
+    monkeypatch.setattr(_wrap, "_distributed_wrappers", lambda: (FakeDDP,))
+    layers = [nn.Conv2d(_KC, _KC, 1) for _ in range(11)]
+    layers[1] = FakeDDP(nn.Conv2d(_KC, _KC, 1))
+    model = nn.Sequential(*layers)
+    gald.wrap(model, "10")
+    assert isinstance(model[10], gald.GALD)
+    with pytest.raises(ValueError, match=r"'1' is a FakeDDP"):
+        gald.wrap(model, "1.module")

@@ -253,7 +253,7 @@ def _refuse_fixed_pooling(module: nn.Module) -> None:
     for name, sub in module.named_modules():
         if isinstance(sub, _ADAPTIVE):
             size = sub.output_size
-            sizes = size if isinstance(size, tuple) else (size, size)
+            sizes = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
             if any(s != 1 for s in sizes):
                 raise ValueError(
                     f"export_onnx: {name or 'the module'} is an {type(sub).__name__} with "
