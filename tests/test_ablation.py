@@ -389,7 +389,7 @@ def test_t_quantiles_cover_at_least_95_percent(df: int) -> None:
 
 
 def test_paired_differences_do_not_count_ties_as_wins():
-    """a seed where the two variants score the same is not a win."""
+    """A seed where the two variants score the same is not a win."""
     from gald.bench.ablation import METRICS, paired_differences
 
     same = {m: 50.0 for m in METRICS}
@@ -403,7 +403,7 @@ def test_paired_differences_do_not_count_ties_as_wins():
 
 
 def test_check_pairing_refuses_an_ld_variant_that_adds_nothing():
-    """the 'ld' variant must add head.gald.ld.* keys; an identical copy of 'ga' is not an
+    """The 'ld' variant must add head.gald.ld.* keys; an identical copy of 'ga' is not an
     LD variant."""
     from gald.bench._ablation_model import build_variants, check_pairing
 
@@ -413,7 +413,7 @@ def test_check_pairing_refuses_an_ld_variant_that_adds_nothing():
 
 
 def test_run_refuses_variants_that_saw_different_data(monkeypatch):
-    """the per-seed data checksum comparison is what proves the pairing."""
+    """The per-seed data checksum comparison is what proves the pairing."""
     from gald.bench import ablation
 
     counter = iter(range(100))

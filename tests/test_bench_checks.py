@@ -489,7 +489,7 @@ def test_median_q95_above_its_table_matches_a_simulation(n: int) -> None:
 
 
 def test_run_kernels_reports_a_skipped_large_shape(monkeypatch):
-    """on a GPU without room for the large shape, the skip is said in the results."""
+    """On a GPU without room for the large shape, the skip is said in the results."""
     from gald.bench import ld as ld_bench
     from gald.bench._config import Config
 
@@ -511,7 +511,8 @@ def test_finite_float_refuses_infinity():
 
 
 def test_output_problem_dash_and_directory(tmp_path):
-    """failure)."""
+    """ "-" is refused as an output path, and a directory is named as one (not reported as a
+    failure to open it)."""
     from gald.bench._args import output_problem
 
     assert "not standard output" in output_problem("-")

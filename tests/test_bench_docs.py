@@ -340,7 +340,7 @@ def _added(rows) -> str:
 
 
 def test_render_added_groups_are_disjoint():
-    """with 4 GA layers, 'smallest next to' and 'largest next to' name 2 each, no layer in
+    """With 4 GA layers, 'smallest next to' and 'largest next to' name 2 each, no layer in
     both lists."""
     text = _added(
         [
@@ -356,7 +356,7 @@ def test_render_added_groups_are_disjoint():
 
 
 def test_render_added_unknown_interval_is_not_called_apart():
-    """a group member whose interval is unknown (None ends) cannot support 'the two
+    """A group member whose interval is unknown (None ends) cannot support 'the two
     groups' intervals do not overlap'."""
     rows = [
         _row("a", 1.01, 1.0, 1.02),
@@ -370,6 +370,6 @@ def test_render_added_unknown_interval_is_not_called_apart():
 
 
 def test_render_added_touching_intervals_overlap():
-    """closed intervals that share an end overlap."""
+    """Closed intervals that share an end overlap."""
     rows = [_row("a", 1.01, 1.0, 1.2), _row("b", 1.4, 1.2, 1.6)]
     assert "do not overlap" not in _added(rows)

@@ -158,6 +158,6 @@ def test_galdhead_applies_its_dropout():
 
 
 def test_galdhead_act_layer_reaches_the_gald_block():
-    """act_layer is the head's activation everywhere, the GALD block's too."""
+    """The ``act_layer`` is the head's activation everywhere, the GALD block's too."""
     head = gald.GALDHead(16, 3, channels=16, act_layer=nn.GELU)
     assert not any(isinstance(m, nn.ReLU) for m in head.modules())

@@ -482,23 +482,20 @@ def test_a_norm_that_refuses_a_one_by_one_map_raises_the_minimum(norm, padding, 
     )
 
 
-_KC = 8
-
-
 def test_single_sample_check_exempts_syncbatchnorm():
     """SyncBatchNorm normalises over every process's batch: a 1x1 stage at batch 1 per GPU
     is what multi-GPU segmentation training does, and must not be refused by gald."""
-    ld = gald.LocalDistribution(_KC, padding=1, norm_layer=nn.SyncBatchNorm).train()
+    ld = gald.LocalDistribution(8, padding=1, norm_layer=nn.SyncBatchNorm).train()
     ld._check_single_sample(torch.Size([5, 5]))  # stage 2 is 1x1
-    bn = gald.LocalDistribution(_KC, padding=1).train()
+    bn = gald.LocalDistribution(8, padding=1).train()
     with pytest.raises(ValueError, match="mask stage 2 sees a 1x1 map"):
         bn._check_single_sample(torch.Size([5, 5]))
 
 
 def test_num_stages_maximum_is_inclusive():
-    """check_positive_int's maximum is inclusive (num_stages=30 is documented as allowed);
+    """``check_positive_int``'s maximum is inclusive (num_stages=30 is documented as allowed);
     the default maximum is the largest int64."""
-    assert gald.LocalDistribution(_KC, num_stages=30, padding=1).num_stages == 30
+    assert gald.LocalDistribution(8, num_stages=30, padding=1).num_stages == 30
     assert check_positive_int(INT64_MAX, "n") == INT64_MAX
     with pytest.raises(ValueError, match="must be <= 30"):
-        gald.LocalDistribution(_KC, num_stages=31, padding=1)
+        gald.LocalDistribution(8, num_stages=31, padding=1)

@@ -719,7 +719,7 @@ def test_auto_runs_the_kernel_auto_resolves_to_in_forward_and_backward(monkeypat
 
 
 def test_no_trial_launch_inside_a_cuda_graph_capture(monkeypatch):
-    """a trial launch (allocations, a sync on failure) must not run while a CUDA graph is
+    """A trial launch (allocations, a sync on failure) must not run while a CUDA graph is
     being captured; the capture would be invalidated or the choice wrongly remembered."""
     monkeypatch.setattr(_modulate, "_launches", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)

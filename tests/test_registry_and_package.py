@@ -317,12 +317,12 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
 
 
-def test_a_class_gets_back_the_ga_name_it_defined_itself() -> None:
-    """Registered inside a ``registered`` block, or by ``register_ga`` and then unregistered: a
-    class that defined its own ``ga_name`` has it again afterwards; one that had none has none."""
+def _fresh_classes(own_name: str) -> tuple[type[nn.Module], type[nn.Module]]:
+    """Two new GA classes (registration labels them): one that defines its own ``ga_name``,
+    one that defines none."""
 
     class Own(nn.Identity):
-        ga_name = "custom"
+        ga_name = own_name
 
         def __init__(self, channels: int) -> None:
             super().__init__()
@@ -331,6 +331,14 @@ def test_a_class_gets_back_the_ga_name_it_defined_itself() -> None:
         def __init__(self, channels: int) -> None:
             super().__init__()
 
+    return Own, Bare
+
+
+def test_a_class_gets_back_the_ga_name_it_defined_itself() -> None:
+    """Registered inside a ``registered`` block, or by ``register_ga`` and then unregistered: a
+    class that defined its own ``ga_name`` has it again afterwards; one that had none has none."""
+
+    Own, Bare = _fresh_classes("custom")
     with gald.registered("tmp_bare", Bare):
         gald.register_ga("tmp_own", Own)
         gald.register_ga("tmp_own2", Own)
@@ -361,20 +369,11 @@ def test_repr_names_every_constructor_argument(name: str) -> None:
 
 
 def test_registered_restores_the_own_label_of_a_class_unregistered_inside():
-    """a class with its own ga_name, registered outside, unregistered inside a
+    """A class with its own ga_name, registered outside, unregistered inside a
     registered() block: after the block it is registered again, and unregistering it then
     gives back its own ga_name (the block must restore _OWN_LABEL too)."""
 
-    class Mine(nn.Identity):
-        ga_name = "mine"
-
-        def __init__(self, channels: int) -> None:
-            super().__init__()
-
-    class Other(nn.Identity):
-        def __init__(self, channels: int) -> None:
-            super().__init__()
-
+    Mine, Other = _fresh_classes("mine")
     gald.register_ga("scoped_mine", Mine)
     try:
         assert Mine.ga_name == "scoped_mine"

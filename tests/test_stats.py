@@ -375,20 +375,17 @@ def test_non_finite_gate_values_are_counted_and_shown() -> None:
     assert " nan " in table
 
 
-_KC = 8
-
-
 def _nan_ld_stats():
-    model = nn.Sequential(gald.LocalDistribution(_KC, padding=1))
-    x = torch.full((1, _KC, 9, 9), math.nan)
+    model = nn.Sequential(gald.LocalDistribution(8, padding=1))
+    x = torch.full((1, 8, 9, 9), math.nan)
     return gald.ld_statistics(model, [x])
 
 
 def test_all_nonfinite_gates_give_nan_min_and_max():
-    """with no finite gate value, min and max are NaN (documented: 'taken over the finite
+    """With no finite gate value, min and max are NaN (documented: 'taken over the finite
     values'), not the accumulator's +inf/-inf start values."""
     (s,) = _nan_ld_stats().values()
-    assert s.nonfinite == _KC * 81
+    assert s.nonfinite == 8 * 81
     assert math.isnan(s.min) and math.isnan(s.max)
 
 

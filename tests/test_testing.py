@@ -944,9 +944,6 @@ def test_an_input_gradient_that_is_zero_everywhere_fails() -> None:
         check_ga(RoundsItsInput, channels=4, only=["gradients"])
 
 
-_KC = 8
-
-
 class FailsOnWideMaps(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -959,9 +956,9 @@ class FailsOnWideMaps(nn.Module):
 
 
 def test_min_size_advice_only_for_the_smallest_map():
-    """a failure on a wide map is not a size problem: no min_size advice."""
+    """A failure on a wide map is not a size problem: no min_size advice."""
     with pytest.raises(AssertionError) as info:
-        gald.testing.check_ga(FailsOnWideMaps, channels=_KC, only=["shapes"])
+        gald.testing.check_ga(FailsOnWideMaps, channels=C, only=["shapes"])
     message = str(info.value)
     assert message.startswith("shapes: input shape (2, 8, 1, 6)")
     assert "smallest map checked" not in message
@@ -979,6 +976,6 @@ class EmptyBatchFailsOnWideMaps(nn.Module):
 
 
 def test_empty_batch_checks_every_map():
-    """the empty-batch property covers every map in eval mode, not only the smallest."""
+    """The empty-batch property covers every map in eval mode, not only the smallest."""
     with pytest.raises(AssertionError, match=r"^empty_batch: input shape \(0, 8, 1, 6\)"):
-        gald.testing.check_ga(EmptyBatchFailsOnWideMaps, channels=_KC, only=["empty_batch"])
+        gald.testing.check_ga(EmptyBatchFailsOnWideMaps, channels=C, only=["empty_batch"])

@@ -304,14 +304,11 @@ def test_numpy_scalars_are_stored_as_python_values_and_run() -> None:
     assert got.shape == (1, 2, 6, 6)
 
 
-_KC = 8
-
-
 def test_prefixed_norm_factories_are_checked_by_signature():
-    """bottleneck_norm_layer / pool_norm_layer are called as f(num_channels) too: a
+    """``bottleneck_norm_layer`` / ``pool_norm_layer`` are called as f(num_channels) too: a
     GroupNorm class is refused at construction, by name."""
     with pytest.raises(TypeError, match=r"bottleneck_norm_layer is called as"):
-        gald.ga.GlobalContext(_KC, bottleneck_norm_layer=nn.GroupNorm)
+        gald.ga.GlobalContext(8, bottleneck_norm_layer=nn.GroupNorm)
 
 
 def test_first_line_of_a_blank_exception_is_its_class_name():

@@ -935,9 +935,6 @@ def test_wrapping_an_eval_model_keeps_it_in_eval_mode() -> None:
         assert torch.equal(value, before[key]), key
 
 
-_KC = 8
-
-
 class FakeDDP(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
@@ -948,11 +945,11 @@ class FakeDDP(nn.Module):
 
 
 def test_refuse_distributed_matches_whole_path_components(monkeypatch):
-    """with a DDP part at index '1', wrapping the sibling '10' is allowed (a plain string
+    """With a DDP part at index '1', wrapping the sibling '10' is allowed (a plain string
     prefix test would refuse it as if it were inside '1')."""
     monkeypatch.setattr(_wrap, "_distributed_wrappers", lambda: (FakeDDP,))
-    layers = [nn.Conv2d(_KC, _KC, 1) for _ in range(11)]
-    layers[1] = FakeDDP(nn.Conv2d(_KC, _KC, 1))
+    layers = [nn.Conv2d(8, 8, 1) for _ in range(11)]
+    layers[1] = FakeDDP(nn.Conv2d(8, 8, 1))
     model = nn.Sequential(*layers)
     gald.wrap(model, "10")
     assert isinstance(model[10], gald.GALD)
