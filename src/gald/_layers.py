@@ -63,21 +63,31 @@ def check_norm_runs(
     refused here, by name, rather than at the first forward. ``hw`` defaults to (2, 3), (2, 5)
     for 3 channels, so that a last-dimension norm cannot pass by coincidence; a norm that only
     ever sees (B, C, 1, 1) maps is probed with ``hw=(1, 1)``."""
-    device, dtype = probe_setting(norm)
     if hw is None:
         hw = (2, 3 if channels != 3 else 5)
-    probe = torch.zeros(2, channels, *hw, device=device, dtype=dtype)
-    try:
-        with eval_mode(norm), torch.no_grad():
-            norm(probe)
-    except Exception as exc:
+    shape = (2, channels, *hw)
+    exc = _norm_error(norm, shape)
+    if exc is not None:
         raise ValueError(
             f"{name}={factory!r} builds {norm!r}, which cannot normalise a (B, C, H, W) feature "
-            f"map: on a {tuple(probe.shape)} input it raised {type(exc).__name__}: "
+            f"map: on a {shape} input it raised {type(exc).__name__}: "
             f"{first_line(str(exc))}. The norms take (B, C, H, W) maps: nn.BatchNorm2d, "
             "nn.SyncBatchNorm, functools.partial(nn.GroupNorm, 32), or a channels-first layer "
             "norm"
         ) from exc
+
+
+def _norm_error(norm: nn.Module, shape: tuple[int, ...]) -> Exception | None:
+    """What ``norm`` raises on a zero input of ``shape`` in eval mode, without gradients, on its
+    own device and dtype (``None`` when it runs)."""
+    device, dtype = probe_setting(norm)
+    probe = torch.zeros(shape, device=device, dtype=dtype)
+    try:
+        with eval_mode(norm), torch.no_grad():
+            norm(probe)
+    except Exception as exc:  # the norm refuses this map
+        return exc
+    return None
 
 
 def refuses_single_value(stage: nn.Module) -> nn.Module | None:
@@ -89,14 +99,7 @@ def refuses_single_value(stage: nn.Module) -> nn.Module | None:
         if not isinstance(norm, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
             continue
         channels = getattr(norm, "num_features", None) or getattr(norm, "num_channels", None)
-        if not isinstance(channels, int):
-            continue
-        device, dtype = probe_setting(norm)
-        probe = torch.zeros(1, channels, 1, 1, device=device, dtype=dtype)
-        try:
-            with eval_mode(norm), torch.no_grad():
-                norm(probe)
-        except Exception:  # it refuses one value per channel (or group)
+        if isinstance(channels, int) and _norm_error(norm, (1, channels, 1, 1)) is not None:
             return norm
     return None
 

@@ -288,15 +288,9 @@ def _ga_class(ga: object, name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     case."""
     if isinstance(ga, str):
         return get_ga_class(ga), {}
-    if isinstance(ga, type) and issubclass(ga, nn.Module):
-        return ga, {}
-    if (
-        isinstance(ga, functools.partial)
-        and isinstance(ga.func, type)
-        and issubclass(ga.func, nn.Module)
-        and not ga.args
-    ):
-        return ga.func, dict(ga.keywords)
+    spec = _class_and_keywords(ga)
+    if spec is not None:
+        return spec
     raise TypeError(
         f"{name} must be a registry name (str), an nn.Module subclass (or a functools.partial "
         f"of one), a callable channels -> nn.Module or an nn.Module instance, got "
@@ -304,8 +298,18 @@ def _ga_class(ga: object, name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     )
 
 
+def _class_and_keywords(ga: object) -> tuple[type[nn.Module], dict[str, Any]] | None:
+    """An ``nn.Module`` subclass with no keywords, or the class and keywords of a keyword-only
+    ``functools.partial`` of one; ``None`` for anything else."""
+    keywords: dict[str, Any] = {}
+    if isinstance(ga, functools.partial) and not ga.args:
+        keywords = dict(ga.keywords)
+        ga = ga.func
+    if isinstance(ga, type) and issubclass(ga, nn.Module):
+        return ga, keywords
+    return None
+
+
 def _is_class_spec(ga: object) -> bool:
     """Whether :func:`_ga_class` reads ``ga``: a name, a class or a keyword partial of one."""
-    if isinstance(ga, functools.partial) and not ga.args:
-        ga = ga.func
-    return isinstance(ga, str) or (isinstance(ga, type) and issubclass(ga, nn.Module))
+    return isinstance(ga, str) or _class_and_keywords(ga) is not None

@@ -235,9 +235,11 @@ class _GateAccumulator:
         finite = torch.isfinite(gate)
         count = int(finite.sum())
         self.nonfinite += gate.numel() - count
-        if count:  # min and max over the finite values; the moments carry the NaN on
-            self.min = min(self.min, float(gate.masked_fill(~finite, math.inf).min()))
-            self.max = max(self.max, float(gate.masked_fill(~finite, -math.inf).max()))
+        # min and max over the finite values (the moments carry the NaN on)
+        values = gate if count == gate.numel() else gate[finite]
+        if count:
+            self.min = min(self.min, float(values.min()))
+            self.max = max(self.max, float(values.max()))
         std_hw, mean_hw = torch.std_mean(gate, dim=(2, 3), correction=0)
         cv = torch.where(std_hw == 0, torch.zeros_like(std_hw), std_hw / mean_hw.abs())
         self.spatial_cv_sum += float(cv.sum())
@@ -354,8 +356,8 @@ def ld_statistics(
 
     The model runs in eval mode without gradients (the training flags of all modules are
     restored afterwards), and eagerly when it was compiled (``torch.compile``): a compiled
-    graph would not call the hooks; the names then leave out the wrapper's ``_orig_mod``. A forward hook on each LD receives its input ``x`` and computes the
-    gate as ``ld.offset + ld.mask(x)`` in float64; only running sums are kept, so memory does
+    graph would not call the hooks; the names then leave out the wrapper's ``_orig_mod``. A
+    forward hook on each LD receives its input ``x`` and computes the gate as ``ld.offset + ld.mask(x)`` in float64; only running sums are kept, so memory does
     not depend on the number of batches. Floating inputs are moved to the device and dtype of
     the model's first floating parameter (a bfloat16 model reads float32 batches).
 

@@ -424,15 +424,20 @@ def resolve_impl(x: torch.Tensor, impl: str | None = "auto") -> str:
     tracer or the ONNX exporter runs, every choice is the reference formula, so exported graphs
     hold standard ops only (a kernel choice concerns the PyTorch runtime, not the exported graph).
     """
+    which = _requested_impl(impl)
+    return _auto_impl(x) if which == "auto" else which
+
+
+def _requested_impl(impl: str | None) -> str:
+    """``impl`` checked, as the op receives it: ``"reference"`` while an exporter traces,
+    ``"auto"`` for ``None``; ``"triton"`` only where triton is available."""
     if impl is not None and impl != "auto":
         check_choice(impl, "ld_modulate: impl", IMPLS)
     if _exporting():
         return "reference"
-    if impl is None or impl == "auto":
-        return _auto_impl(x)
     if impl == "triton":
         _require_triton()
-    return impl
+    return "auto" if impl is None else impl
 
 
 def ld_modulate(
@@ -488,14 +493,10 @@ def ld_modulate(
     ``.sum()``) when its strides are neither NCHW nor channels_last.
     """
     offset, align_corners = _check_inputs(x, logits, offset, align_corners)
-    if impl is not None and impl != "auto":
-        check_choice(impl, "ld_modulate: impl", IMPLS)
-    if impl == "reference" or _exporting():
-        return ld_modulate_reference(x, logits, offset, align_corners=align_corners)
-    if impl == "triton":
-        _require_triton()
     # "auto" goes to the op, which resolves it when it runs (see resolve_impl)
-    which = "auto" if impl is None else impl
+    which = _requested_impl(impl)
+    if which == "reference":
+        return ld_modulate_reference(x, logits, offset, align_corners=align_corners)
     if not _differentiated(x, logits):
         # nothing to differentiate: the op itself, without the autograd.Function's own
         # per-call cost (about 0.1 ms of Python, as much as the kernel on a small map)
