@@ -15,13 +15,14 @@ reason; today every layer takes every path.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 import gald
 import gald.testing
@@ -151,8 +152,8 @@ def test_adaptive_pooling_to_a_grid_is_refused_with_dynamic_sizes(tmp_path: Path
     x = _input((2, C, 12, 12))
     with pytest.raises(
         ValueError,
-        match=r"1 is an AdaptiveAvgPool2d with output_size=3; .* "
-        r"dynamic_hw=False",
+        match=r"1 \(AdaptiveAvgPool2d\) calls adaptive_avg_pool2d to a 3x3 grid \(on an input "
+        r"of shape \(2, 16, 12, 12\)\); .* dynamic_hw=False",
     ):
         deploy.export_onnx(fixed_grid, x, tmp_path / "grid.onnx")
     path = deploy.export_onnx(fixed_grid, x, tmp_path / "grid.onnx", dynamic_hw=False)
@@ -160,6 +161,46 @@ def test_adaptive_pooling_to_a_grid_is_refused_with_dynamic_sizes(tmp_path: Path
     pooled = nn.Sequential(nn.Conv2d(C, C, 1), nn.AdaptiveMaxPool2d((1, 1))).eval()
     path = deploy.export_onnx(pooled, x, tmp_path / "global.onnx")
     assert deploy.verify_onnx(pooled, path, x, _input((2, C, 20, 16))) < 1e-5
+
+
+class _FunctionalPooling(nn.Module):
+    """Pools with a function call, as many hand-written PSP and context modules do."""
+
+    def __init__(self, pool: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 1)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return y + F.interpolate(self.pool(y), size=y.shape[-2:], mode="nearest")
+
+
+@pytest.mark.parametrize(
+    ("pool", "grid"),
+    [
+        (lambda y: F.adaptive_avg_pool2d(y, 3), "3x3"),
+        (lambda y: F.adaptive_avg_pool2d(y, (None, 2)), "12x2"),
+        (lambda y: F.adaptive_max_pool2d(y, [2, 1]), "2x1"),
+        (lambda y: F.adaptive_max_pool2d(y, 4, return_indices=True)[0], "4x4"),
+        (lambda y: F.adaptive_avg_pool1d(y.flatten(2), 5).unflatten(2, (5, 1)), "5"),
+    ],
+)
+def test_export_refuses_adaptive_pooling_called_as_a_function(tmp_path, pool, grid):
+    """Pooling called as a function is seen as well as a pooling module: the grid is read from
+    what the example forward computes, and the message names the submodule it ran in."""
+    model = nn.Sequential(nn.Identity(), _FunctionalPooling(pool)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.raises(
+        ValueError,
+        match=rf"^export_onnx: 1 \(_FunctionalPooling\) calls adaptive_\w+ to a {grid} grid",
+    ):
+        deploy.export_onnx(model, x, tmp_path / "f.onnx")
+    # the watch leaves no hook behind, and a global pooling written as a function exports
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    pooled = nn.Sequential(nn.Identity(), _FunctionalPooling(lambda y: F.adaptive_avg_pool2d(y, 1)))
+    path = deploy.export_onnx(pooled.eval(), x, tmp_path / "g.onnx")
+    assert deploy.verify_onnx(pooled, path, x, torch.randn(2, 3, 17, 9)) < 1e-5
 
 
 def test_paths_and_models_of_the_wrong_kind_are_named(tmp_path: Path) -> None:
@@ -364,7 +405,7 @@ def test_export_refuses_any_fixed_grid_pooling_with_dynamic_sizes(tmp_path, pool
     from gald.deploy import export_onnx
 
     model = nn.Sequential(nn.Conv2d(3, 4, 1), pool).eval()
-    with pytest.raises(ValueError, match=r"output_size=.*dynamic_hw=True"):
+    with pytest.raises(ValueError, match=r"1 \(Adaptive(Avg|Max)Pool2d\) calls .*dynamic_hw=True"):
         export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx", dynamic_hw=True)
     # global pooling written as a list (as a YAML config gives it) exports for any size
     listed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d([1, 1])).eval()

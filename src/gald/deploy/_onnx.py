@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .._validate import check_bool, check_feature, check_positive_int
 
@@ -127,11 +128,11 @@ def export_onnx(
 ) -> Path:
     """Export ``module`` (in eval mode) to an ONNX file of standard operators only.
 
-    With ``dynamic_hw=True`` a module holding an adaptive pooling to a grid other than 1x1
-    (``nn.AdaptiveAvgPool2d(6)``, as in many PSP modules) is refused with a ``ValueError``: the
+    With ``dynamic_hw=True`` a module whose example forward runs an adaptive pooling to a grid
+    other than 1x1 (``nn.AdaptiveAvgPool2d(6)`` as in many PSP modules, or
+    ``F.adaptive_avg_pool2d(x, 6)``) is refused with a ``ValueError`` naming the submodule: the
     exporters bake its windows for the example's size, and the file would silently compute
-    wrong values at other sizes (adaptive pooling called as a function is not seen: compare
-    with :func:`verify_onnx` at several sizes). After export the file's structure is checked:
+    wrong values at other sizes. After export the file's structure is checked:
     standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
     ``RuntimeError``. Whether onnxruntime computes
     what eager PyTorch does is :func:`verify_onnx`'s check, a separate call.
@@ -197,11 +198,12 @@ def export_onnx(
             f"({str(path.parent)!r}); create it first"
         )
     onnx = _import("onnx")
-    if dynamic_hw:
-        _refuse_fixed_pooling(module)
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}
     with torch.no_grad():
-        example_out = module(example_input)
+        if dynamic_hw:
+            example_out = _run_watching_pooling(module, example_input)
+        else:
+            example_out = module(example_input)
     flat = _flat_outputs(example_out, "export_onnx")
     if isinstance(example_out, Mapping) and len(flat) == len(example_out):
         output_names = [str(k) for k in example_out]  # e.g. "out", "aux"
@@ -243,25 +245,60 @@ def export_onnx(
     return path
 
 
-_ADAPTIVE = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+class _AdaptivePoolingWatch(TorchFunctionMode):
+    """Notes the first adaptive pooling to a grid other than 1x1 that runs, whatever called it
+    (a module or a function such as ``F.adaptive_avg_pool2d``, in 1, 2 or 3 dimensions), and in
+    which submodule. The grid is read from the result, so every way of writing the output size
+    (an int, a list, ``None`` for the input's size) is judged alike."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: list[str] = []
+        self.found: tuple[str, str, tuple[int, ...], tuple[int, ...]] | None = None
+
+    def leave(self, *_: object) -> None:
+        """A forward hook: the submodule has returned (a hook must return None)."""
+        self.where.pop()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        name = getattr(func, "__name__", "")
+        if self.found is None and "adaptive_" in name and "_pool" in name:
+            dims = 3 if "3d" in name else 1 if "1d" in name else 2
+            result = out[0] if isinstance(out, tuple) else out  # max pooling may add indices
+            grid = tuple(int(s) for s in result.shape[-dims:])
+            if any(s != 1 for s in grid):
+                where = self.where[-1] if self.where else "the module"
+                self.found = (where, name.lstrip("_"), grid, tuple(args[0].shape))
+        return out
 
 
-def _refuse_fixed_pooling(module: nn.Module) -> None:
-    """Adaptive pooling to a grid other than 1x1 exports as windows (or index tables) computed
-    for the example's size: at another size onnxruntime gives wrong values, or fails only at
-    some sizes. Refuse it with ``dynamic_hw=True`` rather than write such a file."""
+def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
+    """``module(x)``, refused afterwards (``ValueError``) when an adaptive pooling to a grid other
+    than 1x1 ran inside it: the exporters bake its windows (or index tables) for the example's
+    size, and at another size onnxruntime gives wrong values, or fails only at some sizes."""
+    watch = _AdaptivePoolingWatch()
+    handles = []
     for name, sub in module.named_modules():
-        if isinstance(sub, _ADAPTIVE):
-            size = sub.output_size
-            sizes = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
-            if any(s != 1 for s in sizes):
-                raise ValueError(
-                    f"export_onnx: {name or 'the module'} is an {type(sub).__name__} with "
-                    f"output_size={size!r}; the exporters bake its windows for the example's "
-                    "size, so with dynamic_hw=True the file would compute wrong values at other "
-                    "sizes. Export at the size you deploy with dynamic_hw=False (or use "
-                    "gald.ga.PyramidPooling, whose exact averaging exports for any size)"
-                )
+        label = f"{name or 'the module'} ({type(sub).__name__})"
+        handles.append(sub.register_forward_pre_hook(lambda *_, n=label: watch.where.append(n)))
+        handles.append(sub.register_forward_hook(watch.leave, always_call=True))
+    try:
+        with watch:
+            out = module(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if watch.found is not None:
+        where, op, size, shape = watch.found
+        raise ValueError(
+            f"export_onnx: {where} calls {op} to a {'x'.join(map(str, size))} grid (on an "
+            f"input of shape {shape}); the exporters bake its windows for the example's size, so "
+            "with dynamic_hw=True the file would compute wrong values at other sizes. Export at "
+            "the size you deploy with dynamic_hw=False (or use gald.ga.PyramidPooling, whose "
+            "exact averaging exports for any size)"
+        )
+    return out
 
 
 def _flat_outputs(out: Any, who: str) -> list[torch.Tensor]:
