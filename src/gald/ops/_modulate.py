@@ -100,11 +100,14 @@ _LIB.define(
 )
 
 
-def _check_impl_in_op(impl: str) -> None:
+def _kernel_impl(impl: str, x: torch.Tensor) -> str:
+    """The kernel the op runs for ``impl`` on ``x`` (``"auto"`` resolved here, at run time, so
+    a traced or compiled graph keeps ``"auto"`` and decides on the device it runs on)."""
     if impl not in ("auto", "torch", "triton"):
         raise ValueError(
             f"gald::ld_modulate: impl must be 'auto', 'torch' or 'triton', got {impl!r}"
         )
+    return _auto_impl(x) if impl == "auto" else impl
 
 
 _launches: dict[tuple[torch.device, torch.dtype], bool] = {}
@@ -204,14 +207,12 @@ def _refuse_tangents(op: str, *tensors: torch.Tensor) -> None:
 def _modulate_kernel(
     x: torch.Tensor, logits: torch.Tensor, offset: float, align_corners: bool, impl: str
 ) -> torch.Tensor:
-    _check_impl_in_op(impl)
     _check_inputs(x, logits, offset, align_corners)  # the op may be called directly
     _refuse_tangents("gald::ld_modulate", x, logits)
+    impl = _kernel_impl(impl, x)
     # the kernels choose their own precision: an enclosing autocast must not recast them; they
     # are the op's implementation, never differentiated through (torch.func runs them with
     # tensors that track gradients at an outer level)
-    if impl == "auto":
-        impl = _auto_impl(x)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
         if impl == "triton":
@@ -238,11 +239,9 @@ def _backward_kernel(
     need_x: bool,
     need_logits: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_impl_in_op(impl)
     _check_backward_inputs(grad, x, logits, offset, align_corners)
     _refuse_tangents("gald::ld_modulate_backward", grad, x, logits)
-    if impl == "auto":
-        impl = _auto_impl(x)
+    impl = _kernel_impl(impl, x)
     with autocast_off(x.device.type), torch.no_grad():
         lg = _saturated(logits)
         kernels = _require_triton() if impl == "triton" else None
