@@ -112,8 +112,8 @@ def test_plot_without_matplotlib_says_how_to_install(capsys, monkeypatch, tmp_pa
         main([*TINY, "--plot", str(tmp_path / "x.png")])
     assert exc.value.code == 2
     assert (
-        "pip install matplotlib (the 'plot' extra: pip install -e '.[plot]'"
-        in capsys.readouterr().err
+        "pip install 'gald[plot]' (or pip install matplotlib; in a clone of gald: "
+        "pip install -e '.[plot]')" in capsys.readouterr().err
     )
     assert not (tmp_path / "x.png").exists()
 

@@ -27,8 +27,11 @@ def _randomise(layer: GloRe) -> GloRe:
     return layer
 
 
-def _batch_norm(t: torch.Tensor, norm: nn.BatchNorm2d, train: bool) -> torch.Tensor:
-    """BatchNorm written out: batch statistics (biased variance) in train, running ones in eval."""
+def _batch_norm(
+    t: torch.Tensor, norm: nn.BatchNorm2d, train: bool, eps: float | None = None
+) -> torch.Tensor:
+    """BatchNorm written out: batch statistics (biased variance) in train, running ones in eval;
+    ``eps`` defaults to the norm's own."""
     if train:
         mean = t.mean(dim=(0, 2, 3))
         var = ((t - mean[None, :, None, None]) ** 2).mean(dim=(0, 2, 3))
@@ -36,13 +39,15 @@ def _batch_norm(t: torch.Tensor, norm: nn.BatchNorm2d, train: bool) -> torch.Ten
         assert norm.running_mean is not None
         assert norm.running_var is not None
         mean, var = norm.running_mean, norm.running_var
-    scale = norm.weight / torch.sqrt(var + norm.eps)
+    scale = norm.weight / torch.sqrt(var + (norm.eps if eps is None else eps))
     return (t - mean[None, :, None, None]) * scale[None, :, None, None] + norm.bias[
         None, :, None, None
     ]
 
 
-def _reference(layer: GloRe, x: torch.Tensor, train: bool) -> torch.Tensor:
+def _reference(
+    layer: GloRe, x: torch.Tensor, train: bool, eps: float | None = None
+) -> torch.Tensor:
     b, c, h, w = x.shape
     n = h * w
     ws, bs = layer.conv_state.weight[:, :, 0, 0], layer.conv_state.bias
@@ -69,7 +74,7 @@ def _reference(layer: GloRe, x: torch.Tensor, train: bool) -> torch.Tensor:
         outs.append((we @ y).reshape(c, h, w))
     blocker = layer.blocker
     assert isinstance(blocker, nn.BatchNorm2d)
-    return x + _batch_norm(torch.stack(outs), blocker, train)
+    return x + _batch_norm(torch.stack(outs), blocker, train, eps)
 
 
 @pytest.mark.parametrize("normalize", [True, False])
@@ -90,6 +95,33 @@ def test_custom_sizes_match_reference() -> None:
     x = torch.randn(1, C, 2, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), _reference(layer, x, False))
+
+
+AUTHORS_BLOCKER_EPS = 1e-4  # GloRe_Unit_2D: self.blocker = BatchNorm2d(num_in, eps=1e-04)
+
+
+def test_authors_norm_eps_is_reached_through_norm_layer() -> None:
+    """The authors' output norm has eps 1e-4: with the documented norm_layer the layer gives
+    their outputs; the default norm's eps gives visibly different ones at a small running
+    variance (as trained weights may have)."""
+    import functools
+
+    torch.manual_seed(2)
+    x = torch.randn(2, C, 4, 3, dtype=torch.float64)
+    outs = {}
+    for label, norm_layer in (
+        ("authors", functools.partial(nn.BatchNorm2d, eps=1e-4)),
+        ("default", nn.BatchNorm2d),
+    ):
+        torch.manual_seed(3)
+        layer = _randomise(GloRe(C, normalize=False, norm_layer=norm_layer)).double().eval()
+        assert layer.blocker.running_var is not None
+        with torch.no_grad():
+            layer.blocker.running_var.uniform_(1e-4, 1e-3)
+            outs[label] = layer(x)
+            expected = _reference(layer, x, False, eps=AUTHORS_BLOCKER_EPS)
+    torch.testing.assert_close(outs["authors"], expected)
+    assert (outs["default"] - expected).abs().max() > 1e-2 * expected.abs().max()
 
 
 def test_defaults() -> None:

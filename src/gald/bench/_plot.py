@@ -9,8 +9,8 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 INSTALL_HINT = (
-    "matplotlib is not installed; install it with pip install matplotlib (the 'plot' extra: "
-    "pip install -e '.[plot]' in a clone of gald)"
+    "matplotlib is not installed; install it with pip install 'gald[plot]' (or pip install "
+    "matplotlib; in a clone of gald: pip install -e '.[plot]')"
 )
 
 

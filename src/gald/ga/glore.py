@@ -57,6 +57,12 @@ class GloRe(nn.Module):
     ``N`` so its scale does not grow with the input size. The projection ``V`` is accumulated in
     fp32 under autocast.
 
+    The authors' output norm is ``BatchNorm2d(C, eps=1e-4)``; here it is ``norm_layer(C)``, with
+    the factory's own eps (1e-5 for ``nn.BatchNorm2d``). To reproduce the outputs of weights
+    trained with their code, pass ``normalize=False`` and
+    ``norm_layer=functools.partial(nn.BatchNorm2d, eps=1e-4)``: with a small running variance
+    the two eps give visibly different outputs.
+
     Train mode needs more than one value per channel in the output BatchNorm: a batch of one
     works for ``H * W > 1``; a 1x1 map needs batch >= 2.
 
