@@ -224,6 +224,17 @@ def test_batch_one_training_names_the_stage_that_is_one_by_one(padding, hw, fail
     ld.eval()(x)  # eval mode uses the running statistics
 
 
+def test_batch_one_training_names_the_stage_under_torch_compile() -> None:
+    """The named refusal is raised from compiled code too (TorchDynamo runs the check at trace
+    time); a batch-1 input that trains compiles and matches eager."""
+    ld = gald.LocalDistribution(4).train()
+    compiled = torch.compile(ld, backend="eager")
+    with pytest.raises(ValueError, match=r"batch size 1, mask stage 0 sees a 1x1 map"):
+        compiled(torch.randn(1, 4, 1, 1))
+    x = torch.randn(1, 4, 12, 10)
+    torch.testing.assert_close(compiled(x), ld(x))
+
+
 def test_norm_and_act_injection() -> None:
     ld = gald.LocalDistribution(4, norm_layer=lambda c: nn.GroupNorm(2, c), act_layer=nn.GELU)
     assert isinstance(ld.branch[0][1], nn.GroupNorm)

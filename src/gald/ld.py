@@ -211,7 +211,7 @@ class LocalDistribution(nn.Module):
             who=type(self).__name__,
             remedy=self._small_input_remedy,
         )
-        if self.training and x.shape[0] == 1 and not torch.compiler.is_compiling():
+        if self.training and x.shape[0] == 1:
             self._check_single_sample(x.shape[-2:])
         if self.grad_checkpointing and torch.is_grad_enabled():
             logits = checkpoint_once(self.branch, x)
