@@ -6,6 +6,8 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import inspect
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -281,7 +283,10 @@ _NOT_SOURCES = shutil.ignore_patterns(
 )
 
 
-def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
+def test_sdist_ships_the_library_docs_and_a_test_suite_that_runs(tmp_path: Path) -> None:
+    """The sdist carries the library, the docs site's sources and the whole test suite with
+    what it reads; unpacked, its tests run against its own sources (as a packager's recipe runs
+    them)."""
     if not (ROOT / "pyproject.toml").is_file():
         pytest.fail("run from a source checkout: the sdist is built from the repository")
     src = tmp_path / "src_tree"
@@ -300,21 +305,67 @@ def test_sdist_ships_the_library_and_docs_but_no_tests(tmp_path: Path) -> None:
     archive = tmp_path / "dist" / out.stdout.strip().splitlines()[-1]
     with tarfile.open(archive) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    assert not [n for n in names if n.startswith(("tests/", "benchmarks/"))], sorted(names)
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12
+            tar.extractall(tmp_path / "unpacked", filter="data")
+        else:
+            tar.extractall(tmp_path / "unpacked")
     package = {str(p.relative_to(src)) for p in (src / "src" / "gald").rglob("*.py")}
     assert package - names == set()
+    suite = {str(p.relative_to(src)) for p in (src / "tests").glob("*.py")}
+    assert "tests/conftest.py" in suite and "tests/_helpers.py" in suite
+    assert suite - names == set()
     assert {
         "src/gald/testing/__init__.py",
         "README.md",
         "LICENSE",
         "pyproject.toml",
         "PKG-INFO",
+        "mkdocs.yml",
+        "docs/_ext/griffe_rst.py",
+        ".ci/run",
+        "benchmarks/docs_runs.sh",
     } <= names
     assert "docs/testing.md" in names
     assert "src/gald/py.typed" in names  # downstream type checkers read the annotations
     # the images the shipped pages embed and the data their benchmark blocks are made from
     assert {"docs/img/gald-block.svg", "docs/benchmarks.png", "docs/data/all.json"} <= names
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
+
+    tree = next((tmp_path / "unpacked").iterdir())
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    env.pop("PYTEST_XDIST_WORKER_COUNT", None)
+    where = subprocess.run(
+        [sys.executable, "-c", "import gald; print(gald.__file__)"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert Path(where.stdout.strip()).is_relative_to(tree), where.stdout + where.stderr
+    # a slice that reads the helpers, the README, the CI script and the docs pages
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_readme.py",
+            "tests/test_api_reference.py",
+            "tests/test_ld.py",
+            "-k",
+            "not gradcheck",
+        ],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert re.search(r"\d+ passed", run.stdout), run.stdout[-500:]
 
 
 def _fresh_classes(own_name: str) -> tuple[type[nn.Module], type[nn.Module]]:
