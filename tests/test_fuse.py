@@ -101,6 +101,8 @@ def test_fused_gald_and_head_equal_unfused():
             assert all(isinstance(stage[1], nn.Identity) for stage in block.ld.branch)
         with torch.no_grad():
             torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-5)
+        # the Identity replacing a folded norm takes its mode: an eval model stays all eval
+        assert not [name for name, m in fused.named_modules() if m.training]
 
 
 def test_inplace_folds_the_given_module_and_keeps_other_norms():

@@ -152,6 +152,24 @@ class Tiny(nn.Module):
         return c4
 
 
+def test_backbone_probe_of_a_compiled_backbone_compiles_nothing() -> None:
+    """GALDNet reads a compiled backbone's widths by running it eagerly: no graph is compiled
+    while the network is built, so the user's first compile sees only the user's input."""
+    graphs: list[object] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        graphs.append([tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor)])
+        return gm.forward
+
+    torch._dynamo.reset()
+    backbone = torch.compile(Tiny(), backend=backend)
+    net = GALDNet(CLASSES, backbone=backbone, head={"channels": 16}, aux=False)
+    assert graphs == []
+    assert net.backbone is backbone
+    net.eval()(torch.randn(2, 3, 40, 40))
+    assert graphs and (2, 3, 40, 40) in graphs[0]
+
+
 def _tiny_net(kind: str = "pair", **kwargs) -> GALDNet:
     kwargs.setdefault("head", {"channels": 16})
     kwargs.setdefault("aux", gald.AuxHead(6, CLASSES, channels=4))

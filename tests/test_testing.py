@@ -888,6 +888,58 @@ def test_check_gald_leaves_the_callers_rng_alone() -> None:
     assert torch.equal(torch.random.get_rng_state(), before)
 
 
+class _DropoutGA(nn.Module):
+    """A GA that draws random numbers in training mode, as layers with dropout do."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+        self.drop = nn.Dropout2d(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.drop(self.conv(x))
+
+
+def test_a_layer_that_draws_in_training_leaves_the_callers_rng_alone() -> None:
+    """Train-mode forwards (shapes, gradients, state_dict) run on a stream of the property's
+    own: the caller's stream is untouched, also when a property fails, and a property's
+    outcome does not depend on what the caller drew before."""
+    for ga in (_DropoutGA, "aspp"):  # aspp: Dropout2d in its bottleneck
+        torch.manual_seed(7)
+        before = torch.random.get_rng_state()
+        check_ga(ga, channels=C, only=["shapes", "gradients", "state_dict"])
+        assert torch.equal(torch.random.get_rng_state(), before), ga
+        check_gald(ga, in_channels=C, only=["shapes", "gradients"])
+        assert torch.equal(torch.random.get_rng_state(), before), ga
+
+    seen: list[torch.Tensor] = []
+
+    class Recording(_DropoutGA):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training:
+                seen.append(torch.rand(3))
+            return super().forward(x)
+
+    torch.manual_seed(1)
+    check_ga(Recording, channels=C, only=["gradients"])
+    first = list(seen)
+    seen.clear()
+    torch.manual_seed(2)  # another caller stream: the property draws the same numbers
+    check_ga(Recording, channels=C, only=["gradients"])
+    assert first and all(torch.equal(a, b) for a, b in zip(first, seen, strict=True))
+
+    class Failing(_DropoutGA):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return out[..., :-1] if self.training else out  # wrong shape in training mode
+
+    torch.manual_seed(3)
+    before = torch.random.get_rng_state()
+    with pytest.raises(AssertionError):
+        check_ga(Failing, channels=C, only=["gradients"])
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")
 def test_a_torchscript_layer_is_checked_not_blamed_for_the_checker() -> None:
     """``torch.func`` cannot swap a scripted module's parameters: gradcheck then runs with

@@ -955,3 +955,38 @@ def test_refuse_distributed_matches_whole_path_components(monkeypatch):
     assert isinstance(model[10], gald.GALD)
     with pytest.raises(ValueError, match=r"'1' is a FakeDDP"):
         gald.wrap(model, "1.module")
+
+
+class _CountingBackend:
+    """A torch.compile backend that records the input shapes of every graph it is given."""
+
+    def __init__(self) -> None:
+        self.graphs: list[list[object]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[object]) -> object:
+        self.graphs.append(
+            [tuple(t.shape) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        )
+        return gm.forward
+
+
+def test_dry_runs_of_a_compiled_module_compile_nothing() -> None:
+    """Reading a compiled module's width and smallest size runs it eagerly: no graph is compiled
+    at construction, and the user's first compile sees only the user's own input (TorchDynamo
+    would otherwise have marked height and width dynamic after the probes' sizes)."""
+    backend = _CountingBackend()
+    torch._dynamo.reset()
+    context = torch.compile(
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        backend=backend,
+    )
+    block = gald.GALD(8, context)
+    assert backend.graphs == []
+    assert block.ga is context
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), context)
+    gald.wrap(model, "1")
+    assert backend.graphs == []
+    x = torch.randn(2, 8, 20, 20)
+    context(x)
+    assert backend.graphs and all(isinstance(s, tuple) for s in backend.graphs[0])
+    assert (2, 8, 20, 20) in backend.graphs[0]

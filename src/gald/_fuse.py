@@ -164,7 +164,7 @@ def _fold_sequential(seq: nn.Sequential, shared: set[int]) -> int:
     folded = 0
     for i in range(len(seq) - 1):
         if _try_fold(last_module(seq[i]), seq[i + 1], shared):
-            seq[i + 1] = nn.Identity()
+            seq[i + 1] = nn.Identity().eval()  # the folded norm was in eval mode
             folded += 1
     return folded
 
@@ -178,7 +178,7 @@ def _fold_declared(module: nn.Module, shared: set[int]) -> int:
         except AttributeError:
             conv = None
         if _try_fold(conv, getattr(module, bn_name, None), shared):
-            setattr(module, bn_name, nn.Identity())
+            setattr(module, bn_name, nn.Identity().eval())  # as the folded norm was
             folded += 1
     return folded
 

@@ -8,7 +8,7 @@ from typing import TypeGuard
 import torch
 from torch import nn
 
-from ._modes import eval_mode
+from ._modes import dry_run
 from ._validate import first_line
 
 LayerFactory = Callable[..., nn.Module]
@@ -83,7 +83,7 @@ def _norm_error(norm: nn.Module, shape: tuple[int, ...]) -> Exception | None:
     device, dtype = probe_setting(norm)
     probe = torch.zeros(shape, device=device, dtype=dtype)
     try:
-        with eval_mode(norm), torch.no_grad():
+        with dry_run(norm):
             norm(probe)
     except Exception as exc:  # the norm refuses this map
         return exc

@@ -24,7 +24,7 @@ from ._layers import (
     refuses_single_value,
     strided_min_size,
 )
-from ._modes import eval_mode
+from ._modes import dry_run
 from ._validate import (
     PADDING_REMEDY,
     check_bool,
@@ -118,7 +118,7 @@ def _infer_out_channels(module: nn.Module, in_channels: int) -> tuple[int, int]:
     changed: list[str] = []
     strided = True  # every size change so far at least halved both sides
     grows = True  # every size change so far at least doubled both sides
-    with eval_mode(module), torch.no_grad():
+    with dry_run(module):
         for side in _PROBE_SIDES:
             probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
             try:
@@ -278,7 +278,7 @@ def _smallest_side(module: nn.Module, in_channels: int, runs_at: int) -> int:
     smaller than it is one the module would refuse too. The usual case costs one 1x1 probe."""
     device, dtype = probe_setting(module)
     last = min(runs_at, 17)
-    with eval_mode(module), torch.no_grad():
+    with dry_run(module):
         for side in range(1, last):
             probe = torch.zeros(1, in_channels, side, side, device=device, dtype=dtype)
             try:

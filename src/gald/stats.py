@@ -13,10 +13,8 @@ the memory used does not grow with the number of batches.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._modes import eval_mode
+from ._modes import dry_run
 from ._validate import check_positive_int
 from .ld import LocalDistribution
 
@@ -335,14 +333,6 @@ def _input_of(batch: object, index: int) -> torch.Tensor:
     return x
 
 
-def _eager() -> contextlib.AbstractContextManager[Any]:
-    """Run compiled code eagerly: a graph compiled before the hooks were added would not call
-    them. A process that has not imported ``torch._dynamo`` has compiled nothing."""
-    if "torch._dynamo" in sys.modules:
-        return torch.compiler.set_stance("force_eager")
-    return contextlib.nullcontext()
-
-
 def _plain_name(name: str) -> str:
     """The module name without the ``_orig_mod`` level a ``torch.compile`` wrapper adds."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
@@ -451,7 +441,7 @@ def ld_statistics(
     ]
     seen = 0
     try:
-        with eval_mode(model), torch.no_grad(), _eager():
+        with dry_run(model):
             for batch in itertools.islice(batches, max_batches):
                 x = _input_of(batch, seen)
                 if ref is not None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._layers import LayerFactory, last_module
-from .._modes import eval_mode
+from .._modes import dry_run
 from .._validate import (
     check_bool,
     check_factory,
@@ -241,7 +241,7 @@ def _probe_channels(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
 
     def run(height: int) -> Any:
-        with eval_mode(backbone), torch.no_grad():
+        with dry_run(backbone):
             return backbone(torch.zeros(1, 3, height, _PROBE_SIZE, device=device, dtype=dtype))
 
     def widths_of(features: Any) -> tuple[int, int]:

@@ -887,9 +887,11 @@ def check_ga(
     map needs two samples). Unless ``randomize=False`` every parameter and running statistic is
     first moved away from its initial value (:func:`randomize_`) so that zero-initialised gates
     do not make the checks vacuous. float32 comparisons pass when the max abs difference is at
-    most ``atol + rtol * max|reference|``. Modules are built with the CPU generator seeded from
-    ``seed`` (and restored afterwards), so a failure reproduces from run to run; the fresh module
-    of the ``state_dict`` check is drawn from another seed.
+    most ``atol + rtol * max|reference|``. Modules are built, and each property runs, with the
+    CPU generator seeded from ``seed`` (and the caller's state restored afterwards, also when a
+    property fails), so a failure reproduces from run to run, whatever ran before, and a layer
+    that draws random numbers in training mode (dropout) leaves the test's own stream alone;
+    the fresh module of the ``state_dict`` check is drawn from another seed.
 
     ``only`` (a collection of property names) runs just those properties.
 
@@ -989,9 +991,13 @@ def check_ga(
         autocast_tol=tolerances["autocast_tol"],
     )
     done = []
-    for name in PROPERTIES:
+    for index, name in enumerate(PROPERTIES):
         if switches[name]:
-            _CHECKS[name](ctx)
+            # a train-mode forward may draw random numbers (dropout, drop-path): from a stream of
+            # the property's own, so that it reproduces alone, and never from the caller's
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed * 7919 + 15485863 * (index + 1))
+                _CHECKS[name](ctx)
             done.append(name)
     return done
 
