@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._layers import LayerFactory, last_module
+from .._layers import LayerFactory, last_module, probe_setting
 from .._modes import dry_run
 from .._validate import (
     check_bool,
@@ -236,9 +236,7 @@ def _probe_channels(
     A second, taller image checks that what was read is a width: dimension 1 of a
     ``(B, H, W, C)`` feature is its height, which follows the input's (a backbone that refuses
     the taller image is taken at the first reading)."""
-    param = next(iter(backbone.parameters()), None)
-    device = param.device if param is not None else torch.device("cpu")
-    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device, dtype = probe_setting(backbone)
 
     def run(height: int) -> Any:
         with dry_run(backbone):
