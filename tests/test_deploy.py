@@ -411,3 +411,140 @@ def test_export_refuses_any_fixed_grid_pooling_with_dynamic_sizes(tmp_path, pool
     listed = nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d([1, 1])).eval()
     path = export_onnx(listed, torch.randn(2, 3, 12, 12), tmp_path / "g.onnx")
     assert deploy.verify_onnx(listed, path, torch.randn(2, 3, 13, 21)) < 1e-5
+
+
+# --------------------------------------------------------------------------- the pooling watch
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _Pool3d(nn.Module):
+    """A 3-d adaptive pooling over (channels, H, W) to a 2x1x1 grid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        z = F.adaptive_avg_pool3d(y.unsqueeze(1), (2, 1, 1))  # (B, 1, 2, 1, 1)
+        return y + z.mean(dim=(1, 2), keepdim=True).squeeze(1)
+
+
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_a_3d_pooling_grid_is_read_over_three_dims(tmp_path, dynamo) -> None:
+    """The TorchScript exporter would write this file without complaint, wrong at other sizes."""
+    model = nn.Sequential(nn.Identity(), _Pool3d()).eval()
+    with pytest.raises(
+        ValueError, match=r"1 \(_Pool3d\) calls adaptive_avg_pool3d to a 2x1x1 grid"
+    ):
+        deploy.export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx", dynamo=dynamo)
+
+
+class _TwoGrids(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        a = F.interpolate(F.adaptive_avg_pool2d(x, 2), size=size)
+        b = F.interpolate(torch._adaptive_avg_pool2d(x, [6, 6]), size=size)
+        return x + a + b
+
+
+def test_the_first_fixed_grid_is_named_without_a_private_prefix(tmp_path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _TwoGrids()).eval()
+    with pytest.raises(ValueError, match=r"calls adaptive_avg_pool2d to a 2x2 grid"):
+        deploy.export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx")
+    second = nn.Sequential(nn.Conv2d(3, 4, 1), _Private()).eval()
+    with pytest.raises(ValueError, match=r"1 \(_Private\) calls adaptive_avg_pool2d to a 6x6 grid"):
+        deploy.export_onnx(second, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx")
+
+
+class _Private(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + F.interpolate(torch._adaptive_avg_pool2d(x, [6, 6]), size=x.shape[-2:])
+
+
+class _Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("this path is not available")
+
+
+class _Fallback(nn.Module):
+    """Tries a path that raises, then pools (as modules with an optional kernel do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fast = _Raises()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            return self.fast(x)
+        except RuntimeError:
+            pass
+        return x + F.interpolate(F.adaptive_avg_pool2d(x, 3), size=x.shape[-2:])
+
+
+def test_the_submodule_stack_survives_a_raising_submodule(tmp_path) -> None:
+    """A submodule that raised leaves the stack (its parent is named), and a forward that
+    raises leaves no hook on the user's model."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), _Fallback()).eval()
+    with pytest.raises(
+        ValueError, match=r"^export_onnx: 1 \(_Fallback\) calls adaptive_avg_pool2d"
+    ):
+        deploy.export_onnx(model, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx")
+    assert _no_hooks(model)
+    broken = nn.Sequential(nn.Conv2d(3, 4, 1), _Raises()).eval()
+    with pytest.raises(RuntimeError, match="not available"):
+        deploy.export_onnx(broken, torch.randn(2, 3, 12, 12), tmp_path / "m.onnx")
+    assert _no_hooks(broken)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_pooling_modules_are_named_by_their_full_path(tmp_path) -> None:
+    x = torch.randn(2, 3, 12, 12)
+    with pytest.raises(ValueError, match=r"^export_onnx: the module \(AdaptiveAvgPool2d\) calls"):
+        deploy.export_onnx(nn.AdaptiveAvgPool2d(3).eval(), x, tmp_path / "m.onnx")
+    nested = nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.Sequential(nn.AdaptiveAvgPool2d(3), nn.Conv2d(4, 4, 1))
+    ).eval()
+    with pytest.raises(ValueError, match=r"^export_onnx: 1\.0 \(AdaptiveAvgPool2d\) calls"):
+        deploy.export_onnx(nested, x, tmp_path / "m.onnx")
+
+
+class _FunctionalGrid(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] > 0:  # a branch: its pooling sits in a nested block of the graph
+            x = x + F.interpolate(F.adaptive_max_pool2d(x, [2, 1]), size=x.shape[-2:])
+        return x
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_torchscript_models_are_read_from_their_graph(tmp_path, how) -> None:
+    """Scripted and traced code runs outside Python and takes no hooks: their graphs are read
+    instead. A global pooling exports; a pooling to a grid, as a module or a function call, is
+    refused; dynamic_hw=False exports it."""
+    x = torch.randn(2, 3, 12, 12)
+
+    def convert(model: nn.Module) -> torch.jit.ScriptModule:
+        model = model.eval()
+        return torch.jit.script(model) if how == "script" else torch.jit.trace(model, x)
+
+    pooled = convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(1)))
+    path = deploy.export_onnx(pooled, x, tmp_path / "g.onnx", dynamo=False)
+    assert deploy.verify_onnx(pooled, path, torch.randn(2, 3, 17, 9)) < 1e-5
+    grid = convert(nn.Sequential(nn.Conv2d(3, 4, 1), nn.AdaptiveAvgPool2d(3)))
+    with pytest.raises(
+        ValueError,
+        match=r"^export_onnx: the module \(TorchScript\) calls adaptive_avg_pool2d to a 3x3 grid",
+    ):
+        deploy.export_onnx(grid, x, tmp_path / "m.onnx", dynamo=False)
+    path = deploy.export_onnx(grid, x, tmp_path / "m.onnx", dynamo=False, dynamic_hw=False)
+    assert deploy.verify_onnx(grid, path, x) < 1e-5
+    # a function call, in a branch when scripted (a nested block of the graph), inside a model
+    inner = convert(nn.Sequential(nn.Conv2d(3, 4, 1), _FunctionalGrid()))
+    outer = nn.Sequential(nn.Identity(), inner).eval()
+    with pytest.raises(
+        ValueError, match=r"^export_onnx: 1 \(TorchScript\) calls adaptive_max_pool2d to a 2x1 grid"
+    ):
+        deploy.export_onnx(outer, x, tmp_path / "m.onnx")

@@ -387,3 +387,12 @@ def test_fuse_keeps_a_frozen_model_frozen() -> None:
     fused = fuse(model)
     assert fused[0].bias is not None
     assert not any(p.requires_grad for p in fused.parameters())
+
+
+@pytest.mark.parametrize("name", ["nonlocal", "glore", "dualgcn"])
+def test_a_declared_pair_leaves_an_eval_identity(name: str) -> None:
+    """The pairs a layer declares in _fuse_pairs are replaced by an Identity in eval mode, as
+    the folded norm was: a fused eval model has no submodule in training mode."""
+    fused = gald.fuse(gald.get_ga_class(name)(16).eval())
+    assert any(isinstance(m, nn.Identity) for m in fused.modules())
+    assert not [n for n, m in fused.named_modules() if m.training]

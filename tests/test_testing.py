@@ -8,6 +8,7 @@ import subprocess
 import sys
 from functools import partial
 from pathlib import Path
+from typing import Any, ClassVar
 
 import hypothesis
 import pytest
@@ -938,6 +939,42 @@ def test_a_layer_that_draws_in_training_leaves_the_callers_rng_alone() -> None:
     with pytest.raises(AssertionError):
         check_ga(Failing, channels=C, only=["gradients"])
     assert torch.equal(torch.random.get_rng_state(), before)
+
+
+class _DrawingGA(nn.Module):
+    """Records a few random numbers at every training-mode forward."""
+
+    seen: ClassVar[list[torch.Tensor]] = []
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            _DrawingGA.seen.append(torch.rand(3))
+        return self.conv(x)
+
+
+def _draws(**kwargs: Any) -> list[torch.Tensor]:
+    _DrawingGA.seen.clear()
+    check_ga(_DrawingGA, channels=C, **kwargs)
+    return list(_DrawingGA.seen)
+
+
+def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_each_property_draws_from_its_own_stream_of_the_seed() -> None:
+    """A property draws the same numbers alone (only=) and after others, and another seed
+    gives other numbers."""
+    alone = _draws(only=["gradients"])
+    first = _draws(only=["shapes"])
+    both = _draws(only=["shapes", "gradients"])
+    assert alone and first
+    assert _same(both, first + alone)
+    assert not _same(_draws(only=["gradients"], seed=1), alone)
 
 
 @pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")

@@ -990,3 +990,16 @@ def test_dry_runs_of_a_compiled_module_compile_nothing() -> None:
     context(x)
     assert backend.graphs and all(isinstance(s, tuple) for s in backend.graphs[0])
     assert (2, 8, 20, 20) in backend.graphs[0]
+
+
+def test_the_norm_probe_of_a_compiled_norm_compiles_nothing() -> None:
+    """A norm factory that returns a compiled norm: the construction-time probe runs it eagerly,
+    and the first forward compiles it."""
+    backend = _CountingBackend()
+    torch._dynamo.reset()
+    ld = gald.LocalDistribution(
+        8, norm_layer=lambda c: torch.compile(nn.BatchNorm2d(c), backend=backend)
+    )
+    assert backend.graphs == []
+    ld.eval()(torch.randn(2, 8, 16, 16))
+    assert backend.graphs

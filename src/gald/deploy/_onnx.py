@@ -132,7 +132,8 @@ def export_onnx(
     other than 1x1 (``nn.AdaptiveAvgPool2d(6)`` as in many PSP modules, or
     ``F.adaptive_avg_pool2d(x, 6)``) is refused with a ``ValueError`` naming the submodule: the
     exporters bake its windows for the example's size, and the file would silently compute
-    wrong values at other sizes. After export the file's structure is checked:
+    wrong values at other sizes. Scripted or traced (TorchScript) parts are judged from their
+    graphs. After export the file's structure is checked:
     standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
     ``RuntimeError``. Whether onnxruntime computes
     what eager PyTorch does is :func:`verify_onnx`'s check, a separate call.
@@ -279,7 +280,15 @@ def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
     size, and at another size onnxruntime gives wrong values, or fails only at some sizes."""
     watch = _AdaptivePoolingWatch()
     handles = []
+    scripted: list[str] = []  # the paths of the TorchScript modules read so far, each with a dot
     for name, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            # scripted or traced code runs outside Python, unseen by the watch, and takes no
+            # hooks: its graph (its submodules' inlined) is read instead
+            if not any(name.startswith(prefix) for prefix in scripted):
+                scripted.append(f"{name}." if name else "")
+                _refuse_scripted_pooling(name, sub)
+            continue
         label = f"{name or 'the module'} ({type(sub).__name__})"
         handles.append(sub.register_forward_pre_hook(lambda *_, n=label: watch.where.append(n)))
         handles.append(sub.register_forward_hook(watch.leave, always_call=True))
@@ -299,6 +308,52 @@ def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
             "exact averaging exports for any size)"
         )
     return out
+
+
+def _constant_ints(value: Any) -> list[int | None]:
+    """The ints of a TorchScript graph value that is a constant int or list of ints, or a list
+    built from such constants (``None`` for an element computed at run time)."""
+    producer = value.node()
+    if producer.kind() == "prim::Constant":
+        constant = value.toIValue()
+        return list(constant) if isinstance(constant, (list, tuple)) else [constant]
+    if producer.kind() == "prim::ListConstruct":
+        return [
+            v.toIValue() if v.node().kind() == "prim::Constant" else None for v in producer.inputs()
+        ]
+    return [None]
+
+
+def _scripted_pooling(graph: Any) -> tuple[str, tuple[int | None, ...]] | None:
+    """The first adaptive pooling to a grid other than 1x1 in a TorchScript graph (nested blocks
+    included), as the op's name and its constant output size; sizes computed at run time are not
+    judged."""
+    for node in graph.nodes():
+        kind = node.kind()
+        if kind.startswith("aten::") and "adaptive_" in kind and "_pool" in kind:
+            sizes = _constant_ints(list(node.inputs())[1])
+            if any(s is not None and s != 1 for s in sizes):
+                return kind.removeprefix("aten::").lstrip("_"), tuple(sizes)
+        for block in node.blocks():
+            found = _scripted_pooling(block)
+            if found is not None:
+                return found
+    return None
+
+
+def _refuse_scripted_pooling(name: str, script: torch.jit.ScriptModule) -> None:
+    """A scripted or traced module whose graph pools adaptively to a grid other than 1x1,
+    refused as the watch refuses such a pooling run in Python."""
+    found = _scripted_pooling(script.inlined_graph)
+    if found is not None:
+        op, sizes = found
+        grid = "x".join("?" if s is None else str(s) for s in sizes)
+        raise ValueError(
+            f"export_onnx: {name or 'the module'} (TorchScript) calls {op} to a {grid} grid; the "
+            "exporters bake its windows for the example's size, so with dynamic_hw=True the file "
+            "would compute wrong values at other sizes. Export at the size you deploy with "
+            "dynamic_hw=False"
+        )
 
 
 def _flat_outputs(out: Any, who: str) -> list[torch.Tensor]:
