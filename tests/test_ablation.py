@@ -188,11 +188,16 @@ def test_tiny_end_to_end(tmp_path, capsys) -> None:  # type: ignore[no-untyped-d
     out = captured.out
     # per-seed progress only on a terminal (stdout and stderr are captured here)
     assert "seed 1" not in captured.err and "seed 1" not in out
-    first = out.splitlines()[:3]
-    assert re.fullmatch(
-        r"Expected duration on this machine: (about \d+|under 1) s \(.*\)\.", first[1]
+    first = out.splitlines()[:2]
+    assert first[0].startswith("LD ablation: 3 variants (none / ga / ld)")
+    assert "says little about full-size training" in first[1]
+    # the duration estimate goes to stderr, as the timing benchmark's: stdout holds the report
+    assert re.search(
+        r"^Expected duration on this machine: (about \d+|under 1) s \(.*\)\.$",
+        captured.err,
+        flags=re.M,
     )
-    assert "says little about full-size training" in first[2]
+    assert "Expected duration" not in out
     assert "Paired differences" in out and "ld-ga" in out and "too few seeds" in out
     assert "says little about full-size training" in out.split("How to read this")[1]
 

@@ -70,6 +70,23 @@ def _has_matplotlib() -> bool:
         (["--dtype", "float64"], "invalid choice"),
         (["--ga", "none"], "--ga none measures nothing without --ld"),
         (["--ga", "none", "--ld", "--plot", "x.png"], "--plot draws the GA table"),
+        # a value in exponent form or -inf reaches its own check, as --shape's does
+        (
+            ["--min-time", "-1e-3"],
+            "expected a positive number of seconds, at most 3600, got '-1e-3'",
+        ),
+        (["--min-time", "-inf"], "got '-inf'"),
+        # options no part of the run reads are refused, not silently accepted
+        (["--ga", "all", "--cost", "--min-time", "3"], "--min-time has no effect on what this run"),
+        (
+            ["--ga", "cgnl", "--cost", "--rounds", "9", "--threads=1", "--compile", "off"],
+            "--threads, --rounds, --compile have no effect",
+        ),
+        (
+            ["--ga", "none", "--first-call", "--shape", "1,1,1,1", "--dtype", "float16"],
+            "--shape, --dtype have no effect",
+        ),
+        (["--ga", "cgnl", "--compile", "off"], "--compile has no effect"),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys, monkeypatch) -> None:
@@ -819,3 +836,114 @@ def test_the_peak_of_a_train_step_starts_without_stale_gradients(monkeypatch) ->
     cfg = Config(shape=(1, 8, 15, 15), device=torch.device("cpu"), quiet=True, min_time=0.01)
     block.run(cfg, ["gc"])
     assert stale == [0, 0]  # with and without LD
+
+
+# --------------------------------------------------------------------------------------------
+# interruption, partial writes and a closed standard output
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys) -> None:
+    """Ctrl-C during a run: the progress line is closed, the thread count restored, and one
+    line on stderr says so (no traceback); the ablation's main answers alike."""
+    from gald.bench import ablation
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(block, "run", interrupted)
+    assert main([*TINY, "--threads", "1"]) == 130
+    assert torch.get_num_threads() == threads
+    err = capsys.readouterr().err
+    assert err.strip() == "python -m gald.bench: interrupted"
+    monkeypatch.setattr(ablation, "run", interrupted)
+    argv = ["--ablation", "--size", "16", "--batch-size", "2", "--eval-images", "2"]
+    assert main([*argv, "--steps", "1", "--seeds", "1", "--channels", "8", "--quiet"]) == 130
+    assert capsys.readouterr().err.strip().endswith("python -m gald.bench --ablation: interrupted")
+
+
+def test_json_is_written_whole_or_not_at_all(monkeypatch, tmp_path) -> None:
+    """A write that fails leaves the previous file as it was and no temporary file beside it;
+    a symbolic link is written through; a path that is not a regular file is written in place."""
+    from gald.bench import _args
+
+    path = tmp_path / "r.json"
+    path.write_text('{"previous": 1}')
+    path.chmod(0o640)
+
+    def full_disk(src: object, dst: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(_args.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _args.write_text(str(path), '{"new": 2}')
+    assert path.read_text() == '{"previous": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+    monkeypatch.undo()
+    _args.write_text(str(path), '{"new": 2}')
+    assert json.loads(path.read_text()) == {"new": 2}
+    assert path.stat().st_mode & 0o777 == 0o640  # the old file's permissions
+    link = tmp_path / "link.json"
+    link.symlink_to(path)
+    _args.write_text(str(link), '{"third": 3}')
+    assert link.is_symlink() and json.loads(path.read_text()) == {"third": 3}
+    r, w = os.pipe()
+    with os.fdopen(r) as reader:
+        _args.write_text(f"/proc/self/fd/{w}", "through a pipe")
+        os.close(w)
+        assert reader.read() == "through a pipe"
+
+
+def test_ablation_json_failure_is_an_error_line(monkeypatch, tmp_path, capsys) -> None:
+    from gald.bench import _args, ablation
+
+    def full_disk(path: str, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ablation, "write_text", full_disk)
+    argv = ["--size", "16", "--batch-size", "2", "--eval-images", "2", "--channels", "8"]
+    rc = ablation.main([*argv, "--steps", "1", "--seeds", "1", "--json", str(tmp_path / "a.json")])
+    assert rc == 1
+    assert "error: could not write --json" in capsys.readouterr().err
+    assert _args.write_text is not full_disk
+
+
+def test_a_closed_stdout_does_not_lose_the_json(tmp_path) -> None:
+    """``python -m gald.bench ... | head -1``: the reader goes away after one line; the run goes
+    on and writes its --json, without a traceback."""
+    path = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "gald.bench", *TINY, "--ga", "gc", "--json", str(path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 0, err
+    assert "Traceback" not in err
+    assert json.loads(path.read_text())["block"]
+
+
+def test_stdout_writer_survives_a_broken_pipe() -> None:
+    from gald.bench._args import Stdout
+
+    r, w = os.pipe()
+    os.close(r)
+    with os.fdopen(w, "w") as stream:
+        emit = Stdout(stream)
+        emit("x" * 200_000)  # more than a pipe holds: the write fails on the closed reader
+        emit("still fine")  # now into os.devnull
+
+
+def test_a_plot_named_only_by_its_extension_is_written_there(tmp_path, monkeypatch, capsys):
+    if not _has_matplotlib():
+        pytest.fail("matplotlib is part of the dev extra")
+    monkeypatch.chdir(tmp_path)
+    assert main([*TINY, "--ga", "gc", "--plot", ".png"]) == 0
+    assert (tmp_path / ".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (tmp_path / ".png.png").exists()
+
+
+def test_json_records_the_gald_version(tiny_run) -> None:
+    res, out, _ = tiny_run
+    assert res["environment"]["gald"] == gald.__version__
+    assert f"gald {gald.__version__}" in out

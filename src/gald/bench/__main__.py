@@ -11,7 +11,6 @@ bandwidth. --ablation runs the ablation benchmark with its own options.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -22,7 +21,16 @@ from typing import Any
 import torch
 
 from .._validate import first_line
-from ._args import check_outputs, positive_seconds
+from ._args import (
+    Stdout,
+    attach_negative_values,
+    check_outputs,
+    given_options,
+    interruptible,
+    positive_seconds,
+    strict_json,
+    write_text,
+)
 from ._config import DTYPES, Config
 from ._timing import Progress, busy_note, environment, load_average
 
@@ -211,6 +219,30 @@ def _too_small(
     return too_small(parts, shape)
 
 
+# the options each part of a run reads (--ga, --json, --plot and --quiet apply to any run)
+_MEASURED = ("--shape", "--dtype", "--channels-last", "--threads", "--min-time", "--rounds")
+_RUN_PARTS = (
+    "the GA table and --ld time at --shape with --device, --dtype, --channels-last, --threads, "
+    "--min-time and --rounds, and --ld adds --compile",
+    "--cost counts at --shape only",
+    "--first-call runs its fixed layer on --device with --threads",
+)
+
+
+def _unused_options(given: set[str], *, gas: bool, args: argparse.Namespace) -> list[str]:
+    """The options written on the command line that no part of this run reads."""
+    used: set[str] = set()
+    if gas and not args.cost:
+        used |= {*_MEASURED, "--device"}
+    if args.ld:
+        used |= {*_MEASURED, "--device", "--compile"}
+    if args.cost:
+        used.add("--shape")
+    if args.first_call:
+        used |= {"--device", "--threads"}
+    return [o for o in (*_MEASURED, "--device", "--compile") if o in given and o not in used]
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is an allocation that failed (CPU or CUDA), not another error."""
     text = str(exc)
@@ -221,26 +253,9 @@ def _out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def _attach_negative_values(argv: list[str]) -> list[str]:
-    """``--shape -1,64,33,33`` as ``--shape=-1,64,33,33``: argparse would read a value that
-    starts with a dash (and is not a plain negative number) as an unknown option and answer
-    "expected one argument", hiding the message about the value itself."""
-    out: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        following = argv[i + 1] if i + 1 < len(argv) else ""
-        if arg == "--shape" and following[:1] == "-" and following[1:2].isdigit():
-            out.append(f"{arg}={following}")
-            i += 2
-            continue
-        out.append(arg)
-        i += 1
-    return out
-
-
+@interruptible("python -m gald.bench")
 def main(argv: list[str] | None = None) -> int:
-    argv = _attach_negative_values(list(sys.argv[1:] if argv is None else argv))
+    argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     if "--ablation" in argv:
         return _ablation(argv)
     parser = build_parser()
@@ -261,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--compile on times torch.compile of the authors' LD: it needs --ld")
     if not gas and args.plot:
         parser.error("--plot draws the GA table: it needs --ga NAME[,NAME...] or all, not none")
+    unused = _unused_options(given_options(argv), gas=bool(gas), args=args)
+    if unused:
+        parser.error(
+            f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect on what this "
+            "run measures ("
+            + "; ".join(_RUN_PARTS)
+            + "): drop "
+            + ("it" if len(unused) == 1 else "them")
+        )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(
             "--device cuda: no CUDA device is available here (torch "
@@ -335,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             "compile": cfg.compile,
         },
     }
+    emit = Stdout()
     cfg_text = cfg.describe()
     status = 0
     try:
@@ -347,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             progress.close()
             out["block"] = res
             out["durations_s"]["block"] = round(time.perf_counter() - started, 1)
-            print(block.render(res, cfg_text), flush=True)
+            emit(block.render(res, cfg_text))
         if args.ld:
             from . import ld
 
@@ -357,8 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             out["ld"] = res
             out["durations_s"]["ld"] = round(time.perf_counter() - started, 1)
             if gas:
-                print()
-            print(ld.render_vs_authors(res, cfg_text), flush=True)
+                emit()
+            emit(ld.render_vs_authors(res, cfg_text))
             ok, why = ld.kernels_runnable(device)
             if ok:
                 started = time.perf_counter()
@@ -366,13 +391,13 @@ def main(argv: list[str] | None = None) -> int:
                 progress.close()
                 out["kernels"] = res
                 out["durations_s"]["kernels"] = round(time.perf_counter() - started, 1)
-                print()
-                print(ld.render_kernels(res, cfg.describe(kernels=True)), flush=True)
+                emit()
+                emit(ld.render_kernels(res, cfg.describe(kernels=True)))
                 if not all(ld.passed(c) for c in res["checks"]):
                     status = 1
             else:
                 out["kernels"] = {"skipped": why}
-                print(f"\nTriton kernels not measured: {why}")
+                emit(f"\nTriton kernels not measured: {why}")
         if args.cost:
             from . import cost
 
@@ -380,22 +405,22 @@ def main(argv: list[str] | None = None) -> int:
             out["cost"] = cost.run(gas, args.shape)
             out["durations_s"]["cost"] = round(time.perf_counter() - started, 1)
             if args.ld:
-                print()
-            print(cost.render(out["cost"]), flush=True)
+                emit()
+            emit(cost.render(out["cost"]))
         if args.first_call:
             from . import first_call
 
             started = time.perf_counter()
             if gas or args.ld:
-                print()
+                emit()
             try:
                 out["first_call"] = first_call.run(args.device, args.threads)
             except (RuntimeError, subprocess.TimeoutExpired) as exc:  # keep the other results
                 out["first_call"] = {"error": str(exc)}
-                print(f"first call not measured: {exc}", flush=True)
+                emit(f"first call not measured: {exc}")
                 status = 1
             else:
-                print(first_call.render(out["first_call"]), flush=True)
+                emit(first_call.render(out["first_call"]))
             out["durations_s"]["first_call"] = round(time.perf_counter() - started, 1)
     except (RuntimeError, MemoryError) as exc:
         if not _out_of_memory(exc):
@@ -413,16 +438,15 @@ def main(argv: list[str] | None = None) -> int:
 
     env["load_average_1min_end"] = load_average()
     if timing:
-        print(
-            f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, "
+        emit(
+            f"\n{env['date']}, {env['device_name']}, torch {env['torch']}, gald {env['gald']}, "
             f"{env['threads']} thread{'s' if env['threads'] != 1 else ''}"
         )
     else:  # counts that hold on any machine: when and with which torch they were made
-        print(f"\n{env['date']}, torch {env['torch']}")
+        emit(f"\n{env['date']}, torch {env['torch']}, gald {env['gald']}")
     if args.json:
         try:
-            with open(args.json, "w") as f:
-                json.dump(out, f, indent=2)
+            write_text(args.json, strict_json(out))
             say(f"wrote {args.json}")
         except OSError as exc:  # it could be opened before the run; something changed since
             print(f"error: could not write --json {args.json!r}: {exc}", file=sys.stderr)

@@ -4,9 +4,17 @@ anything runs, with a message that names the option, what it expects and what it
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import json
 import math
 import os
+import re
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TextIO
 
 
 def finite_float(text: str) -> float:
@@ -80,3 +88,108 @@ def check_outputs(parser: argparse.ArgumentParser, **paths: str | None) -> None:
                 f"--{option}: expected a writable file path in an existing directory, got "
                 f"{path!r} ({why})"
             )
+
+
+_NEGATIVE_VALUE = re.compile(r"-(\d|\.\d|inf|nan)", re.IGNORECASE)
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``--offset -1e-3`` as ``--offset=-1e-3``: argparse reads a value that starts with a dash
+    and is not a plain negative number (``-1e-3``, ``-inf``, ``-1,64,33,33``) as an unknown option
+    and answers "expected one argument", hiding the message about the value itself."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        following = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg.startswith("--") and "=" not in arg and _NEGATIVE_VALUE.match(following):
+            out.append(f"{arg}={following}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The long options written on the command line (``--min-time 3`` and ``--min-time=3``)."""
+    return {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it, then
+    renamed over it (with the old file's permissions), so a failed write (a full disk) neither
+    leaves a truncated file nor destroys the one that was there. A path that is not a regular
+    file (``/dev/stdout``, a pipe) is written in place."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: in place
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    target = Path(os.path.realpath(path))  # through a symbolic link, not over it
+    if target.exists():
+        mode = target.stat().st_mode & 0o7777
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class Stdout:
+    """The report's lines on standard output; when the reader goes away (``| head``), the rest
+    goes to ``os.devnull`` and the run goes on, so that its ``--json`` and ``--plot`` are still
+    written."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = sys.stdout if stream is None else stream
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            print(*args, file=self.stream, flush=True, **kwargs)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+
+
+def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A ``main`` that answers Ctrl-C with one line on stderr and exit status 130 (its own
+    ``finally`` clauses run first), not a traceback."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"\n{prog}: interrupted", file=sys.stderr, flush=True)
+                return 130
+
+        return run
+
+    return decorate
+
+
+def strict_json(obj: Any) -> str:
+    """``obj`` as strict JSON (indented): every non-finite float (an undefined spread, a
+    diverged loss) becomes ``null``, as JSON has no NaN or infinity."""
+
+    def finite(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [finite(v) for v in value]
+        return value
+
+    return json.dumps(finite(obj), indent=2, allow_nan=False)

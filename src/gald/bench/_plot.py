@@ -47,7 +47,7 @@ def title(results: dict[str, Any], width_in: float) -> str:
 def plot(results: dict[str, Any], path: str) -> None:
     """Write a PNG of the block results: inference and train-step medians (whiskers: the
     interquartile range) and the bytes autograd keeps for backward (and peak memory on CUDA) per GA."""
-    figure(results).savefig(path, dpi=110)
+    figure(results).savefig(path, dpi=110, format="png")  # ".png" alone is a name, not a format
 
 
 def figure(results: dict[str, Any]) -> Figure:

@@ -504,7 +504,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
 
 
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
-    """Torch version, device name, threads, date: what a number depends on."""
+    """gald and torch versions, device name, threads, date: what a number depends on."""
+    from .._version import __version__
+
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -516,6 +518,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
         pass
     env: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "gald": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import shlex
 import statistics
@@ -54,7 +53,15 @@ from ._ablation_task import (
     make_batch,
     metrics,
 )
-from ._args import check_outputs, finite_float
+from ._args import (
+    Stdout,
+    attach_negative_values,
+    check_outputs,
+    finite_float,
+    interruptible,
+    strict_json,
+    write_text,
+)
 from ._timing import environment, format_duration
 
 METRICS = ("large", "small", "boundary", "miou")
@@ -442,10 +449,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@interruptible("python -m gald.bench --ablation")
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = attach_negative_values(list(sys.argv[1:] if argv is None else argv))
     parser = _parser()
     args = parser.parse_args(argv)
+    emit = Stdout()
     for name in ("seeds", "steps", "batch_size", "channels", "eval_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -508,23 +517,24 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         estimate = 0.0 if args.quiet else estimate_seconds(variants, cfg)
-        print(
+        emit(
             f"LD ablation: {len(VARIANTS)} variants (none / ga / ld) x {cfg.seeds} seed(s) x "
             f"{cfg.steps} steps, GA {cfg.ga}, image {cfg.size}x{cfg.size} (head map "
             f"{cfg.size // 4}x{cfg.size // 4}), width {cfg.channels}, batch {cfg.batch_size}, "
             f"LD offset {cfg.offset:g}, final_act={cfg.final_act}, "
             f"{torch.get_num_threads()} thread(s)."
         )
-        if not args.quiet:
+        if not args.quiet:  # on stderr, as the timing benchmark's estimate
             print(
                 f"Expected duration on this machine: {format_duration(estimate)} (from a few "
-                "timed training steps of each variant)."
+                "timed training steps of each variant).",
+                file=sys.stderr,
+                flush=True,
             )
-        print(
+        emit(
             "A result at this scale (small synthetic task, CPU-sized model) says little about "
             "full-size training."
         )
-        sys.stdout.flush()
         env = environment(torch.device("cpu"), torch.get_num_threads())
         # per-seed progress on stderr (stdout holds the report), on a terminal only, as the
         # timing benchmark's progress line
@@ -537,27 +547,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(threads_before)
     res["command"] = " ".join(["python -m gald.bench --ablation", *map(shlex.quote, argv)])
     res["environment"] = env
-    print()
-    print(render(res))
+    emit()
+    emit(render(res))
     if args.json:
-        # strict JSON: an undefined spread (one seed) or a diverged loss is null; serialised
-        # before the file is opened, so that a failure cannot leave it truncated
-        text = json.dumps(_nan_to_none(res), indent=2, allow_nan=False)
-        with open(args.json, "w") as f:
-            f.write(text)
+        # strict JSON (an undefined spread with one seed, or a diverged loss, is null), written
+        # whole or not at all
+        try:
+            write_text(args.json, strict_json(res))
+        except OSError as exc:  # it could be opened before the run; something changed since
+            print(f"error: could not write --json {args.json!r}: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {args.json}", file=sys.stderr)
     return 0
-
-
-def _nan_to_none(obj: Any) -> Any:
-    """``obj`` with every non-finite float replaced by ``None`` (JSON has no NaN or inf)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
 
 
 if __name__ == "__main__":
