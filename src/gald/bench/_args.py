@@ -1,5 +1,7 @@
-"""Argument checks shared by ``python -m gald.bench`` and its ablation: a bad value fails before
-anything runs, with a message that names the option, what it expects and what it got."""
+"""The command-line plumbing shared by ``python -m gald.bench`` and its ablation: argument checks
+(a bad value fails before anything runs, with a message that names the option, what it expects
+and what it got) and the way results leave the process (the report on stdout, a ``--json`` file
+written whole or not at all, Ctrl-C answered with one line)."""
 
 from __future__ import annotations
 
