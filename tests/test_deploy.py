@@ -541,10 +541,54 @@ def test_torchscript_models_are_read_from_their_graph(tmp_path, how) -> None:
         deploy.export_onnx(grid, x, tmp_path / "m.onnx", dynamo=False)
     path = deploy.export_onnx(grid, x, tmp_path / "m.onnx", dynamo=False, dynamic_hw=False)
     assert deploy.verify_onnx(grid, path, x) < 1e-5
-    # a function call, in a branch when scripted (a nested block of the graph), inside a model
-    inner = convert(nn.Sequential(nn.Conv2d(3, 4, 1), _FunctionalGrid()))
-    outer = nn.Sequential(nn.Identity(), inner).eval()
+    # a function call, in a branch when scripted (a nested block of the graph)
+    branchy = convert(nn.Sequential(nn.Conv2d(3, 4, 1), _FunctionalGrid()))
     with pytest.raises(
-        ValueError, match=r"^export_onnx: 1 \(TorchScript\) calls adaptive_max_pool2d to a 2x1 grid"
+        ValueError,
+        match=r"^export_onnx: the module \(TorchScript\) calls adaptive_max_pool2d to a 2x1 grid",
     ):
-        deploy.export_onnx(outer, x, tmp_path / "m.onnx")
+        deploy.export_onnx(branchy, x, tmp_path / "m.onnx", dynamo=False)
+
+
+def test_torchscript_and_the_exporters_are_refused_by_name(tmp_path) -> None:
+    """torch.export takes no ScriptModule (dynamo=True), and neither exporter takes an eager
+    model holding a TorchScript part: named before either fails with its own traceback."""
+    x = torch.randn(2, 3, 12, 12)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    with pytest.raises(ValueError, match=r"TorchScript RecursiveScriptModule .* pass dynamo=False"):
+        deploy.export_onnx(torch.jit.script(plain), x, tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match=r"TorchScript TopLevelTracedModule .* pass dynamo=False"):
+        deploy.export_onnx(torch.jit.trace(plain, x), x, tmp_path / "m.onnx")
+    mixed = nn.Sequential(torch.jit.script(plain), nn.Conv2d(4, 4, 1)).eval()
+    for dynamo in (True, False):
+        with pytest.raises(
+            ValueError, match=r"^export_onnx: 0 is a TorchScript .* inside an eager"
+        ):
+            deploy.export_onnx(mixed, x, tmp_path / "m.onnx", dynamo=dynamo)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+class _GlobalContext(nn.Module):
+    """x plus its global average, upsampled: a graph the TorchScript exporter writes invalid
+    when the module is scripted (a Concat of ranks 1 and 2 feeding Resize's sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        return x + F.interpolate(self.pool(x), size=size, mode="bilinear", align_corners=False)
+
+
+def test_an_invalid_file_is_reported_not_returned(tmp_path) -> None:
+    """The file is run through the ONNX checker with shape inference (what onnxruntime does on
+    loading): an exporter's invalid graph is a RuntimeError, not a path to a file that fails
+    at deployment."""
+    script = torch.jit.script(_GlobalContext().eval())
+    x = torch.randn(2, 8, 24, 24)
+    with pytest.raises(RuntimeError, match=r"is not a valid ONNX model.*ShapeInferenceError"):
+        deploy.export_onnx(script, x, tmp_path / "m.onnx", dynamo=False)
+    eager = _GlobalContext().eval()  # the same module, exported from eager code, is valid
+    path = deploy.export_onnx(eager, x, tmp_path / "e.onnx")
+    assert deploy.verify_onnx(eager, path, x, torch.randn(2, 8, 17, 31)) < 1e-5

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .._validate import check_bool, check_feature, check_positive_int
+from .._validate import check_bool, check_feature, check_positive_int, first_line
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -95,7 +95,18 @@ def _opset(model: Any) -> int:
     return 0
 
 
-def _check_exported(model: Any, path: Path, dynamic: dict[int, bool]) -> None:
+def _check_exported(onnx: Any, path: Path, dynamic: dict[int, bool]) -> None:
+    """The written file: a valid model for the ONNX checker (with shape inference, which is
+    what onnxruntime runs when it loads a file), standard domains, the opset, dynamic axes."""
+    try:  # by path: a model above protobuf's 2 GB limit is checked with its external data
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise RuntimeError(
+            f"export_onnx: the file written to {path} is not a valid ONNX model, and onnxruntime "
+            f"would refuse to load it: {first_line(exc)}. The exporter produced it from this "
+            "module; try the other exporter (dynamo=True/False) or report it to PyTorch"
+        ) from exc
+    model = onnx.load(str(path), load_external_data=False)
     custom = onnx_custom_domains(model)
     if custom:
         raise RuntimeError(
@@ -132,11 +143,13 @@ def export_onnx(
     other than 1x1 (``nn.AdaptiveAvgPool2d(6)`` as in many PSP modules, or
     ``F.adaptive_avg_pool2d(x, 6)``) is refused with a ``ValueError`` naming the submodule: the
     exporters bake its windows for the example's size, and the file would silently compute
-    wrong values at other sizes. Scripted or traced (TorchScript) parts are judged from their
-    graphs. After export the file's structure is checked:
+    wrong values at other sizes. A TorchScript (scripted or traced) model is judged from its
+    graph; it exports with ``dynamo=False`` only, and an eager model holding a TorchScript part
+    is refused (``ValueError``), as neither exporter takes it. After export the file is checked:
+    a valid model for the ONNX checker with shape inference (what onnxruntime runs on loading),
     standard operator domains only, opset >= 17 and the requested axes dynamic; otherwise
-    ``RuntimeError``. Whether onnxruntime computes
-    what eager PyTorch does is :func:`verify_onnx`'s check, a separate call.
+    ``RuntimeError``. Whether onnxruntime computes what eager PyTorch does is
+    :func:`verify_onnx`'s check, a separate call.
 
     Args:
         module: the model; must be in eval mode (``module.eval()``). It may return a tensor
@@ -198,6 +211,7 @@ def export_onnx(
             f"export_onnx: path {str(path)!r} is in a folder that does not exist "
             f"({str(path.parent)!r}); create it first"
         )
+    _refuse_torchscript(module, dynamo)
     onnx = _import("onnx")
     dynamic = {0: bool(dynamic_batch), 2: bool(dynamic_hw), 3: bool(dynamic_hw)}
     with torch.no_grad():
@@ -242,7 +256,7 @@ def export_onnx(
             input_names=["input"],
             output_names=output_names,
         )
-    _check_exported(onnx.load(str(path)), path, dynamic)
+    _check_exported(onnx, path, dynamic)
     return path
 
 
@@ -278,17 +292,12 @@ def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
     """``module(x)``, refused afterwards (``ValueError``) when an adaptive pooling to a grid other
     than 1x1 ran inside it: the exporters bake its windows (or index tables) for the example's
     size, and at another size onnxruntime gives wrong values, or fails only at some sizes."""
+    if isinstance(module, torch.jit.ScriptModule):  # its code runs outside Python, unseen
+        _refuse_scripted_pooling(module)  # by the watch and without hooks: read its graph
+        return module(x)
     watch = _AdaptivePoolingWatch()
     handles = []
-    scripted: list[str] = []  # the paths of the TorchScript modules read so far, each with a dot
-    for name, sub in module.named_modules():
-        if isinstance(sub, torch.jit.ScriptModule):
-            # scripted or traced code runs outside Python, unseen by the watch, and takes no
-            # hooks: its graph (its submodules' inlined) is read instead
-            if not any(name.startswith(prefix) for prefix in scripted):
-                scripted.append(f"{name}." if name else "")
-                _refuse_scripted_pooling(name, sub)
-            continue
+    for name, sub in module.named_modules():  # no TorchScript part: _refuse_torchscript
         label = f"{name or 'the module'} ({type(sub).__name__})"
         handles.append(sub.register_forward_pre_hook(lambda *_, n=label: watch.where.append(n)))
         handles.append(sub.register_forward_hook(watch.leave, always_call=True))
@@ -308,6 +317,29 @@ def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
             "exact averaging exports for any size)"
         )
     return out
+
+
+def _refuse_torchscript(module: nn.Module, dynamo: bool) -> None:
+    """TorchScript and torch's exporters: a scripted or traced model exports with the
+    TorchScript-based exporter only (``torch.export`` takes no ScriptModule), and a model that
+    holds a TorchScript part with neither; say so before either fails with its own traceback."""
+    if isinstance(module, torch.jit.ScriptModule):
+        if dynamo:
+            raise ValueError(
+                f"export_onnx: the module is a TorchScript {type(module).__name__} "
+                f"({getattr(module, 'original_name', '?')}); torch.export, which dynamo=True "
+                "uses, does not take ScriptModules: pass dynamo=False (or export the eager "
+                "module)"
+            )
+        return
+    for name, sub in module.named_modules():
+        if isinstance(sub, torch.jit.ScriptModule):
+            raise ValueError(
+                f"export_onnx: {name} is a TorchScript {type(sub).__name__} "
+                f"({getattr(sub, 'original_name', '?')}) inside an eager model; neither of "
+                "torch's ONNX exporters takes such a mix: export the eager module, or script or "
+                "trace the whole model and pass dynamo=False"
+            )
 
 
 def _constant_ints(value: Any) -> list[int | None]:
@@ -341,15 +373,15 @@ def _scripted_pooling(graph: Any) -> tuple[str, tuple[int | None, ...]] | None:
     return None
 
 
-def _refuse_scripted_pooling(name: str, script: torch.jit.ScriptModule) -> None:
-    """A scripted or traced module whose graph pools adaptively to a grid other than 1x1,
+def _refuse_scripted_pooling(script: torch.jit.ScriptModule) -> None:
+    """A scripted or traced model whose graph pools adaptively to a grid other than 1x1,
     refused as the watch refuses such a pooling run in Python."""
     found = _scripted_pooling(script.inlined_graph)
     if found is not None:
         op, sizes = found
         grid = "x".join("?" if s is None else str(s) for s in sizes)
         raise ValueError(
-            f"export_onnx: {name or 'the module'} (TorchScript) calls {op} to a {grid} grid; the "
+            f"export_onnx: the module (TorchScript) calls {op} to a {grid} grid; the "
             "exporters bake its windows for the example's size, so with dynamic_hw=True the file "
             "would compute wrong values at other sizes. Export at the size you deploy with "
             "dynamic_hw=False"
