@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -118,14 +119,25 @@ def given_options(argv: list[str]) -> set[str]:
     return {arg.split("=", 1)[0] for arg in argv if arg.startswith("--")}
 
 
+def _write_in_place(path: str | Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+# a rename refused for the place, not for the data: the file is then written in place, as the
+# check before the run found it could be (a read-only directory, a file bind-mounted alone)
+_RENAME_REFUSED = (errno.EACCES, errno.EPERM, errno.EBUSY, errno.EXDEV, errno.EROFS)
+
+
 def write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: into a temporary file beside it, then
     renamed over it (with the old file's permissions), so a failed write (a full disk) neither
-    leaves a truncated file nor destroys the one that was there. A path that is not a regular
-    file (``/dev/stdout``, a pipe) is written in place."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a device or a pipe: in place
-        with open(path, "w") as f:
-            f.write(text)
+    leaves a truncated file nor destroys the one that was there. Where no temporary file can be
+    made beside it or renamed over it (a read-only directory holding a writable file, a file
+    mounted alone into a container, a name too long for a prefix), and for a path that is not a
+    regular file (``/dev/stdout``, a pipe), the file is written in place."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        _write_in_place(path, text)
         return
     target = Path(os.path.realpath(path))  # through a symbolic link, not over it
     if target.exists():
@@ -134,12 +146,22 @@ def write_text(path: str, text: str) -> None:
         umask = os.umask(0)
         os.umask(umask)
         mode = 0o666 & ~umask
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError:
+        _write_in_place(target, text)
+        return
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if exc.errno not in _RENAME_REFUSED:
+            raise
+        _write_in_place(target, text)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
