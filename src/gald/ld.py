@@ -83,8 +83,8 @@ class LocalDistribution(nn.Module):
             norm, a GroupNorm with one channel per group) raises these to 23 and 9
             (:attr:`min_size`). In training mode at batch size 1 a BatchNorm refuses a
             stage whose map is 1x1: the input then needs a side of at least 9 (``padding=1``)
-            or 23 (``padding=0``), and a ``ValueError`` says so (in eager mode; under
-            ``torch.compile`` BatchNorm's own error surfaces).
+            or 23 (``padding=0``), and a ``ValueError`` says so (also under ``torch.compile``,
+            where ``fullgraph=True`` reports it as an "Observed exception").
         final_act: apply ``act_layer`` after the last stage too.
         offset: the constant added to the mask.
         norm_layer: normalisation factory called as ``norm_layer(C)``.

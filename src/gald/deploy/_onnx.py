@@ -260,6 +260,24 @@ def export_onnx(
     return path
 
 
+def _is_adaptive_pooling(name: str) -> bool:
+    """Whether a function or TorchScript op of this name pools adaptively (1, 2 or 3-d,
+    average or max, public or underscored)."""
+    return "adaptive_" in name and "_pool" in name
+
+
+def _fixed_grid_refused(
+    where: str, op: str, grid: str, *, input_shape: tuple[int, ...] | None = None, remedy: str = ""
+) -> ValueError:
+    """The refusal of an adaptive pooling to a grid other than 1x1 with dynamic sizes."""
+    on = "" if input_shape is None else f" (on an input of shape {input_shape})"
+    return ValueError(
+        f"export_onnx: {where} calls {op} to a {grid} grid{on}; the exporters bake its windows "
+        "for the example's size, so with dynamic_hw=True the file would compute wrong values at "
+        f"other sizes. Export at the size you deploy with dynamic_hw=False{remedy}"
+    )
+
+
 class _AdaptivePoolingWatch(TorchFunctionMode):
     """Notes the first adaptive pooling to a grid other than 1x1 that runs, whatever called it
     (a module or a function such as ``F.adaptive_avg_pool2d``, in 1, 2 or 3 dimensions), and in
@@ -278,7 +296,7 @@ class _AdaptivePoolingWatch(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "")
-        if self.found is None and "adaptive_" in name and "_pool" in name:
+        if self.found is None and _is_adaptive_pooling(name):
             dims = 3 if "3d" in name else 1 if "1d" in name else 2
             result = out[0] if isinstance(out, tuple) else out  # max pooling may add indices
             grid = tuple(int(s) for s in result.shape[-dims:])
@@ -309,12 +327,12 @@ def _run_watching_pooling(module: nn.Module, x: torch.Tensor) -> Any:
             handle.remove()
     if watch.found is not None:
         where, op, size, shape = watch.found
-        raise ValueError(
-            f"export_onnx: {where} calls {op} to a {'x'.join(map(str, size))} grid (on an "
-            f"input of shape {shape}); the exporters bake its windows for the example's size, so "
-            "with dynamic_hw=True the file would compute wrong values at other sizes. Export at "
-            "the size you deploy with dynamic_hw=False (or use gald.ga.PyramidPooling, whose "
-            "exact averaging exports for any size)"
+        raise _fixed_grid_refused(
+            where,
+            op,
+            "x".join(map(str, size)),
+            input_shape=shape,
+            remedy=" (or use gald.ga.PyramidPooling, whose exact averaging exports for any size)",
         )
     return out
 
@@ -362,7 +380,7 @@ def _scripted_pooling(graph: Any) -> tuple[str, tuple[int | None, ...]] | None:
     judged."""
     for node in graph.nodes():
         kind = node.kind()
-        if kind.startswith("aten::") and "adaptive_" in kind and "_pool" in kind:
+        if kind.startswith("aten::") and _is_adaptive_pooling(kind):
             sizes = _constant_ints(list(node.inputs())[1])
             if any(s is not None and s != 1 for s in sizes):
                 return kind.removeprefix("aten::").lstrip("_"), tuple(sizes)
@@ -380,12 +398,7 @@ def _refuse_scripted_pooling(script: torch.jit.ScriptModule) -> None:
     if found is not None:
         op, sizes = found
         grid = "x".join("?" if s is None else str(s) for s in sizes)
-        raise ValueError(
-            f"export_onnx: the module (TorchScript) calls {op} to a {grid} grid; the "
-            "exporters bake its windows for the example's size, so with dynamic_hw=True the file "
-            "would compute wrong values at other sizes. Export at the size you deploy with "
-            "dynamic_hw=False"
-        )
+        raise _fixed_grid_refused("the module (TorchScript)", op, grid)
 
 
 def _flat_outputs(out: Any, who: str) -> list[torch.Tensor]:
