@@ -897,15 +897,16 @@ def test_json_is_written_whole_or_not_at_all(monkeypatch, tmp_path) -> None:
 def test_ablation_json_failure_is_an_error_line(monkeypatch, tmp_path, capsys) -> None:
     from gald.bench import _args, ablation
 
-    def full_disk(path: str, text: str) -> None:
+    def full_disk(src: str, dst: object) -> None:  # the rename of the finished temporary file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ablation, "write_text", full_disk)
+    monkeypatch.setattr(_args.os, "replace", full_disk)
     argv = ["--size", "16", "--batch-size", "2", "--eval-images", "2", "--channels", "8"]
     rc = ablation.main([*argv, "--steps", "1", "--seeds", "1", "--json", str(tmp_path / "a.json")])
     assert rc == 1
     assert "error: could not write --json" in capsys.readouterr().err
     assert _args.write_text is not full_disk
+    assert not (tmp_path / "a.json").exists()
 
 
 def test_a_closed_stdout_does_not_lose_the_json(tmp_path) -> None:

@@ -241,10 +241,10 @@ def test_the_counts_footer_names_the_gald_version(capsys) -> None:
 
 
 def test_a_json_that_cannot_be_written_is_status_1(tmp_path, monkeypatch, capsys) -> None:
-    def full_disk(path: str, text: str) -> None:
+    def full_disk(src: str, dst: object) -> None:  # the rename of the finished temporary file
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli, "write_text", full_disk)
+    monkeypatch.setattr(_args.os, "replace", full_disk)
     argv = [
         "--ga",
         "gc",

@@ -28,8 +28,7 @@ from ._args import (
     given_options,
     interruptible,
     positive_seconds,
-    strict_json,
-    write_text,
+    write_json,
 )
 from ._config import DTYPES, Config
 from ._timing import Progress, busy_note, environment, load_average
@@ -444,13 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:  # counts that hold on any machine: when and with which torch they were made
         emit(f"\n{env['date']}, torch {env['torch']}, gald {env['gald']}")
-    if args.json:
-        try:
-            write_text(args.json, strict_json(out))
-            say(f"wrote {args.json}")
-        except OSError as exc:  # it could be opened before the run; something changed since
-            print(f"error: could not write --json {args.json!r}: {exc}", file=sys.stderr)
-            status = 1
+    if args.json and not write_json(args.json, out):
+        status = 1
     if args.plot:
         from ._plot import plot
 

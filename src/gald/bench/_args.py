@@ -168,6 +168,19 @@ def write_text(path: str, text: str) -> None:
         raise
 
 
+def write_json(path: str, results: Any) -> bool:
+    """``results`` as strict JSON into the ``--json`` file (see :func:`write_text`), saying on
+    stderr that it was written or why it could not be (the path was checked before the run;
+    something may have changed since). Whether it was written."""
+    try:
+        write_text(path, strict_json(results))
+    except OSError as exc:
+        print(f"error: could not write --json {path!r}: {exc}", file=sys.stderr)
+        return False
+    print(f"wrote {path}", file=sys.stderr, flush=True)
+    return True
+
+
 class Stdout:
     """The report's lines on standard output; when the reader goes away (``| head``), the rest
     goes to ``os.devnull`` and the run goes on, so that its ``--json`` and ``--plot`` are still

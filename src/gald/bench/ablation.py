@@ -59,8 +59,7 @@ from ._args import (
     check_outputs,
     finite_float,
     interruptible,
-    strict_json,
-    write_text,
+    write_json,
 )
 from ._timing import environment, format_duration
 
@@ -549,15 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     res["environment"] = env
     emit()
     emit(render(res))
-    if args.json:
-        # strict JSON (an undefined spread with one seed, or a diverged loss, is null), written
-        # whole or not at all
-        try:
-            write_text(args.json, strict_json(res))
-        except OSError as exc:  # it could be opened before the run; something changed since
-            print(f"error: could not write --json {args.json!r}: {exc}", file=sys.stderr)
-            return 1
-        print(f"wrote {args.json}", file=sys.stderr)
+    # strict JSON (an undefined spread with one seed, or a diverged loss, is null)
+    if args.json and not write_json(args.json, res):
+        return 1
     return 0
 
 
